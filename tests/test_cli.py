@@ -1,0 +1,22 @@
+import json
+import subprocess
+import sys
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "treedistill", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_subcommands():
+    out = run_cli("--help")
+    assert out.returncode == 0, out.stderr
+    assert "env" in out.stdout
+
+
+def test_env_json_last_line():
+    out = run_cli("env", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["device"] in {"cpu", "cuda"}
+    assert info["threads"] >= 1
+    assert info["torch"] and info["transformers"]

@@ -1,0 +1,5 @@
+import sys
+
+from treedistill.cli import main
+
+sys.exit(main())

@@ -1,0 +1,109 @@
+"""The `treedistill` console command.
+
+Each subcommand lives in `treedistill/commands/<name>.py` and exposes `HELP` (one line),
+`add_arguments(parser)` and `run(args) -> dict | None`. Command modules import torch and
+transformers inside `run`, so `treedistill --help` stays fast.
+
+Contract: a measuring subcommand accepts `--json`; when it is given, the dict that `run` returns is
+printed as ONE JSON object on the LAST line of stdout (human-readable output and progress go first,
+progress bars to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+from treedistill.errors import UsageError
+
+# name -> module. The CLI chooses from this plain dict; nothing else branches on command names.
+COMMANDS = {
+    "env": "treedistill.commands.env",
+    "data": "treedistill.commands.data",
+    "score": "treedistill.commands.score",
+    "pretrain": "treedistill.commands.pretrain",
+    "eval": "treedistill.commands.eval",
+    "search": "treedistill.commands.search",
+    "train": "treedistill.commands.train",
+    "demo": "treedistill.commands.demo",
+    "compare": "treedistill.commands.compare",
+    "testtime": "treedistill.commands.testtime",
+    "bench": "treedistill.commands.bench",
+}
+
+
+def _available_commands() -> dict:
+    """Import the command modules that exist (later issues add more)."""
+    found = {}
+    for name, module_name in COMMANDS.items():
+        try:
+            found[name] = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+    return found
+
+
+def set_threads(threads: int | None) -> None:
+    """Pick the torch thread count once, before any model work.
+
+    On small CPUs torch's default (one thread per core) makes small models many times slower as soon
+    as anything else runs, so the default is 1 thread unless OMP_NUM_THREADS or --threads says more.
+    """
+    import torch
+
+    if threads is None:
+        threads = int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
+    torch.set_num_threads(max(1, threads))
+
+
+def build_parser(commands: dict) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="treedistill",
+        description="Tree search over reasoning steps, distilled into a language model by online RL.",
+    )
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: OMP_NUM_THREADS or 1)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module in commands.items():
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    commands = _available_commands()
+    parser = build_parser(commands)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    try:
+        result = args._module.run(args)
+    except UsageError as err:
+        print(f"treedistill {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False) and result is not None:
+        sys.stdout.flush()
+        print(json.dumps(result, default=_json_default))
+    return 0
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.asdict(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the `treedistill` CLI; see `treedistill/cli.py` for the contract."""

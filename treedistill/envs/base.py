@@ -1,0 +1,61 @@
+"""The environment contract: a task is one class.
+
+An environment owns correctness: it builds the prompt, says where a reasoning step ends and when a
+completion is finished, and scores a completion. Training reward (dense) and evaluation reward
+(sparse) come from ONE parse inside `score`, so they cannot drift apart.
+
+Problems are plain dicts, exactly the JSONL records of the task's data files
+(Countdown: `{"numbers": [a, b, c, d], "target": T}`; GSM8K: `{"question": ..., "answer": ...}`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+STEP_OPEN = "<step>"
+STEP_CLOSE = "</step>"
+ANSWER_OPEN = "<answer>"
+ANSWER_CLOSE = "</answer>"
+
+
+@dataclass(frozen=True)
+class Score:
+    """The verdict on one completion.
+
+    dense: training reward (task-defined scale, Countdown in [-1, 1]).
+    sparse: evaluation reward, 1.0 when correct else 0.0.
+    reason: a short machine-readable word: "correct", "wrong", "no_answer", "invalid", ...
+    answer: the extracted answer text (None when there is no answer tag).
+    well_formed: an answer tag whose content parses and uses only allowed inputs.
+    """
+
+    dense: float
+    sparse: float
+    reason: str
+    answer: str | None = None
+    well_formed: bool = False
+
+
+@runtime_checkable
+class Env(Protocol):
+    """What the search, the rollouts and evaluation need from a task."""
+
+    name: str
+    step_end: str  # text that closes a reasoning step: "</step>"
+
+    def messages(self, problem: dict, *, compact: bool = False) -> list[dict]:
+        """Chat messages ([{"role": ..., "content": ...}]) that pose the problem."""
+        ...
+
+    def score(self, problem: dict, completion: str) -> Score:
+        """Score the COMPLETION only (never the prompt). Never raises on any string."""
+        ...
+
+    def is_terminal(self, completion: str) -> bool:
+        """True once the completion holds a closed answer tag (end of sequence is the engine's)."""
+        ...
+
+    def key(self, problem: dict) -> tuple:
+        """Identity of a problem up to irrelevant order, for disjoint splits."""
+        ...
