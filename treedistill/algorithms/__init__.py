@@ -1,1 +1,44 @@
-"""algorithms."""
+"""The pure algorithm layer: batches, advantages and losses. Tensors in, tensors out; no model
+loading, no logging, no files."""
+
+from treedistill.algorithms.advantages import (
+    ADVANTAGES,
+    gae,
+    group_normalized,
+    reward_minus_value,
+)
+from treedistill.algorithms.batch import Batch, collate, shift_right
+from treedistill.algorithms.losses import (
+    LOSSES,
+    LossConfig,
+    cispo_policy_loss,
+    combine_metrics,
+    k3_kl,
+    kl_penalty,
+    ppo_clip_policy_loss,
+    token_entropy,
+    token_logprobs,
+    total_loss,
+    value_loss,
+)
+
+__all__ = [
+    "ADVANTAGES",
+    "LOSSES",
+    "Batch",
+    "LossConfig",
+    "cispo_policy_loss",
+    "collate",
+    "combine_metrics",
+    "gae",
+    "group_normalized",
+    "k3_kl",
+    "kl_penalty",
+    "ppo_clip_policy_loss",
+    "reward_minus_value",
+    "shift_right",
+    "token_entropy",
+    "token_logprobs",
+    "total_loss",
+    "value_loss",
+]

@@ -1,1 +1,29 @@
-"""engine."""
+"""The generation interface (`Engine`, `Sample`, `Counters`) and `make_engine` to pick a backend.
+
+Backends are imported only when chosen, so importing this package pulls in neither torch nor
+transformers.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from treedistill.engine.base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Counters, Engine, Sample
+from treedistill.errors import UsageError
+
+__all__ = ["BACKENDS", "FINISH_EOS", "FINISH_LENGTH", "FINISH_STOP", "Counters", "Engine", "Sample",
+           "make_engine"]
+
+# kind -> (module, class): the reference backend on HF generate, and the fast native path.
+BACKENDS: dict[str, tuple[str, str]] = {
+    "hf": ("treedistill.engine.hf", "HFEngine"),
+    "native": ("treedistill.engine.native", "NativeEngine"),
+}
+
+
+def make_engine(policy, kind: str = "hf", **opts) -> Engine:
+    """An engine of backend `kind` over `policy`; `opts` are the backend's keyword options."""
+    if kind not in BACKENDS:
+        raise UsageError(f"unknown engine {kind!r}: choose one of {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[kind]
+    return getattr(import_module(module), cls)(policy, **opts)

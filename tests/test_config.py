@@ -1,0 +1,143 @@
+"""TrainConfig: presets, overrides with type coercion, validation before compute, YAML round trip."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from treedistill.config import (
+    ADVANTAGES,
+    POLICY_LOSSES,
+    TrainConfig,
+    list_presets,
+    load_config,
+    to_yaml,
+)
+from treedistill.errors import UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+
+EXPECTED_PRESETS = {
+    "countdown-tiny-mcts", "countdown-tiny-grpo", "countdown-tiny-cispo", "countdown-tiny-bon",
+    "countdown-tiny-ppo", "countdown-qwen1.5b-mcts", "countdown-qwen1.5b-cispo", "countdown-qwen1.5b-bon",
+    "gsm8k-qwen1.5b-mcts", "gsm8k-qwen1.5b-grpo",
+}
+
+
+@pytest.fixture(autouse=True)
+def repo_root(monkeypatch):
+    # presets name data files relative to the repository root (../shared/data/...)
+    monkeypatch.chdir(REPO)
+
+
+def test_defaults_are_valid():
+    cfg = TrainConfig()
+    assert cfg.method == "mcts" and cfg.trajectories_per_step == 32
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PRESETS))
+def test_every_preset_loads_and_round_trips_through_yaml(name, tmp_path):
+    assert EXPECTED_PRESETS <= set(list_presets())
+    cfg = load_config(preset=name)
+    file = tmp_path / "config.yaml"
+    file.write_text(to_yaml(cfg))
+    assert load_config(path=file) == cfg
+    assert "# derived:" in file.read_text()
+
+
+def test_reference_presets_hold_the_reference_settings():
+    mcts = load_config(preset="countdown-qwen1.5b-mcts")
+    s = mcts.search
+    assert (s.k_children, s.temperature, s.c_puct, s.select) == (4, 0.8, 0.5, "puct")
+    assert (s.parallel, s.virtual_loss, s.problems_at_once, s.simulations, s.step_max_tokens) == (16, 1.0, 12, 1600, 64)
+    assert (mcts.lr, mcts.lr_schedule, mcts.decay_steps, mcts.grad_clip) == (5e-6, "linear-decay", 2048, 0.1)
+    assert (mcts.trajectories_per_step, mcts.max_new_tokens) == (32, 512)
+    assert (mcts.policy_loss, mcts.eps_low, 1 + mcts.eps_high) == ("cispo", None, 5.0)  # min(ratio, 5.0)
+    assert (mcts.value_coef, mcts.kl_coef, mcts.advantage) == (1.0, 0.05, "reward_minus_value")
+    assert (mcts.eval_k, mcts.eval_temperature) == (16, 0.2)
+    cispo = load_config(preset="countdown-qwen1.5b-cispo")
+    assert (cispo.group_size, cispo.lr, cispo.lr_schedule, cispo.warmup_steps, cispo.steps) == (
+        16, 5e-6, "constant", 50, 2100)
+    assert (cispo.advantage, cispo.value_coef, 1 + cispo.eps_high, cispo.uses_value_head) == ("group", 0.0, 5.0, False)
+    bon = load_config(preset="countdown-qwen1.5b-bon")
+    assert (bon.bon_n, bon.temperature, bon.policy_loss, bon.advantage) == (64, 0.8, "cispo", "reward_minus_value")
+    assert load_config(preset="gsm8k-qwen1.5b-grpo").policy_loss == "ppo"
+
+
+def test_overrides_coerce_to_field_types():
+    cfg = load_config(preset="countdown-tiny-mcts", overrides=[
+        "lr=1e-4", "steps=7", "search.simulations=16", "search.max_depth=null", "eps_low=0.2",
+        "log_backends=jsonl,tensorboard", "lora.target_modules=[q_proj, v_proj]", "lora.r=4",
+        "budget_generated_tokens=1e6", "model=./",
+    ])
+    assert cfg.lr == 1e-4 and isinstance(cfg.lr, float)
+    assert cfg.steps == 7 and cfg.search.simulations == 16 and cfg.search.max_depth is None
+    assert cfg.search.parallel == 8  # untouched nested fields keep the preset's values
+    assert cfg.eps_low == 0.2 and cfg.log_backends == ("jsonl", "tensorboard")
+    assert cfg.lora.target_modules == ("q_proj", "v_proj") and cfg.lora.r == 4
+    assert cfg.budget_generated_tokens == 1_000_000 and isinstance(cfg.budget_generated_tokens, int)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["method=alphazero"], "method must be one of mcts, bon, grpo, cispo, ppo"),
+    (["learning_rate=1e-4"], "unknown key learning_rate"),
+    (["search.simulation=8"], "did you mean search.simulations"),
+    (["minibatch_size=12"], "minibatch_size=12 is not divisible by group_size=8"),
+    (["minibatch_size=24"], "must divide the batch of 64 trajectories"),
+    (["budget_generated_tokens=-5"], "budget_generated_tokens must be null or > 0"),
+    (["budget_flops=-1e18"], "budget_flops must be null or > 0"),
+    (["model="], "model must name a model preset or a local path"),
+    (["model=./no/such/model"], "model: no such path"),
+    (["steps=abc"], "steps must be an integer"),
+    (["steps=2.5"], "steps must be an integer"),
+    (["policy_loss=cispo"], "method grpo needs policy_loss in ppo"),
+    (["value_coef=1.0"], "value_coef must be 0 with advantage=group"),
+    (["advantage=gae"], "method grpo needs advantage in group"),
+    (["search.select=random"], "search.select must be one of puct, uct"),
+    (["train_path=missing.jsonl"], "train_path: no such file"),
+    (["log_backends=jsonl,mlflow"], "log_backends entry must be one of jsonl, tensorboard, wandb"),
+    (["lr"], "--set expects key=value"),
+])
+def test_invalid_settings_fail_before_compute_naming_the_field(overrides, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config(preset="countdown-tiny-grpo", overrides=overrides)
+
+
+def test_unknown_preset_and_inherit_from_a_user_file(tmp_path):
+    with pytest.raises(UsageError, match="unknown preset 'nope'; presets: countdown-qwen1.5b-bon"):
+        load_config(preset="nope")
+    with pytest.raises(UsageError, match="unknown preset"):
+        load_config(preset="_countdown-tiny")  # shared bases are not presets
+    user = tmp_path / "mine.yaml"
+    user.write_text("inherit: countdown-tiny-mcts\nsteps: 3\nsearch:\n  simulations: 16\n")
+    cfg = load_config(path=user)
+    assert (cfg.method, cfg.steps, cfg.search.simulations, cfg.search.parallel) == ("mcts", 3, 16, 8)
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("inherit: b.yaml\n")
+    b.write_text("inherit: a.yaml\n")
+    with pytest.raises(UsageError, match="inherit cycle"):
+        load_config(path=a)
+    with pytest.raises(UsageError, match="config file not found"):
+        load_config(path=tmp_path / "missing.yaml")
+
+
+def test_train_config_serves_as_loss_and_advantage_cfg():
+    torch = pytest.importorskip("torch")
+    from treedistill.algorithms import ADVANTAGES as ADVANTAGE_FNS
+    from treedistill.algorithms import LOSSES, LossConfig
+
+    assert set(LOSSES) == set(POLICY_LOSSES) and set(ADVANTAGE_FNS) == set(ADVANTAGES)
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert {f.name for f in dataclasses.fields(LossConfig)} <= train_fields
+    assert {"group_size", "gamma", "lam"} <= train_fields
+    cfg = load_config(preset="countdown-tiny-grpo")
+    advantages, _ = ADVANTAGE_FNS[cfg.advantage](torch.tensor([1.0] + [0.0] * 7), None, torch.ones(8, 2), cfg)
+    assert advantages.shape == (8, 2)
+
+
+def test_lr_multiplier_hand_values():
+    # warm-up 2 steps: (s + 1) / 2 -> 0.5, 1.0; then linear decay (10 - s) / (10 - 2) -> 1.0, 0.625, 0, 0
+    cfg = load_config(overrides=["warmup_steps=2", "lr_decay_steps=10", "lr_schedule=linear-decay"])
+    assert [cfg.lr_multiplier(s) for s in (0, 1, 2, 5, 10, 12)] == pytest.approx([0.5, 1.0, 1.0, 0.625, 0.0, 0.0])
+    constant = load_config(overrides=["warmup_steps=50", "lr_schedule=constant"])
+    assert constant.lr_multiplier(24) == pytest.approx(0.5) and constant.lr_multiplier(2000) == 1.0

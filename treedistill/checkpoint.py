@@ -1,0 +1,209 @@
+"""Atomic checkpoints: a checkpoint either exists complete or does not exist at all.
+
+Layout: RUN_DIR/checkpoints/step-00000042/ holds one `<name>.pt` per entry of the saved state (model,
+value head, optimizer, RNG states, data position, counters, config, ...) and a `complete` marker.
+
+Writing goes to RUN_DIR/checkpoints/.tmp-<step>-<pid>/: every file is written and fsynced, the
+`complete` marker is written LAST, the folder is fsynced, and only then renamed to step-<step:08d>/
+(`os.rename` within one file system is atomic). A process killed at any moment therefore leaves
+either the previous checkpoints untouched plus a stale `.tmp-*` folder, which `latest_checkpoint`
+ignores and removes, or the new checkpoint complete. Old checkpoints are deleted marker first, so a
+half-deleted folder is never taken for a complete one.
+
+Entries are saved with `torch.save` and loaded with `torch.load(weights_only=True)`: values must be
+tensors, numbers, strings, None and lists / tuples / dicts of those (state dicts are), never
+arbitrary objects, so loading a checkpoint cannot execute code. `rng_state()` packs every random
+generator's state in that form.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from treedistill.errors import UsageError
+
+__all__ = [
+    "MARKER",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
+
+MARKER = "complete"
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_TMP_DIR = re.compile(r"^\.(?:tmp|old)-(\d+)-(\d+)$")
+_PLAIN = (torch.Tensor, int, float, str, bool, type(None))
+
+
+def _checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_plain(value, where: str) -> None:
+    """Only what `torch.load(weights_only=True)` reads back may be saved."""
+    if isinstance(value, _PLAIN):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"checkpoint entry {where}: dict key {key!r} is not a str or int")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    raise TypeError(f"checkpoint entry {where} holds a {type(value).__name__}; save tensors, numbers, "
+                    f"strings and lists/dicts of those (e.g. a state_dict(), or rng_state())")
+
+
+def _write_entry(folder: Path, name: str, value) -> None:
+    with open(folder / f"{name}.pt", "wb") as f:
+        torch.save(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict, *, keep: int | None = None) -> Path:
+    """Write `state` (name -> value) atomically as checkpoint `step`; keep the newest `keep`.
+
+    Returns the checkpoint folder RUN_DIR/checkpoints/step-<step:08d>/."""
+    assert step >= 0, f"checkpoint step must be >= 0, got {step}"
+    for name, value in state.items():
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+", name) and name != MARKER, f"bad checkpoint entry name {name!r}"
+        _check_plain(value, name)
+    root = _checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for name, value in state.items():
+        _write_entry(tmp, name, value)
+    marker = {"step": step, "entries": sorted(state), "time": time.time()}
+    with open(tmp / MARKER, "w") as f:
+        json.dump(marker, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    final = root / f"step-{step:08d}"
+    if final.exists():
+        # the same step saved again (e.g. after a resume): move the old one out of the way first;
+        # in between, the previous checkpoints remain the newest complete ones
+        old = root / f".old-{step}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        _remove(old)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+    if keep is not None:
+        assert keep >= 1, f"keep must be >= 1, got {keep}"
+        for path in list_checkpoints(run_dir)[:-keep]:
+            _remove(path)
+    return final
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder, marker first, so an interrupted delete never looks complete."""
+    marker = path / MARKER
+    if marker.exists():
+        marker.unlink()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = _checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / MARKER).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest COMPLETE checkpoint of a run, or None. Removes the leftovers of interrupted writes
+    and deletes (temporary folders of dead processes, step folders without a marker)."""
+    root = _checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return None
+    for path in root.iterdir():
+        tmp = _TMP_DIR.match(path.name)
+        if tmp and not _pid_alive(int(tmp.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+        elif _STEP_DIR.match(path.name) and not (path / MARKER).is_file():
+            shutil.rmtree(path, ignore_errors=True)
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The state saved in a complete checkpoint folder (name -> value), plus "step"."""
+    path = Path(path)
+    marker = path / MARKER
+    if not marker.is_file():
+        raise UsageError(f"{path} is not a complete checkpoint (no '{MARKER}' marker)")
+    info = json.loads(marker.read_text())
+    state = {name: torch.load(path / f"{name}.pt", map_location=map_location, weights_only=True)
+             for name in info["entries"]}
+    state.setdefault("step", info["step"])
+    return state
+
+
+def rng_state() -> dict:
+    """The state of every random generator the loop draws from: python, numpy, torch CPU, CUDA."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state()` returned: the next draws repeat those that followed the save."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,476 @@
+"""The training configuration: one frozen dataclass, YAML presets, `--set key=value` overrides.
+
+Defaults are the reference run's settings (../shared/docs/method.md) for the reference method; the
+presets in `treedistill/presets/*.yaml` spell out every setting a method depends on, and a preset
+may `inherit:` another so that two files differ only where the methods do.
+
+Invalid settings raise `UsageError` when the config is built, before any model is loaded, naming the
+field and the allowed values. No torch import here: `treedistill train --help` stays fast.
+The loss and advantage functions read the same field names (`policy_loss`, `eps_low`, `eps_high`,
+`ppo_clip`, `value_coef`, `kl_coef`, `group_size`, `gamma`, `lam`), so a TrainConfig is their `cfg`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from treedistill.errors import UsageError
+
+__all__ = [
+    "LoraSettings",
+    "SearchSettings",
+    "TrainConfig",
+    "list_presets",
+    "load_config",
+    "to_yaml",
+]
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+METHODS = ("mcts", "bon", "grpo", "cispo", "ppo")
+ENVS = ("countdown", "gsm8k")
+POLICY_LOSSES = ("cispo", "ppo")  # the keys of algorithms.losses.LOSSES
+ADVANTAGES = ("group", "reward_minus_value", "gae")  # the keys of algorithms.advantages.ADVANTAGES
+LR_SCHEDULES = ("constant", "linear-decay")
+SELECT_RULES = ("puct", "uct")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOG_BACKENDS = ("jsonl", "tensorboard", "wandb")
+
+# What each method may be combined with. Sampling methods with a group baseline have no value head;
+# the others learn a value head whose estimates are their baseline.
+GROUP_METHODS = ("grpo", "cispo")
+METHOD_RULES = {
+    "mcts": {"advantage": ("reward_minus_value", "gae"), "policy_loss": POLICY_LOSSES},
+    "bon": {"advantage": ("reward_minus_value", "gae"), "policy_loss": POLICY_LOSSES},
+    "ppo": {"advantage": ("reward_minus_value", "gae"), "policy_loss": POLICY_LOSSES},
+    "grpo": {"advantage": ("group",), "policy_loss": ("ppo",)},
+    "cispo": {"advantage": ("group",), "policy_loss": ("cispo",)},
+}
+
+
+def _allowed(name: str, value, allowed) -> list[str]:
+    if value in allowed:
+        return []
+    return [f"{name} must be one of {', '.join(map(str, allowed))} (got {value!r})"]
+
+
+def _check(condition: bool, message: str) -> list[str]:
+    return [] if condition else [message]
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Tree search over reasoning steps (method `mcts`); reference values from method.md."""
+
+    simulations: int = 1600           # simulations per problem (reference: 16 workers x 100 iterations)
+    parallel: int = 16                # in-flight simulations sharing one tree (virtual-loss workers)
+    virtual_loss: float = 1.0         # value subtracted per in-flight visit so parallel paths spread out
+    problems_at_once: int = 12        # problems whose trees are searched together (batched expansions)
+    c_puct: float = 0.5               # exploration constant of the selection rule
+    select: str = "puct"              # selection rule: puct (prior-guided) | uct (ablation)
+    k_children: int = 4               # continuations sampled per expansion (K)
+    step_max_tokens: int = 64         # a step ends at </step>, end of sequence, or this many tokens
+    max_depth: int | None = None      # most steps on a path; None = bounded by max_new_tokens only
+    temperature: float = 0.8          # sampling temperature of expansions
+
+    def errors(self) -> list[str]:
+        return [
+            *_check(self.simulations >= 1, f"search.simulations must be >= 1 (got {self.simulations})"),
+            *_check(1 <= self.parallel <= self.simulations,
+                    f"search.parallel must be in 1..search.simulations={self.simulations} (got {self.parallel})"),
+            *_check(self.virtual_loss >= 0, f"search.virtual_loss must be >= 0 (got {self.virtual_loss})"),
+            *_check(self.problems_at_once >= 1,
+                    f"search.problems_at_once must be >= 1 (got {self.problems_at_once})"),
+            *_check(self.c_puct > 0, f"search.c_puct must be > 0 (got {self.c_puct})"),
+            *_allowed("search.select", self.select, SELECT_RULES),
+            *_check(self.k_children >= 1, f"search.k_children must be >= 1 (got {self.k_children})"),
+            *_check(self.step_max_tokens >= 1,
+                    f"search.step_max_tokens must be >= 1 (got {self.step_max_tokens})"),
+            *_check(self.max_depth is None or self.max_depth >= 1,
+                    f"search.max_depth must be null or >= 1 (got {self.max_depth})"),
+            *_check(self.temperature > 0, f"search.temperature must be > 0 (got {self.temperature})"),
+        ]
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Low-rank adapters instead of full fine-tuning (r = 0: full fine-tuning)."""
+
+    r: int = 0                                       # adapter rank; 0 = off (train all weights)
+    alpha: float = 16.0                              # adapter scale numerator (scale = alpha / r)
+    target_modules: tuple[str, ...] | None = None    # module names to adapt; None = all linear layers
+
+    def errors(self) -> list[str]:
+        return [
+            *_check(self.r >= 0, f"lora.r must be >= 0 (got {self.r})"),
+            *_check(self.alpha > 0, f"lora.alpha must be > 0 (got {self.alpha})"),
+            *_check(self.target_modules is None or len(self.target_modules) > 0,
+                    "lora.target_modules must be null (all linear layers) or a non-empty list"),
+        ]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `treedistill train` needs; every field has a default (the reference run's)."""
+
+    # what to train
+    method: str = "mcts"                       # mcts | bon | grpo | cispo | ppo
+    model: str = "qwen2.5-1.5b-instruct"       # model preset name or local path (see models/load.py)
+    env: str = "countdown"                     # countdown | gsm8k
+    # data
+    train_path: str | None = None              # JSONL of training problems; None = generate train_size
+    test_path: str | None = None               # JSONL of test problems; None = generate test_size
+    train_size: int = 20000                    # problems generated when train_path is None
+    test_size: int = 820                       # problems generated when test_path is None
+    data_seed: int = 0                         # seed of generated problems (splits disjoint by the env)
+    # rollout
+    steps: int = 2048                          # optimizer batches (training steps) to run
+    problems_per_step: int = 32                # training problems drawn per step
+    group_size: int = 16                       # samples per problem for grpo | cispo | ppo
+    bon_n: int = 64                            # samples per problem for bon (the best is kept)
+    search: SearchSettings = field(default_factory=SearchSettings)  # tree search (method mcts)
+    temperature: float = 1.0                   # sampling temperature of grpo | cispo | ppo | bon rollouts
+    max_new_tokens: int = 512                  # completion length limit (rollouts and evaluation)
+    # optimiser
+    lr: float = 5e-6                           # AdamW peak learning rate
+    lr_schedule: str = "linear-decay"          # constant | linear-decay (to 0 at lr_decay_steps)
+    warmup_steps: int = 0                      # linear warm-up from 0 over this many steps
+    lr_decay_steps: int | None = None          # step at which linear-decay reaches 0; None = steps
+    weight_decay: float = 0.0                  # AdamW decoupled weight decay
+    grad_clip: float = 0.1                     # max global grad norm; 0 = no clipping
+    epochs: int = 1                            # passes over each step's batch
+    minibatch_size: int = 0                    # trajectories per optimizer update; 0 = the whole batch
+    micro_batch_size: int = 0                  # trajectories per forward/backward; 0 = the whole minibatch
+    # loss
+    policy_loss: str = "cispo"                 # cispo | ppo (PPO-clip)
+    eps_low: float | None = None               # CISPO weight floor 1 - eps_low; None = no floor (reference)
+    eps_high: float = 4.0                      # CISPO weight cap 1 + eps_high (4.0 = the reference's 5.0)
+    ppo_clip: float = 0.2                      # PPO-clip range [1 - ppo_clip, 1 + ppo_clip]
+    value_coef: float = 1.0                    # c_v, weight of the value MSE; 0 = no value head
+    kl_coef: float = 0.05                      # beta, weight of the k3 KL to the frozen initial policy
+    advantage: str = "reward_minus_value"      # group | reward_minus_value | gae
+    gamma: float = 1.0                         # GAE discount
+    lam: float = 1.0                           # GAE lambda
+    # evaluation (mean@k, sparse reward, no search)
+    eval_every: int = 50                       # evaluate every this many steps (and at the end); 0 = end only
+    eval_problems: int = 0                     # test problems evaluated; 0 = all of the test split
+    eval_k: int = 16                           # samples per test problem
+    eval_temperature: float = 0.2              # evaluation sampling temperature
+    eval_samples_logged: int = 4               # trajectories written to samples.jsonl per evaluation
+    # run
+    checkpoint_every: int = 50                 # checkpoint every this many steps (and at the end); 0 = end only
+    keep_checkpoints: int = 2                  # complete checkpoints kept (the newest ones)
+    seed: int = 0                              # seed of sampling, shuffling and initialisation
+    budget_generated_tokens: int | None = None  # stop once this many tokens were generated in rollouts
+    budget_flops: float | None = None          # stop once rollout + learning FLOPs reach this
+    device: str = "auto"                       # auto (cuda if present) | cpu | cuda | cuda:N
+    dtype: str = "auto"                        # auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16 | float16
+    lora: LoraSettings = field(default_factory=LoraSettings)  # low-rank adapters (r = 0: off)
+    log_backends: tuple[str, ...] = ("jsonl",)  # jsonl (always written) | tensorboard | wandb
+    wandb_project: str = "treedistill"         # wandb project when the wandb backend is on
+
+    def __post_init__(self):
+        problems = self.errors()
+        if problems:
+            raise UsageError("invalid config: " + "; ".join(problems))
+        # derived sizes, computed once here and asserted
+        assert self.trajectories_per_step % self.minibatch_rows == 0
+        assert self.minibatch_rows % self.micro_batch_rows == 0
+
+    # ---- derived sizes ----
+    @property
+    def samples_per_problem(self) -> int:
+        """Trajectories one problem yields: 1 for mcts and bon (one extracted or best sample),
+        group_size for the sampling methods."""
+        return {"mcts": 1, "bon": 1}.get(self.method, self.group_size)
+
+    @property
+    def trajectories_per_step(self) -> int:
+        return self.problems_per_step * self.samples_per_problem
+
+    @property
+    def minibatch_rows(self) -> int:
+        return self.minibatch_size or self.trajectories_per_step
+
+    @property
+    def micro_batch_rows(self) -> int:
+        return self.micro_batch_size or self.minibatch_rows
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates per training step."""
+        return self.epochs * self.trajectories_per_step // self.minibatch_rows
+
+    @property
+    def decay_steps(self) -> int:
+        return self.lr_decay_steps or self.steps
+
+    @property
+    def uses_value_head(self) -> bool:
+        return self.advantage != "group"
+
+    def lr_multiplier(self, step: int) -> float:
+        """Learning-rate factor for 0-based optimizer `step`: linear warm-up to 1 over warmup_steps,
+        then 1 (constant) or a linear decay from 1 at the end of warm-up to 0 at decay_steps (as
+        transformers' get_linear_schedule_with_warmup). A pure function of the step,
+        so a resumed run needs no scheduler state: set `lr = cfg.lr * cfg.lr_multiplier(step)`."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return 1.0
+        return max(0.0, (self.decay_steps - step) / max(1, self.decay_steps - self.warmup_steps))
+
+    def derived(self) -> dict:
+        """The derived sizes, for logs and the resolved config."""
+        return {"samples_per_problem": self.samples_per_problem,
+                "trajectories_per_step": self.trajectories_per_step,
+                "minibatch_rows": self.minibatch_rows, "micro_batch_rows": self.micro_batch_rows,
+                "updates_per_step": self.updates_per_step, "decay_steps": self.decay_steps,
+                "uses_value_head": self.uses_value_head}
+
+    # ---- validation ----
+    def errors(self) -> list[str]:
+        problems = [
+            *_allowed("method", self.method, METHODS),
+            *_allowed("env", self.env, ENVS),
+            *_check(bool(self.model.strip()), "model must name a model preset or a local path (got '')"),
+            *_check(not _looks_like_path(self.model) or Path(self.model).expanduser().exists(),
+                    f"model: no such path {self.model!r}"),
+        ]
+        for name in ("train_path", "test_path"):
+            path = getattr(self, name)
+            problems += _check(path is None or Path(path).expanduser().is_file(),
+                               f"{name}: no such file {path!r} (null = generate the split)")
+        for name in ("train_size", "test_size", "steps", "problems_per_step", "bon_n", "max_new_tokens",
+                     "epochs", "eval_k", "keep_checkpoints"):
+            problems += _check(getattr(self, name) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("warmup_steps", "minibatch_size", "micro_batch_size", "eval_every", "eval_problems",
+                     "eval_samples_logged", "checkpoint_every", "weight_decay", "grad_clip", "value_coef",
+                     "kl_coef", "eval_temperature"):
+            problems += _check(getattr(self, name) >= 0, f"{name} must be >= 0 (got {getattr(self, name)})")
+        for name in ("budget_generated_tokens", "budget_flops", "lr_decay_steps"):
+            value = getattr(self, name)
+            problems += _check(value is None or value > 0, f"{name} must be null or > 0 (got {value})")
+        problems += [
+            *_check(self.lr > 0, f"lr must be > 0 (got {self.lr})"),
+            *_allowed("lr_schedule", self.lr_schedule, LR_SCHEDULES),
+            *_check(self.temperature > 0, f"temperature must be > 0 (got {self.temperature})"),
+            *_allowed("policy_loss", self.policy_loss, POLICY_LOSSES),
+            *_check(self.eps_low is None or 0 < self.eps_low <= 1,
+                    f"eps_low must be null (no floor) or in (0, 1] (got {self.eps_low})"),
+            *_check(self.eps_high > 0, f"eps_high must be > 0 (got {self.eps_high})"),
+            *_check(0 < self.ppo_clip < 1, f"ppo_clip must be in (0, 1) (got {self.ppo_clip})"),
+            *_allowed("advantage", self.advantage, ADVANTAGES),
+            *_check(0 < self.gamma <= 1, f"gamma must be in (0, 1] (got {self.gamma})"),
+            *_check(0 <= self.lam <= 1, f"lam must be in [0, 1] (got {self.lam})"),
+            *_check(self.device in ("auto", "cpu", "cuda") or
+                    (self.device.startswith("cuda:") and self.device[5:].isdigit()),
+                    f"device must be one of auto, cpu, cuda, cuda:N (got {self.device!r})"),
+            *_allowed("dtype", self.dtype, DTYPES),
+            *[message for backend in self.log_backends for message in
+              _allowed("log_backends entry", backend, LOG_BACKENDS)],
+            *self.search.errors(),
+            *self.lora.errors(),
+        ]
+        rules = METHOD_RULES.get(self.method)
+        if rules is not None:
+            for name, allowed in rules.items():
+                if getattr(self, name) not in allowed:
+                    problems.append(f"method {self.method} needs {name} in {', '.join(allowed)} "
+                                    f"(got {getattr(self, name)!r})")
+        if self.method in GROUP_METHODS or self.method == "ppo":
+            problems += _check(self.group_size >= (2 if self.method in GROUP_METHODS else 1),
+                               f"group_size must be >= 2 for method {self.method} (got {self.group_size})")
+        if self.advantage == "group":
+            problems += _check(self.value_coef == 0,
+                               f"value_coef must be 0 with advantage=group: no value head (got {self.value_coef})")
+        elif self.advantage in ADVANTAGES:
+            problems += _check(self.value_coef > 0,
+                               f"value_coef must be > 0 with advantage={self.advantage}: its baseline is "
+                               f"the value head, which must learn (got {self.value_coef})")
+        if problems:
+            return problems
+        # batch arithmetic, once the sizes themselves are valid
+        batch = self.trajectories_per_step
+        if self.minibatch_size and batch % self.minibatch_size:
+            problems.append(f"minibatch_size={self.minibatch_size} must divide the batch of "
+                            f"{batch} trajectories per step (problems_per_step x samples per problem)")
+        if self.method in GROUP_METHODS and self.minibatch_rows % self.group_size:
+            problems.append(f"minibatch_size={self.minibatch_rows} is not divisible by "
+                            f"group_size={self.group_size}: a minibatch must hold whole groups")
+        if self.micro_batch_size and self.minibatch_rows % self.micro_batch_size:
+            problems.append(f"micro_batch_size={self.micro_batch_size} must divide "
+                            f"minibatch_size={self.minibatch_rows}")
+        return problems
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.endswith((".yaml", ".json", ".safetensors"))
+
+
+# ---- loading ----
+
+def list_presets() -> list[str]:
+    """Names of the shipped presets (files starting with `_` are shared bases, not presets)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A preset or config file as a dict, its `inherit:` chain merged in (the child wins)."""
+    path = path.resolve()
+    if path in seen:
+        raise UsageError(f"config: inherit cycle through {' -> '.join(p.name for p in (*seen, path))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"config: {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise UsageError(f"config: {path} must hold a mapping of settings, got {type(data).__name__}")
+    parent = data.pop("inherit", None)
+    if parent is None:
+        return data
+    parent_path = PRESET_DIR / f"{parent}.yaml"
+    if not parent_path.exists():
+        parent_path = (path.parent / str(parent)).resolve()
+    if not parent_path.exists():
+        raise UsageError(f"config: {path.name} inherits {parent!r}, which is neither a preset "
+                         f"({', '.join(list_presets())}) nor a file next to it")
+    return _merge(_read_yaml(parent_path, (*seen, path)), data)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise UsageError(f"--set expects key=value (got {text!r})")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _coerce(value, annotation, key: str):
+    """`value` (from YAML or --set) as the field's declared type, or a UsageError naming the key."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in options:
+                return None
+        inner = [option for option in options if option is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise UsageError(f"config: {key} must be a mapping of {', '.join(_field_names(annotation))}")
+        return _build(annotation, value, prefix=f"{key}.")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"config: {key} must be a list (got {value!r})")
+        return tuple(_coerce(item, typing.get_args(annotation)[0], key) for item in value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        raise UsageError(f"config: {key} must be true or false (got {value!r})")
+    if annotation is int:
+        try:
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or number != int(number):
+                raise ValueError
+            return int(number)
+        except (TypeError, ValueError, OverflowError):
+            raise UsageError(f"config: {key} must be an integer (got {value!r})") from None
+    if annotation is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"config: {key} must be a number (got {value!r})") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise UsageError(f"config: {key} must be a string (got {value!r})")
+        return str(value)
+    raise TypeError(f"config field {key} has an unsupported type {annotation!r}")
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = _field_names(cls)
+    unknown = [key for key in data if key not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+        raise UsageError(f"config: unknown key {prefix}{key}{hint} (known: {', '.join(names)})")
+    values = {key: _coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
+    return cls(**values)
+
+
+def load_config(preset: str | None = None, path: str | Path | None = None,
+                overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """Defaults, then a preset (treedistill/presets/NAME.yaml) or a YAML file, then `key=value`
+    overrides (dotted keys reach nested settings: `search.simulations=64`), validated."""
+    if preset is not None and path is not None:
+        raise UsageError("give either a preset or a config file, not both")
+    data: dict = {}
+    if preset is not None:
+        file = PRESET_DIR / f"{preset}.yaml"
+        if preset.startswith("_") or not file.exists():
+            raise UsageError(f"unknown preset {preset!r}; presets: {', '.join(list_presets())}")
+        data = _read_yaml(file)
+    elif path is not None:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise UsageError(f"config file not found: {file}")
+        data = _read_yaml(file)
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            child = node.get(key)
+            node[key] = dict(child) if isinstance(child, dict) else {}
+            node = node[key]
+        node[keys[-1]] = value
+    return _build(TrainConfig, data)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML that `load_config(path=...)` reads back to an equal config;
+    the derived sizes follow as comments."""
+    data = _plain(dataclasses.asdict(cfg))
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    derived = "".join(f"#   {key}: {value}\n" for key, value in cfg.derived().items())
+    return text + "# derived:\n" + derived
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value

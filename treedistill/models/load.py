@@ -1,0 +1,318 @@
+"""Load a policy (causal LM + tokenizer + value head) from a preset, a local folder or a hub id.
+
+This file and presets.py are the only places that know Hugging Face model classes; the rest of the
+project talks to `Policy`.
+
+Saving: `Policy.save` writes a folder that `AutoModelForCausalLM.from_pretrained` reads, plus
+tokenizer files, `value_head.safetensors` and `treedistill.json` (name, compact_prompt). A LoRA
+policy is saved with its adapter merged into a copy of the weights, so every checkpoint folder is a
+plain model folder; pass `lora=` again to keep training with a fresh adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from treedistill.errors import UsageError
+from treedistill.models.tokenizers import load_tokenizer
+from treedistill.models.value_head import ValueHead, load_value_head, save_value_head
+
+__all__ = ["META_FILE", "Policy", "load_policy", "load_pretrained", "resolve_device", "resolve_dtype",
+           "token_logprobs", "wrap_policy"]
+
+META_FILE = "treedistill.json"
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# Names of the token that closes a chat turn in common templates (ChatML, Llama 3, Gemma): generation
+# stops there even when the tokenizer's eos is another token.
+_CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None -> CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None -> bfloat16 on CUDA, float32 elsewhere; strings as in `_DTYPES`."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) from logits [B, T, V] -> [B, T-1] (float32).
+
+    gather - logsumexp rather than a full log_softmax: one [B, T] result instead of a second [B, T, V].
+    """
+    logits = logits[:, :-1].float()                                                 # [B, T-1, V]
+    picked = logits.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)          # [B, T-1]
+    return picked - torch.logsumexp(logits, dim=-1)                                 # [B, T-1]
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    # Positions count real tokens only, so a left-padded row gets the same positions as unpadded
+    # (as HF generate does); padding positions are clamped to 0 and masked anyway.
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)                      # [B, T]
+
+
+@dataclass
+class Policy:
+    """A causal LM with its tokenizer and value head: what engines and trainers are handed.
+
+    model: HF causal LM (possibly a peft model with a LoRA adapter).
+    value_head: reads the final hidden state [B, T, H] -> [B, T]; None when not requested.
+    compact_prompt: use the environment's compact prompt (the embedded tiny model).
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    value_head: ValueHead | None
+    name: str
+    compact_prompt: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def context_length(self) -> int:
+        """Longest sequence the model takes (prompt + completion), from its config."""
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 10**9)
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters of the language model (tied embeddings once, value head excluded), for FLOP estimates."""
+        seen = {p.data_ptr(): p.numel() for p in self.model.parameters()}
+        return int(sum(seen.values()))
+
+    @property
+    def uses_lora(self) -> bool:
+        return hasattr(self.model, "disable_adapter") and hasattr(self.model, "peft_config")
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Token ids that end a completion: eos, the chat end token, generation_config's eos; de-duplicated."""
+        ids: list[int] = []
+        candidates = [self.tokenizer.eos_token_id]
+        vocab = self.tokenizer.get_vocab()
+        candidates += [vocab.get(t) for t in _CHAT_END_TOKENS]
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        candidates += gen_eos if isinstance(gen_eos, list) else [gen_eos]
+        for i in candidates:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+        return ids
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.eos_token_ids[0])
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Chat template with the generation prompt, as token ids; refuses prompts the context cannot hold."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        if len(ids) >= self.context_length:
+            raise UsageError(f"prompt is {len(ids)} tokens, too long for {self.name}'s context of "
+                             f"{self.context_length} tokens (room is needed for at least one new token)")
+        return ids
+
+    def decode(self, ids) -> str:
+        """Text of token ids, special tokens kept (stop and answer tags may be special tokens)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids, attention_mask [B, T] -> (logits [B, T, V], final hidden state [B, T, H]).
+
+        The hidden state is the last entry of `output_hidden_states` (after the model's final norm):
+        the tensor the value head reads, in training and in search alike.
+        """
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=_position_ids(attention_mask), output_hidden_states=True,
+                         use_cache=False)
+        return out.logits, out.hidden_states[-1]                                    # [B, T, V], [B, T, H]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None]:
+        """With LoRA: yields ref(input_ids, attention_mask) -> [B, T-1] token log-probs through the
+        DISABLED adapter (the base model), no gradient. Without LoRA: yields None (keep a frozen copy)."""
+        if not self.uses_lora:
+            yield None
+            return
+
+        def ref(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            with self.model.disable_adapter(), torch.no_grad():
+                logits, _ = self.forward(input_ids, attention_mask)
+            return token_logprobs(logits, input_ids)                                # [B, T-1]
+
+        yield ref
+
+    def save(self, folder: str | Path) -> Path:
+        """Write a folder that `load_policy(folder)` reads back with identical outputs."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if self.uses_lora:
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        if self.value_head is not None:
+            save_value_head(self.value_head, folder)
+        meta = {"name": self.name, "compact_prompt": self.compact_prompt}
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return folder
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _check_folder(folder: Path) -> None:
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if not any((folder / f).is_file() for f in _WEIGHT_FILES):
+        missing.append("model weights (model.safetensors)")
+    if not (folder / "tokenizer.json").is_file():
+        missing.append("tokenizer.json")
+    if missing:
+        raise UsageError(f"{folder} is not a model folder: missing {', '.join(missing)} "
+                         "(expected config.json, model weights and tokenizer.json, as save_pretrained writes)")
+
+
+def load_pretrained(name_or_path: str | Path, *, dtype: torch.dtype):
+    """(model, tokenizer, folder) from a local folder or a hub id; the hub only when reachable.
+
+    A hub id is first looked up in the local HF cache (local_files_only=True), so an offline machine
+    fails in milliseconds instead of retrying for ~48 s.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        _check_folder(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError, KeyError) as e:
+            raise UsageError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from e
+        return model, load_tokenizer(path), path
+    if path.exists():
+        raise UsageError(f"{path} is a file; pass a model folder (config.json, model weights, tokenizer.json)")
+    hub_id = str(name_or_path)
+    how = (f"cannot reach the Hugging Face hub for {hub_id!r}: download it elsewhere "
+           "(e.g. `huggingface-cli download ID --local-dir DIR`) and pass the local folder path instead")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(hub_id, local_files_only=True))
+    except (OSError, ValueError) as e:  # not cached (FileNotFoundError) or not a valid repo id (ValueError)
+        if _offline() or not _hub_reachable():
+            raise UsageError(how) from e
+        try:
+            folder = Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
+        except (OSError, ValueError) as e2:  # HfHubHTTPError (not found, auth) and network errors are OSErrors
+            raise UsageError(f"cannot download {hub_id!r}: {str(e2).splitlines()[0]}; "
+                             "pass a local model folder instead") from e2
+    return load_pretrained(folder, dtype=dtype)
+
+
+def wrap_policy(model, tokenizer, *, name: str, device: torch.device, dtype: torch.dtype,
+                folder: Path | None = None, value_head: bool = True, lora: dict | None = None,
+                compact_prompt: bool = False, seed: int = 0) -> Policy:
+    """Finish a loaded model: dtype/device, value head (saved one or fresh, seeded), optional LoRA."""
+    model = model.to(device=device, dtype=dtype)
+    model.eval()
+    head = None
+    if value_head:
+        hidden = int(model.config.hidden_size)
+        head = load_value_head(folder, hidden) if folder is not None else None
+        if head is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                head = ValueHead(hidden)
+        head = head.to(device)
+    if lora is not None:
+        model = _attach_lora(model, lora)
+    return Policy(model=model, tokenizer=tokenizer, value_head=head, name=name, compact_prompt=compact_prompt)
+
+
+_LORA_KEYS = {"r", "alpha", "target_modules", "dropout"}
+
+
+def _attach_lora(model, lora: dict):
+    if not isinstance(lora, dict) or not set(lora) <= _LORA_KEYS:
+        raise UsageError(f"lora must be a dict with keys among {sorted(_LORA_KEYS)}, got {lora!r}")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise UsageError("LoRA needs peft: pip install peft") from e
+    r = int(lora.get("r", 16))
+    if r < 1:
+        raise UsageError(f"lora r must be >= 1, got {r}")
+    config = LoraConfig(r=r, lora_alpha=float(lora.get("alpha", 2 * r)),
+                        target_modules=list(lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
+                        lora_dropout=float(lora.get("dropout", 0.0)), bias="none", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise UsageError(f"cannot attach LoRA: {str(e).splitlines()[0]}") from e
+
+
+def load_policy(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
+                device: str | torch.device | None = None, value_head: bool = True,
+                lora: dict | None = None) -> Policy:
+    """A preset name (see presets.PRESETS), a local model folder or a hub id -> Policy.
+
+    dtype: None -> bfloat16 on CUDA, float32 on CPU. device: None -> CUDA when available.
+    lora: {"r", "alpha", "target_modules", "dropout"} to train a LoRA adapter; None for full weights.
+    """
+    from treedistill.models.presets import PRESETS
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    key = str(name_or_path)
+    if key in PRESETS:
+        built = PRESETS[key](dtype=dt, device=dev)
+        return wrap_policy(built.model, built.tokenizer, name=key, device=dev, dtype=dt, folder=built.folder,
+                           value_head=value_head, lora=lora, compact_prompt=built.compact_prompt)
+    path = Path(key).expanduser()
+    looks_like_hub_id = key.count("/") == 1 and not key.startswith((".", "/", "~")) and not path.exists()
+    if not path.exists() and not looks_like_hub_id:
+        raise UsageError(f"unknown model {key!r}: not a preset (known: {', '.join(sorted(PRESETS))}), "
+                         "a model folder, or a hub id like Qwen/Qwen2.5-1.5B-Instruct")
+    model, tokenizer, folder = load_pretrained(key, dtype=dt)
+    meta = {}
+    if (folder / META_FILE).is_file():
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    return wrap_policy(model, tokenizer, name=str(meta.get("name", key)), device=dev, dtype=dt, folder=folder,
+                       value_head=value_head, lora=lora, compact_prompt=bool(meta.get("compact_prompt", False)))

@@ -1,0 +1,131 @@
+"""What training and evaluation take from a searched tree: one path and its search statistics.
+
+The path follows the most-visited child from the root (the reference's training target; ties go to
+the higher Q, then to the first-sampled child). With Gumbel selection the root step is instead the
+Sequential Halving winner, the action Gumbel MuZero acts with (mctx `gumbel_muzero_policy`), and the
+path continues by most visits below it.
+
+A path can stop before a terminal node (the search ran out of simulations or reached `max_depth`).
+It is then returned marked incomplete: the caller completes it by sampling the policy from its end
+and records `search_end`, so a truncated path is never trained on as if it were complete (the
+reference scored such paths as if final, about -0.9).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from treedistill.search.mcts import SearchConfig
+from treedistill.search.select import gumbel_action
+from treedistill.search.tree import ROOT, Tree
+
+
+@dataclass(frozen=True)
+class ChildStats:
+    """The children of one node, in child order (C children): the search's targets at that node.
+
+    children: node ids [C]; visits: N [C]; q: W / N, None where unvisited [C]; prior: P [C];
+    visit_probs: N / sum N [C] (all zero when no child was visited).
+    """
+
+    node: int
+    children: tuple[int, ...]
+    visits: tuple[int, ...]
+    q: tuple[float | None, ...]
+    prior: tuple[float, ...]
+
+    @property
+    def visit_probs(self) -> tuple[float, ...]:
+        total = sum(self.visits)
+        return tuple(n / total if total else 0.0 for n in self.visits)
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """One path out of a tree.
+
+    tree: the tree's index in the searched batch.
+    nodes: node ids from the root (nodes[0] = 0) to the last node [L + 1].
+    steps: each step's token ids, nodes[1:] [L].
+    tokens: the steps concatenated: the completion the search produced [T].
+    complete: the last node is terminal; `reward` is then its environment reward (else None).
+    targets: ChildStats of every node of `nodes` [L + 1] (a leaf's has no children).
+    """
+
+    tree: int
+    nodes: tuple[int, ...]
+    steps: tuple[tuple[int, ...], ...]
+    tokens: tuple[int, ...]
+    complete: bool
+    reward: float | None
+    targets: tuple[ChildStats, ...]
+
+    @property
+    def search_end(self) -> int:
+        """Index in the completion where the search's part ends (the caller appends after it)."""
+        return len(self.tokens)
+
+
+def most_visited(tree: Tree, node: int) -> int | None:
+    """The child with the most visits (ties: higher Q, then lower id); None if none was visited."""
+    best, best_key = None, None
+    for child in tree.children[node]:
+        n = tree.visits[child]
+        if n == 0:
+            continue
+        key = (n, tree.value_sum[child] / n)
+        if best_key is None or key > best_key:
+            best, best_key = child, key
+    return best
+
+
+def _most_visited_root(tree: Tree, cfg: SearchConfig) -> int | None:
+    return most_visited(tree, ROOT)
+
+
+# How the root step is chosen, by selection rule.
+ROOT_CHOICE: dict[str, Callable[[Tree, SearchConfig], int | None]] = {
+    "puct": _most_visited_root,
+    "uct": _most_visited_root,
+    "gumbel": gumbel_action,
+}
+
+
+def principal_variation(tree: Tree, cfg: SearchConfig | None = None) -> list[int]:
+    """Node ids of the extracted path, root first."""
+    cfg = cfg or SearchConfig()
+    path = [ROOT]
+    child = ROOT_CHOICE[cfg.select](tree, cfg)
+    while child is not None:
+        path.append(child)
+        child = most_visited(tree, child)
+    return path
+
+
+def child_stats(tree: Tree, node: int) -> ChildStats:
+    """Visits, Q and priors of `node`'s children."""
+    children = tuple(tree.children[node])
+    return ChildStats(
+        node=node,
+        children=children,
+        visits=tuple(tree.visits[c] for c in children),
+        q=tuple(tree.q(c) for c in children),
+        prior=tuple(tree.prior[c] for c in children),
+    )
+
+
+def extract(tree: Tree, cfg: SearchConfig | None = None) -> Extraction:
+    """The path a searched tree proposes, with the search's statistics at every node of it."""
+    nodes = principal_variation(tree, cfg)
+    last = nodes[-1]
+    steps = tuple(tree.tokens[n] for n in nodes[1:])
+    return Extraction(
+        tree=tree.index,
+        nodes=tuple(nodes),
+        steps=steps,
+        tokens=tuple(t for step in steps for t in step),
+        complete=tree.terminal[last],
+        reward=tree.reward(last),
+        targets=tuple(child_stats(tree, n) for n in nodes),
+    )
