@@ -48,16 +48,18 @@ def _available_commands() -> dict:
 
 
 def set_threads(threads: int | None) -> None:
-    """Pick the torch thread count once, before any model work.
+    """Pick the torch CPU thread count before torch is imported (torch reads OMP_NUM_THREADS).
 
     On small CPUs torch's default (one thread per core) makes small models many times slower as soon
     as anything else runs, so the default is 1 thread unless OMP_NUM_THREADS or --threads says more.
+    Setting the variable instead of calling torch keeps commands that need no torch fast.
     """
-    import torch
-
-    if threads is None:
-        threads = int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
-    torch.set_num_threads(max(1, threads))
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
+    else:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def build_parser(commands: dict) -> argparse.ArgumentParser:
