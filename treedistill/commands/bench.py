@@ -1,0 +1,260 @@
+"""`treedistill bench`: the native engine against HF generate, side by side, as ratios.
+
+- `bench generate`: decode throughput at one batch size, lengths forced (no end-of-sequence):
+  ours vs HF `generate` with its dynamic cache and with `cache_implementation="static"`.
+- `bench search`: the MCTS expansion workload. A tree grows from one prompt: each simulation descends
+  from the root through random children to an unexpanded node, samples K steps of up to 16 tokens
+  from its prefix and scores the K children with the value head. Run three ways on the same tree
+  shape: native engine with the prefix cache, native engine without it (every prefix re-encoded, as
+  HF generate does), and the HF-generate engine. The selection is random descent rather than PUCT,
+  so the workload's shape (breadth K, depth d, prefixes that grow step by step) is that of the
+  search without depending on the value head's numbers.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+HELP = "benchmark generation: native engine vs HF generate (generate | search)"
+
+GENERATE_DEFAULTS = dict(batch=8, prompt_len=64, new_tokens=64)
+SEARCH_DEFAULTS = dict(prompt_len=256, breadth=8, depth=6, simulations=24, step_tokens=16)
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="WHAT")
+    sub.required = True
+    gen = sub.add_parser("generate", help="decode throughput: ours vs HF generate (dynamic and static cache)")
+    gen.add_argument("--model", default="tiny", help="preset name or model folder (default tiny)")
+    gen.add_argument("--batch", type=int, default=GENERATE_DEFAULTS["batch"], help="rows decoded together")
+    gen.add_argument("--prompt-len", type=int, default=GENERATE_DEFAULTS["prompt_len"], help="prompt tokens per row")
+    gen.add_argument("--new-tokens", type=int, default=GENERATE_DEFAULTS["new_tokens"], help="tokens generated per row")
+    gen.add_argument("--no-static", action="store_true", help="skip HF generate with the static cache")
+    gen.add_argument("--repeats", type=int, default=2, help="timed runs per engine (best is kept)")
+    gen.add_argument("--json", action="store_true", help="print the result dict as JSON on the last line")
+    srch = sub.add_parser("search", help="MCTS expansion workload: prefix cache vs re-encoding vs HF generate")
+    srch.add_argument("--model", default="tiny", help="preset name or model folder (default tiny)")
+    srch.add_argument("--prompt-len", type=int, default=SEARCH_DEFAULTS["prompt_len"], help="root prompt tokens")
+    srch.add_argument("--breadth", type=int, default=SEARCH_DEFAULTS["breadth"], help="K children sampled per expansion")
+    srch.add_argument("--depth", type=int, default=SEARCH_DEFAULTS["depth"], help="deepest node expanded")
+    srch.add_argument("--simulations", type=int, default=SEARCH_DEFAULTS["simulations"], help="expansions per run")
+    srch.add_argument("--step-tokens", type=int, default=SEARCH_DEFAULTS["step_tokens"], help="max tokens of one step")
+    srch.add_argument("--no-hf", action="store_true", help="skip the HF-generate baseline")
+    srch.add_argument("--json", action="store_true", help="print the result dict as JSON on the last line")
+    for p in (gen, srch):
+        p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+        p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+        p.add_argument("--seed", type=int, default=0, help="seed of prompts and sampling")
+
+
+def _check_positive(**values) -> None:
+    from treedistill.errors import UsageError
+
+    for name, v in values.items():
+        if v < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+
+
+class _Clock:
+    """Wall time that waits for the device (CUDA kernels run asynchronously)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def __call__(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+
+def _load(args):
+    from treedistill.models.load import load_policy
+
+    return load_policy(args.model, dtype=args.dtype, device=args.device, value_head=True)
+
+
+def _prompts(vocab: int, batch: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    top = min(vocab, 256)  # byte-range ids: plain text for every tokenizer the presets use
+    return [[rng.randrange(top) for _ in range(length)] for _ in range(batch)]
+
+
+# ---------------------------------------------------------------------------------------- generate
+
+
+def _hf_generate_fn(policy, prompts, new_tokens, cache_implementation):
+    import torch
+
+    model, pad = policy.model, policy.tokenizer.pad_token_id or 0
+    ids = torch.tensor(prompts, device=policy.device)
+    opts = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, top_k=0, top_p=1.0,
+                temperature=1.0, pad_token_id=pad, attention_mask=torch.ones_like(ids))
+    if cache_implementation:
+        opts["cache_implementation"] = cache_implementation
+
+    def go():
+        with torch.no_grad():
+            model.generate(ids, **opts)
+
+    return go
+
+
+def _time(fn, clock, repeats: int) -> tuple[float, float]:
+    """(first call seconds, best of `repeats` later calls)."""
+    t0 = clock()
+    fn()
+    first = clock() - t0
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = clock()
+        fn()
+        best = min(best, clock() - t0)
+    return first, best
+
+
+def run_generate(args) -> dict:
+    import torch
+
+    from treedistill.engine.native import NativeEngine
+
+    _check_positive(batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
+    policy = _load(args)
+    clock = _Clock(policy.device)
+    prompts = _prompts(policy.model.config.vocab_size, args.batch, args.prompt_len, args.seed)
+    tokens = args.batch * args.new_tokens
+    # eos off and no prefix cache: the same forced-length, fresh-prompt work as HF generate.
+    ours = NativeEngine(policy, cache_tokens=0, eos_token_ids=())
+
+    def run_ours():
+        ours.sample(prompts, 1, max_new_tokens=args.new_tokens, temperature=1.0, seed=args.seed)
+
+    rows = {}
+    runners = {"native": run_ours, "hf_dynamic": _hf_generate_fn(policy, prompts, args.new_tokens, None)}
+    if not args.no_static:
+        runners["hf_static"] = _hf_generate_fn(policy, prompts, args.new_tokens, "static")
+    for name, fn in runners.items():
+        torch.manual_seed(args.seed)
+        try:
+            first, best = _time(fn, clock, args.repeats)
+        except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
+            # HF's static cache compiles the model; where that is unsupported, report it and go on.
+            rows[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+            continue
+        rows[name] = {"first_call_s": round(first, 4), "seconds": round(best, 4),
+                      "tokens_per_s": round(tokens / best, 1),
+                      "ms_per_step": round(1e3 * best / args.new_tokens, 3)}
+    base = rows["native"]["seconds"]
+    for row in rows.values():
+        if "seconds" in row:
+            row["native_speedup"] = round(row["seconds"] / base, 2)
+    print(f"bench generate: model={args.model} device={policy.device} batch={args.batch} "
+          f"prompt={args.prompt_len} new={args.new_tokens} (sampling, lengths forced; "
+          f"ms/step = whole call / new tokens, prefill included)")
+    print(f"{'engine':<12}{'tok/s':>12}{'ms/step':>10}{'first call s':>14}{'ours is x faster':>18}")
+    for name, row in rows.items():
+        if "error" in row:
+            print(f"{name:<12}  {row['error']}")
+        else:
+            print(f"{name:<12}{row['tokens_per_s']:>12.1f}{row['ms_per_step']:>10.3f}{row['first_call_s']:>14.3f}"
+                  f"{row['native_speedup']:>18.2f}")
+    return {"bench": "generate", "model": args.model, "device": str(policy.device), "batch": args.batch,
+            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
+            "engines": rows}
+
+
+# ------------------------------------------------------------------------------------------ search
+
+
+def expansion_workload(engine, root: list[int], *, breadth: int, depth: int, simulations: int,
+                       step_tokens: int, seed: int, stop: tuple[str, ...], use_value: bool, clock) -> dict:
+    """Grow one tree with `engine`: `simulations` expansions of `breadth` children each.
+
+    Each simulation descends from the root through random (seeded) children to an unexpanded node of
+    depth < `depth` (restarting from the root at a dead end), samples the children's steps from its
+    prefix and, when `use_value`, scores the children's prefixes. Returns timing and counters.
+    """
+    rng = random.Random(seed)
+    children: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+    start = clock()
+    before = engine.counters.snapshot()
+    expanded = 0
+    while expanded < simulations:
+        node, d = (), 0
+        while node in children and d < depth:
+            node, d = rng.choice(children[node]), d + 1
+        if node in children:  # depth limit reached on an expanded path: start again
+            continue
+        prefix = root + [t for step in node for t in step] if node else list(root)
+        node_key = node
+        samples = engine.sample([prefix], breadth, max_new_tokens=step_tokens, temperature=1.0,
+                                stop=stop, seed=seed + expanded)[0]
+        kids = [node_key + (s.tokens,) for s in samples]
+        if use_value:
+            engine.value([prefix + list(s.tokens) for s in samples])
+        children[node_key] = kids
+        expanded += 1
+    seconds = clock() - start
+    after = engine.counters.snapshot()
+    delta = {k: after[k] - before[k] for k in after}
+    processed = delta["prompt_tokens"] + delta["scored_tokens"]
+    return {"seconds": round(seconds, 4), "simulations_per_s": round(simulations / seconds, 3),
+            "generated_tokens": delta["generated_tokens"], "prompt_tokens": delta["prompt_tokens"],
+            "scored_tokens": delta["scored_tokens"], "cached_prompt_tokens": delta["cached_prompt_tokens"],
+            "forward_calls": delta["forward_calls"],
+            "prompt_tokens_per_generated_token": round(processed / max(1, delta["generated_tokens"]), 3)}
+
+
+def run_search(args) -> dict:
+    import torch
+
+    from treedistill.engine import make_engine
+
+    _check_positive(prompt_len=args.prompt_len, breadth=args.breadth, depth=args.depth,
+                    simulations=args.simulations, step_tokens=args.step_tokens)
+    policy = _load(args)
+    clock = _Clock(policy.device)
+    root = _prompts(policy.model.config.vocab_size, 1, args.prompt_len, args.seed)[0]
+    engines = {"native_cache": make_engine(policy, "native"),
+               "native_no_cache": make_engine(policy, "native", cache_tokens=0)}
+    if not args.no_hf:
+        engines["hf_generate"] = make_engine(policy, "hf")
+    opts = dict(breadth=args.breadth, depth=args.depth, simulations=args.simulations,
+                step_tokens=args.step_tokens, seed=args.seed, stop=("</step>",),
+                use_value=policy.value_head is not None, clock=clock)
+    # Warm-up (allocator, first-call costs) on a small tree, then the timed run on a fresh cache.
+    rows = {}
+    for name, engine in engines.items():
+        expansion_workload(engine, root, **{**opts, "simulations": 2})
+        if hasattr(engine, "clear_cache"):
+            engine.clear_cache()
+        torch.manual_seed(args.seed)
+        rows[name] = expansion_workload(engine, root, **opts)
+    base = rows["native_cache"]["seconds"]
+    for row in rows.values():
+        row["native_cache_speedup"] = round(row["seconds"] / base, 2)
+    result = {"bench": "search", "model": args.model, "device": str(policy.device),
+              "workload": "synthetic MCTS expansion (random descent; the search core is not driven)",
+              "prompt_len": args.prompt_len, "breadth": args.breadth, "depth": args.depth,
+              "simulations": args.simulations, "step_tokens": args.step_tokens,
+              "value_head": policy.value_head is not None, "threads": torch.get_num_threads(),
+              "engines": rows,
+              "speedup": rows["native_no_cache"]["native_cache_speedup"]}
+    if "hf_generate" in rows:
+        result["speedup_vs_hf_generate"] = rows["hf_generate"]["native_cache_speedup"]
+    print(f"bench search: model={args.model} device={policy.device} prompt={args.prompt_len} K={args.breadth} "
+          f"depth<={args.depth} simulations={args.simulations} step<={args.step_tokens} tokens "
+          f"(synthetic expansion workload; value head {'on' if result['value_head'] else 'off'})")
+    print(f"{'engine':<16}{'sims/s':>10}{'prompt tok/gen tok':>20}{'cached tok':>12}{'cache is x faster':>19}")
+    for name, row in rows.items():
+        print(f"{name:<16}{row['simulations_per_s']:>10.2f}{row['prompt_tokens_per_generated_token']:>20.3f}"
+              f"{row['cached_prompt_tokens']:>12}{row['native_cache_speedup']:>19.2f}")
+    return result
+
+
+RUNS = {"generate": run_generate, "search": run_search}
+
+
+def run(args) -> dict:
+    return RUNS[args.bench](args)
