@@ -20,3 +20,14 @@ def test_env_json_last_line():
     assert info["device"] in {"cpu", "cuda"}
     assert info["threads"] >= 1
     assert info["torch"] and info["transformers"]
+
+
+def test_every_subcommand_has_working_help():
+    from treedistill.cli import COMMANDS
+
+    out = run_cli("--help")
+    assert out.returncode == 0, out.stderr
+    for name in COMMANDS:
+        assert name in out.stdout, f"{name} missing from --help"
+        sub = run_cli(name, "--help")
+        assert sub.returncode == 0, f"{name} --help failed: {sub.stderr[-500:]}"

@@ -39,7 +39,7 @@ ENVS = ("countdown", "gsm8k")
 POLICY_LOSSES = ("cispo", "ppo")  # the keys of algorithms.losses.LOSSES
 ADVANTAGES = ("group", "reward_minus_value", "gae")  # the keys of algorithms.advantages.ADVANTAGES
 LR_SCHEDULES = ("constant", "linear-decay")
-SELECT_RULES = ("puct", "uct")
+SELECT_RULES = ("puct", "uct", "gumbel")  # the keys of search.select.SELECT_RULES
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_BACKENDS = ("jsonl", "tensorboard", "wandb")
 
@@ -74,7 +74,7 @@ class SearchSettings:
     virtual_loss: float = 1.0         # value subtracted per in-flight visit so parallel paths spread out
     problems_at_once: int = 12        # problems whose trees are searched together (batched expansions)
     c_puct: float = 0.5               # exploration constant of the selection rule
-    select: str = "puct"              # selection rule: puct (prior-guided) | uct (ablation)
+    select: str = "puct"              # selection rule: puct (prior-guided) | uct | gumbel (ablations)
     k_children: int = 4               # continuations sampled per expansion (K)
     step_max_tokens: int = 64         # a step ends at </step>, end of sequence, or this many tokens
     max_depth: int | None = None      # most steps on a path; None = bounded by max_new_tokens only

@@ -1,0 +1,156 @@
+"""Equal-compute comparisons: the plan (budgets, overrides), where a run folder stands, and an
+end-to-end `treedistill compare` that reuses a finished run and continues one from its checkpoint."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from treedistill.cli import main
+from treedistill.compare import STEPS_CAP, RunSpec, plan_runs, run_all, run_state, segment_budgets
+from treedistill.config import load_config, to_yaml
+from treedistill.errors import UsageError
+from treedistill.metrics import ComputeCounters, MetricsLogger
+
+# Sizes that make a step take well under a second on the tiny model.
+SMALL = [
+    "train_size=64", "test_size=8", "eval_problems=4", "eval_k=2", "eval_samples_logged=2",
+    "max_new_tokens=24", "problems_per_step=2", "group_size=2", "bon_n=3",
+    "search.simulations=4", "search.parallel=2", "search.problems_at_once=2", "search.k_children=2",
+    "search.step_max_tokens=8", "search.max_depth=3",
+]
+
+
+def test_segment_budgets_by_hand():
+    # 100 * i / 3 for i = 1, 2, 3 -> 33.3, 66.7, 100 -> rounded 33, 67, 100
+    assert segment_budgets(100, 3) == (33, 67, 100)
+    assert segment_budgets(60_000, 1) == (60_000,)
+    assert segment_budgets(2, 4) == (1, 2)  # duplicates merged: 0.5 -> 1 (at least 1), 1, 1.5 -> 2, 2
+    for budget, evaluations in [(0, 3), (10, 0)]:
+        with pytest.raises(UsageError):
+            segment_budgets(budget, evaluations)
+
+
+def test_plan_lets_the_budget_end_every_run(tmp_path):
+    specs = plan_runs({"GRPO": "countdown-tiny-grpo", "MCTS": "countdown-tiny-mcts"}, seeds=[0, 1],
+                      budget=900, out_dir=tmp_path, evaluations=3)
+    assert [(s.label, s.seed) for s in specs] == [("GRPO", 0), ("GRPO", 1), ("MCTS", 0), ("MCTS", 1)]
+    assert specs[1].run_dir == str(tmp_path / "countdown-tiny-grpo" / "seed-1")
+    cfg = specs[3].config()
+    assert (cfg.seed, cfg.steps, cfg.eval_every, cfg.budget_generated_tokens) == (1, STEPS_CAP, 0, 900)
+    assert specs[0].config(300).budget_generated_tokens == 300
+    # a linear-decay preset keeps its decay horizon when steps is raised
+    decay = plan_runs({"q": "countdown-qwen1.5b-mcts"}, seeds=[0], budget=10, out_dir=tmp_path)[0].config()
+    assert decay.steps == STEPS_CAP and decay.decay_steps == load_config("countdown-qwen1.5b-mcts").steps
+    # steps and eval_every given by the user win
+    mine = plan_runs({"g": "countdown-tiny-grpo"}, seeds=[0], budget=10, out_dir=tmp_path,
+                     overrides=["steps=7", "eval_every=2"])[0].config()
+    assert (mine.steps, mine.eval_every) == (7, 2)
+
+
+@pytest.mark.parametrize("presets, seeds, match", [
+    ({"a": "countdown-tiny-grpo", "b": "countdown-tiny-grpo"}, [0], "once"),
+    ({"a": "no-such-preset"}, [0], "unknown preset"),
+    ({}, [0], "at least one preset"),
+    ({"a": "countdown-tiny-grpo"}, [], "at least one seed"),
+])
+def test_plan_refuses_bad_input(tmp_path, presets, seeds, match):
+    with pytest.raises(UsageError, match=match):
+        plan_runs(presets, seeds=seeds, budget=10, out_dir=tmp_path)
+
+
+def _fake_run(spec: RunSpec, tokens_per_step: int, steps: int, checkpoint: int, evals=(0,)):
+    """A run folder as `train` leaves it: `steps` logged, a complete checkpoint at `checkpoint`."""
+    counters = ComputeCounters(params=1000)
+    with MetricsLogger(spec.run_dir) as logger:
+        for step in range(steps + 1):
+            if step:
+                counters.add_rollout(generated_tokens=tokens_per_step)
+                logger.log(step, {"kind": "train", **counters.as_dict()})
+            if step in evals:
+                logger.log(step, {"kind": "eval", "eval_accuracy": 0.1, "eval_stderr": 0.01, **counters.as_dict()})
+    folder = Path(spec.run_dir) / "checkpoints" / f"step-{checkpoint:08d}"
+    folder.mkdir(parents=True)
+    (folder / "complete").write_text(json.dumps({"step": checkpoint, "entries": []}))
+
+
+def test_run_state_reads_checkpoint_and_evaluations(tmp_path):
+    spec = plan_runs({"g": "countdown-tiny-grpo"}, seeds=[0], budget=250, out_dir=tmp_path)[0]
+    assert run_state(spec).checkpoint_step == 0 and not run_state(spec).done
+    # 3 steps of 100 tokens logged, checkpoint at step 3 with its evaluation: done (300 >= 250)
+    _fake_run(spec, 100, steps=3, checkpoint=3, evals=(0, 3))
+    state = run_state(spec)
+    assert (state.checkpoint_step, state.checkpoint_tokens, state.done) == (3, 300, True)
+    # killed after logging step 4 of a longer budget: resumes from step 3, not done
+    longer = plan_runs({"g": "countdown-tiny-grpo"}, seeds=[0], budget=500, out_dir=tmp_path)[0]
+    with MetricsLogger(spec.run_dir, resume_step=3) as logger:
+        logger.log(4, {"kind": "train", "rollout_generated_tokens": 400})
+    state = run_state(longer)
+    assert (state.checkpoint_step, state.checkpoint_tokens, state.done) == (3, 300, False)
+    assert run_state(spec).done  # the shorter budget is still met by the checkpoint of step 3
+
+
+def test_a_folder_of_another_config_is_refused(tmp_path):
+    spec = plan_runs({"g": "countdown-tiny-grpo"}, seeds=[0], budget=250, out_dir=tmp_path)[0]
+    other = load_config("countdown-tiny-grpo", overrides=["lr=0.1"])
+    (tmp_path / "countdown-tiny-grpo" / "seed-0").mkdir(parents=True)
+    (tmp_path / "countdown-tiny-grpo" / "seed-0" / "config.yaml").write_text(to_yaml(other))
+    with pytest.raises(UsageError, match="different config .*lr"):
+        run_all([spec])
+
+
+@pytest.mark.slow
+def test_compare_reuses_a_finished_run_and_continues_a_longer_budget(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    flags = [flag for item in SMALL for flag in ("--set", item)]
+
+    def compare(budget):
+        code = main(["compare", "--presets", "countdown-tiny-grpo", "--seeds", "1", "--budget-generated-tokens",
+                     str(budget), "--evaluations", "1", "--jobs", "1", "--out", str(out), *flags, "--json"])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return json.loads(captured.out.strip().splitlines()[-1])
+
+    run = out / "countdown-tiny-grpo" / "seed-0"
+    first = compare(1)  # one step reaches a budget of 1 token
+    assert first["ran"] == [str(run)] and first["reused"] == [] and first["failed"] == []
+    assert (out / "report.md").is_file() and (out / "curves.png").is_file() and (out / "final.png").is_file()
+    metrics = run / "metrics.jsonl"
+    before, lines = metrics.stat().st_mtime_ns, metrics.read_text().splitlines()
+    tokens = first["rows"][1]["generated_tokens"]
+    assert [json.loads(x)["step"] for x in lines] == [0, 1, 1]  # eval before RL, train 1, eval 1
+
+    again = compare(1)  # finished: not run again
+    assert again["ran"] == [] and again["reused"] == [str(run)]
+    assert metrics.stat().st_mtime_ns == before
+
+    longer = compare(int(tokens) + 1)  # continues from the step-1 checkpoint: one more step
+    assert longer["ran"] == [str(run)]
+    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [(r["step"], r["kind"]) for r in records] == [(0, "eval"), (1, "train"), (1, "eval"), (2, "train"),
+                                                        (2, "eval")]
+    assert metrics.read_text().splitlines()[:3] == lines  # steps 0..1 kept as they were, not re-run
+    assert longer["rows"][1]["steps"] == 2
+
+
+def test_demo_budget_follows_its_time_model():
+    from treedistill.commands import demo
+
+    # (0.75 x 15 min x 60 s - 250 s fixed) / 0.88 ms per token = 482,954 tokens -> 480,000
+    assert demo.DEFAULT_BUDGET == demo.budget_for(15) == 480_000
+    # (0.75 x 20 x 60 - 250) / 0.88e-3 = 738,636 -> 730,000
+    assert demo.budget_for(20) == 730_000
+    with pytest.raises(UsageError, match="too short"):
+        demo.budget_for(5)  # 0.75 x 5 x 60 = 225 s < 250 s fixed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--minutes", "5"], "too short"),
+    (["demo", "--budget-generated-tokens", "0"], "must be >= 1"),
+    (["compare", "--presets", "countdown-tiny-grpo", "--seeds", "0", "--budget-generated-tokens", "9"], "--seeds"),
+    (["compare", "--presets", " , ", "--budget-generated-tokens", "9"], "at least one preset"),
+])
+def test_bad_demo_and_compare_arguments_are_one_line_errors(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,160 @@
+"""Evaluation: statistics worked by hand, scoring through a scripted engine, the CLI and its refusals."""
+
+import json
+
+import pytest
+
+from treedistill.cli import main
+from treedistill.engine.base import FINISH_EOS, FINISH_LENGTH, Sample
+from treedistill.evaluate import evaluate, summarize
+
+
+def test_summary_statistics_by_hand():
+    # 3 problems x 2 samples: per-problem means 0.5, 0, 1 -> mean@2 = 3/6 = 0.5;
+    # sample variance of (0.5, 0, 1) = (0 + 0.25 + 0.25) / 2 = 0.25 -> stderr = 0.5 / sqrt(3) = 0.2887;
+    # pass@2 = 2/3 (problems 1 and 3); format 5/6; dense mean (1 - 1 + ... ) / 6.
+    sparse = [[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
+    well_formed = [[True, True], [False, True], [True, True]]
+    dense = [[1.0, 0.5], [-1.0, -0.5], [1.0, 1.0]]
+    r = summarize(sparse, well_formed, dense, k=2, temperature=0.2, generated_tokens=60, truncated=1, seconds=1.0)
+    assert r.accuracy == pytest.approx(0.5)
+    assert r.stderr == pytest.approx(0.5 / 3 ** 0.5)
+    assert r.pass_at_k == pytest.approx(2 / 3)
+    assert r.format_rate == pytest.approx(5 / 6)
+    assert r.mean_dense == pytest.approx(2.0 / 6)
+    assert (r.problems, r.samples, r.per_problem) == (3, 6, (0.5, 0.0, 1.0))
+    d = r.to_dict()
+    assert "per_problem" not in d and d["tokens_per_sample"] == 10.0
+
+
+def test_single_problem_has_zero_stderr():
+    r = summarize([[1.0, 0.0]], [[True, True]], [[1.0, 0.0]], k=2, temperature=0.2, generated_tokens=2,
+                  truncated=0, seconds=0.0)
+    assert r.stderr == 0.0 and r.accuracy == 0.5
+
+
+class _Policy:
+    """The prompt/decode side of a Policy over the tiny model's byte-level tokenizer."""
+
+    compact_prompt = True
+
+    def __init__(self):
+        from treedistill.models.tiny import build_tokenizer
+
+        self.tokenizer = build_tokenizer()
+        self.eos_token_ids = [self.tokenizer.eos_token_id]
+
+    def prompt_ids(self, messages):
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids):
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+class _ScriptedEngine:
+    """Returns, for each prompt, completions looked up by the prompt's text: known answers."""
+
+    def __init__(self, policy, script):
+        self.policy, self.script, self.calls = policy, script, []
+
+    def sample(self, prefixes, n=1, *, max_new_tokens, temperature=1.0, top_p=1.0, stop=(), seed=None):
+        self.calls.append((len(prefixes), n, seed))
+        out = []
+        for prefix in prefixes:
+            texts = self.script[self.policy.tokenizer.decode(prefix)]
+            rows = []
+            for j in range(n):
+                ids = self.policy.tokenizer.encode(texts[j % len(texts)], add_special_tokens=False)
+                finish = FINISH_LENGTH if len(ids) >= max_new_tokens else FINISH_EOS
+                ids = ids[:max_new_tokens] + ([] if finish == FINISH_LENGTH else [self.policy.eos_token_ids[0]])
+                rows.append(Sample(tuple(ids), (0.0,) * len(ids), (0.0,) * len(ids), finish))
+            out.append(rows)
+        return out
+
+
+def test_evaluate_scores_what_the_engine_returns():
+    from treedistill.envs.countdown import CountdownEnv
+
+    env, policy = CountdownEnv(), _Policy()
+    problems = [{"numbers": [3, 5, 7, 2], "target": 22}, {"numbers": [1, 2, 3, 4], "target": 24}]
+
+    def prompt(p):
+        return policy.tokenizer.decode(policy.prompt_ids(env.messages(p, compact=True)))
+
+    script = {
+        # 3*5+7 = 22 correct; 3+5 = 8 wrong but well formed.
+        prompt(problems[0]): ["<step>3*5=15 (2 7 15)</step><answer>3*5+7</answer>", "<answer>3+5</answer>"],
+        # No answer tag; 9 is not available (ill formed).
+        prompt(problems[1]): ["<step>1+2=3 (3 3 4)</step>", "<answer>9*1</answer>"],
+    }
+    engine = _ScriptedEngine(policy, script)
+    r = evaluate(engine, policy, env, problems, k=4, temperature=0.2, max_new_tokens=512, batch=4, seed=7)
+    # batch 4 // k 4 = one problem per call, seeds 7 and 8.
+    assert engine.calls == [(1, 4, 7), (1, 4, 8)]
+    assert r.per_problem == (0.5, 0.0)
+    assert r.accuracy == pytest.approx(0.25) and r.pass_at_k == pytest.approx(0.5)
+    assert r.format_rate == pytest.approx(4 / 8)
+    assert r.truncated == 0 and r.samples == 8
+    # A cap of 4 tokens cuts every answer (the shortest is 5: <answer> 3 + 5 </answer>): nothing is well formed, every sample is truncated.
+    short = evaluate(_ScriptedEngine(policy, script), policy, env, problems, k=2, max_new_tokens=4, batch=64)
+    assert short.format_rate == 0.0 and short.truncated == 4 and short.generated_tokens == 16
+
+
+def test_evaluate_refuses_bad_settings():
+    with pytest.raises(ValueError):
+        evaluate(None, _Policy(), None, [], k=0)
+    with pytest.raises(ValueError):
+        evaluate(None, _Policy(), None, [], k=1, temperature=-0.1)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--k", "0"], "--k must be >= 1"),
+    (["--temperature", "-0.5"], "--temperature must be >= 0"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--limit", "0"], "--limit"),
+    (["--batch", "0"], "--batch"),
+    (["--engine", "vllm"], "unknown --engine"),
+])
+def test_cli_refuses_bad_input_before_any_compute(flags, message, capsys, monkeypatch):
+    import treedistill.models.load as load
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(load, "load_policy", no_loading)
+    assert main(["eval", "--model", "tiny", "--split", "test", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_needs_a_split_or_a_data_file(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["eval", "--model", "tiny"])
+    assert err.value.code == 2
+
+
+def test_cli_refuses_a_missing_data_file(tmp_path, capsys):
+    assert main(["eval", "--model", "tiny", "--data", str(tmp_path / "nope.jsonl")]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_eval_tiny_smoke(tmp_path, capsys):
+    data = tmp_path / "problems.jsonl"
+    data.write_text("\n".join(json.dumps(p) for p in [
+        {"numbers": [3, 5, 7, 2], "target": 22}, {"numbers": [13, 9, 5, 7], "target": 27},
+        {"numbers": [4, 4, 6, 1], "target": 96}]) + "\n")
+    assert main(["eval", "--model", "tiny", "--data", str(data), "--k", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["problems"] == 3 and out["samples"] == 6
+    assert 0.0 <= out["accuracy"] <= 1.0 and out["format_rate"] >= 0.5
+
+
+@pytest.mark.slow
+def test_cli_eval_test_split_smoke(capsys):
+    assert main(["eval", "--model", "tiny", "--split", "test", "--k", "2", "--limit", "10", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("accuracy", "stderr", "pass_at_k", "format_rate", "problems", "samples", "generated_tokens"):
+        assert key in out
+    assert out["problems"] == 10 and out["samples"] == 20 and out["generated_tokens"] > 0

@@ -1,0 +1,155 @@
+"""Pretraining of the tiny model: data, masks, schedule, a short run that learns, and the shipped checkpoint."""
+
+import json
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from treedistill.envs import countdown  # noqa: E402
+from treedistill.pretrain import (  # noqa: E402
+    Example,
+    PretrainConfig,
+    TraceSource,
+    _lr_factor,
+    collate,
+    pretrain,
+    save_checkpoint,
+)
+
+# A model small enough that 30 steps take a few seconds on one core.
+SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+         "num_key_value_heads": 1}
+
+
+def small_config(**overrides) -> PretrainConfig:
+    base = dict(steps=30, batch=16, warmup=5, lr=3e-3, solver_problems=300, value_steps=10,
+                value_batch=16, model=SMALL)
+    base.update(overrides)
+    return PretrainConfig(**base)
+
+
+def test_traces_are_legal_and_reach_their_targets():
+    env = countdown.CountdownEnv()
+    source = TraceSource(seed=1, solver_share=0.3, problem_seed=5, solver_problems=200, exclude=[])
+    for _ in range(200):
+        problem, completion = source.lm_trace()
+        score = env.score(problem, completion)
+        # Random play: the target is the reached value; solver: the trace reaches the target.
+        assert score.well_formed and score.sparse == 1.0, (problem, completion)
+
+
+def test_value_traces_have_generator_targets_and_spread_rewards():
+    env = countdown.CountdownEnv()
+    source = TraceSource(seed=2, solver_share=0.05, problem_seed=5, solver_problems=200, exclude=[])
+    pool_keys = {countdown.key(p) for p in source.pool}
+    rewards = []
+    for _ in range(200):
+        problem, completion = source.value_trace()
+        assert countdown.key(problem) in pool_keys
+        rewards.append(env.score(problem, completion).dense)
+    assert min(rewards) < 0 < max(rewards) and max(rewards) == 1.0
+
+
+def test_excluded_problems_are_never_trained_on():
+    # Exclude every problem whose numbers contain a 1, with every value a full reduction can reach
+    # (so every generator target too): no trace may then show a 1, although 27% of uniform draws
+    # of four numbers in 1..13 hold one (1 - (12/13)^4).
+    import itertools
+
+    env = countdown.CountdownEnv()
+    exclude = [{"numbers": list(ms), "target": value}
+               for ms in itertools.combinations_with_replacement(range(1, 14), 4) if 1 in ms
+               for value in countdown.reduction_distribution(ms)]
+    source = TraceSource(seed=3, solver_share=0.5, problem_seed=7, solver_problems=300, exclude=exclude)
+    assert source.pool and all(1 not in p["numbers"] for p in source.pool)
+    for _ in range(300):
+        problem, completion = source.lm_trace()
+        assert 1 not in problem["numbers"]
+        assert env.score(problem, completion).sparse == 1.0
+
+
+def test_collate_masks_by_hand():
+    # prompt (1, 2, 3), completion (4, 5): tokens 4 and 5 are predicted (positions 3, 4 are
+    # targets); the value is fitted from the last prompt token (position 2) to the end.
+    batch = collate([Example((1, 2, 3), (4, 5), 0.5), Example((1, 2), (7,), -1.0)], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [1, 2, 7, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert batch["target_mask"].int().tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 0, 0]]
+    assert batch["value_mask"].int().tolist() == [[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]]
+    assert batch["rewards"].tolist() == [0.5, -1.0]
+
+
+def test_schedule_by_hand():
+    cfg = PretrainConfig(steps=110, warmup=10, min_lr_ratio=0.1)
+    assert _lr_factor(0, cfg) == pytest.approx(0.1)  # (0+1)/10
+    assert _lr_factor(9, cfg) == pytest.approx(1.0)
+    # Half-way through the decay (step 60 of 10..110): 0.1 + 0.9 * 0.5 * (1 + cos(pi/2)) = 0.55.
+    assert _lr_factor(60, cfg) == pytest.approx(0.55)
+    assert _lr_factor(110, cfg) == pytest.approx(0.1)
+    assert all(0 < _lr_factor(s, cfg) <= 1 for s in range(200))
+
+
+def test_short_run_lowers_the_loss_and_fits_the_value_head(tmp_path):
+    result = pretrain(small_config())
+    assert result.steps_done == 30 and all(math.isfinite(x) for x in result.losses)
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    # A fresh model over 264 tokens starts near ln(264) = 5.58.
+    assert first > 4.5 and last < first - 1.0, result.losses
+    assert len(result.value_losses) == 10
+    assert sum(result.value_losses[-3:]) / 3 < sum(result.value_losses[:3]) / 3
+
+    save_checkpoint(result, tmp_path, {"note": "test"})
+    record = json.loads((tmp_path / "pretrain.json").read_text())
+    assert record["steps_done"] == 30 and record["note"] == "test"
+    assert record["config"]["solver_share"] == small_config().solver_share
+
+    from treedistill.models.load import load_policy
+
+    policy = load_policy(tmp_path, device="cpu")
+    assert policy.compact_prompt
+    x = torch.tensor([[257, 117, 258, 259, 49, 43, 50]])
+    with torch.no_grad():
+        assert torch.allclose(policy.model(x).logits, result.model(x).logits)
+        hidden = torch.randn(3, 64)
+        assert torch.equal(policy.value_head(hidden), result.value_head(hidden))
+
+
+def test_value_fit_leaves_the_language_model_unchanged():
+    a = pretrain(small_config(steps=3, value_steps=3))
+    b = pretrain(small_config(steps=3, value_fit=False))
+    assert a.losses == b.losses and b.value_losses == []
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(a.value_head.parameters(), b.value_head.parameters()))
+
+
+def test_shipped_checkpoint_meets_the_format_target():
+    from treedistill.datasets import load_split
+    from treedistill.engine import make_engine
+    from treedistill.envs import get_env
+    from treedistill.evaluate import evaluate
+    from treedistill.models.load import load_policy
+
+    policy = load_policy("tiny", device="cpu")
+    assert 500_000 < policy.num_parameters < 10_000_000 and policy.compact_prompt
+    test = load_split("countdown", "test")[:20]
+    result = evaluate(make_engine(policy, "hf"), policy, get_env("countdown"), test, k=4,
+                      temperature=0.2, max_new_tokens=128, seed=0)
+    assert result.samples == 80
+    assert result.format_rate >= 0.9, result
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--solver-share", "1.5"], "--solver-share must be in [0, 1]"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--minutes", "-1"], "--minutes must be > 0"),
+    (["--eval-k", "-1"], "--eval-k must be >= 0"),
+])
+def test_cli_refuses_bad_input(flags, message, capsys, tmp_path):
+    from treedistill.cli import main
+
+    assert main(["pretrain", "--out", str(tmp_path / "out"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

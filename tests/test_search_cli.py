@@ -1,0 +1,69 @@
+"""`treedistill search` and `treedistill testtime` end to end: refusals, and smoke runs of the real CLI
+on the embedded tiny model (a saved randomly initialised tiny model while its checkpoint is absent)."""
+
+import json
+
+import pytest
+
+from treedistill.cli import main
+from treedistill.models.presets import TINY_FOLDER
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    if (TINY_FOLDER / "config.json").is_file():
+        return "tiny"
+    import torch
+
+    from treedistill.models.load import wrap_policy
+    from treedistill.models.tiny import build_model, build_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-random")
+    wrap_policy(build_model(0), build_tokenizer(), name="tiny-random", device=torch.device("cpu"),
+                dtype=torch.float32, compact_prompt=True).save(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--numbers", "3", "0", "--target", "5"], "positive integers"),
+    (["--numbers", "3", "4", "--target", "5", "--simulations", "0"], "--simulations"),
+    (["--numbers", "3", "4", "--target", "5", "--select", "best"], "--select"),
+    (["--numbers", "3", "4", "--target", "5", "--engine", "vllm"], "--engine"),
+])
+def test_search_refuses_bad_arguments(argv, message, capsys):
+    assert main(["search", "--model", "tiny", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_testtime_refuses_bad_budgets(capsys):
+    assert main(["testtime", "--model", "tiny", "--budgets", "0,64"]) == 2
+    assert "--budgets" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_search_cli_smoke(model, tmp_path, capsys):
+    page = tmp_path / "tree.html"
+    assert main(["search", "--model", model, "--numbers", "3", "7", "9", "12", "--target", "24",
+                 "--simulations", "24", "--parallel", "4", "--max-new-tokens", "128", "--json",
+                 "--html", str(page)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    out = json.loads(lines[-1])
+    assert any(line.startswith("principal variation") for line in lines)
+    assert out["tree"]["simulations"] == 24 and out["tree"]["nodes"] > 1
+    assert -1.0 <= out["reward"] <= 1.0 and out["sparse"] in (0.0, 1.0)
+    assert len(out["principal_variation"]) >= 1
+    html = page.read_text()
+    assert html.startswith("<!doctype html>") and "<details" in html and "http" not in html
+
+
+@pytest.mark.slow
+def test_testtime_cli_smoke(model, tmp_path, capsys):
+    assert main(["testtime", "--model", model, "--budgets", "64,256", "--limit", "3", "--once-samples", "2",
+                 "--max-new-tokens", "96", "--out", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["problems"] == 3
+    methods = {c["method"] for c in out["cells"]}
+    assert {"mcts", "bon-majority", "bon-value"} <= methods
+    bon = [c for c in out["cells"] if c["method"] == "bon-majority"]
+    assert [c["tokens"] for c in bon] == [64, 256]
+    assert (tmp_path / "testtime.md").is_file() and (tmp_path / "testtime.png").stat().st_size > 1000

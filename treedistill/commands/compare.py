@@ -1,0 +1,52 @@
+"""`treedistill compare`: presets x seeds trained to the same generated-token budget, with 95% CIs."""
+
+from __future__ import annotations
+
+import sys
+
+HELP = "train presets x seeds to the same generated-token budget and report them with 95% confidence intervals"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--presets", required=True,
+                        help="comma-separated presets, e.g. countdown-tiny-mcts,countdown-tiny-grpo "
+                             "(ablations: ablation-select-uct, ablation-parallel-1, ablation-sims-64, ...)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per preset: 0 .. N-1 (default 3)")
+    parser.add_argument("--budget-generated-tokens", type=int, required=True,
+                        help="every run stops at the first step that reaches this many generated rollout tokens")
+    parser.add_argument("--out", default="runs/compare", help="output folder (default runs/compare); "
+                        "runs go to OUT/<preset>/seed-<s>, finished ones are reused")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting in every run (dotted for nested ones); repeatable")
+    parser.add_argument("--evaluations", type=int, default=3,
+                        help="evaluations along the budget, at budget*i/N (default 3; plus the one before RL)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="runs at once, one torch thread each (default: min(2, CPU count))")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last")
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def run(args) -> dict:
+    from treedistill.compare import run_comparison
+    from treedistill.errors import UsageError
+
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    if not presets:
+        raise UsageError("--presets needs at least one preset name")
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1 (got {args.seeds})")
+    summary = run_comparison({p: p for p in presets}, seeds=range(args.seeds), budget=args.budget_generated_tokens,
+                             out_dir=args.out, overrides=args.overrides, evaluations=args.evaluations,
+                             jobs=args.jobs, log=_log,
+                             title=f"Equal-compute comparison: {', '.join(presets)}",
+                             notes=[f"Command: `treedistill compare --presets {','.join(presets)} --seeds {args.seeds} "
+                                    f"--budget-generated-tokens {args.budget_generated_tokens}"
+                                    + "".join(f" --set {o}" for o in args.overrides) + "`."])
+    print(summary["table"])
+    print()
+    print(summary["headline"].replace("**", ""))
+    print(f"report: {summary['report']}")
+    return {k: v for k, v in summary.items() if k != "table"}

@@ -1,0 +1,141 @@
+"""`treedistill search`: search one Countdown problem at test time and show the tree."""
+
+from __future__ import annotations
+
+import sys
+
+HELP = "search one Countdown problem with MCTS: answer, principal variation, tree summary (--html view)"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="tiny",
+                        help="preset name, model folder or hub id (default: tiny, the embedded model)")
+    parser.add_argument("--numbers", type=int, nargs="+", required=True, help="the input numbers, e.g. 3 7 9 12")
+    parser.add_argument("--target", type=int, required=True, help="the target, e.g. 24")
+    parser.add_argument("--simulations", type=int, default=200, help="simulations (default 200)")
+    parser.add_argument("--parallel", type=int, default=8, help="descents per round, W (default 8)")
+    parser.add_argument("--select", default="puct", help="selection rule: puct | uct | gumbel (default puct)")
+    parser.add_argument("--c", type=float, default=0.5, help="exploration constant (default 0.5)")
+    parser.add_argument("--max-depth", type=int, default=16, help="steps from the root at most (default 16)")
+    parser.add_argument("--k", type=int, default=4, help="sampled steps per expanded node (default 4)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="step sampling temperature (default 0.8)")
+    parser.add_argument("--step-max-tokens", type=int, default=64, help="tokens per step at most (default 64)")
+    parser.add_argument("--max-new-tokens", type=int, default=512,
+                        help="tokens per completion at most (default 512)")
+    parser.add_argument("--terminal", default="reward",
+                        help="value of terminal nodes: reward (the environment's dense reward, as in "
+                             "training) | value (the value head: the search never sees the target)")
+    parser.add_argument("--engine", default="native", help="generation backend: native | hf (default native)")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples and of the search (default 0)")
+    parser.add_argument("--html", default=None, metavar="FILE", help="write the tree as one self-contained HTML page")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line last")
+
+
+def check_arguments(args) -> None:
+    """Refuse bad values before anything is loaded."""
+    from treedistill.engine import BACKENDS
+    from treedistill.envs.countdown import validate_problem
+    from treedistill.errors import UsageError
+    from treedistill.rollout.mcts import TERMINAL_VALUES
+    from treedistill.search import SELECT_RULES
+
+    try:
+        validate_problem({"numbers": args.numbers, "target": args.target})
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    for name in ("simulations", "parallel", "max_depth", "k", "step_max_tokens", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.temperature > 0:
+        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
+    if not args.c >= 0:
+        raise UsageError(f"--c must be >= 0, got {args.c}")
+    if args.select not in SELECT_RULES:
+        raise UsageError(f"unknown --select {args.select!r}: choose one of {', '.join(SELECT_RULES)}")
+    if args.terminal not in TERMINAL_VALUES:
+        raise UsageError(f"unknown --terminal {args.terminal!r}: choose one of {', '.join(TERMINAL_VALUES)}")
+    if args.engine not in BACKENDS:
+        raise UsageError(f"unknown --engine {args.engine!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:+.3f}"
+
+
+def run(args) -> dict:
+    check_arguments(args)
+    from pathlib import Path
+
+    from treedistill.engine import make_engine
+    from treedistill.envs import get_env
+    from treedistill.models.load import load_policy
+    from treedistill.rollout import search_problems
+    from treedistill.search import ROOT, SearchConfig, tree_to_html
+
+    env = get_env("countdown")
+    problem = {"numbers": list(args.numbers), "target": args.target}
+    policy = load_policy(args.model, device=args.device, value_head=True)
+    engine = make_engine(policy, args.engine)
+    cfg = SearchConfig(simulations=args.simulations, parallel=args.parallel, select=args.select, c=args.c,
+                       max_depth=args.max_depth, seed=args.seed)
+    out = search_problems(engine, policy, env, [problem], search=cfg, k=args.k, temperature=args.temperature,
+                          step_max_tokens=args.step_max_tokens, max_new_tokens=args.max_new_tokens,
+                          seed=args.seed, terminal_value=args.terminal)[0]
+    tree, ex, batch = out.tree, out.extraction, out.batch
+
+    pv = []
+    for node, target in zip(ex.nodes[1:], ex.targets[:-1]):
+        pos = target.children.index(node)
+        pv.append({"step": policy.decode(tree.tokens[node]), "tokens": len(tree.tokens[node]),
+                   "N": tree.visits[node], "Q": tree.q(node), "P": tree.prior[node],
+                   "visit_share": target.visit_probs[pos], "terminal": tree.terminal[node]})
+    completion = policy.decode(out.trajectory.completion_ids[ex.search_end:]) if not ex.complete else ""
+    summary = {
+        "nodes": len(tree), "depth": tree.stats.max_depth, "simulations": tree.stats.simulations,
+        "root_value": tree.q(ROOT), "root_value_head": tree.value[ROOT],
+        "generated_tokens": out.generated_tokens, "collisions": tree.stats.collisions,
+        "rounds": batch.rounds, "wall_s": batch.wall_s, "search_s": batch.search_s,
+        "bookkeeping_s": batch.bookkeeping_s, "bookkeeping_share": batch.bookkeeping_share,
+        "engine": batch.engine,
+    }
+
+    print(f"problem  {problem['numbers']} -> {problem['target']}   model {args.model}, {args.select}, "
+          f"{args.simulations} simulations, W={args.parallel}, K={args.k}, T={args.temperature}, "
+          f"terminal nodes valued by the {'environment reward' if args.terminal == 'reward' else 'value head'}")
+    print(f"answer   {out.score.answer if out.score.answer is not None else '(none)'}   "
+          f"reward {out.score.dense:+.3f} dense, {out.score.sparse:.0f} sparse ({out.score.reason})")
+    print("principal variation (N visits, Q mean value, P prior):")
+    for i, s in enumerate(pv, 1):
+        mark = "  terminal" if s["terminal"] else ""
+        print(f"  {i:2d}. N={s['N']:<5d} Q={_fmt(s['Q'])} P={s['P']:.3f}  {s['step']!r}{mark}")
+    if completion:
+        print(f"  completed by the policy (the search stopped before a terminal node): {completion!r}")
+    print(f"tree     {summary['nodes']} nodes, depth {summary['depth']}, {summary['simulations']} simulations, "
+          f"root value {_fmt(summary['root_value'])} (value head {_fmt(summary['root_value_head'])}), "
+          f"{summary['collisions']} collisions in {summary['rounds']} rounds")
+    print(f"compute  {summary['generated_tokens']} generated tokens, {batch.engine.get('forward_calls', 0)} forward "
+          f"calls, wall {batch.wall_s:.2f} s, bookkeeping {100 * batch.bookkeeping_share:.1f}% of the search")
+
+    if args.html:
+        title = f"{problem['numbers']} -> {problem['target']}: {args.select}, {args.simulations} simulations"
+        page = tree_to_html(tree, policy.decode, title, pv=list(ex.nodes))
+        path = Path(args.html)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(page, encoding="utf-8")
+        except OSError as err:
+            from treedistill.errors import UsageError
+
+            raise UsageError(f"cannot write {path}: {err}") from None
+        print(f"html     {path}", file=sys.stderr if args.json else sys.stdout)
+
+    return {
+        "model": args.model, "problem": problem, "select": args.select, "simulations": args.simulations,
+        "parallel": args.parallel, "terminal": args.terminal, "k": args.k, "temperature": args.temperature, "seed": args.seed,
+        "answer": out.score.answer, "reward": out.score.dense, "sparse": out.score.sparse,
+        "reason": out.score.reason, "completion": out.text, "search_complete": ex.complete,
+        "search_tokens": out.trajectory.search_tokens, "principal_variation": pv,
+        "policy_completion": completion, "tree": summary, "html": args.html,
+    }
+

@@ -1,0 +1,109 @@
+"""`treedistill testtime`: search vs best-of-N vs one sample at equal budgets of generated tokens."""
+
+from __future__ import annotations
+
+import sys
+
+HELP = "test-time compute: MCTS vs best-of-N (majority vote, value head) vs one sample, per token budget"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="tiny",
+                        help="preset name, model folder or hub id (default: tiny, the embedded model)")
+    parser.add_argument("--budgets", default="256,1024,4096,16384",
+                        help="generated tokens per problem, comma-separated (default 256,1024,4096,16384)")
+    parser.add_argument("--env", default="countdown", help="environment (default countdown)")
+    parser.add_argument("--data", default=None, help="JSONL file of problems (default: the env's test split)")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N problems")
+    parser.add_argument("--k", type=int, default=4, help="sampled steps per expanded node (default 4)")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="temperature of search steps and best-of-N samples (default 0.8)")
+    parser.add_argument("--parallel", type=int, default=8, help="search descents per round, W (default 8)")
+    parser.add_argument("--select", default="puct", help="search selection rule: puct | uct | gumbel")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens per completion (default 512)")
+    parser.add_argument("--verifier", action="store_true",
+                        help="also run mcts+verifier and bon+verifier, which DO use the environment's reward")
+    parser.add_argument("--once-samples", type=int, default=16,
+                        help="samples per problem to estimate one sample's accuracy (default 16)")
+    parser.add_argument("--engine", default="native", help="generation backend: native | hf (default native)")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    parser.add_argument("--out", default="runs/testtime", help="folder for testtime.md and testtime.png")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line last")
+
+
+def check_arguments(args):
+    """Refuse bad values before anything is loaded; returns the parsed budgets."""
+    from treedistill.engine import BACKENDS
+    from treedistill.errors import UsageError
+    from treedistill.search import SELECT_RULES
+    from treedistill.testtime import parse_budgets
+
+    budgets = parse_budgets(args.budgets)
+    for name in ("k", "parallel", "max_new_tokens", "once_samples"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    if not args.temperature > 0:
+        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
+    if args.select not in SELECT_RULES:
+        raise UsageError(f"unknown --select {args.select!r}: choose one of {', '.join(SELECT_RULES)}")
+    if args.engine not in BACKENDS:
+        raise UsageError(f"unknown --engine {args.engine!r}: choose one of {', '.join(BACKENDS)}")
+    return budgets
+
+
+def _say(message: str) -> None:
+    print(f"[testtime] {message}", file=sys.stderr, flush=True)
+
+
+def run(args) -> dict:
+    budgets = check_arguments(args)
+    import datetime
+    import os
+    import platform
+    from pathlib import Path
+
+    from treedistill.datasets import load_split
+    from treedistill.engine import make_engine
+    from treedistill.envs import get_env
+    from treedistill.errors import UsageError
+    from treedistill.models.load import load_policy
+    from treedistill.testtime import SweepConfig, format_table, plot_report, run_sweep, write_markdown
+
+    env = get_env(args.env)
+    problems = load_split(args.env, "test", path=args.data)
+    if args.limit is not None:
+        problems = problems[:args.limit]
+    if not problems:
+        raise UsageError(f"no problems in {args.data or 'the test split'}")
+    out_dir = Path(args.out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create --out {out_dir}: {err}") from None
+    policy = load_policy(args.model, device=args.device, value_head=True)
+    engine = make_engine(policy, args.engine)
+    cfg = SweepConfig(budgets=budgets, k=args.k, temperature=args.temperature, parallel=args.parallel,
+                      select=args.select, max_new_tokens=args.max_new_tokens, once_samples=args.once_samples,
+                      seed=args.seed, verifier=args.verifier)
+    report = run_sweep(engine, policy, env, problems, cfg, progress=_say)
+
+    import torch
+
+    machine = (f"{platform.machine()} {platform.processor() or ''}".strip()
+               + f", {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, device {policy.device}")
+    header = [f"Date: {datetime.date.today().isoformat()}; machine: {machine}.",
+              f"Model `{args.model}`, {args.env} {args.data or 'test split'}, {len(problems)} problems, "
+              f"engine {args.engine}.",
+              "Command: `treedistill testtime " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else []) + "`"]
+    md_path, png_path = out_dir / "testtime.md", out_dir / "testtime.png"
+    write_markdown(report, md_path, header=header)
+    plot_report(report, png_path)
+
+    print(f"test-time compute: model {args.model}, {len(problems)} problems, budgets {','.join(map(str, budgets))}")
+    print(format_table(report))
+    print(f"wall {report.wall_s:.0f} s; wrote {md_path} and {png_path}")
+    return {"model": args.model, "env": args.env, "data": args.data, "machine": machine,
+            "markdown": str(md_path), "plot": str(png_path), **report.to_dict()}

@@ -1,0 +1,347 @@
+"""Equal-compute comparisons: presets x seeds, each trained to the SAME budget of generated tokens,
+evaluated at the same compute points, reported together (report.py). Used by `treedistill compare`
+and `treedistill demo`.
+
+How a comparison runs:
+- Plan (before any compute): one run per (label, seed), in OUT/<preset>/seed-<s>/, its config
+  validated by `load_config`. `steps` is raised to STEPS_CAP so that the budget, not the step count,
+  ends every run (a linear-decay schedule keeps the preset's horizon through `lr_decay_steps`), and
+  `eval_every` is 0: runs are evaluated at budget points instead of step counts.
+- Segments: a run is trained to budget/E, 2 budget/E, ..., budget (E = `evaluations`), resuming
+  from its own checkpoint each time; `train` evaluates and checkpoints at the end of every segment.
+  Every run is therefore evaluated at the same generated-token points (up to one step's overshoot),
+  and because every random choice of a step is seeded by (seed, step), the segments compute exactly
+  what one uninterrupted run to the budget would.
+- Reuse: a run whose newest checkpoint already reached the budget (with its evaluation) is not run
+  again; a run killed part-way continues from its newest checkpoint (`resume="auto"`); segments it
+  already passed are skipped. A run folder holding a different config is refused.
+- Parallel: up to `jobs` runs at once, each in its own process with one torch thread (spawned, so
+  a crash of one run costs only that run). Progress (which run, which step, tokens, ETA) is
+  reported through a callback every `poll_s` seconds; this module never prints.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import math
+import multiprocessing
+import os
+import resource
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from treedistill.config import load_config, to_yaml
+from treedistill.errors import UsageError
+from treedistill.metrics import format_duration
+from treedistill.report import headline, read_records, read_run, summarize, table_text, write_report
+
+__all__ = ["STEPS_CAP", "RunSpec", "RunState", "plan_runs", "run_all", "run_comparison", "run_state",
+           "segment_budgets"]
+
+STEPS_CAP = 1_000_000  # steps of a comparison run: the budget ends it long before
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a comparison: `preset` + `overrides` (seed, steps and eval settings included; the
+    budget is not: it is given per segment) trained to the segment budgets in turn."""
+
+    label: str
+    preset: str
+    seed: int
+    overrides: tuple[str, ...]
+    run_dir: str
+    budgets: tuple[int, ...]      # segment ends in generated tokens, increasing; the last is the budget
+
+    def config(self, budget: int | None = None):
+        """The run's TrainConfig, at `budget` (default: the final budget)."""
+        budget = self.budgets[-1] if budget is None else budget
+        return load_config(preset=self.preset, overrides=[*self.overrides, f"budget_generated_tokens={budget}"])
+
+
+@dataclass(frozen=True)
+class RunState:
+    """Where a run folder stands: its newest complete checkpoint's step and cumulative generated
+    tokens (0, 0: none), and whether it is done (that checkpoint reached the budget, or the step count,
+    and was evaluated)."""
+
+    checkpoint_step: int
+    checkpoint_tokens: int
+    done: bool
+
+
+def segment_budgets(budget: int, evaluations: int) -> tuple[int, ...]:
+    """Budget points at which runs are evaluated: budget * i / E for i = 1..E (distinct, increasing)."""
+    if budget < 1:
+        raise UsageError(f"the generated-token budget must be >= 1 (got {budget})")
+    if evaluations < 1:
+        raise UsageError(f"evaluations must be >= 1 (got {evaluations})")
+    return tuple(sorted({max(1, round(budget * i / evaluations)) for i in range(1, evaluations + 1)}))
+
+
+def _given(overrides: Sequence[str], key: str) -> bool:
+    return any(text.split("=", 1)[0].strip() == key for text in overrides)
+
+
+def plan_runs(presets: Mapping[str, str], *, seeds: Sequence[int], budget: int, out_dir: str | Path,
+              overrides: Sequence[str] = (), evaluations: int = 3) -> list[RunSpec]:
+    """One RunSpec per (label, seed), configs validated now (UsageError before any compute).
+
+    presets: label -> preset name (a label names a row of the report); run folders are
+    OUT/<preset>/seed-<s>. Overrides apply to every run; `steps` and `eval_every` given there win
+    over the comparison's own (a run stopped by steps before the budget is flagged in the report)."""
+    if not presets:
+        raise UsageError("give at least one preset")
+    if len(set(presets.values())) != len(presets):
+        raise UsageError(f"each preset may appear once (got {', '.join(presets.values())})")
+    if not seeds:
+        raise UsageError("give at least one seed")
+    budgets = segment_budgets(budget, evaluations)
+    out = Path(out_dir)
+    specs = []
+    for label, preset in presets.items():
+        base = load_config(preset=preset, overrides=list(overrides))
+        extra = []
+        if not _given(overrides, "steps"):
+            extra.append(f"steps={STEPS_CAP}")
+            if base.lr_schedule == "linear-decay" and base.lr_decay_steps is None:
+                extra.append(f"lr_decay_steps={base.steps}")  # keep the preset's decay horizon
+        if not _given(overrides, "eval_every"):
+            extra.append("eval_every=0")
+        for seed in seeds:
+            spec = RunSpec(label=label, preset=preset, seed=int(seed),
+                           overrides=(*overrides, *extra, f"seed={int(seed)}"),
+                           run_dir=str(out / preset / f"seed-{int(seed)}"), budgets=budgets)
+            spec.config()  # validates
+            specs.append(spec)
+    return specs
+
+
+def _checkpoint_step(run_dir: Path) -> int:
+    """Step of the run's newest complete checkpoint (0: none); checkpoint.py names its folders
+    step-<step:08d>."""
+    from treedistill.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    return int(found[-1].name.split("-", 1)[1]) if found else 0
+
+
+def run_state(spec: RunSpec) -> RunState:
+    """Where spec's run folder stands (see RunState)."""
+    run_dir = Path(spec.run_dir)
+    records = read_records(run_dir, missing_ok=True)
+    tokens_at = {int(r["step"]): int(r.get("rollout_generated_tokens", 0)) for r in records if r.get("kind") == "train"}
+    step = _checkpoint_step(run_dir)
+    tokens = tokens_at.get(step, 0)
+    evaluated = {int(r["step"]) for r in records if r.get("kind") == "eval"}
+    done = step > 0 and step in evaluated and (tokens >= spec.budgets[-1] or step >= spec.config().steps)
+    return RunState(checkpoint_step=step, checkpoint_tokens=tokens, done=done)
+
+
+def _check_folder(spec: RunSpec) -> None:
+    """Refuse a run folder that holds a run of another config (only settings that `train` may change
+    on resume are allowed to differ)."""
+    from treedistill.train import RESUMABLE_CHANGES
+
+    path = Path(spec.run_dir) / "config.yaml"
+    if not path.is_file():
+        return
+    saved, now = yaml.safe_load(path.read_text()) or {}, yaml.safe_load(to_yaml(spec.config()))
+    changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if changed:
+        raise UsageError(f"{spec.run_dir} holds a run with a different config ({', '.join(changed)} differ); "
+                         "give another output folder or remove it")
+
+
+def _train_run(spec_fields: dict) -> dict:
+    """Worker: train one run through its remaining segments (runs in a spawned process)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()  # progress is reported by the parent, per run
+    from treedistill.train import train
+
+    spec = RunSpec(**{**spec_fields, "overrides": tuple(spec_fields["overrides"]),
+                      "budgets": tuple(spec_fields["budgets"])})
+    summary = None
+    for budget in spec.budgets:
+        state = run_state(spec)
+        if state.checkpoint_tokens >= budget and budget != spec.budgets[-1]:
+            continue  # an earlier segment's last step already passed this point
+        # (the last segment always runs: when its budget was already passed, the call takes no step
+        # and only records the comparison's budget in config.yaml)
+        cfg = spec.config(budget)
+        summary = train(cfg, spec.run_dir, resume="auto", progress=False)
+        if summary["steps"] >= cfg.steps:
+            break  # stopped by the step count: later segments cannot run
+    return {"run_dir": spec.run_dir, "stop_reason": None if summary is None else summary["stop_reason"]}
+
+
+@dataclass
+class _Active:
+    spec: RunSpec
+    future: cf.Future
+    started: float
+    shown_step: int = -1
+    shown_at: float = 0.0
+
+
+def _progress(spec: RunSpec) -> tuple[int, int, float]:
+    """(last logged step, its generated tokens, estimated seconds left) of a run in flight.
+
+    Seconds left = tokens left x this run's seconds per generated token in rollouts and updates so far
+    + the evaluations still due (one at each budget point not reached yet, and one running now if
+    the last step crossed a point) x the last evaluation's seconds; nan before the first step."""
+    records = read_records(spec.run_dir, missing_ok=True)
+    trains = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if not trains:
+        return 0, 0, math.nan
+    step, tokens = int(trains[-1]["step"]), int(trains[-1].get("rollout_generated_tokens", 0))
+    before = int(trains[-2].get("rollout_generated_tokens", 0)) if len(trains) > 1 else 0
+    per_token = sum(float(r.get("rollout_s", 0.0)) + float(r.get("learn_s", 0.0)) for r in trains) / max(1, tokens)
+    eval_s = float(evals[-1].get("eval_s", 0.0)) if evals else 0.0
+    evaluating = step not in {int(r["step"]) for r in evals} and any(before < b <= tokens for b in spec.budgets)
+    evals_left = sum(b > tokens for b in spec.budgets) + evaluating
+    return step, tokens, max(0, spec.budgets[-1] - tokens) * per_token + evals_left * eval_s
+
+
+def _describe(active: _Active, now: float) -> str:
+    spec = active.spec
+    step, tokens, left = _progress(spec)
+    budget = spec.budgets[-1]
+    what = ("evaluating the model before RL" if step == 0 else
+            f"step {step}, {tokens:,}/{budget:,} generated tokens ({100 * min(1.0, tokens / budget):.0f}%)")
+    return (f"{spec.label} seed {spec.seed}: {what}, {format_duration(now - active.started)} elapsed, "
+            f"eta {format_duration(left) if math.isfinite(left) else '?'}")
+
+
+def _overall(active: list[_Active], queued: int, durations: list[float], jobs: int, now: float,
+             elapsed: float) -> str:
+    """Runs done / running / queued and a rough ETA: active runs' own estimates, queued runs costed at
+    the mean (projected) duration of the runs seen so far, spread over the parallel jobs."""
+    lefts = [_progress(a.spec)[2] for a in active]
+    known = [(a, left) for a, left in zip(active, lefts) if math.isfinite(left)]
+    totals = durations + [now - a.started + left for a, left in known]
+    per_run = sum(totals) / len(totals) if totals else math.nan
+    if len(known) < len(active) or (queued and not totals):
+        eta = "?"
+    else:
+        left = max(max((x for _, x in known), default=0.0), (sum(x for _, x in known) + queued * per_run) / jobs)
+        eta = format_duration(left)
+    return (f"overall: {len(durations)} done, {len(active)} running, {queued} queued; elapsed "
+            f"{format_duration(elapsed)}, eta ~{eta}")
+
+
+def run_all(specs: Sequence[RunSpec], *, jobs: int = 1, log: Callable[[str], None] = lambda line: None,
+            poll_s: float = 15.0) -> dict:
+    """Run every spec that is not done, `jobs` at a time; returns {"ran": [...], "reused": [...],
+    "failed": [(run_dir, message)], "wall_s", "cpu_s"} (cpu_s: this process and its workers)."""
+    if jobs < 1:
+        raise UsageError(f"jobs must be >= 1 (got {jobs})")
+    for spec in specs:
+        _check_folder(spec)
+    started = time.perf_counter()
+    cpu_before = _cpu_seconds()
+    pending = [s for s in specs if not run_state(s).done]
+    reused = [s.run_dir for s in specs if s not in pending]
+    for run_dir in reused:
+        log(f"reusing finished run {run_dir}")
+    ran, failed, durations = [], [], []
+    total = len(pending)
+    if pending:
+        context = multiprocessing.get_context("spawn")
+        queue = list(pending)
+        active: list[_Active] = []
+        with cf.ProcessPoolExecutor(max_workers=min(jobs, total), mp_context=context) as pool:
+            try:
+                while queue or active:
+                    while queue and len(active) < jobs:
+                        spec = queue.pop(0)
+                        state = run_state(spec)
+                        log(f"[{total - len(queue)}/{total}] {spec.label} seed {spec.seed}: "
+                            + (f"continuing from step {state.checkpoint_step} "
+                               f"({state.checkpoint_tokens:,} tokens)" if state.checkpoint_step else "starting")
+                            + f" -> {spec.budgets[-1]:,} generated tokens, in {spec.run_dir}")
+                        future = pool.submit(_train_run, asdict(spec))
+                        active.append(_Active(spec, future, time.perf_counter()))
+                    finished, _ = cf.wait([a.future for a in active], timeout=poll_s,
+                                          return_when=cf.FIRST_COMPLETED)
+                    now = time.perf_counter()
+                    for a in [a for a in active if a.future in finished]:
+                        active.remove(a)
+                        error = a.future.exception()
+                        if error is None:
+                            ran.append(a.spec.run_dir)
+                            durations.append(now - a.started)
+                            log(f"done: {a.spec.label} seed {a.spec.seed} in {format_duration(now - a.started)} "
+                                f"({a.future.result()['stop_reason']})")
+                        else:
+                            failed.append((a.spec.run_dir, f"{type(error).__name__}: {error}"))
+                            log(f"FAILED: {a.spec.label} seed {a.spec.seed}: {type(error).__name__}: {error}")
+                    # a run's line when it took a step, or once a minute while it evaluates
+                    shown = False
+                    for a in active:
+                        step = _progress(a.spec)[0]
+                        if step != a.shown_step or now - a.shown_at >= 60.0:
+                            a.shown_step, a.shown_at, shown = step, now, True
+                            log("  " + _describe(a, now))
+                    if shown or finished:
+                        log("  " + _overall(active, len(queue), durations, jobs, now, now - started))
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+    return {"ran": ran, "reused": reused, "failed": failed, "wall_s": time.perf_counter() - started,
+            "cpu_s": _cpu_seconds() - cpu_before}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished (reaped) children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run_comparison(presets: Mapping[str, str], *, seeds: Sequence[int], budget: int, out_dir: str | Path,
+                   overrides: Sequence[str] = (), evaluations: int = 3, jobs: int | None = None,
+                   log: Callable[[str], None] = lambda line: None, poll_s: float = 15.0,
+                   reference: Mapping[str, float | None] | None = None, title: str = "Equal-compute comparison",
+                   notes: Sequence[str] = (), run_first: Sequence[str] = ()) -> dict:
+    """Plan, run (reusing finished runs) and report; returns the summary the commands print.
+
+    jobs: runs at once (default: min(2, CPU count), one torch thread each).
+    run_first: labels whose runs start first (the slowest first balances parallel jobs); the report
+    keeps the order of `presets`."""
+    specs = plan_runs(presets, seeds=seeds, budget=budget, out_dir=out_dir, overrides=overrides,
+                      evaluations=evaluations)
+    jobs = jobs or max(1, min(2, os.cpu_count() or 1))
+    rank = {label: i for i, label in enumerate(run_first)}
+    order = sorted(specs, key=lambda s: rank.get(s.label, len(rank)))  # stable: seeds and the rest keep their order
+    outcome = run_all(order, jobs=jobs, log=log, poll_s=poll_s)
+    runs: dict[str, list[str]] = {}
+    for spec in specs:
+        if any(r.get("kind") == "eval" for r in read_records(spec.run_dir, missing_ok=True)):
+            runs.setdefault(spec.label, []).append(spec.run_dir)
+    if not runs:
+        raise UsageError("no run produced an evaluation: " + "; ".join(m for _, m in outcome["failed"]))
+    run_notes = [*notes, f"Made with up to {jobs} runs at once; this invocation took "
+                         f"{format_duration(outcome['wall_s'])} wall-clock and {format_duration(outcome['cpu_s'])} "
+                         "of CPU time (processes summed)."
+                 + (f" Reused finished runs: {len(outcome['reused'])}." if outcome["reused"] else "")]
+    if outcome["failed"]:
+        run_notes.append("Failed runs (reported up to their last evaluation, if any): "
+                         + "; ".join(f"`{d}`: {m}" for d, m in outcome["failed"]))
+    path = write_report(runs, out_dir, reference=reference, title=title, notes=run_notes)
+    results = {label: [read_run(d) for d in dirs] for label, dirs in runs.items()}
+    rows = summarize(results, reference)
+    return {"report": str(path), "out_dir": str(out_dir), "budget_generated_tokens": budget,
+            "evaluation_points": list(specs[0].budgets), "seeds": list(seeds), "jobs": jobs,
+            "rows": [r.to_dict() for r in rows], "ran": outcome["ran"], "reused": outcome["reused"],
+            "failed": [{"run_dir": d, "error": m} for d, m in outcome["failed"]],
+            "wall_s": outcome["wall_s"], "cpu_s": outcome["cpu_s"], "headline": headline(rows),
+            "table": table_text(rows, k=int(next(iter(results.values()))[0].config.get("eval_k", 16)))}

@@ -1,0 +1,127 @@
+"""Evaluation without search: mean@k, pass@k and format rate, with the environment's own reward.
+
+Protocol of the reference (../shared/docs/method.md): k = 16 samples per test problem at temperature
+0.2, up to 512 new tokens, SPARSE reward (1 iff the answer is valid and equals the target), averaged
+over all samples. The reward is `env.score`, the same function that gives the dense training reward.
+
+Statistics:
+- accuracy (mean@k): mean of the sparse reward over all P*k samples (= mean of per-problem means).
+- stderr: standard error of that mean over problems, std(per-problem means, ddof=1) / sqrt(P):
+  samples of one problem are correlated, so problems are the independent unit.
+- pass@k: share of problems with at least one correct sample among their k.
+- format_rate: share of samples whose answer is well formed (tag present, parses, numbers available).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+__all__ = ["EvalResult", "evaluate", "summarize"]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Outcome of one evaluation; per_problem is [P] (mean sparse reward of each problem's k samples)."""
+
+    accuracy: float
+    stderr: float
+    pass_at_k: float
+    format_rate: float
+    mean_dense: float
+    problems: int
+    samples: int
+    k: int
+    temperature: float
+    generated_tokens: int
+    truncated: int            # samples that hit max_new_tokens
+    seconds: float
+    per_problem: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        """Flat JSON-ready dict (per-problem means left out)."""
+        d = asdict(self)
+        d.pop("per_problem")
+        d["tokens_per_sample"] = self.generated_tokens / self.samples if self.samples else 0.0
+        return d
+
+
+def summarize(sparse: Sequence[Sequence[float]], well_formed: Sequence[Sequence[bool]],
+              dense: Sequence[Sequence[float]], *, k: int, temperature: float, generated_tokens: int,
+              truncated: int, seconds: float) -> EvalResult:
+    """Statistics of a [P, k] table of rewards (see the module docstring)."""
+    per_problem = [sum(row) / len(row) for row in sparse]  # [P]
+    problems = len(per_problem)
+    samples = sum(len(row) for row in sparse)
+    accuracy = sum(sum(row) for row in sparse) / samples if samples else 0.0
+    if problems > 1:
+        mean = sum(per_problem) / problems
+        var = sum((x - mean) ** 2 for x in per_problem) / (problems - 1)
+        stderr = math.sqrt(var / problems)
+    else:
+        stderr = 0.0
+    return EvalResult(
+        accuracy=accuracy,
+        stderr=stderr,
+        pass_at_k=sum(any(x > 0 for x in row) for row in sparse) / problems if problems else 0.0,
+        format_rate=sum(sum(row) for row in well_formed) / samples if samples else 0.0,
+        mean_dense=sum(sum(row) for row in dense) / samples if samples else 0.0,
+        problems=problems,
+        samples=samples,
+        k=k,
+        temperature=temperature,
+        generated_tokens=generated_tokens,
+        truncated=truncated,
+        seconds=seconds,
+        per_problem=tuple(per_problem),
+    )
+
+
+def evaluate(engine, policy, env, problems: Sequence[dict], *, k: int = 16, temperature: float = 0.2,
+             max_new_tokens: int = 512, batch: int = 256, seed: int = 0,
+             progress: Callable[[int], None] | None = None) -> EvalResult:
+    """Sample k completions per problem through `engine` (no search) and score them with `env`.
+
+    policy: gives `prompt_ids(messages)`, `compact_prompt`, `decode(ids)`, `eos_token_ids`.
+    batch: sequences per engine call (problems per call = max(1, batch // k)). Chunk c is sampled
+    with seed `seed + c`, so a run is reproducible for a given (seed, batch).
+    progress(n) is called with the number of problems finished after each chunk.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if max_new_tokens < 1 or batch < 1:
+        raise ValueError(f"max_new_tokens and batch must be >= 1, got {max_new_tokens}, {batch}")
+    start = time.perf_counter()
+    eos = set(policy.eos_token_ids)
+    per_chunk = max(1, batch // k)
+    sparse: list[list[float]] = []
+    dense: list[list[float]] = []
+    well_formed: list[list[bool]] = []
+    generated = truncated = 0
+    for c, first in enumerate(range(0, len(problems), per_chunk)):
+        chunk = problems[first:first + per_chunk]
+        prefixes = [policy.prompt_ids(env.messages(p, compact=policy.compact_prompt)) for p in chunk]
+        outputs = engine.sample(prefixes, n=k, max_new_tokens=max_new_tokens, temperature=temperature,
+                                seed=seed + c)
+        assert len(outputs) == len(chunk) and all(len(o) == k for o in outputs), \
+            f"engine returned {[len(o) for o in outputs]} samples for {len(chunk)} prefixes x {k}"
+        for problem, samples in zip(chunk, outputs):
+            scores = []
+            for s in samples:
+                tokens = list(s.tokens)
+                generated += len(tokens)
+                truncated += s.finish == "length"
+                if tokens and tokens[-1] in eos:
+                    tokens = tokens[:-1]  # the end token is not part of the answer text
+                scores.append(env.score(problem, policy.decode(tokens)))
+            sparse.append([sc.sparse for sc in scores])
+            dense.append([sc.dense for sc in scores])
+            well_formed.append([sc.well_formed for sc in scores])
+        if progress is not None:
+            progress(len(sparse))
+    return summarize(sparse, well_formed, dense, k=k, temperature=temperature, generated_tokens=generated,
+                     truncated=truncated, seconds=time.perf_counter() - start)

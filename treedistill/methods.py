@@ -1,0 +1,135 @@
+"""The training methods: each is a (rollout, advantages, loss) triple, looked up once in `METHODS`.
+
+The loop in `train.py` calls `method.rollout`, `method.advantages` and `method.loss` and never asks
+which method it runs. All of them share one signature per slot:
+- rollout(ctx, problems, seed) -> Rollout: trajectories to learn from (scored by the environment),
+  groups contiguous and numbered 0.. in problem order, plus scalar statistics for the log;
+- advantages(rewards [B], values [B, T] | None, loss_mask [B, T], cfg) -> (advantages, returns) [B, T]
+  (`algorithms.advantages`);
+- loss(batch, logprobs [B, T], values [B, T] | None, cfg, *, entropy) -> (scalar, metrics)
+  (`algorithms.losses.total_loss`: the policy loss named by cfg.policy_loss, + c_v value MSE,
+  + beta k3 KL to the frozen initial policy).
+
+| method | rollout | trajectories per problem | advantage | policy loss |
+|---|---|---|---|---|
+| mcts  | tree search, most-visited path (completed by the policy if it stops short) | 1 | R - V(s_t) (or GAE) | CISPO or PPO-clip |
+| bon   | N samples, the best by dense reward kept | 1 | R - V(s_t) (or GAE) | as mcts |
+| ppo   | G samples | G | R - V(s_t) (or GAE) | as mcts |
+| grpo  | G samples | G | group-normalised | PPO-clip |
+| cispo | G samples | G | group-normalised | CISPO |
+
+Where a config field picks a variant inside a slot (cfg.advantage: reward_minus_value | gae;
+cfg.policy_loss: cispo | ppo), config.py has already refused the combinations a method does not
+allow, so the slots below stay single functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from treedistill.algorithms.advantages import ADVANTAGES, group_advantages
+from treedistill.algorithms.losses import total_loss
+from treedistill.rollout.mcts import search_problems
+from treedistill.rollout.sample import best_of_n, sample_problems
+from treedistill.rollout.trajectory import Trajectory
+from treedistill.search import SearchConfig
+
+__all__ = ["METHODS", "Method", "Rollout", "RolloutContext", "best_of_n_rollout", "group_rollout",
+           "search_config", "search_rollout", "value_baseline_advantages"]
+
+
+@dataclass(frozen=True)
+class RolloutContext:
+    """What a rollout may use: the engine (generation, values), the policy (prompts, decoding), the
+    environment (prompts, rewards) and the run's config."""
+
+    engine: object
+    policy: object
+    env: object
+    cfg: object
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """trajectories: [B] in group order (rows of a group contiguous); stats: scalars for the log."""
+
+    trajectories: list[Trajectory]
+    stats: dict = field(default_factory=dict)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def group_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Rollout:
+    """GRPO / CISPO / PPO: group_size samples per problem at cfg.temperature, all kept."""
+    cfg = ctx.cfg
+    groups = sample_problems(ctx.engine, ctx.policy, ctx.env, problems, n=cfg.group_size,
+                             temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed)
+    # groups whose rewards are all equal carry no group-normalised signal: worth watching
+    flat = sum(1 for g in groups if len({t.reward for t in g}) == 1)
+    return Rollout([t for g in groups for t in g], {"flat_group_frac": flat / len(groups)})
+
+
+def best_of_n_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Rollout:
+    """Best-of-N distillation: bon_n samples per problem at cfg.temperature, the best by dense reward
+    kept. The mean reward of ALL samples is logged beside the kept ones' (the reference's best-of-N had
+    the highest training reward and the worst evaluation)."""
+    cfg = ctx.cfg
+    groups = sample_problems(ctx.engine, ctx.policy, ctx.env, problems, n=cfg.bon_n,
+                             temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed)
+    return Rollout(best_of_n(groups), {"bon_sample_reward_mean": _mean([t.reward for g in groups for t in g]),
+                                       "bon_sample_sparse_mean": _mean([t.sparse for g in groups for t in g])})
+
+
+def search_config(cfg, seed: int) -> SearchConfig:
+    """The search core's options from TrainConfig.search (K, the temperature and the step length go to
+    the engine bridge instead). max_depth None: bounded by the completion's token budget only."""
+    s = cfg.search
+    return SearchConfig(simulations=s.simulations, parallel=s.parallel, select=s.select, c=s.c_puct,
+                        virtual_loss=s.virtual_loss, max_depth=s.max_depth or cfg.max_new_tokens, seed=seed)
+
+
+def search_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Rollout:
+    """MCTS distillation: one searched tree per problem, search.problems_at_once trees per search call;
+    each tree yields its most-visited path (completed by the policy when the search stopped short)."""
+    cfg, s = ctx.cfg, ctx.cfg.search
+    outcomes = []
+    for chunk, first in enumerate(range(0, len(problems), s.problems_at_once)):
+        part = problems[first:first + s.problems_at_once]
+        chunk_seed = seed * 1009 + chunk
+        found = search_problems(ctx.engine, ctx.policy, ctx.env, part, search=search_config(cfg, chunk_seed),
+                                k=s.k_children, temperature=s.temperature, step_max_tokens=s.step_max_tokens,
+                                max_new_tokens=cfg.max_new_tokens, seed=chunk_seed)
+        outcomes += [dataclasses.replace(o.trajectory, group=first + i) for i, o in enumerate(found)]
+    stats = {f"search_{name}": _mean([float(t.stats[name]) for t in outcomes])
+             for name in ("simulations", "tree_nodes", "tree_depth", "path_steps", "root_value", "collisions")}
+    stats["search_complete_frac"] = _mean([float(t.stats["search_complete"]) for t in outcomes])
+    stats["search_token_frac"] = (sum(t.search_tokens for t in outcomes)
+                                  / max(1, sum(len(t.completion_ids) for t in outcomes)))
+    return Rollout(outcomes, stats)
+
+
+def value_baseline_advantages(rewards, values, mask, cfg):
+    """The value head's baseline: A_t = R - V(s_t) (the reference) or GAE, as cfg.advantage says."""
+    return ADVANTAGES[cfg.advantage](rewards, values, mask, cfg)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training method: how trajectories are collected, credited and learned from."""
+
+    rollout: Callable[[RolloutContext, Sequence[dict], int], Rollout]
+    advantages: Callable
+    loss: Callable
+
+
+METHODS: dict[str, Method] = {
+    "mcts": Method(search_rollout, value_baseline_advantages, total_loss),
+    "bon": Method(best_of_n_rollout, value_baseline_advantages, total_loss),
+    "ppo": Method(group_rollout, value_baseline_advantages, total_loss),
+    "grpo": Method(group_rollout, group_advantages, total_loss),
+    "cispo": Method(group_rollout, group_advantages, total_loss),
+}

@@ -1,0 +1,296 @@
+"""Search rollouts: the step-level MCTS of `treedistill.search` driven by an Engine, one tree per
+problem, and the trajectories the learner (or a test-time answer) takes from the searched trees.
+
+The bridge (`SearchBridge`) turns (engine, policy, env, problems) into the search's three batched
+callables, so the search core still never sees a model:
+- expand: ONE `engine.sample` call for all requested prefixes, K samples each at the search
+  temperature, stopped at the environment's step delimiter (`</step>`) or after `step_max_tokens`;
+  each sample becomes a Candidate with its raw-policy per-token log-probs (the prior's logit is
+  their sum, and they are the behaviour log-probs of the extracted path);
+- evaluate: ONE `engine.value` call (the value head at the last token of each prefix);
+- reward: the value of a new TERMINAL node, chosen from `TERMINAL_VALUES`: "reward" (default,
+  training and the reference) is the environment's DENSE reward of the decoded completion (end token
+  dropped); "value" is the value head at the completion's last token, so the search never consults
+  the environment's verdict (test-time comparisons where no method may use the ground truth).
+
+When is a step terminal. At end-of-sequence; or when the completion so far plus the step holds a
+closed answer (`env.is_terminal`), so a line ends at `</answer>` even before the model emits its end
+token; or when the completion reached its token budget. A step cut at `step_max_tokens` ("length")
+is not terminal: the next step continues it.
+
+Token budget per completion. A completion holds at most `max_new_tokens` tokens (and never more than
+the model's context minus the prompt), so a line cannot grow without bound: a step that would pass
+the budget is cut at it and its node is terminal, scored by the environment (without an answer that
+is the no-answer reward, -1.0 on Countdown). All requests of a round share ONE sample call with
+max_new_tokens = step_max_tokens, so a step is cut after sampling; the engine counted the cut tokens
+as generated, and so does this module's per-tree account. The search's own `max_depth` bounds the
+steps: a node that deep is valued by the value head, never expanded.
+
+Extraction and completion. The path is `treedistill.search.extract`'s (most visits; Gumbel's root
+action with `select="gumbel"`). A path that stops before a terminal node (too few simulations, or
+`max_depth`) is completed by sampling the policy from its end (no stop string, at the search
+temperature, the remaining token budget) and marked: `Trajectory.search_tokens` is the length of the
+search's part, so a truncated path is never trained on as if complete. Completions with the same
+remaining budget share one sample call.
+
+Compute accounting. Per tree: tokens generated for it (steps before any cut, plus its completion
+sample) and tokens returned to it. Per batch: the engine's counter deltas (generated tokens,
+prefill, cache hits, forward calls) and the wall time split into search bookkeeping and model calls.
+Sum over trees of the per-tree generated tokens equals the engine's generated-token delta.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from treedistill.envs.base import Env, Score
+from treedistill.errors import UsageError
+from treedistill.rollout.trajectory import Trajectory
+from treedistill.search import ROOT, Candidate, Extraction, NodeRequest, SearchConfig, Tree, extract
+from treedistill.search import search as run_search
+
+__all__ = ["TERMINAL_VALUES", "BatchCompute", "SearchBridge", "SearchOutcome", "completion_budget",
+           "search_problems"]
+
+# Seeds of successive engine calls: base seed times a large prime plus the call's index, so two runs
+# with different seeds share no call seed for the first million calls.
+_SEED_STRIDE = 1_000_003
+
+
+@dataclass(frozen=True)
+class BatchCompute:
+    """Compute of one `search_problems` call, all trees together.
+
+    engine: deltas of the engine's counters (generated_tokens, prompt_tokens, cached_prompt_tokens,
+        scored_tokens, forward_calls) over the whole call, completions included.
+    wall_s: the whole call; search_s: inside `search`; model_s: inside the expand / evaluate /
+        reward callables; bookkeeping_s = search_s - model_s (selection, tree updates, backup);
+        completion_s: sampling the completions of incomplete paths.
+    rounds / expand_calls / evaluate_calls / reward_calls: the search's batched calls;
+    completion_calls: engine calls that completed incomplete paths.
+    """
+
+    trees: int
+    engine: dict
+    wall_s: float
+    search_s: float
+    model_s: float
+    bookkeeping_s: float
+    completion_s: float
+    rounds: int
+    expand_calls: int
+    evaluate_calls: int
+    reward_calls: int
+    completion_calls: int
+
+    @property
+    def bookkeeping_share(self) -> float:
+        """Share of the search's wall time spent in the tree rather than in the model."""
+        return self.bookkeeping_s / self.search_s if self.search_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What one problem's search yields.
+
+    trajectory: prompt [P], completion [T] = extracted path's steps [S] + policy completion [T - S],
+        behaviour log-probs [T], dense and sparse reward, search_tokens = S, stats.
+    text: the decoded completion (end token dropped); score: env.score of it.
+    extraction: the path and, for every node of it, the children's visits / Q / priors.
+    tree: the searched tree (for display).
+    generated_tokens: tokens generated for this tree (every sampled step before any cut at the
+        budget, plus the completion sample); returned_tokens: step tokens handed to the search
+        (duplicates included) plus the completion's tokens.
+    completion_finish: the completion sample's finish reason ("" when the path was complete).
+    batch: the compute of the whole batch this tree was searched in (shared by its outcomes).
+    """
+
+    trajectory: Trajectory
+    text: str
+    score: Score
+    extraction: Extraction
+    tree: Tree
+    generated_tokens: int
+    returned_tokens: int
+    completion_finish: str
+    batch: BatchCompute = field(compare=False)
+
+    @property
+    def completed_by_policy(self) -> bool:
+        return not self.extraction.complete
+
+
+def completion_budget(policy, prompt_len: int, max_new_tokens: int) -> int:
+    """Tokens a completion may hold: max_new_tokens, within the model's context after the prompt."""
+    room = policy.context_length - prompt_len
+    if room < 1:
+        raise UsageError(f"prompt of {prompt_len} tokens leaves no room in {policy.name}'s context of "
+                         f"{policy.context_length} tokens")
+    return min(max_new_tokens, room)
+
+
+class SearchBridge:
+    """The search's expand / evaluate / reward callables over an engine, for a list of problems.
+
+    prompts[i] is problems[i]'s prompt (token ids); budgets[i] its completion token budget.
+    `generated[i]` / `returned[i]` accumulate the tokens generated for / returned to tree i;
+    `root_generated[i]` the part spent expanding its root (test-time calibration uses it).
+    """
+
+    def __init__(self, engine, policy, env: Env, problems: Sequence[dict], prompts: Sequence[Sequence[int]],
+                 *, k: int = 4, temperature: float = 0.8, step_max_tokens: int = 64,
+                 max_new_tokens: int = 512, seed: int = 0, terminal_value: str = "reward"):
+        if terminal_value not in TERMINAL_VALUES:
+            raise UsageError(f"terminal value must be one of {', '.join(TERMINAL_VALUES)}, got {terminal_value!r}")
+        if k < 1 or step_max_tokens < 1 or max_new_tokens < 1:
+            raise UsageError(f"need k, step_max_tokens and max_new_tokens >= 1, got {k}, {step_max_tokens}, "
+                             f"{max_new_tokens}")
+        if not temperature > 0:
+            raise UsageError(f"search temperature must be > 0 (K samples per node), got {temperature}")
+        self.engine, self.policy, self.env = engine, policy, env
+        self.problems = list(problems)
+        self.prompts = [tuple(p) for p in prompts]
+        self.k, self.temperature, self.step_max_tokens = k, temperature, step_max_tokens
+        self.budgets = [completion_budget(policy, len(p), max_new_tokens) for p in self.prompts]
+        self.seed = seed
+        self.terminal_value = terminal_value
+        self.calls = 0
+        self.eos = frozenset(policy.eos_token_ids)
+        self.generated = [0] * len(self.prompts)
+        self.returned = [0] * len(self.prompts)
+        self.root_generated = [0] * len(self.prompts)
+
+    def next_seed(self) -> int:
+        """Seed of the next engine call: deterministic in (seed, call index)."""
+        self.calls += 1
+        return (self.seed * _SEED_STRIDE + self.calls) % (1 << 62)
+
+    def text(self, completion: Sequence[int]) -> str:
+        """Decoded completion, a final end token dropped (it is not part of the answer text)."""
+        tokens = list(completion)
+        if tokens and tokens[-1] in self.eos:
+            tokens.pop()
+        return self.policy.decode(tokens)
+
+    def expand(self, requests: list[NodeRequest]) -> list[list[Candidate]]:
+        outputs = self.engine.sample([r.prefix for r in requests], n=self.k, max_new_tokens=self.step_max_tokens,
+                                     temperature=self.temperature, stop=[self.env.step_end], seed=self.next_seed())
+        return [[self._candidate(r, s) for s in samples] for r, samples in zip(requests, outputs)]
+
+    def _candidate(self, request: NodeRequest, sample) -> Candidate:
+        tree = request.tree
+        done = request.completion
+        room = self.budgets[tree] - len(done)
+        self.generated[tree] += len(sample.tokens)
+        if request.node == ROOT:
+            self.root_generated[tree] += len(sample.tokens)
+        tokens, logprobs, finish = tuple(sample.tokens), tuple(sample.policy_logprobs), sample.finish
+        if len(tokens) > room:
+            tokens, logprobs, finish = tokens[:room], logprobs[:room], "length"
+        self.returned[tree] += len(tokens)
+        terminal = (finish == "eos" or len(tokens) >= room
+                    or self.env.is_terminal(self.text(done + tokens)))
+        return Candidate(tokens, float(sum(logprobs)), terminal=terminal, finish=finish,
+                         token_logprobs=logprobs)
+
+    def evaluate(self, requests: list[NodeRequest]) -> list[float]:
+        return self.engine.value([r.prefix for r in requests])
+
+    def reward(self, requests: list[NodeRequest]) -> list[float]:
+        return TERMINAL_VALUES[self.terminal_value](self, requests)
+
+    def complete(self, extractions: Sequence[Extraction]) -> tuple[list, int]:
+        """Sample the rest of every incomplete path (one call per distinct remaining budget).
+        Returns ([Sample or None per extraction], engine calls)."""
+        groups: dict[int, list[int]] = {}
+        for i, ex in enumerate(extractions):
+            if not ex.complete:
+                groups.setdefault(self.budgets[ex.tree] - len(ex.tokens), []).append(i)
+        out: list = [None] * len(extractions)
+        for room, members in sorted(groups.items()):
+            prefixes = [self.prompts[extractions[i].tree] + extractions[i].tokens for i in members]
+            samples = self.engine.sample(prefixes, n=1, max_new_tokens=room, temperature=self.temperature,
+                                         seed=self.next_seed())
+            for i, s in zip(members, samples):
+                out[i] = s[0]
+                self.generated[extractions[i].tree] += len(s[0].tokens)
+                self.returned[extractions[i].tree] += len(s[0].tokens)
+        return out, len(groups)
+
+
+def _env_reward(bridge: SearchBridge, requests: list[NodeRequest]) -> list[float]:
+    return [bridge.env.score(bridge.problems[r.tree], bridge.text(r.completion)).dense for r in requests]
+
+
+def _value_head(bridge: SearchBridge, requests: list[NodeRequest]) -> list[float]:
+    return bridge.engine.value([r.prefix for r in requests])
+
+
+# How a new terminal node is valued: the environment's dense reward, or the value head (no verifier).
+TERMINAL_VALUES = {"reward": _env_reward, "value": _value_head}
+
+
+def _delta(before: dict, after: dict) -> dict:
+    return {name: after[name] - before.get(name, 0) for name in after}
+
+
+def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, search: SearchConfig | None = None,
+                    k: int = 4, temperature: float = 0.8, step_max_tokens: int = 64, max_new_tokens: int = 512,
+                    seed: int = 0, terminal_value: str = "reward") -> list[SearchOutcome]:
+    """Search every problem's tree in lock-step (one `search` call), extract each tree's path,
+    complete the incomplete ones with the policy, and score them; one SearchOutcome per problem.
+
+    The search's own seed (Gumbel noise) is `search.seed`; `seed` seeds the engine's samples.
+    terminal_value: "reward" (environment) or "value" (value head) for terminal nodes; the returned
+    trajectory is scored by the environment either way.
+    """
+    if not problems:
+        raise UsageError("no problems to search")
+    cfg = search or SearchConfig()
+    start = time.perf_counter()
+    before = engine.counters.snapshot()
+    prompts = [policy.prompt_ids(env.messages(p, compact=policy.compact_prompt)) for p in problems]
+    bridge = SearchBridge(engine, policy, env, problems, prompts, k=k, temperature=temperature,
+                          step_max_tokens=step_max_tokens, max_new_tokens=max_new_tokens, seed=seed,
+                          terminal_value=terminal_value)
+    result = run_search(prompts, bridge.expand, bridge.evaluate, bridge.reward, cfg)
+    extractions = [extract(tree, cfg) for tree in result.trees]
+    t0 = time.perf_counter()
+    completions, completion_calls = bridge.complete(extractions)
+    completion_s = time.perf_counter() - t0
+    stats = result.stats
+    batch = BatchCompute(
+        trees=len(problems), engine=_delta(before, engine.counters.snapshot()),
+        wall_s=time.perf_counter() - start, search_s=stats.wall_s, model_s=stats.callback_s,
+        bookkeeping_s=stats.bookkeeping_s, completion_s=completion_s, rounds=stats.rounds,
+        expand_calls=stats.expand_calls, evaluate_calls=stats.evaluate_calls, reward_calls=stats.reward_calls,
+        completion_calls=completion_calls,
+    )
+    outcomes = []
+    for i, (problem, tree, ex, sample) in enumerate(zip(problems, result.trees, extractions, completions)):
+        tokens = ex.tokens + (tuple(sample.tokens) if sample is not None else ())
+        logprobs = tuple(lp for node in ex.nodes[1:] for lp in tree.token_logprobs[node])
+        logprobs += tuple(sample.policy_logprobs) if sample is not None else ()
+        text = bridge.text(tokens)
+        score = env.score(problem, text)
+        ts = tree.stats
+        traj_stats = {
+            "tree_nodes": len(tree), "tree_depth": ts.max_depth, "path_steps": len(ex.steps),
+            "simulations": ts.simulations, "root_value": tree.q(ROOT), "root_value_head": tree.value[ROOT],
+            "collisions": ts.collisions, "search_complete": ex.complete,
+            "completion_finish": sample.finish if sample is not None else "",
+            "generated_tokens": bridge.generated[i], "returned_tokens": bridge.returned[i],
+            "root_tokens": bridge.root_generated[i],
+            "completion_tokens": len(sample.tokens) if sample is not None else 0,
+        }
+        trajectory = Trajectory(prompt_ids=tuple(prompts[i]), completion_ids=tokens, behaviour_logprobs=logprobs,
+                                reward=score.dense, sparse=score.sparse, group=i, search_tokens=len(ex.tokens),
+                                stats=traj_stats)
+        outcomes.append(SearchOutcome(
+            trajectory=trajectory, text=text, score=score, extraction=ex, tree=tree,
+            generated_tokens=bridge.generated[i], returned_tokens=bridge.returned[i],
+            completion_finish=traj_stats["completion_finish"], batch=batch,
+        ))
+    return outcomes

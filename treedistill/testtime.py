@@ -1,0 +1,653 @@
+"""Test-time compute: search vs best-of-N vs one sample, at equal budgets of GENERATED tokens.
+
+For each per-problem budget B of generated tokens, on the same problems:
+- mcts: step-level MCTS (rollout/mcts.py) guided by the policy's prior and the value head only:
+  terminal nodes are valued by the value head too, never by the environment's reward (which knows
+  the target); the answer is the extracted path's completion (completed by the policy when the search
+  stopped short).
+- bon-majority: best-of-N, the answer VALUE that most samples agree on (ties: the value seen first).
+- bon-value: best-of-N, the sample whose value-head estimate at its last token is highest.
+- once: the model sampled once, reported at its own measured cost (no budget).
+No selection looks at the target or the reward: majority vote and the value head only. The chosen
+completion is scored with the sparse reward afterwards.
+With `verifier`, two labelled rows are added that DO use the environment's reward, as a pair given the
+same verifier: mcts+verifier (terminal nodes valued by the dense reward, as in training and the
+reference) and bon+verifier (the sample with the best dense reward). They answer a different question
+(search or sampling with a checker) and are never mixed with the rows above.
+
+How a budget is spent.
+- Best-of-N samples one full completion after another (up to max_new_tokens each) until B tokens are
+  generated; the sample that crosses B is cut at B (it keeps its answer if it closed one before the
+  cut). N is therefore "as many samples as fit", and every problem uses exactly B tokens. The samples
+  come from ONE stream per problem drawn up to the largest budget; a smaller budget uses a prefix of
+  that stream, exactly what sampling until B would have drawn (later samples are drawn in parallel
+  batches for speed and discarded from the account when they fall past the budget).
+- MCTS cannot stop mid-search (the search core runs a fixed number of simulations per tree), so the
+  number of simulations S is fitted to the budget from measured token counts: a pilot search on a
+  few problems gives the cost of the root expansion, of one simulation and of a completion; then, for
+  each budget in increasing order, S is guessed from the runs measured so far (a power law
+  tokens = a * S^b: the cost grows less than linearly, since revisiting a terminal node generates
+  nothing), the search is run on all problems, and when its mean generated tokens miss the budget by
+  more than 10% S is refitted and the search rerun (at most 3 runs; runs are chosen on token counts,
+  never on accuracy, and the discarded runs are reported as calibration). The budget is met on
+  average over problems, not per problem; the tokens actually used are reported and the plot puts
+  every point at its measured mean cost. A budget below the pilot's cost of a root expansion, one
+  simulation and a completion is skipped with a note. Each node is expanded once (K samples, no
+  progressive widening), so a tree is finite: when doubling the simulations adds under 5% tokens the
+  search is saturated, reported at its measured cost with a note, and larger budgets are skipped.
+- Legality filter. Majority vote counts, and the value head chooses among, answers that parse and use
+  only the problem's given numbers (on GSM8K: answers that are numbers), which the prompt states and
+  needs no ground truth; when no sample has one, the value head picks among all samples.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+
+from treedistill.envs.base import Env
+from treedistill.errors import UsageError
+from treedistill.search import SearchConfig
+
+__all__ = ["ANSWER_VALUES", "MCTS_VARIANTS", "SELECTORS", "Cell", "SweepConfig", "SweepReport", "answer_value", "format_table",
+           "majority_vote", "parse_budgets", "plot_report", "run_sweep", "value_pick", "write_markdown"]
+
+
+# --- answers without the ground truth --------------------------------------------------------------
+
+def _countdown_value(problem: dict, completion: str) -> Fraction | int | None:
+    from treedistill.envs.countdown import extract_answer
+    from treedistill.envs.expr import evaluate
+
+    answer = extract_answer(completion)
+    if answer is None:
+        return None
+    result = evaluate(answer.strip())
+    if isinstance(result, str):
+        return None
+    have = Counter(problem["numbers"])
+    if any(have[x] < c for x, c in Counter(result.numbers).items()):
+        return None
+    return result.value
+
+
+def _gsm8k_value(problem: dict, completion: str) -> Fraction | None:
+    from treedistill.envs.gsm8k import extract_answer, parse_number
+
+    answer = extract_answer(completion)
+    return None if answer is None else parse_number(answer)
+
+
+# env name -> (problem, completion) -> the answer's exact value, None when there is no legal answer.
+# Reads the problem's inputs only (never its target or answer field).
+ANSWER_VALUES: dict[str, Callable[[dict, str], object]] = {
+    "countdown": _countdown_value,
+    "gsm8k": _gsm8k_value,
+}
+
+
+def _inputs_only(problem: dict) -> dict:
+    """The problem without its ground truth, so a selector cannot read it even by mistake."""
+    return {k: v for k, v in problem.items() if k not in ("target", "answer")}
+
+
+def answer_value(env: Env, problem: dict, completion: str):
+    """Exact value of the completion's legal answer (None if none), computed without the target."""
+    if env.name not in ANSWER_VALUES:
+        raise UsageError(f"no answer parser for environment {env.name!r}; known: {', '.join(ANSWER_VALUES)}")
+    return ANSWER_VALUES[env.name](_inputs_only(problem), completion)
+
+
+# --- best-of-N selectors: one signature, (answer values [N], value-head values [N]) -> index | None ---
+
+def majority_vote(values: Sequence, head: Sequence[float] | None = None) -> int | None:
+    """Index of the first sample holding the most frequent legal answer value; None if no legal answer."""
+    counts = Counter(v for v in values if v is not None)
+    if not counts:
+        return None
+    top = max(counts.values())
+    return next(i for i, v in enumerate(values) if v is not None and counts[v] == top)
+
+
+def value_pick(values: Sequence, head: Sequence[float] | None = None) -> int | None:
+    """Index of the highest value-head estimate among samples with a legal answer (all samples when
+    none has one); first on ties."""
+    if not head:
+        return None
+    pool = [i for i, v in enumerate(values) if v is not None] or list(range(len(head)))
+    return max(pool, key=lambda i: (head[i], -i))
+
+
+SELECTORS: dict[str, Callable[[Sequence, Sequence[float] | None], int | None]] = {
+    "bon-majority": majority_vote,
+    "bon-value": value_pick,
+}
+
+
+# --- configuration and results ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Options of one test-time sweep. budgets: generated tokens per problem, increasing."""
+
+    budgets: tuple[int, ...]
+    k: int = 4                      # sampled steps per expanded node (reference: 4)
+    temperature: float = 0.8        # search expansions and best-of-N samples (reference: 0.8)
+    step_max_tokens: int = 64
+    max_new_tokens: int = 512       # per completion (search path or sample)
+    parallel: int = 8               # W descents per tree per round
+    select: str = "puct"
+    c: float = 0.5
+    max_depth: int = 16
+    seed: int = 0
+    once_temperatures: tuple[float, ...] = (0.8, 0.2)  # the search temperature and the eval protocol's
+    once_samples: int = 16          # samples per problem to estimate one sample's accuracy
+    pilot_problems: int = 16        # problems of the MCTS cost pilot
+    pilot_simulations: int = 8
+    max_simulations: int = 4096
+    budget_tolerance: float = 0.1   # MCTS: mean tokens within 10% of the budget, else refit and rerun
+    budget_tries: int = 3           # MCTS: runs per budget at most
+    verifier: bool = False          # add the mcts+verifier and bon+verifier rows (they use the reward)
+    rows_per_call: int = 2048       # best-of-N stream: samples per engine call at most
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One method at one budget (budget None: at its own cost). accuracy / stderr are fractions
+    (None when skipped); tokens: mean generated tokens actually used per problem."""
+
+    method: str
+    budget: int | None
+    accuracy: float | None
+    stderr: float | None
+    tokens: float | None
+    wall_s: float | None
+    detail: dict = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass
+class SweepReport:
+    """All cells of a sweep, the MCTS cost calibration, and the whole wall time."""
+
+    config: SweepConfig
+    problems: int
+    cells: list[Cell] = field(default_factory=list)
+    calibration: list[dict] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"config": asdict(self.config), "problems": self.problems, "wall_s": self.wall_s,
+                "calibration": self.calibration, "cells": [asdict(c) for c in self.cells]}
+
+    def methods(self) -> list[str]:
+        seen: list[str] = []
+        for c in self.cells:
+            if c.method not in seen:
+                seen.append(c.method)
+        return seen
+
+
+def parse_budgets(text: str) -> tuple[int, ...]:
+    """"256,1024" -> (256, 1024): positive integers, sorted, duplicates dropped."""
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--budgets must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"--budgets must be positive integers, got {text!r}")
+    return tuple(sorted(set(values)))
+
+
+def _stderr(xs: Sequence[float]) -> float:
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mean = sum(xs) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n)
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _clear(engine) -> None:
+    """Empty the engine's prefix cache (if it has one) so each method's wall time starts cold."""
+    clear = getattr(engine, "clear_cache", None)
+    if clear is not None:
+        clear()
+
+
+# --- the methods -------------------------------------------------------------------------------
+
+class _Context:
+    """What every method needs: engine, policy, env, problems, their prompts and completion budgets."""
+
+    def __init__(self, engine, policy, env: Env, problems: Sequence[dict], cfg: SweepConfig,
+                 progress: Callable[[str], None]):
+        from treedistill.rollout import completion_budget
+
+        self.engine, self.policy, self.env, self.cfg = engine, policy, env, cfg
+        self.problems = list(problems)
+        self.prompts = [policy.prompt_ids(env.messages(p, compact=policy.compact_prompt)) for p in problems]
+        self.room = [completion_budget(policy, len(p), cfg.max_new_tokens) for p in self.prompts]
+        self.eos = frozenset(policy.eos_token_ids)
+        self.progress = progress
+
+    def text(self, tokens: Sequence[int]) -> str:
+        tokens = list(tokens)
+        if tokens and tokens[-1] in self.eos:
+            tokens.pop()
+        return self.policy.decode(tokens)
+
+
+def run_once(ctx: _Context, temperature: float) -> Cell:
+    """The model sampled once: mean sparse reward of `once_samples` single samples per problem."""
+    cfg = ctx.cfg
+    _clear(ctx.engine)
+    start = time.perf_counter()
+    per_problem, tokens, dense = [], [], []
+    groups: dict[int, list[int]] = {}
+    for i, room in enumerate(ctx.room):
+        groups.setdefault(room, []).append(i)
+    results: dict[int, list] = {}
+    for room, members in groups.items():
+        per_call = max(1, cfg.rows_per_call // cfg.once_samples)
+        for lo in range(0, len(members), per_call):
+            part = members[lo:lo + per_call]
+            out = ctx.engine.sample([ctx.prompts[i] for i in part], n=cfg.once_samples, max_new_tokens=room,
+                                    temperature=temperature, seed=cfg.seed * 7919 + lo + room)
+            results.update(zip(part, out))
+    for i, problem in enumerate(ctx.problems):
+        samples = results[i]
+        scores = [ctx.env.score(problem, ctx.text(s.tokens)) for s in samples]
+        per_problem.append(_mean([sc.sparse for sc in scores]))
+        dense.extend(sc.dense for sc in scores)
+        tokens.extend(len(s.tokens) for s in samples)
+    return Cell(method=f"once T={temperature:g}", budget=None, accuracy=_mean(per_problem),
+                stderr=_stderr(per_problem), tokens=_mean(tokens), wall_s=time.perf_counter() - start,
+                detail={"samples_per_problem": cfg.once_samples, "temperature": temperature,
+                        "dense": _mean(dense)})
+
+
+def sample_streams(ctx: _Context, total: int) -> tuple[list[list[tuple[int, ...]]], dict]:
+    """Per problem, full samples in order until their tokens reach `total` (the last one crossing it)."""
+    cfg = ctx.cfg
+    streams: list[list[tuple[int, ...]]] = [[] for _ in ctx.problems]
+    used = [0] * len(ctx.problems)
+    lengths: list[int] = []
+    calls = drawn = 0
+    start = time.perf_counter()
+    while True:
+        active = [i for i in range(len(ctx.problems)) if used[i] < total]
+        if not active:
+            break
+        # As many samples per problem as the median remaining budget holds at the mean sample length
+        # so far (one in the first round, to measure it): few draws fall past the budget.
+        remaining = sorted(total - used[i] for i in active)[len(active) // 2]
+        n = int(remaining // max(_mean(lengths[-4096:]), 1.0)) if lengths else 1
+        n = max(1, min(n, cfg.rows_per_call // len(active) or 1))
+        groups: dict[int, list[int]] = {}
+        for i in active:
+            groups.setdefault(ctx.room[i], []).append(i)
+        for room, members in groups.items():
+            per_call = max(1, cfg.rows_per_call // n)
+            for lo in range(0, len(members), per_call):
+                part = members[lo:lo + per_call]
+                calls += 1
+                out = ctx.engine.sample([ctx.prompts[i] for i in part], n=n, max_new_tokens=room,
+                                        temperature=cfg.temperature, seed=cfg.seed * 104729 + calls)
+                for i, samples in zip(part, out):
+                    for s in samples:
+                        drawn += len(s.tokens)
+                        lengths.append(len(s.tokens))
+                        if used[i] < total:
+                            streams[i].append(tuple(s.tokens))
+                            used[i] += len(s.tokens)
+        ctx.progress(f"best-of-N stream: {sum(min(u, total) for u in used)}/{total * len(used)} tokens")
+    return streams, {"engine_calls": calls, "drawn_tokens": drawn, "wall_s": time.perf_counter() - start}
+
+
+def _prefix_of_stream(stream: list[tuple[int, ...]], budget: int) -> list[tuple[int, ...]]:
+    """The samples drawn until `budget` tokens were generated, the crossing one cut at the budget."""
+    out, used = [], 0
+    for s in stream:
+        if used >= budget:
+            break
+        take = s[:budget - used]
+        out.append(take)
+        used += len(take)
+    return out
+
+
+def run_best_of_n(ctx: _Context, streams: list[list[tuple[int, ...]]], budget: int,
+                  values_cache: dict) -> list[Cell]:
+    """Both best-of-N selectors at `budget`, on the same samples (a prefix of each stream)."""
+    start = time.perf_counter()
+    names = [*SELECTORS, *(["bon+verifier"] if ctx.cfg.verifier else [])]
+    chosen: dict[str, list[float]] = {name: [] for name in names}
+    dense: dict[str, list[float]] = {name: [] for name in names}
+    ns, used = [], []
+    batches = [_prefix_of_stream(s, budget) for s in streams]
+    # Value-head estimates at the end of every sample (cut samples computed anew; full ones cached).
+    need = [(i, j) for i, b in enumerate(batches) for j in range(len(b)) if (i, b[j]) not in values_cache]
+    for lo in range(0, len(need), 1024):
+        part = need[lo:lo + 1024]
+        vals = ctx.engine.value([tuple(ctx.prompts[i]) + batches[i][j] for i, j in part])
+        for (i, j), v in zip(part, vals):
+            values_cache[(i, batches[i][j])] = v
+    for i, (problem, samples) in enumerate(zip(ctx.problems, batches)):
+        texts = [ctx.text(s) for s in samples]
+        answers = [answer_value(ctx.env, problem, t) for t in texts]
+        head = [values_cache[(i, s)] for s in samples]
+        for name, select in SELECTORS.items():
+            pick = select(answers, head)
+            score = ctx.env.score(problem, texts[pick] if pick is not None else "")
+            chosen[name].append(score.sparse)
+            dense[name].append(score.dense)
+        if ctx.cfg.verifier:  # uses the ground truth: the best dense reward, first on ties
+            scores = [ctx.env.score(problem, t) for t in texts]
+            best = max(range(len(scores)), key=lambda j: (scores[j].dense, -j))
+            chosen["bon+verifier"].append(scores[best].sparse)
+            dense["bon+verifier"].append(scores[best].dense)
+        ns.append(len(samples))
+        used.append(sum(len(s) for s in samples))
+    wall = time.perf_counter() - start
+    return [Cell(method=name, budget=budget, accuracy=_mean(acc), stderr=_stderr(acc), tokens=_mean(used),
+                 wall_s=None, detail={"n_mean": _mean(ns), "n_min": min(ns), "n_max": max(ns),
+                                      "dense": _mean(dense[name]), "selection_s": wall})
+            for name, acc in chosen.items()]
+
+
+# MCTS rows -> how their terminal nodes are valued (rollout.mcts.TERMINAL_VALUES).
+MCTS_VARIANTS = {"mcts": "value", "mcts+verifier": "reward"}
+
+
+@dataclass
+class _Cost:
+    """MCTS cost per problem measured on a pilot, in generated tokens: the root expansion, one more
+    simulation, and the completion of an incomplete path; plus every (simulations, mean tokens) run
+    measured on the sweep's problems so far (`runs`)."""
+
+    root: float
+    per_simulation: float
+    completion: float
+    runs: list[tuple[int, float]] = field(default_factory=list)
+    saturated_at: tuple[int, float] | None = None  # (simulations, tokens) of a run that could not fill its budget
+
+    def minimum(self) -> float:
+        """Tokens of a root expansion, one simulation and a completion."""
+        return self.root + self.per_simulation + self.completion
+
+    def guess(self, budget: int) -> int:
+        """Simulations expected to spend `budget` tokens on average. The cost grows less than
+        linearly in simulations (revisits of terminal nodes and collisions generate nothing), so
+        measured runs are fitted by tokens = a * S^b in log-log between the two runs nearest to the
+        budget (bracketing it when possible; b kept in [0.2, 1.5]); before any run, the pilot's
+        linear cost."""
+        runs = sorted(set(self.runs))
+        if not runs:
+            return int((budget - self.root - self.completion) // max(self.per_simulation, 1e-9))
+        if len(runs) == 1:
+            (s1, t1), = runs
+            return max(1, round(s1 * budget / max(t1, 1.0)))
+        below = [r for r in runs if r[1] <= budget]
+        above = [r for r in runs if r[1] > budget]
+        if below and above:
+            pair = (below[-1], above[0])
+        else:
+            pair = tuple(sorted(runs, key=lambda r: abs(math.log(max(r[1], 1.0) / budget)))[:2])
+        (s1, t1), (s2, t2) = sorted(pair)
+        b = math.log(max(t2, 1.0) / max(t1, 1.0)) / math.log(s2 / s1) if s2 != s1 else 1.0
+        b = min(max(b, 0.2), 1.5)
+        return max(1, round(s2 * (budget / max(t2, 1.0)) ** (1 / b)))
+
+
+def _measure(outcomes, simulations: int) -> _Cost:
+    root = _mean([o.trajectory.stats["root_tokens"] for o in outcomes])
+    completion = _mean([o.trajectory.stats["completion_tokens"] for o in outcomes])
+    search = _mean([o.generated_tokens - o.trajectory.stats["completion_tokens"] for o in outcomes])
+    return _Cost(root=root, per_simulation=(search - root) / simulations, completion=completion)
+
+
+def _search(ctx: _Context, problems: Sequence[dict], simulations: int, terminal_value: str):
+    from treedistill.rollout import search_problems
+
+    cfg = ctx.cfg
+    search = SearchConfig(simulations=simulations, parallel=min(cfg.parallel, simulations), select=cfg.select,
+                          c=cfg.c, max_depth=cfg.max_depth, seed=cfg.seed)
+    return search_problems(ctx.engine, ctx.policy, ctx.env, problems, search=search, k=cfg.k,
+                           temperature=cfg.temperature, step_max_tokens=cfg.step_max_tokens,
+                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, terminal_value=terminal_value)
+
+
+def run_mcts(ctx: _Context, budget: int, cost: _Cost, method: str = "mcts") -> Cell:
+    """MCTS at `budget`: the simulations are guessed from the measured cost, the search is run on
+    all problems, and while its mean generated tokens miss the budget by more than `budget_tolerance`
+    the guess is refitted and the search run again (at most `budget_tries` runs; the kept run is the
+    last within tolerance, else the one nearest the budget). Runs are chosen on token counts only,
+    never on accuracy; the discarded runs' tokens are reported as calibration. Appends to cost.runs."""
+    cfg = ctx.cfg
+    if cost.saturated_at is not None and budget > cost.saturated_at[1] / (1 - cfg.budget_tolerance):
+        # A larger budget than one the trees already could not fill: rerunning the same simulations
+        # would return the same trees.
+        sims, used = cost.saturated_at
+        return Cell(method=method, budget=budget, accuracy=None, stderr=None, tokens=None, wall_s=None,
+                    note=f"skipped: the trees saturate at ~{used:.0f} tokens per problem ({sims} simulations), "
+                         "see the smaller budget")
+    if cost.minimum() > budget:
+        note = (f"skipped: below the measured cost of a root expansion, one simulation and a completion "
+                f"(~{cost.minimum():.0f} tokens)")
+        return Cell(method=method, budget=budget, accuracy=None, stderr=None, tokens=None, wall_s=None, note=note)
+    tried: dict[int, tuple[list, float]] = {}
+    saturated = False
+    sims = min(max(cost.guess(budget), 1), cfg.max_simulations)
+    for _ in range(cfg.budget_tries):
+        if sims in tried:
+            break
+        ctx.progress(f"{method} at {budget} tokens per problem: {sims} simulations")
+        _clear(ctx.engine)
+        start = time.perf_counter()
+        outcomes = _search(ctx, ctx.problems, sims, MCTS_VARIANTS[method])
+        tried[sims] = (outcomes, time.perf_counter() - start)
+        used = _mean([o.generated_tokens for o in outcomes])
+        earlier = [t for s_, t in cost.runs if 2 * s_ <= sims]
+        cost.runs.append((sims, used))
+        if abs(used - budget) <= cfg.budget_tolerance * budget or (used < budget and sims >= cfg.max_simulations):
+            break
+        # Saturated: twice the simulations or more added under 5% tokens. Each node is expanded once
+        # (K samples, no widening), so a tree is finite; once its lines end in terminal nodes, more
+        # simulations revisit them and generate nothing: the budget cannot be spent.
+        if used < budget and earlier and used < 1.05 * max(earlier):
+            saturated = True
+            break
+        sims = min(max(cost.guess(budget), 1), cfg.max_simulations)
+
+    def miss(s: int) -> tuple[bool, float]:
+        used = _mean([o.generated_tokens for o in tried[s][0]])
+        return abs(used - budget) > cfg.budget_tolerance * budget, abs(used - budget)
+
+    kept = min(tried, key=miss)
+    outcomes, wall = tried[kept]
+    acc = [o.score.sparse for o in outcomes]
+    used = [o.generated_tokens for o in outcomes]
+    batch = outcomes[0].batch
+    detail = {"simulations": kept, "tokens_max": max(used), "tokens_min": min(used),
+              "dense": _mean([o.score.dense for o in outcomes]),
+              "completed_by_policy": sum(o.completed_by_policy for o in outcomes) / len(outcomes),
+              "tree_nodes_mean": _mean([len(o.tree) for o in outcomes]),
+              "bookkeeping_share": batch.bookkeeping_share, "rounds": batch.rounds,
+              "forward_calls": batch.engine.get("forward_calls", 0),
+              "runs": [(s, _mean([o.generated_tokens for o in tried[s][0]])) for s in tried],
+              "calibration_tokens_per_problem": sum(_mean([o.generated_tokens for o in tried[s][0]])
+                                                    for s in tried if s != kept),
+              "calibration_wall_s": sum(tried[s][1] for s in tried if s != kept)}
+    note = ""
+    if saturated or (kept >= cfg.max_simulations and _mean(used) < (1 - cfg.budget_tolerance) * budget):
+        detail["saturated"] = True
+        cost.saturated_at = (kept, _mean(used))
+        note = (f"saturated: the trees were exhausted (every line ends in a terminal node) at ~{_mean(used):.0f} "
+                f"tokens per problem, below the budget; shown at its measured cost")
+    return Cell(method=method, budget=budget, accuracy=_mean(acc), stderr=_stderr(acc), tokens=_mean(used),
+                wall_s=wall, detail=detail, note=note)
+
+
+def run_sweep(engine, policy, env: Env, problems: Sequence[dict], cfg: SweepConfig,
+              progress: Callable[[str], None] | None = None) -> SweepReport:
+    """Every method at every budget on `problems`; see the module docstring."""
+    if not problems:
+        raise UsageError("no problems for the test-time sweep")
+    if not cfg.budgets or any(b < 1 for b in cfg.budgets):
+        raise UsageError(f"budgets must be positive, got {cfg.budgets}")
+    say = progress or (lambda msg: None)
+    start = time.perf_counter()
+    ctx = _Context(engine, policy, env, problems, cfg, say)
+    report = SweepReport(config=cfg, problems=len(ctx.problems))
+    budgets = sorted(cfg.budgets)
+
+    for t in cfg.once_temperatures:
+        say(f"sampling once at T={t:g}")
+        report.cells.append(run_once(ctx, t))
+
+    for method in ["mcts", *(["mcts+verifier"] if cfg.verifier else [])]:
+        pilot_n = min(cfg.pilot_problems, len(problems))
+        say(f"{method} cost pilot: {cfg.pilot_simulations} simulations on {pilot_n} problems")
+        pilot_start = time.perf_counter()
+        pilot = _search(ctx, ctx.problems[:pilot_n], cfg.pilot_simulations, MCTS_VARIANTS[method])
+        cost = _measure(pilot, cfg.pilot_simulations)
+        report.calibration.append({"method": method, "stage": "pilot", "simulations": cfg.pilot_simulations,
+                                   "problems": pilot_n, "root": cost.root, "per_simulation": cost.per_simulation,
+                                   "completion": cost.completion, "wall_s": time.perf_counter() - pilot_start})
+        for b in budgets:
+            report.cells.append(run_mcts(ctx, b, cost, method))
+        report.calibration.append({"method": method, "stage": "runs", "runs": list(cost.runs)})
+
+    say(f"best-of-N: sampling up to {budgets[-1]} tokens per problem")
+    _clear(engine)
+    streams, stream_stats = sample_streams(ctx, budgets[-1])
+    values_cache: dict = {}
+    for b in budgets:
+        say(f"best-of-N at {b} tokens per problem")
+        for cell in run_best_of_n(ctx, streams, b, values_cache):
+            cell.detail["stream"] = stream_stats
+            report.cells.append(cell)
+    report.wall_s = time.perf_counter() - start
+    return report
+
+
+# --- output -----------------------------------------------------------------------------------
+
+def _accuracy_text(c: Cell) -> str:
+    if c.accuracy is None:
+        return "skipped"
+    return f"{100 * c.accuracy:5.1f} +- {100 * c.stderr:4.1f} ({c.tokens:.0f} tok)"
+
+
+def _dense_text(c: Cell) -> str:
+    return "skipped" if c.accuracy is None else f"{c.detail.get('dense', float('nan')):+.3f}"
+
+
+# What a table cell shows: accuracy (+- stderr, tokens) or the mean dense reward of the chosen answers.
+CELL_TEXT = {"accuracy": _accuracy_text, "dense": _dense_text}
+
+
+def format_table(report: SweepReport, metric: str = "accuracy") -> str:
+    """Markdown table: method x budget, accuracy % +- stderr (mean generated tokens per problem), or
+    with metric="dense" the mean dense reward of the chosen answers."""
+    _cell_text = CELL_TEXT[metric]
+    budgets = sorted(report.config.budgets)
+    lines = ["| method | " + " | ".join(f"B={b}" for b in budgets) + " | at its own cost |",
+             "|---|" + "---|" * (len(budgets) + 1)]
+    for method in report.methods():
+        cells = [c for c in report.cells if c.method == method]
+        by_budget = {c.budget: c for c in cells}
+        row = [_cell_text(by_budget[b]) if b in by_budget else "" for b in budgets]
+        own = by_budget.get(None)
+        lines.append(f"| {method} | " + " | ".join(row) + f" | {_cell_text(own) if own else ''} |")
+    return "\n".join(lines)
+
+
+def _notes(report: SweepReport) -> list[str]:
+    out = []
+    for c in report.cells:
+        if c.note:
+            out.append(f"- {c.method} at B={c.budget}: {c.note}")
+        if c.method in MCTS_VARIANTS and c.accuracy is not None:
+            d = c.detail
+            runs = ", ".join(f"{s} sims -> {t:.0f}" for s, t in d["runs"])
+            out.append(f"- {c.method} at B={c.budget}: {d['simulations']} simulations (runs: {runs}), tokens "
+                       f"per problem {d['tokens_min']}..{d['tokens_max']} (mean {c.tokens:.0f}), "
+                       f"{100 * d['completed_by_policy']:.0f}% of paths completed by the policy, "
+                       f"{d['tree_nodes_mean']:.0f} nodes per tree, wall {c.wall_s:.1f} s")
+        if c.method == "bon-majority":
+            d = c.detail
+            out.append(f"- best-of-N at B={c.budget}: N = {d['n_min']}..{d['n_max']} samples "
+                       f"(mean {d['n_mean']:.1f})")
+    return out
+
+
+def write_markdown(report: SweepReport, path, *, header: Sequence[str] = ()) -> None:
+    """`DIR/testtime.md`: header lines, the table, the per-cell notes and the method."""
+    from pathlib import Path
+
+    cfg = report.config
+    lines = ["# Test-time compute: search vs best-of-N at equal generated tokens", "", *header, "",
+             f"{report.problems} problems; accuracy = sparse reward of the chosen answer, % +- standard error "
+             "over problems; (tok) = mean generated tokens actually used per problem.", "",
+             format_table(report), "",
+             "Mean dense reward of the chosen answers (1 at the target, -0.9 invalid, -1 no answer):", "",
+             format_table(report, "dense"), "", "Notes:", *_notes(report), "",
+             f"Settings: K={cfg.k} steps per node, T={cfg.temperature}, steps <= {cfg.step_max_tokens} tokens, "
+             f"completions <= {cfg.max_new_tokens} tokens, {cfg.select} (c={cfg.c}), W={cfg.parallel}, "
+             f"virtual loss {SearchConfig().virtual_loss}, "
+             f"max depth {cfg.max_depth}, seed {cfg.seed}; sampling once: {cfg.once_samples} samples per "
+             f"problem at each temperature. Total wall time {report.wall_s:.0f} s.", "",
+             "Method: MCTS answers with its extracted path; best-of-N samples until the budget is spent "
+             "(the last sample cut at it) and picks by majority vote over legal answer values or by the "
+             "value head at each sample's end; no selection sees the target (MCTS values terminal nodes "
+             "with the value head too). MCTS simulations are chosen from its measured token cost per "
+             "simulation, so its budget holds on average, not per problem."
+             + (" Rows marked +verifier DO use the environment's reward (the target): MCTS valuing "
+                "terminal nodes by the dense reward, best-of-N keeping the best dense reward." if cfg.verifier else ""),
+             ""]
+    Path(path).write_text("\n".join(lines), encoding="utf-8")
+
+
+def plot_report(report: SweepReport, path) -> None:
+    """`DIR/testtime.png`: accuracy against mean generated tokens per problem (log x), error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    markers = {"mcts": "o", "bon-majority": "s", "bon-value": "^", "mcts+verifier": "v", "bon+verifier": "P"}
+    for method in report.methods():
+        cells = [c for c in report.cells if c.method == method and c.accuracy is not None]
+        if not cells:
+            continue
+        xs = [c.tokens for c in cells]
+        ys = [100 * c.accuracy for c in cells]
+        es = [100 * c.stderr for c in cells]
+        if cells[0].budget is None:
+            ax.errorbar(xs, ys, yerr=es, fmt="D", capsize=3, label=f"{method} (its own cost)")
+        else:
+            line = "--" if "+verifier" in method else "-"  # dashed: uses the ground truth
+            ax.errorbar(xs, ys, yerr=es, fmt=f"{line}{markers.get(method, 'o')}", capsize=3, label=method)
+    for b in report.config.budgets:
+        ax.axvline(b, color="#ccc", lw=0.8, zorder=0)
+    top = max([100 * (c.accuracy + c.stderr) for c in report.cells if c.accuracy is not None], default=0.0)
+    ax.set_ylim(0, max(top * 1.1, 5.0))
+    ax.set_xscale("log")
+    ax.set_xlabel("generated tokens per problem (mean actually used; grey lines: budgets)")
+    ax.set_ylabel("accuracy (% of problems solved)")
+    ax.set_title(f"Test-time compute on {report.problems} problems (+- 1 standard error)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,548 @@
+"""The online training loop: one function, `train`, read top to bottom.
+
+Each step, in file order: collect trajectories (search or sampling, scored by the environment) ->
+rewards and advantages -> loss and optimizer update(s) -> log -> periodic evaluation -> checkpoint.
+The method (mcts | bon | grpo | cispo | ppo) is looked up ONCE in `methods.METHODS`; the loop only
+calls its rollout, advantages and loss. Steps 2 to 4 are `learn`, which the distributed loop
+(`distributed/ray_loop.py`, `distributed/fsdp.py`) calls too, so both loops share every line of the maths.
+
+Compute is counted as it is spent: the engine's counters around every rollout (generated tokens,
+prefill, cache hits, forward calls) and the learner's own forwards and backwards, into
+`metrics.ComputeCounters`. A run ends at cfg.steps or at the first budget reached
+(budget_generated_tokens, budget_flops), checked after every step.
+
+Exact resume. Every random choice of a step is seeded from (cfg.seed, what, step): the problems
+(a seeded shuffle per epoch, the position saved), the engine's samples, the search, the minibatch
+order; evaluation always uses cfg.seed. The engine's prefix cache is emptied before every rollout and
+evaluation, so no phase depends on what an earlier one left there (nor on stale keys/values of
+weights that have since changed). A checkpoint holds model, value head, optimizer, all RNG states,
+the data position, the counters and the loop's own state; the learning rate is a pure function of
+the step (`TrainConfig.lr_multiplier`), so there is no scheduler state. A run killed at any moment
+and resumed from its newest complete checkpoint therefore repeats the same steps with the same
+numbers on CPU (tests/test_resume.py kills real processes between steps and inside a checkpoint write).
+
+Run folder: config.yaml (resolved), metrics.jsonl (one "train" line per step, one "eval" line per
+evaluation, step 0 = before RL), samples.jsonl (a few decoded trajectories at each evaluation),
+checkpoints/, report.md (final evaluation and the learning curve).
+
+Departures from the reference run (../shared/docs/method.md):
+- importance ratios divide by the behaviour log-probs recorded at generation, never by log-probs
+  recomputed before the update;
+- dropout stays off (the model is kept in eval mode) so that the trained function is the one that
+  sampled;
+- a non-finite loss or gradient norm skips its update instead of corrupting the weights; three such
+  updates in a row stop the run;
+- the frozen reference policy is run only when the loss has a KL term (kl_coef > 0), so a method
+  without one is neither slowed nor charged compute for a number it does not use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import yaml
+
+from treedistill import checkpoint
+from treedistill.algorithms.batch import shift_right
+from treedistill.algorithms.losses import combine_metrics, token_entropy, token_logprobs
+from treedistill.config import TrainConfig, to_yaml
+from treedistill.datasets import load_split
+from treedistill.engine import make_engine
+from treedistill.envs import get_env
+from treedistill.envs.countdown import generate_problems
+from treedistill.errors import UsageError
+from treedistill.evaluate import evaluate
+from treedistill.methods import METHODS, RolloutContext
+from treedistill.metrics import ComputeCounters, MetricsLogger, Progress, format_duration, read_metrics
+from treedistill.models.load import load_policy
+from treedistill.rollout.collate import to_batch
+from treedistill.rollout.sample import completion_text
+
+__all__ = ["DivergedError", "Learned", "RESUMABLE_CHANGES", "Shard", "apply_update", "derive_seed", "learn",
+           "load_problems", "load_train_policy", "take_problems", "train", "write_report"]
+
+# Settings that may differ between a run and its resumption: they change when the run stops or how it
+# is logged, not what any step computes (`steps` does move a linear decay that ends at `steps`).
+RESUMABLE_CHANGES = ("steps", "budget_generated_tokens", "budget_flops", "keep_checkpoints", "log_backends",
+                     "wandb_project", "eval_every", "checkpoint_every")
+# Quantities whose non-finite value skips an update, in the order they are named.
+CHECKED = ("policy_loss", "value_loss", "kl", "loss", "grad_norm")
+MAX_NONFINITE_IN_A_ROW = 3
+
+# Splits an environment can generate from (train_size, test_size, data_seed) when no file is given.
+GENERATORS = {"countdown": lambda cfg: generate_problems(cfg.train_size, cfg.test_size, cfg.data_seed)}
+
+
+class DivergedError(UsageError):
+    """The run stopped: MAX_NONFINITE_IN_A_ROW updates in a row had a non-finite loss or gradient."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plumbing the loop calls: data, seeds, forward pass, update, evaluation, files
+
+
+def load_problems(cfg: TrainConfig, env) -> tuple[list[dict], list[dict]]:
+    """(train, test) problems: from cfg.train_path / cfg.test_path, else generated (countdown: test
+    first, disjoint on env.key) or the environment's named split. Training problems equal to a test
+    problem under env.key are dropped, whatever their source."""
+    generated = GENERATORS[cfg.env](cfg) if cfg.env in GENERATORS else None
+    train = (load_split(cfg.env, "train", cfg.train_path) if cfg.train_path or generated is None
+             else generated[0])
+    test = load_split(cfg.env, "test", cfg.test_path) if cfg.test_path or generated is None else generated[1]
+    test_keys = {env.key(p) for p in test}
+    train = [p for p in train if env.key(p) not in test_keys]
+    if not train or not test:
+        raise UsageError(f"need training and test problems, got {len(train)} (after dropping test "
+                         f"problems) and {len(test)}")
+    return train, test
+
+
+def derive_seed(seed: int, what: str, step: int) -> int:
+    """A 31-bit seed for one random choice of one step, independent across (what, step)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{what}/{step}".encode()).digest()[:4], "little") >> 1
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(size: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(size))
+    random.Random(f"{seed}/data/{epoch}").shuffle(order)
+    return tuple(order)
+
+
+def take_problems(problems: Sequence[dict], seed: int, position: int, n: int) -> list[dict]:
+    """Problems position .. position + n - 1 of an endless stream: epoch e is a shuffle seeded by
+    (seed, e), so the stream is a pure function of (seed, position)."""
+    out = []
+    for i in range(position, position + n):
+        epoch, index = divmod(i, len(problems))
+        out.append(problems[_epoch_order(len(problems), seed, epoch)[index]])
+    return out
+
+
+def forward(policy, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(logits [B, T, V], log-probs of batch.input_ids [B, T], values V(s_t) [B, T] or None), the last
+    two in the Batch alignment (column t: the state that generated token t)."""
+    logits, hidden = policy.forward(batch.input_ids, batch.attention_mask)  # [B, T, V], [B, T, H]
+    logprobs = token_logprobs(logits, batch.input_ids)  # [B, T]
+    values = shift_right(policy.value_head(hidden)) if policy.value_head is not None else None  # [B, T]
+    return logits, logprobs, values
+
+
+def apply_update(optimizer, params: list, metrics: dict, cfg: TrainConfig) -> dict:
+    """Clip the accumulated gradients and step, or skip the step when a loss or the gradient norm is
+    not finite (the gradients are dropped either way). Returns metrics + grad_norm + nonfinite (the
+    names of the non-finite quantities; empty when the step was taken)."""
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    values = {**metrics, "grad_norm": grad_norm}
+    bad = [name for name in CHECKED if name in values and not math.isfinite(values[name])]
+    if not bad:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {**values, "nonfinite": bad}
+
+
+def _mean_metrics(updates: list[dict]) -> dict:
+    """Metrics of a step's updates: means, maxima for `*_max` keys."""
+    keys = [k for k in updates[0] if isinstance(updates[0][k], (int, float))]
+    return {k: (max(u[k] for u in updates) if k.endswith("_max") else sum(u[k] for u in updates) / len(updates))
+            for k in keys}
+
+
+def load_train_policy(cfg: TrainConfig):
+    """The policy to train, as the config says (model, dtype, device, value head, LoRA), in eval mode:
+    no dropout, so the trained function is the one that sampled. Generators of a distributed run load
+    theirs with this same function."""
+    lora = None if cfg.lora.r == 0 else {"r": cfg.lora.r, "alpha": cfg.lora.alpha,
+                                         **({"target_modules": list(cfg.lora.target_modules)}
+                                            if cfg.lora.target_modules else {})}
+    policy = load_policy(cfg.model, dtype=None if cfg.dtype == "auto" else cfg.dtype,
+                         device=None if cfg.device == "auto" else cfg.device,
+                         value_head=cfg.uses_value_head, lora=lora)
+    policy.model.eval()
+    return policy
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Which micro-batches of each minibatch this process trains on when several learner processes
+    share every update (data-parallel / FSDP): micro-batch i belongs to rank i % world, and `gather`
+    returns the metric dicts of all ranks' micro-batches (this process's own when world == 1).
+    Micro-batches are normalised by their minibatch's token count, so the ranks' gradients SUM to the
+    minibatch's gradient."""
+
+    rank: int = 0
+    world: int = 1
+    gather: Callable[[list[dict]], list[dict]] = list
+
+
+@dataclasses.dataclass(frozen=True)
+class Learned:
+    """What one step's learning did: the batch [B, T] it built (advantages filled in), its updates'
+    metrics, the learning rate, updates skipped as non-finite in this step, the non-finite streak
+    after it, and why the run must stop (None: it goes on)."""
+
+    batch: object
+    updates: list
+    lr: float
+    skipped: int
+    nonfinite_streak: int
+    diverged: str | None
+
+    def metrics(self, trajectories: Sequence, skipped_updates: int) -> dict:
+        """The learning part of the step's metrics line (skipped_updates: the run's total)."""
+        rewards = self.batch.rewards
+        return {"kind": "train", **_mean_metrics(self.updates), "lr": self.lr,
+                "updates": len(self.updates), "skipped_updates": skipped_updates,
+                "nonfinite": ",".join(sorted({n for u in self.updates for n in u["nonfinite"]})),
+                "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+                "sparse_mean": sum(t.sparse for t in trajectories) / len(trajectories),
+                "completion_tokens_mean": float(self.batch.loss_mask.sum(dim=1).mean())}
+
+
+def learn(trajectories: Sequence, *, policy, reference, method, optimizer, params: list, counters: ComputeCounters,
+          cfg: TrainConfig, step: int, nonfinite_streak: int, shard: Shard = Shard()) -> Learned:
+    """Steps 2 to 4 of the loop on one step's trajectories: rewards -> advantages (with V(s_t) and the
+    reference log-probs of these very rows) -> cfg.epochs x minibatches optimizer updates, each
+    accumulated over micro-batches. Counts the learner's compute into `counters`."""
+    # 2. rewards -> 3. advantages, with V(s_t) and the reference log-probs of these very rows
+    batch = to_batch(trajectories, pad_id=policy.pad_token_id, device=policy.device)
+    # (the reference pass only where the loss has a KL term: a method without one is not charged for it)
+    old_values, ref_logprobs = [], []
+    micros = batch.split(cfg.micro_batch_rows)
+    with torch.no_grad():
+        for micro in micros:
+            if policy.value_head is not None:
+                old_values.append(forward(policy, micro)[2])
+            if cfg.kl_coef > 0:
+                ref_logprobs.append(reference(micro.input_ids, micro.attention_mask))
+    passes = (policy.value_head is not None) + (cfg.kl_coef > 0)
+    counters.add_learning(inference_tokens=passes * int(batch.attention_mask.sum()),
+                          forward_calls=passes * len(micros))
+    width = batch.input_ids.shape[1]
+    old_values = _pad_cat(old_values, width) if old_values else None  # [B, T]
+    advantages, returns = method.advantages(batch.rewards, old_values, batch.loss_mask, cfg)  # [B, T] x2
+    batch = dataclasses.replace(batch, advantages=advantages, returns=returns, old_values=old_values,
+                                ref_logprobs=_pad_cat(ref_logprobs, width) if ref_logprobs else None)
+
+    # 4. loss and optimizer update(s): epochs x minibatches, each accumulated over micro-batches
+    lr = cfg.lr * cfg.lr_multiplier(step - 1)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    shuffle = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatches", step))
+    updates, skipped = [], 0
+    for _ in range(cfg.epochs):
+        for minibatch in batch.minibatches(cfg.minibatch_rows, shuffle):
+            parts, trained_tokens = [], 0
+            for i, micro in enumerate(minibatch.split(cfg.micro_batch_rows)):
+                if i % shard.world != shard.rank:
+                    continue
+                logits, logprobs, values = forward(policy, micro)
+                loss, metrics = method.loss(micro, logprobs, values, cfg, entropy=token_entropy(logits))
+                loss.backward()
+                parts.append(metrics)
+                trained_tokens += int(micro.attention_mask.sum())
+            counters.add_learning(train_tokens=trained_tokens, forward_calls=len(parts))
+            update = apply_update(optimizer, params, combine_metrics(shard.gather(parts)), cfg)
+            updates.append(update)
+            skipped += bool(update["nonfinite"])
+            nonfinite_streak = nonfinite_streak + 1 if update["nonfinite"] else 0
+            if nonfinite_streak >= MAX_NONFINITE_IN_A_ROW:
+                return Learned(batch, updates, lr, skipped, nonfinite_streak,
+                               f"step {step}: non-finite {', '.join(update['nonfinite'])} in {nonfinite_streak} "
+                               "updates in a row; run stopped (its last checkpoint holds the weights before)")
+    return Learned(batch, updates, lr, skipped, nonfinite_streak, None)
+
+
+def _clear_cache(engine) -> None:
+    """Empty the engine's prefix cache (a backend without one has nothing to clear)."""
+    getattr(engine, "clear_cache", lambda: None)()
+
+
+def _reference(policy, stack: contextlib.ExitStack):
+    """ref(input_ids, attention_mask) -> log-probs [B, T] (Batch alignment) under the FROZEN initial
+    policy: the disabled LoRA adapter when there is one, else a frozen copy made now."""
+    lora_ref = stack.enter_context(policy.reference())
+    if lora_ref is not None:
+        def ref(ids, mask):
+            return torch.cat([torch.zeros_like(ids[:, :1], dtype=torch.float32), lora_ref(ids, mask)], dim=1)
+        return ref
+    frozen = dataclasses.replace(policy, model=copy.deepcopy(policy.model).requires_grad_(False), value_head=None)
+
+    def ref(ids, mask):
+        return token_logprobs(frozen.forward(ids, mask)[0], ids)  # [B, T]
+    return ref
+
+
+def _resume_point(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to continue from: auto = the run folder's newest complete one (None: start),
+    never = none (refused if the folder already holds checkpoints), else a checkpoint or run folder."""
+    if resume == "auto":
+        return checkpoint.latest_checkpoint(run_dir)
+    if resume == "never":
+        if checkpoint.latest_checkpoint(run_dir) is not None:
+            raise UsageError(f"{run_dir} already holds checkpoints; use another --run-dir or --resume auto")
+        return None
+    path = Path(resume).expanduser()
+    if (path / checkpoint.MARKER).is_file():
+        return path
+    found = checkpoint.latest_checkpoint(path) if path.is_dir() else None
+    if found is None:
+        raise UsageError(f"--resume {resume}: not a complete checkpoint nor a run folder holding one")
+    return found
+
+
+def _check_same_run(saved_yaml: str, cfg: TrainConfig) -> None:
+    saved, now = yaml.safe_load(saved_yaml), yaml.safe_load(to_yaml(cfg))
+    changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if changed:
+        raise UsageError(f"cannot resume: the config differs from the checkpoint's in {', '.join(changed)} "
+                         f"(only {', '.join(RESUMABLE_CHANGES)} may change); use a new --run-dir")
+
+
+def _truncate_jsonl(path: Path, step: int | None) -> None:
+    """Keep the records of steps <= step (None: none), so a resumed run rewrites what followed."""
+    kept = []
+    if step is not None and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", math.inf) <= step:
+                    kept.append(line + "\n")
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _append_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def _sample_records(ctx: RolloutContext, problems: Sequence[dict], step: int, trajectories: Sequence) -> list[dict]:
+    """A few decoded trajectories for samples.jsonl: one sample per listed test problem at the evaluation
+    temperature (seeded, like the evaluation), and the given training trajectories."""
+    cfg, policy = ctx.cfg, ctx.policy
+    records = []
+    if problems:
+        prompts = [policy.prompt_ids(ctx.env.messages(p, compact=policy.compact_prompt)) for p in problems]
+        outputs = ctx.engine.sample(prompts, n=1, max_new_tokens=cfg.max_new_tokens,
+                                    temperature=cfg.eval_temperature, seed=cfg.seed)
+        for problem, prompt, (s,) in zip(problems, prompts, outputs):
+            text = completion_text(policy, s.tokens)
+            score = ctx.env.score(problem, text)
+            records.append({"step": step, "kind": "eval", "problem": problem, "prompt": policy.decode(prompt),
+                            "completion": text, "reward": score.dense, "sparse": score.sparse})
+    for t in trajectories:
+        records.append({"step": step, "kind": "train", "prompt": policy.decode(t.prompt_ids),
+                        "completion": completion_text(policy, t.completion_ids), "reward": t.reward,
+                        "sparse": t.sparse, "search_tokens": t.search_tokens})
+    return records
+
+
+def write_report(run_dir: Path, cfg: TrainConfig, stop_reason: str, wall_s: float) -> str:
+    """report.md from metrics.jsonl: the final evaluation, the learning curve as a table, compute."""
+    records = read_metrics(run_dir)
+    evals = [r for r in records if r.get("kind") == "eval"]
+    trains = {r["step"]: r for r in records if r.get("kind") == "train"}
+    k = cfg.eval_k
+    lines = [f"# Training run: {cfg.method} on {cfg.env} with {cfg.model}", "",
+             f"Stopped: {stop_reason}. Steps done: {max(trains, default=0)}. Wall time: {format_duration(wall_s)}.", ""]
+    if evals:
+        first, last = evals[0], evals[-1]
+        lines += ["## Final evaluation (no search, sparse reward)", "",
+                  f"mean@{k} at step {last['step']}: {100 * last['eval_accuracy']:.2f}% "
+                  f"+- {100 * last['eval_stderr']:.2f} ({last['eval_problems']} test problems x {k} samples at "
+                  f"T={cfg.eval_temperature}); at step {first['step']}: {100 * first['eval_accuracy']:.2f}% "
+                  f"+- {100 * first['eval_stderr']:.2f}.", "",
+                  "## Learning curve", "",
+                  f"| step | generated tokens | total FLOPs | mean@{k} % | stderr | pass@{k} % | train reward |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in evals:
+            reward = trains.get(r["step"], {}).get("reward_mean")
+            lines.append(f"| {r['step']} | {r['rollout_generated_tokens']:,} | {r['total_flops']:.3g} | "
+                         f"{100 * r['eval_accuracy']:.2f} | {100 * r['eval_stderr']:.2f} | "
+                         f"{100 * r['eval_pass_at_k']:.1f} | {'' if reward is None else f'{reward:+.3f}'} |")
+        lines.append("")
+    if trains:
+        c = trains[max(trains)]
+        lines += ["## Compute (cumulative)", "", "| quantity | rollout | learning |", "|---|---:|---:|",
+                  f"| tokens | {c['rollout_generated_tokens']:,} generated, {c['rollout_prompt_tokens']:,} prefill, "
+                  f"{c['rollout_cached_tokens']:,} from cache, {c['rollout_scored_tokens']:,} scored | "
+                  f"{c['learn_train_tokens']:,} trained, {c['learn_inference_tokens']:,} no-grad |",
+                  f"| forward calls | {c['rollout_forward_calls']:,} | {c['learn_forward_calls']:,} |",
+                  f"| FLOPs (estimate) | {c['rollout_flops']:.3g} | {c['learn_flops']:.3g} |", ""]
+    lines += ["## Config", "", "```yaml", to_yaml(cfg).rstrip(), "```", ""]
+    text = "\n".join(lines)
+    tmp = run_dir / "report.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, run_dir / "report.md")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine: str = "native",
+          progress: bool = True) -> dict:
+    """Run (or continue) training as the config says; returns a summary of the run.
+
+    resume: "auto" (continue from the run folder's newest complete checkpoint, else start), "never"
+    (start; refused if the folder holds checkpoints) or a checkpoint / run folder path.
+    engine: generation backend, "native" (KV cache shared across the search tree) or "hf".
+    """
+    # ---- set-up: everything that can refuse the input comes before any compute
+    run_dir = Path(run_dir)
+    method = METHODS[cfg.method]
+    start_from = _resume_point(run_dir, resume)
+    saved = checkpoint.load_checkpoint(start_from) if start_from is not None else None
+    if saved is not None:
+        _check_same_run(saved["config"], cfg)
+    env = get_env(cfg.env)
+    train_problems, test_problems = load_problems(cfg, env)
+    eval_problems = test_problems[:cfg.eval_problems] if cfg.eval_problems else test_problems
+    torch.manual_seed(cfg.seed)
+    policy = load_train_policy(cfg)
+    stack = contextlib.ExitStack()
+    # the frozen initial policy, for the KL term: taken BEFORE any checkpoint weights are loaded
+    reference = _reference(policy, stack) if cfg.kl_coef > 0 else None
+    gen = make_engine(policy, engine)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    if policy.value_head is not None:
+        params += list(policy.value_head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    head_params = sum(p.numel() for p in policy.value_head.parameters()) if policy.value_head is not None else 0
+    counters = ComputeCounters(params=policy.num_parameters + head_params)
+    step = position = skipped_updates = nonfinite_streak = 0
+    wall_before = 0.0
+    if saved is not None:
+        policy.model.load_state_dict(saved["model"])
+        if policy.value_head is not None:
+            policy.value_head.load_state_dict(saved["value_head"])
+        optimizer.load_state_dict(saved["optimizer"])
+        counters.load_state_dict(saved["counters"])
+        checkpoint.set_rng_state(saved["rng"])
+        loop = saved["loop"]
+        step, position = int(loop["step"]), int(loop["position"])
+        skipped_updates, nonfinite_streak = int(loop["skipped_updates"]), int(loop["nonfinite_streak"])
+        wall_before = float(loop["wall_s"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    resumed_at = step if saved is not None else None
+    logger = MetricsLogger(run_dir, cfg.log_backends, resume_step=resumed_at, config=dataclasses.asdict(cfg),
+                           wandb_project=cfg.wandb_project)
+    _truncate_jsonl(run_dir / "samples.jsonl", resumed_at)
+    ctx = RolloutContext(engine=gen, policy=policy, env=env, cfg=cfg)
+    started = time.perf_counter()
+
+    def wall() -> float:
+        return wall_before + time.perf_counter() - started
+
+    def evaluation(at_step: int, trajectories: Sequence = ()) -> dict:
+        t0 = time.perf_counter()
+        _clear_cache(gen)
+        result = evaluate(gen, policy, env, eval_problems, k=cfg.eval_k, temperature=cfg.eval_temperature,
+                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        shown = eval_problems[:cfg.eval_samples_logged]
+        _append_jsonl(run_dir / "samples.jsonl",
+                      _sample_records(ctx, shown, at_step, trajectories[:cfg.eval_samples_logged]))
+        stats = {f"eval_{k}": v for k, v in result.to_dict().items() if k != "seconds"}
+        return logger.log(at_step, {"kind": "eval", **stats, **counters.as_dict(), "eval_s": time.perf_counter() - t0,
+                                    "wall_s": wall()})
+
+    if step == 0:
+        evaluation(0)  # before RL
+    budget = functools.partial(counters.budget_exhausted, generated_tokens=cfg.budget_generated_tokens,
+                               flops=cfg.budget_flops)
+    stop_reason = budget() or (f"all {cfg.steps} steps done" if step >= cfg.steps else None)
+    bar = Progress(cfg.steps, initial=step, desc=f"train {cfg.method}") if progress and stop_reason is None else None
+    last_eval = None
+    try:
+        while stop_reason is None:
+            step += 1
+            t_step = time.perf_counter()
+
+            # 1. collect trajectories (scored inside: best-of-N and the search choose by reward)
+            _clear_cache(gen)  # cached keys/values belong to the weights before the last update
+            problems = take_problems(train_problems, cfg.seed, position, cfg.problems_per_step)
+            position += len(problems)
+            before = gen.counters.snapshot()
+            rollout = method.rollout(ctx, problems, derive_seed(cfg.seed, "rollout", step))
+            after = gen.counters.snapshot()
+            counters.add_rollout(**{name: after[name] - before.get(name, 0) for name in after})
+            trajectories = rollout.trajectories
+            assert len(trajectories) == cfg.trajectories_per_step, (
+                f"{cfg.method} rollout returned {len(trajectories)} trajectories, expected "
+                f"{cfg.trajectories_per_step} (problems_per_step x samples per problem)")
+            t_rollout = time.perf_counter()
+
+            # 2. rewards -> 3. advantages -> 4. loss and optimizer update(s)
+            learned = learn(trajectories, policy=policy, reference=reference, method=method, optimizer=optimizer,
+                            params=params, counters=counters, cfg=cfg, step=step, nonfinite_streak=nonfinite_streak)
+            skipped_updates += learned.skipped
+            nonfinite_streak = learned.nonfinite_streak
+            t_learn = time.perf_counter()
+
+            # 5. log
+            stop_reason = budget() or (f"all {cfg.steps} steps done" if step >= cfg.steps else None)
+            record = logger.log(step, {
+                **learned.metrics(trajectories, skipped_updates),
+                **rollout.stats, **counters.as_dict(), "problems_seen": position,
+                "rollout_s": t_rollout - t_step, "learn_s": t_learn - t_rollout, "wall_s": wall(),
+            })
+            if learned.diverged:
+                raise DivergedError(learned.diverged)
+
+            # 6. periodic evaluation (mean@k, sparse reward, no search), and always at the end
+            if (cfg.eval_every and step % cfg.eval_every == 0) or stop_reason:
+                last_eval = evaluation(step, trajectories)
+
+            # 7. checkpoint (atomic; the newest keep_checkpoints kept), and always at the end
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or stop_reason:
+                checkpoint.save_checkpoint(run_dir, step, {
+                    "model": policy.model.state_dict(),
+                    **({"value_head": policy.value_head.state_dict()} if policy.value_head is not None else {}),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": checkpoint.rng_state(),
+                    "counters": counters.state_dict(),
+                    "loop": {"step": step, "position": position, "skipped_updates": skipped_updates,
+                             "nonfinite_streak": nonfinite_streak, "wall_s": wall()},
+                    "config": to_yaml(cfg),
+                }, keep=cfg.keep_checkpoints)
+            if bar is not None:
+                bar.update(1, reward=record["reward_mean"], loss=record.get("loss", math.nan),
+                           **({"mean@k": last_eval["eval_accuracy"]} if last_eval else {}))
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+        stack.close()
+
+    # ---- the end: report.md and a summary
+    write_report(run_dir, cfg, stop_reason, wall())
+    evals = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
+    return {"run_dir": str(run_dir), "method": cfg.method, "steps": step, "stop_reason": stop_reason,
+            "skipped_updates": skipped_updates, "eval_k": cfg.eval_k,
+            "curve": [{"step": r["step"], "generated_tokens": r["rollout_generated_tokens"],
+                       "total_flops": r["total_flops"], "accuracy": r["eval_accuracy"],
+                       "stderr": r["eval_stderr"]} for r in evals],
+            **counters.as_dict(), "wall_s": wall()}
+
+
+def _pad_cat(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Micro-batch results [b_i, T_i] (T_i <= width after `select` trimmed padding) -> [B, width]."""
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts], dim=0)
