@@ -129,7 +129,7 @@ class TrainConfig:
     test_path: str | None = None               # JSONL of test problems; None = generate test_size
     train_size: int = 20000                    # problems generated when train_path is None
     test_size: int = 820                       # problems generated when test_path is None
-    data_seed: int = 0                         # seed of generated problems (splits disjoint by the env)
+    data_seed: int = 42                        # seed of generated problems; 42 = the shipped splits (treedistill/data)
     # rollout
     steps: int = 2048                          # optimizer batches (training steps) to run
     problems_per_step: int = 32                # training problems drawn per step

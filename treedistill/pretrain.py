@@ -11,6 +11,10 @@ reference's instruct model before RL (3.1% mean@16), so that RL has real headroo
   targets, `countdown.generate_problems` on `problem_seed`), solved by `countdown.solve`. These show
   what reaching a hard target looks like; their share sets where the model lands.
 
+Chosen share: 5% solver traces. With the defaults (2,000 steps of 48 traces, `--seed 0`, the shipped
+checkpoint) it measured mean@16 = 1.8% +- 0.2 on the 820-problem test split at T = 0.2 (reference
+before RL: 3.1%), pass@16 13%, 92.9% well-formed samples; see pretrain.json in the checkpoint.
+
 Never trained on test problems: solver problems whose key is in `exclude` (the test split) are
 dropped, and a random-play trace whose (sorted numbers, reached value) equals a test problem's key is
 redrawn (random play reaches a test target now and then, and that trace would be a test solution).

@@ -33,8 +33,8 @@ How a budget is spent.
   average over problems, not per problem; the tokens actually used are reported and the plot puts
   every point at its measured mean cost. A budget below the pilot's cost of a root expansion, one
   simulation and a completion is skipped with a note. Each node is expanded once (K samples, no
-  progressive widening), so a tree is finite: when doubling the simulations adds under 5% tokens the
-  search is saturated, reported at its measured cost with a note, and larger budgets are skipped.
+  progressive widening), so a tree is finite: when the tokens grow with an elasticity under 0.1 in
+  the simulations (doubling them adds under 7%) the search is saturated, reported at its measured cost with a note, and larger budgets are skipped.
 - Legality filter. Majority vote counts, and the value head chooses among, answers that parse and use
   only the problem's given numbers (on GSM8K: answers that are numbers), which the prompt states and
   needs no ground truth; when no sample has one, the value head picks among all samples.
@@ -151,6 +151,7 @@ class SweepConfig:
     max_simulations: int = 4096
     budget_tolerance: float = 0.1   # MCTS: mean tokens within 10% of the budget, else refit and rerun
     budget_tries: int = 3           # MCTS: runs per budget at most
+    saturation_elasticity: float = 0.1  # MCTS: d log tokens / d log simulations below this = saturated
     verifier: bool = False          # add the mcts+verifier and bon+verifier rows (they use the reward)
     rows_per_call: int = 2048       # best-of-N stream: samples per engine call at most
 
@@ -455,16 +456,19 @@ def run_mcts(ctx: _Context, budget: int, cost: _Cost, method: str = "mcts") -> C
         outcomes = _search(ctx, ctx.problems, sims, MCTS_VARIANTS[method])
         tried[sims] = (outcomes, time.perf_counter() - start)
         used = _mean([o.generated_tokens for o in outcomes])
-        earlier = [t for s_, t in cost.runs if 2 * s_ <= sims]
+        earlier = [(s_, t) for s_, t in cost.runs if 2 * s_ <= sims and t > 0]
         cost.runs.append((sims, used))
         if abs(used - budget) <= cfg.budget_tolerance * budget or (used < budget and sims >= cfg.max_simulations):
             break
-        # Saturated: twice the simulations or more added under 5% tokens. Each node is expanded once
-        # (K samples, no widening), so a tree is finite; once its lines end in terminal nodes, more
-        # simulations revisit them and generate nothing: the budget cannot be spent.
-        if used < budget and earlier and used < 1.05 * max(earlier):
-            saturated = True
-            break
+        # Saturated: the tokens grow with an elasticity under 0.1 against a run with half the
+        # simulations or fewer (doubling them adds under 7%). Each node is expanded once (K samples,
+        # no widening), so a tree is finite; once its lines end in terminal nodes, more simulations
+        # revisit them and generate nothing: the budget cannot be spent.
+        if used < budget and earlier:
+            s0, t0 = max(earlier)
+            if math.log(max(used, t0) / t0) / math.log(sims / s0) < cfg.saturation_elasticity:
+                saturated = True
+                break
         sims = min(max(cost.guess(budget), 1), cfg.max_simulations)
 
     def miss(s: int) -> tuple[bool, float]:
