@@ -226,14 +226,14 @@ def _overall(active: list[_Active], queued: int, durations: list[float], jobs: i
     """Runs done / running / queued and a rough ETA: active runs' own estimates, queued runs costed at
     the mean (projected) duration of the runs seen so far, spread over the parallel jobs."""
     lefts = [_progress(a.spec)[2] for a in active]
-    known = [(a, left) for a, left in zip(active, lefts) if math.isfinite(left)]
-    totals = durations + [now - a.started + left for a, left in known]
+    totals = durations + [now - a.started + left for a, left in zip(active, lefts) if math.isfinite(left)]
     per_run = sum(totals) / len(totals) if totals else math.nan
-    if len(known) < len(active) or (queued and not totals):
+    # a run without its own estimate yet (evaluating before RL) is costed like the others
+    lefts = [left if math.isfinite(left) else max(0.0, per_run - (now - a.started)) for a, left in zip(active, lefts)]
+    if (active or queued) and not totals:
         eta = "?"
     else:
-        left = max(max((x for _, x in known), default=0.0), (sum(x for _, x in known) + queued * per_run) / jobs)
-        eta = format_duration(left)
+        eta = format_duration(max(max(lefts, default=0.0), (sum(lefts) + queued * per_run) / jobs))
     return (f"overall: {len(durations)} done, {len(active)} running, {queued} queued; elapsed "
             f"{format_duration(elapsed)}, eta ~{eta}")
 

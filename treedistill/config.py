@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from treedistill.datasets import resolve_path
 from treedistill.errors import UsageError
 
 __all__ = [
@@ -246,7 +247,7 @@ class TrainConfig:
         ]
         for name in ("train_path", "test_path"):
             path = getattr(self, name)
-            problems += _check(path is None or Path(path).expanduser().is_file(),
+            problems += _check(path is None or resolve_path(path).is_file(),
                                f"{name}: no such file {path!r} (null = generate the split)")
         for name in ("train_size", "test_size", "steps", "problems_per_step", "bon_n", "max_new_tokens",
                      "epochs", "eval_k", "keep_checkpoints"):

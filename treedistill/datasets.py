@@ -13,7 +13,17 @@ from pathlib import Path
 from treedistill.errors import UsageError
 
 DATA_DIR = Path(__file__).parent / "data"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "test")
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A data path as given, or, when it is relative and missing from the working directory, relative
+    to the checkout (presets name `../shared/data/...`, which sits beside the repository)."""
+    path = Path(path).expanduser()
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        return REPO_ROOT / path
+    return path
 
 
 def _countdown(split: str, path: str | Path | None) -> list[dict]:
@@ -37,4 +47,4 @@ def load_split(env_name: str, split: str = "test", path: str | Path | None = Non
         raise UsageError(f"unknown env {env_name!r}; known: {', '.join(LOADERS)}")
     if path is None and split not in SPLITS:
         raise UsageError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
-    return LOADERS[env_name](split, path)
+    return LOADERS[env_name](split, None if path is None else resolve_path(path))
