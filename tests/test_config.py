@@ -82,7 +82,7 @@ def test_overrides_coerce_to_field_types():
     (["method=alphazero"], "method must be one of mcts, bon, grpo, cispo, ppo"),
     (["learning_rate=1e-4"], "unknown key learning_rate"),
     (["search.simulation=8"], "did you mean search.simulations"),
-    (["minibatch_size=12"], "minibatch_size=12 is not divisible by group_size=8"),
+    (["minibatch_size=12"], "minibatch_size=12 is not divisible by group_size=16"),
     (["minibatch_size=24"], "must divide the batch of 64 trajectories"),
     (["budget_generated_tokens=-5"], "budget_generated_tokens must be null or > 0"),
     (["budget_flops=-1e18"], "budget_flops must be null or > 0"),
@@ -130,7 +130,7 @@ def test_train_config_serves_as_loss_and_advantage_cfg():
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert {f.name for f in dataclasses.fields(LossConfig)} <= train_fields
     assert {"group_size", "gamma", "lam"} <= train_fields
-    cfg = load_config(preset="countdown-tiny-grpo")
+    cfg = load_config(preset="countdown-tiny-grpo", overrides=["group_size=8"])
     advantages, _ = ADVANTAGE_FNS[cfg.advantage](torch.tensor([1.0] + [0.0] * 7), None, torch.ones(8, 2), cfg)
     assert advantages.shape == (8, 2)
 

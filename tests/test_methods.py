@@ -186,3 +186,25 @@ def test_search_rollout_renumbers_groups_across_search_calls():
     # the same seed repeats the same trajectories (resume relies on it)
     again = search_rollout(RolloutContext(NativeEngine(policy), policy, ctx.env, cfg), problems, seed=3)
     assert [t.completion_ids for t in again.trajectories] == [t.completion_ids for t in traj]
+
+
+def test_sparse_training_reward_is_what_rollouts_score_and_choose_by():
+    from treedistill.methods import REWARDS, TrainingReward
+
+    assert set(REWARDS) == {"dense", "sparse"}
+    ctx, _ = _context(**GRPO, reward="sparse")
+    traj = group_rollout(ctx, PROBLEMS, seed=11).trajectories
+    assert [t.reward for t in traj] == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]  # the 0/1 evaluation reward
+    assert [t.sparse for t in traj] == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    # best-of-N by the sparse reward: problem 0's first sample and problem 1's second are the correct ones
+    ctx, _ = _context(method="bon", bon_n=3, reward="sparse")
+    assert [t.reward for t in best_of_n_rollout(ctx, PROBLEMS, seed=5).trajectories] == [1.0, 1.0]
+    # the wrapped environment is the environment in everything but the training reward
+    env = CountdownEnv()
+    wrapped = TrainingReward(env, "sparse")
+    assert (wrapped.name, wrapped.step_end) == (env.name, env.step_end)
+    assert wrapped.messages(PROBLEMS[0], compact=True) == env.messages(PROBLEMS[0], compact=True)
+    assert wrapped.key(PROBLEMS[0]) == env.key(PROBLEMS[0])
+    near = wrapped.score(PROBLEMS[0], "<answer>3*5+7-2</answer>")  # 20 for 22: dense 1 - 2 * 2/22
+    assert (near.dense, near.sparse, near.well_formed) == (0.0, 0.0, True)
+    assert env.score(PROBLEMS[0], "<answer>3*5+7-2</answer>").dense == pytest.approx(1 - 4 / 22)

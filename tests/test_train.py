@@ -161,6 +161,7 @@ def test_three_nonfinite_updates_in_a_row_stop_the_run_naming_step_and_quantity(
     policy.save(tmp_path / "nan-model")
     run = tmp_path / "run"
     code, out = _train("--preset", "countdown-tiny-ppo", "--steps", "6", "--set", f"model={tmp_path / 'nan-model'}",
+                       "--set", "fresh_value_head=false",
                        "--run-dir", str(run), capsys=capsys)
     assert code == 2
     assert "step 3: non-finite policy_loss, value_loss, loss, grad_norm in 3 updates in a row" in out.err
@@ -210,3 +211,18 @@ def test_engine_never_serves_keys_values_of_weights_before_an_update():
     optimizer.step()
     after = engine.logprobs([sequence], [10])
     assert after == NativeEngine(policy).logprobs([sequence], [10])  # as a fresh engine, no stale cache
+
+
+def test_fresh_value_head_replaces_the_saved_one_deterministically():
+    from treedistill.train import load_train_policy
+
+    def head(**settings):
+        cfg = TrainConfig(model="tiny", device="cpu", dtype="float32", **settings)
+        return load_train_policy(cfg).value_head.state_dict()
+
+    saved, fresh, again, other = head(), head(fresh_value_head=True), head(fresh_value_head=True), \
+        head(fresh_value_head=True, seed=1)
+    assert saved.keys() == fresh.keys()
+    assert not all(torch.equal(saved[k], fresh[k]) for k in saved)  # not the saved head
+    assert all(torch.equal(fresh[k], again[k]) for k in fresh)  # the same one for the same seed
+    assert not all(torch.equal(fresh[k], other[k]) for k in fresh)

@@ -4,7 +4,8 @@ and `treedistill demo`.
 
 How a comparison runs:
 - Plan (before any compute): one run per (label, seed), in OUT/<preset>/seed-<s>/, its config
-  validated by `load_config`. `steps` is raised to STEPS_CAP so that the budget, not the step count,
+  resolved once and validated by `load_config` (so a preset edited while the comparison runs does
+  not change it; a later invocation with the edited preset is refused for that folder). `steps` is raised to STEPS_CAP so that the budget, not the step count,
   ends every run (a linear-decay schedule keeps the preset's horizon through `lr_decay_steps`), and
   `eval_every` is 0: runs are evaluated at budget points instead of step counts.
 - Segments: a run is trained to budget/E, 2 budget/E, ..., budget (E = `evaluations`), resuming
@@ -23,18 +24,19 @@ How a comparison runs:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import math
 import multiprocessing
 import os
 import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from treedistill.config import load_config, to_yaml
+from treedistill.config import TrainConfig, load_config, to_yaml
 from treedistill.errors import UsageError
 from treedistill.metrics import format_duration
 from treedistill.report import headline, read_records, read_run, summarize, table_text, write_report
@@ -47,20 +49,20 @@ STEPS_CAP = 1_000_000  # steps of a comparison run: the budget ends it long befo
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of a comparison: `preset` + `overrides` (seed, steps and eval settings included; the
-    budget is not: it is given per segment) trained to the segment budgets in turn."""
+    """One run of a comparison. `cfg` is resolved once, when the comparison is planned, at the final
+    budget: every segment trains with it (at its own budget), so editing a preset while a comparison
+    runs cannot change a run half-way."""
 
     label: str
     preset: str
     seed: int
-    overrides: tuple[str, ...]
     run_dir: str
     budgets: tuple[int, ...]      # segment ends in generated tokens, increasing; the last is the budget
+    cfg: TrainConfig
 
-    def config(self, budget: int | None = None):
-        """The run's TrainConfig, at `budget` (default: the final budget)."""
-        budget = self.budgets[-1] if budget is None else budget
-        return load_config(preset=self.preset, overrides=[*self.overrides, f"budget_generated_tokens={budget}"])
+    def config(self, budget: int | None = None) -> TrainConfig:
+        """The run's TrainConfig at `budget` (default: the final budget)."""
+        return self.cfg if budget is None else dataclasses.replace(self.cfg, budget_generated_tokens=budget)
 
 
 @dataclass(frozen=True)
@@ -113,11 +115,10 @@ def plan_runs(presets: Mapping[str, str], *, seeds: Sequence[int], budget: int, 
         if not _given(overrides, "eval_every"):
             extra.append("eval_every=0")
         for seed in seeds:
-            spec = RunSpec(label=label, preset=preset, seed=int(seed),
-                           overrides=(*overrides, *extra, f"seed={int(seed)}"),
-                           run_dir=str(out / preset / f"seed-{int(seed)}"), budgets=budgets)
-            spec.config()  # validates
-            specs.append(spec)
+            cfg = load_config(preset=preset, overrides=[*overrides, *extra, f"seed={int(seed)}",
+                                                        f"budget_generated_tokens={budgets[-1]}"])
+            specs.append(RunSpec(label=label, preset=preset, seed=int(seed),
+                                 run_dir=str(out / preset / f"seed-{int(seed)}"), budgets=budgets, cfg=cfg))
     return specs
 
 
@@ -157,7 +158,7 @@ def _check_folder(spec: RunSpec) -> None:
                          "give another output folder or remove it")
 
 
-def _train_run(spec_fields: dict) -> dict:
+def _train_run(spec: RunSpec) -> dict:
     """Worker: train one run through its remaining segments (runs in a spawned process)."""
     import torch
     from transformers.utils import logging as hf_logging
@@ -166,8 +167,6 @@ def _train_run(spec_fields: dict) -> dict:
     hf_logging.disable_progress_bar()  # progress is reported by the parent, per run
     from treedistill.train import train
 
-    spec = RunSpec(**{**spec_fields, "overrides": tuple(spec_fields["overrides"]),
-                      "budgets": tuple(spec_fields["budgets"])})
     summary = None
     for budget in spec.budgets:
         state = run_state(spec)
@@ -268,7 +267,7 @@ def run_all(specs: Sequence[RunSpec], *, jobs: int = 1, log: Callable[[str], Non
                             + (f"continuing from step {state.checkpoint_step} "
                                f"({state.checkpoint_tokens:,} tokens)" if state.checkpoint_step else "starting")
                             + f" -> {spec.budgets[-1]:,} generated tokens, in {spec.run_dir}")
-                        future = pool.submit(_train_run, asdict(spec))
+                        future = pool.submit(_train_run, spec)
                         active.append(_Active(spec, future, time.perf_counter()))
                     finished, _ = cf.wait([a.future for a in active], timeout=poll_s,
                                           return_when=cf.FIRST_COMPLETED)

@@ -43,6 +43,7 @@ LR_SCHEDULES = ("constant", "linear-decay")
 SELECT_RULES = ("puct", "uct", "gumbel")  # the keys of search.select.SELECT_RULES
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_BACKENDS = ("jsonl", "tensorboard", "wandb")
+TRAIN_REWARDS = ("dense", "sparse")  # the keys of methods.REWARDS
 
 # What each method may be combined with. Sampling methods with a group baseline have no value head;
 # the others learn a value head whose estimates are their baseline.
@@ -138,6 +139,7 @@ class TrainConfig:
     bon_n: int = 64                            # samples per problem for bon (the best is kept)
     search: SearchSettings = field(default_factory=SearchSettings)  # tree search (method mcts)
     temperature: float = 1.0                   # sampling temperature of grpo | cispo | ppo | bon rollouts
+    reward: str = "dense"                      # reward trained on (and searched with): dense (the reference) | sparse (0/1)
     max_new_tokens: int = 512                  # completion length limit (rollouts and evaluation)
     # optimiser
     lr: float = 5e-6                           # AdamW peak learning rate
@@ -155,6 +157,7 @@ class TrainConfig:
     eps_high: float = 4.0                      # CISPO weight cap 1 + eps_high (4.0 = the reference's 5.0)
     ppo_clip: float = 0.2                      # PPO-clip range [1 - ppo_clip, 1 + ppo_clip]
     value_coef: float = 1.0                    # c_v, weight of the value MSE; 0 = no value head
+    fresh_value_head: bool = False             # start from a new (seeded) value head, not the model's saved one
     kl_coef: float = 0.05                      # beta, weight of the k3 KL to the frozen initial policy
     advantage: str = "reward_minus_value"      # group | reward_minus_value | gae
     gamma: float = 1.0                         # GAE discount
@@ -262,6 +265,7 @@ class TrainConfig:
         problems += [
             *_check(self.lr > 0, f"lr must be > 0 (got {self.lr})"),
             *_allowed("lr_schedule", self.lr_schedule, LR_SCHEDULES),
+            *_allowed("reward", self.reward, TRAIN_REWARDS),
             *_check(self.temperature > 0, f"temperature must be > 0 (got {self.temperature})"),
             *_allowed("policy_loss", self.policy_loss, POLICY_LOSSES),
             *_check(self.eps_low is None or 0 < self.eps_low <= 1,

@@ -21,6 +21,11 @@ which method it runs. All of them share one signature per slot:
 Where a config field picks a variant inside a slot (cfg.advantage: reward_minus_value | gae;
 cfg.policy_loss: cispo | ppo), config.py has already refused the combinations a method does not
 allow, so the slots below stay single functions.
+
+The reward trained on is cfg.reward, one of the environment's two (`REWARDS`): dense (the reference's,
+method.md) or sparse (1 iff correct: the evaluation reward). Every rollout sees the environment through
+`TrainingReward`, whose `score(...).dense` is that reward, so the search scores its terminal nodes, and
+best-of-N chooses, with the same reward the learner is given.
 """
 
 from __future__ import annotations
@@ -31,13 +36,50 @@ from dataclasses import dataclass, field
 
 from treedistill.algorithms.advantages import ADVANTAGES, group_advantages
 from treedistill.algorithms.losses import total_loss
+from treedistill.envs.base import Score
 from treedistill.rollout.mcts import search_problems
 from treedistill.rollout.sample import best_of_n, sample_problems
 from treedistill.rollout.trajectory import Trajectory
 from treedistill.search import SearchConfig
 
-__all__ = ["METHODS", "Method", "Rollout", "RolloutContext", "best_of_n_rollout", "group_rollout",
-           "search_config", "search_rollout", "value_baseline_advantages"]
+__all__ = ["METHODS", "REWARDS", "Method", "Rollout", "RolloutContext", "TrainingReward", "best_of_n_rollout",
+           "group_rollout", "search_config", "search_rollout", "value_baseline_advantages"]
+
+
+REWARDS: dict[str, Callable[[Score], float]] = {
+    "dense": lambda score: score.dense,
+    "sparse": lambda score: score.sparse,
+}
+
+
+@dataclass(frozen=True)
+class TrainingReward:
+    """An environment whose `score(...).dense` is the reward `kind` (a key of REWARDS); everything else,
+    the sparse reward included, is the wrapped environment's own."""
+
+    env: object
+    kind: str
+
+    @property
+    def name(self) -> str:
+        return self.env.name
+
+    @property
+    def step_end(self) -> str:
+        return self.env.step_end
+
+    def messages(self, problem: dict, *, compact: bool = False) -> list[dict]:
+        return self.env.messages(problem, compact=compact)
+
+    def is_terminal(self, completion: str) -> bool:
+        return self.env.is_terminal(completion)
+
+    def key(self, problem: dict) -> tuple:
+        return self.env.key(problem)
+
+    def score(self, problem: dict, completion: str) -> Score:
+        score = self.env.score(problem, completion)
+        return dataclasses.replace(score, dense=float(REWARDS[self.kind](score)))
 
 
 @dataclass(frozen=True)
@@ -66,20 +108,22 @@ def _mean(values: Sequence[float]) -> float:
 def group_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Rollout:
     """GRPO / CISPO / PPO: group_size samples per problem at cfg.temperature, all kept."""
     cfg = ctx.cfg
-    groups = sample_problems(ctx.engine, ctx.policy, ctx.env, problems, n=cfg.group_size,
-                             temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed)
+    env = TrainingReward(ctx.env, cfg.reward)
+    groups = sample_problems(ctx.engine, ctx.policy, env, problems, n=cfg.group_size, temperature=cfg.temperature,
+                             max_new_tokens=cfg.max_new_tokens, seed=seed)
     # groups whose rewards are all equal carry no group-normalised signal: worth watching
     flat = sum(1 for g in groups if len({t.reward for t in g}) == 1)
     return Rollout([t for g in groups for t in g], {"flat_group_frac": flat / len(groups)})
 
 
 def best_of_n_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Rollout:
-    """Best-of-N distillation: bon_n samples per problem at cfg.temperature, the best by dense reward
-    kept. The mean reward of ALL samples is logged beside the kept ones' (the reference's best-of-N had
+    """Best-of-N distillation: bon_n samples per problem at cfg.temperature, the best by the training
+    reward kept. The mean reward of ALL samples is logged beside the kept ones' (the reference's best-of-N had
     the highest training reward and the worst evaluation)."""
     cfg = ctx.cfg
-    groups = sample_problems(ctx.engine, ctx.policy, ctx.env, problems, n=cfg.bon_n,
-                             temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed)
+    env = TrainingReward(ctx.env, cfg.reward)
+    groups = sample_problems(ctx.engine, ctx.policy, env, problems, n=cfg.bon_n, temperature=cfg.temperature,
+                             max_new_tokens=cfg.max_new_tokens, seed=seed)
     return Rollout(best_of_n(groups), {"bon_sample_reward_mean": _mean([t.reward for g in groups for t in g]),
                                        "bon_sample_sparse_mean": _mean([t.sparse for g in groups for t in g])})
 
@@ -96,11 +140,12 @@ def search_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> 
     """MCTS distillation: one searched tree per problem, search.problems_at_once trees per search call;
     each tree yields its most-visited path (completed by the policy when the search stopped short)."""
     cfg, s = ctx.cfg, ctx.cfg.search
+    env = TrainingReward(ctx.env, cfg.reward)
     outcomes = []
     for chunk, first in enumerate(range(0, len(problems), s.problems_at_once)):
         part = problems[first:first + s.problems_at_once]
         chunk_seed = seed * 1009 + chunk
-        found = search_problems(ctx.engine, ctx.policy, ctx.env, part, search=search_config(cfg, chunk_seed),
+        found = search_problems(ctx.engine, ctx.policy, env, part, search=search_config(cfg, chunk_seed),
                                 k=s.k_children, temperature=s.temperature, step_max_tokens=s.step_max_tokens,
                                 max_new_tokens=cfg.max_new_tokens, seed=chunk_seed)
         outcomes += [dataclasses.replace(o.trajectory, group=first + i) for i, o in enumerate(found)]

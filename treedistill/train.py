@@ -67,6 +67,7 @@ from treedistill.evaluate import evaluate
 from treedistill.methods import METHODS, RolloutContext
 from treedistill.metrics import ComputeCounters, MetricsLogger, Progress, format_duration, read_metrics
 from treedistill.models.load import load_policy
+from treedistill.models.value_head import ValueHead
 from treedistill.rollout.collate import to_batch
 from treedistill.rollout.sample import completion_text
 
@@ -171,6 +172,13 @@ def load_train_policy(cfg: TrainConfig):
     policy = load_policy(cfg.model, dtype=None if cfg.dtype == "auto" else cfg.dtype,
                          device=None if cfg.device == "auto" else cfg.device,
                          value_head=cfg.uses_value_head, lora=lora)
+    if cfg.fresh_value_head and policy.value_head is not None:
+        # a saved head predicts the reward it was fitted to (the tiny model's: the dense reward); a run on
+        # another reward starts from a new head, as the reference run's did (seeded: every process of a
+        # distributed run builds the same one)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            policy.value_head = ValueHead(policy.hidden_size).to(policy.device)
     policy.model.eval()
     return policy
 
