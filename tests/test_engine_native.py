@@ -49,10 +49,11 @@ def _cut_after_eos(tokens, eos):
     return tokens
 
 
-def test_greedy_equals_hf_generate_on_ragged_batch():
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_greedy_equals_hf_generate_on_ragged_batch(decode):
     pol = _policy()
     prefixes = _prefixes([3, 11, 7, 20])
-    ours = NativeEngine(pol, cache_tokens=0).sample(prefixes, max_new_tokens=24, temperature=0)
+    ours = NativeEngine(pol, cache_tokens=0, decode=decode).sample(prefixes, max_new_tokens=24, temperature=0)
     ref = _hf_generate(pol.model, prefixes, max_new_tokens=24, do_sample=False, eos_token_id=[EOS])
     for got, want in zip(ours, ref):
         assert list(got[0].tokens) == _cut_after_eos(want, [EOS])
@@ -69,7 +70,8 @@ def test_greedy_equals_hf_generate_on_tiny_architecture():
     assert [list(s[0].tokens) for s in ours] == [_cut_after_eos(r, [EOS]) for r in ref]
 
 
-def test_greedy_equals_hf_generate_on_random_qwen25_tiny_preset():
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_greedy_equals_hf_generate_on_random_qwen25_tiny_preset(decode):
     load = pytest.importorskip("treedistill.models.load")
     try:
         pol = load.load_policy("random-qwen2.5-tiny", device="cpu", value_head=False)
@@ -77,7 +79,7 @@ def test_greedy_equals_hf_generate_on_random_qwen25_tiny_preset():
         pytest.skip(f"random-qwen2.5-tiny unavailable: {err}")
     prefixes = [pol.tokenizer.encode("Hello world, this is"), pol.tokenizer.encode("2 + 2 =")]
     eos = pol.eos_token_ids
-    ours = NativeEngine(pol).sample(prefixes, max_new_tokens=12, temperature=0)
+    ours = NativeEngine(pol, decode=decode).sample(prefixes, max_new_tokens=12, temperature=0)
     pad_side = [p for p in prefixes]
     width = max(map(len, pad_side))
     pad = pol.tokenizer.pad_token_id or 0
@@ -89,13 +91,14 @@ def test_greedy_equals_hf_generate_on_random_qwen25_tiny_preset():
     assert [list(s[0].tokens) for s in ours] == [_cut_after_eos(r[width:].tolist(), eos) for r in ref]
 
 
-def test_seeded_sampling_equals_hf_generate_while_rows_are_the_same():
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_seeded_sampling_equals_hf_generate_while_rows_are_the_same(decode):
     # With HF's draw (multinomial) and no row leaving the batch (eos off), a seeded run reproduces
     # generate token for token. Once rows finish at different times the batches differ and so do the
     # random streams: equal in distribution only (the default inverse-CDF draw: another stream).
     pol = _policy(eos=())
     prefixes = _prefixes([9, 4])
-    eng = NativeEngine(pol, cache_tokens=0, sampler="multinomial")
+    eng = NativeEngine(pol, cache_tokens=0, sampler="multinomial", decode=decode)
     ours = eng.sample(prefixes, 3, max_new_tokens=16, temperature=0.8, top_p=0.9, seed=123)
     torch.manual_seed(123)
     ref = _hf_generate(pol.model, prefixes, n=3, max_new_tokens=16, min_new_tokens=16, do_sample=True,
@@ -162,12 +165,13 @@ def _grow_tree(eng, root, depth=3, k=3):
     return out
 
 
-def test_prefix_cache_changes_no_output_even_under_eviction():
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_prefix_cache_changes_no_output_even_under_eviction(decode):
     pol = _policy(eos=())
     root = _prefixes([30])[0]
-    plain = NativeEngine(pol, cache_tokens=0)
-    cached = NativeEngine(pol)
-    tight = NativeEngine(pol, cache_tokens=20)  # smaller than the root prompt: evicts constantly
+    plain = NativeEngine(pol, cache_tokens=0, decode=decode)
+    cached = NativeEngine(pol, decode=decode)
+    tight = NativeEngine(pol, cache_tokens=20, decode=decode)  # smaller than the root prompt: evicts constantly
     want = _grow_tree(plain, root)
     assert _grow_tree(cached, root) == want
     assert _grow_tree(tight, root) == want
@@ -181,9 +185,10 @@ def test_prefix_cache_changes_no_output_even_under_eviction():
     assert c.generated_tokens == plain.counters.generated_tokens
 
 
-def test_expanding_a_child_reuses_all_but_one_token():
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_expanding_a_child_reuses_all_but_one_token(decode):
     pol = _policy(eos=())
-    eng = NativeEngine(pol)
+    eng = NativeEngine(pol, decode=decode)
     root = _prefixes([40])[0]
     child = eng.sample([root], 4, max_new_tokens=8)[0]
     before = eng.counters.snapshot()
@@ -192,9 +197,10 @@ def test_expanding_a_child_reuses_all_but_one_token():
     assert eng.counters.cached_prompt_tokens - before["cached_prompt_tokens"] == 40 + 8 - 1
 
 
-def test_stop_strings_single_token_and_multi_token_paths():
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_stop_strings_single_token_and_multi_token_paths(decode):
     pol = _policy(eos=())
-    eng = NativeEngine(pol, cache_tokens=0)
+    eng = NativeEngine(pol, cache_tokens=0, decode=decode)
     prefixes = _prefixes([5, 9, 14, 3])
     full = eng.sample(prefixes, max_new_tokens=40, temperature=0)
     # For each row, a 2-character ASCII text from the middle of its greedy continuation is the stop
@@ -217,18 +223,58 @@ def test_stop_strings_single_token_and_multi_token_paths():
     assert eng._stops(("ab",)) == ((), ("ab",))
 
 
-def test_finished_rows_leave_the_batch():
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_finished_rows_leave_the_batch(decode):
     pol = _policy(eos=())
     prefixes = _prefixes([6, 6, 6])
     full = NativeEngine(pol, cache_tokens=0).sample(prefixes, max_new_tokens=20, temperature=0)
     # make the first row stop after 2 tokens: its id becomes an eos; others must run on unchanged
     stop_id = full[0][0].tokens[1]
-    eng = NativeEngine(pol, cache_tokens=0, eos_token_ids=(stop_id,))
+    eng = NativeEngine(pol, cache_tokens=0, eos_token_ids=(stop_id,), decode=decode)
     got = eng.sample(prefixes, max_new_tokens=20, temperature=0)
     assert got[0][0].finish == "eos"
     for g, f in zip(got, full):
         assert list(g[0].tokens) == _cut_after_eos(list(f[0].tokens), [stop_id])
     assert eng.counters.generated_tokens == sum(len(g[0].tokens) for g in got)
+
+
+def test_static_decode_equals_eager_while_rows_finish_and_move_to_smaller_workspaces():
+    # 3 prefixes x 11 samples = 33 rows (a 64-row workspace); eos ids that are common at temperature 1
+    # end rows at different steps, so live rows move to the 32-, 16-, ... row workspaces on the way.
+    pol = _policy(eos=())
+    prefixes = _prefixes([4, 17, 9])
+    probe = NativeEngine(pol, cache_tokens=0).sample(prefixes, 11, max_new_tokens=30, temperature=1.0, seed=5)
+    counts = torch.bincount(torch.tensor([t for row in probe for s in row for t in s.tokens]), minlength=300)
+    common = tuple(counts.argsort(descending=True)[:12].tolist())  # ends a row within ~20 tokens
+    eager = NativeEngine(pol, eos_token_ids=common, decode="eager")
+    static = NativeEngine(pol, eos_token_ids=common, decode="static")
+    want = eager.sample(prefixes, 11, max_new_tokens=30, temperature=1.0, seed=9)
+    got = static.sample(prefixes, 11, max_new_tokens=30, temperature=1.0, seed=9)
+    lengths = sorted(len(s.tokens) for row in got for s in row)
+    assert lengths[0] < 10 and lengths[-1] > 20  # rows did finish at different steps
+    rows_used = {rows for rows, _ in static._workspaces}
+    assert 64 in rows_used and len(rows_used) >= 3  # live rows moved to smaller workspaces
+    for a_row, b_row in zip(want, got):
+        for a, b in zip(a_row, b_row):
+            assert (a.tokens, a.finish) == (b.tokens, b.finish)
+            assert a.policy_logprobs == pytest.approx(b.policy_logprobs, abs=1e-5)
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert static.counters.generated_tokens == eager.counters.generated_tokens == sum(lengths)
+    # the finished rows' keys/values went to the prefix cache alike: the same tokens are cached
+    assert static.cache.size == eager.cache.size
+
+
+def test_static_workspaces_are_bucketed_reused_and_bounded():
+    pol = _policy(eos=())
+    eng = NativeEngine(pol, cache_tokens=0, decode="static", workspaces=2)
+    eng.sample(_prefixes([10]), 3, max_new_tokens=5, temperature=0)  # 3 rows, 15 columns -> (4, 64)
+    eng.sample(_prefixes([12]), 4, max_new_tokens=5, temperature=0)  # same bucket: reused
+    assert list(eng._workspaces) == [(4, 64)]
+    eng.sample(_prefixes([100]), 1, max_new_tokens=30, temperature=0)  # (1, 256)
+    eng.sample(_prefixes([600]), 1, max_new_tokens=4, temperature=0)  # (1, 1024): the oldest is dropped
+    assert list(eng._workspaces) == [(1, 256), (1, 1024)]
+    with pytest.raises(UsageError, match="decode"):
+        NativeEngine(pol, decode="graphs")
 
 
 def test_bad_input_is_a_usage_error():
