@@ -71,8 +71,10 @@ from treedistill.models.value_head import ValueHead
 from treedistill.rollout.collate import to_batch
 from treedistill.rollout.sample import completion_text
 
-__all__ = ["DivergedError", "Learned", "RESUMABLE_CHANGES", "Shard", "apply_update", "derive_seed", "learn",
-           "load_problems", "load_train_policy", "take_problems", "train", "write_report"]
+__all__ = ["DivergedError", "Learned", "RESUMABLE_CHANGES", "Shard", "append_jsonl", "apply_update",
+           "check_same_run", "clear_engine_cache", "derive_seed", "finish_run", "learn", "load_problems",
+           "load_train_policy", "reference_policy", "resume_point", "sample_records", "take_problems", "train",
+           "truncate_jsonl", "write_report"]
 
 # Settings that may differ between a run and its resumption: they change when the run stops or how it
 # is logged, not what any step computes (`steps` does move a linear decay that ends at `steps`).
@@ -274,12 +276,12 @@ def learn(trajectories: Sequence, *, policy, reference, method, optimizer, param
     return Learned(batch, updates, lr, skipped, nonfinite_streak, None)
 
 
-def _clear_cache(engine) -> None:
+def clear_engine_cache(engine) -> None:
     """Empty the engine's prefix cache (a backend without one has nothing to clear)."""
     getattr(engine, "clear_cache", lambda: None)()
 
 
-def _reference(policy, stack: contextlib.ExitStack):
+def reference_policy(policy, stack: contextlib.ExitStack):
     """ref(input_ids, attention_mask) -> log-probs [B, T] (Batch alignment) under the FROZEN initial
     policy: the disabled LoRA adapter when there is one, else a frozen copy made now."""
     lora_ref = stack.enter_context(policy.reference())
@@ -294,7 +296,7 @@ def _reference(policy, stack: contextlib.ExitStack):
     return ref
 
 
-def _resume_point(run_dir: Path, resume: str) -> Path | None:
+def resume_point(run_dir: Path, resume: str) -> Path | None:
     """The checkpoint to continue from: auto = the run folder's newest complete one (None: start),
     never = none (refused if the folder already holds checkpoints), else a checkpoint or run folder."""
     if resume == "auto":
@@ -312,7 +314,7 @@ def _resume_point(run_dir: Path, resume: str) -> Path | None:
     return found
 
 
-def _check_same_run(saved_yaml: str, cfg: TrainConfig) -> None:
+def check_same_run(saved_yaml: str, cfg: TrainConfig) -> None:
     saved, now = yaml.safe_load(saved_yaml), yaml.safe_load(to_yaml(cfg))
     changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if changed:
@@ -320,7 +322,7 @@ def _check_same_run(saved_yaml: str, cfg: TrainConfig) -> None:
                          f"(only {', '.join(RESUMABLE_CHANGES)} may change); use a new --run-dir")
 
 
-def _truncate_jsonl(path: Path, step: int | None) -> None:
+def truncate_jsonl(path: Path, step: int | None) -> None:
     """Keep the records of steps <= step (None: none), so a resumed run rewrites what followed."""
     kept = []
     if step is not None and path.exists():
@@ -335,12 +337,12 @@ def _truncate_jsonl(path: Path, step: int | None) -> None:
     os.replace(tmp, path)
 
 
-def _append_jsonl(path: Path, records: list[dict]) -> None:
+def append_jsonl(path: Path, records: list[dict]) -> None:
     with open(path, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-def _sample_records(ctx: RolloutContext, problems: Sequence[dict], step: int, trajectories: Sequence) -> list[dict]:
+def sample_records(ctx: RolloutContext, problems: Sequence[dict], step: int, trajectories: Sequence) -> list[dict]:
     """A few decoded trajectories for samples.jsonl: one sample per listed test problem at the evaluation
     temperature (seeded, like the evaluation), and the given training trajectories."""
     cfg, policy = ctx.cfg, ctx.policy
@@ -416,10 +418,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
     # ---- set-up: everything that can refuse the input comes before any compute
     run_dir = Path(run_dir)
     method = METHODS[cfg.method]
-    start_from = _resume_point(run_dir, resume)
+    start_from = resume_point(run_dir, resume)
     saved = checkpoint.load_checkpoint(start_from) if start_from is not None else None
     if saved is not None:
-        _check_same_run(saved["config"], cfg)
+        check_same_run(saved["config"], cfg)
     env = get_env(cfg.env)
     train_problems, test_problems = load_problems(cfg, env)
     eval_problems = test_problems[:cfg.eval_problems] if cfg.eval_problems else test_problems
@@ -427,7 +429,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
     policy = load_train_policy(cfg)
     stack = contextlib.ExitStack()
     # the frozen initial policy, for the KL term: taken BEFORE any checkpoint weights are loaded
-    reference = _reference(policy, stack) if cfg.kl_coef > 0 else None
+    reference = reference_policy(policy, stack) if cfg.kl_coef > 0 else None
     gen = make_engine(policy, engine)
     params = [p for p in policy.model.parameters() if p.requires_grad]
     if policy.value_head is not None:
@@ -453,7 +455,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
     resumed_at = step if saved is not None else None
     logger = MetricsLogger(run_dir, cfg.log_backends, resume_step=resumed_at, config=dataclasses.asdict(cfg),
                            wandb_project=cfg.wandb_project)
-    _truncate_jsonl(run_dir / "samples.jsonl", resumed_at)
+    truncate_jsonl(run_dir / "samples.jsonl", resumed_at)
     ctx = RolloutContext(engine=gen, policy=policy, env=env, cfg=cfg)
     started = time.perf_counter()
 
@@ -462,12 +464,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
 
     def evaluation(at_step: int, trajectories: Sequence = ()) -> dict:
         t0 = time.perf_counter()
-        _clear_cache(gen)
+        clear_engine_cache(gen)
         result = evaluate(gen, policy, env, eval_problems, k=cfg.eval_k, temperature=cfg.eval_temperature,
                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         shown = eval_problems[:cfg.eval_samples_logged]
-        _append_jsonl(run_dir / "samples.jsonl",
-                      _sample_records(ctx, shown, at_step, trajectories[:cfg.eval_samples_logged]))
+        append_jsonl(run_dir / "samples.jsonl",
+                      sample_records(ctx, shown, at_step, trajectories[:cfg.eval_samples_logged]))
         stats = {f"eval_{k}": v for k, v in result.to_dict().items() if k != "seconds"}
         return logger.log(at_step, {"kind": "eval", **stats, **counters.as_dict(), "eval_s": time.perf_counter() - t0,
                                     "wall_s": wall()})
@@ -485,7 +487,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
             t_step = time.perf_counter()
 
             # 1. collect trajectories (scored inside: best-of-N and the search choose by reward)
-            _clear_cache(gen)  # cached keys/values belong to the weights before the last update
+            clear_engine_cache(gen)  # cached keys/values belong to the weights before the last update
             problems = take_problems(train_problems, cfg.seed, position, cfg.problems_per_step)
             position += len(problems)
             before = gen.counters.snapshot()
@@ -541,14 +543,22 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
         stack.close()
 
     # ---- the end: report.md and a summary
-    write_report(run_dir, cfg, stop_reason, wall())
+    return finish_run(run_dir, cfg, step=step, stop_reason=stop_reason, skipped_updates=skipped_updates,
+                      counters=counters, wall_s=wall())
+
+
+def finish_run(run_dir: Path, cfg: TrainConfig, *, step: int, stop_reason: str | None, skipped_updates: int,
+               counters: ComputeCounters, wall_s: float, **extra) -> dict:
+    """Write DIR/report.md and return the run's summary: its evaluation curve, compute counters and
+    `extra` fields (the single-process and the distributed loop end the same way)."""
+    write_report(run_dir, cfg, stop_reason, wall_s)
     evals = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
     return {"run_dir": str(run_dir), "method": cfg.method, "steps": step, "stop_reason": stop_reason,
             "skipped_updates": skipped_updates, "eval_k": cfg.eval_k,
             "curve": [{"step": r["step"], "generated_tokens": r["rollout_generated_tokens"],
                        "total_flops": r["total_flops"], "accuracy": r["eval_accuracy"],
                        "stderr": r["eval_stderr"]} for r in evals],
-            **counters.as_dict(), "wall_s": wall()}
+            **counters.as_dict(), "wall_s": wall_s, **extra}
 
 
 def _pad_cat(parts: list[torch.Tensor], width: int) -> torch.Tensor:

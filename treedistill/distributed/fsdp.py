@@ -45,7 +45,7 @@ from treedistill import checkpoint
 from treedistill.errors import UsageError
 from treedistill.methods import METHODS
 from treedistill.metrics import ComputeCounters
-from treedistill.train import Shard, _reference, learn, load_train_policy
+from treedistill.train import Shard, learn, load_train_policy, reference_policy
 
 __all__ = ["FSDPLearner", "LearnerRank"]
 
@@ -105,7 +105,7 @@ class LearnerRank:
         torch.manual_seed(cfg.seed)
         self.method = METHODS[cfg.method]
         self.policy = policy = load_train_policy(cfg)
-        self.reference = _reference(policy, self.stack)  # frozen BEFORE sharding and checkpoint weights
+        self.reference = reference_policy(policy, self.stack)  # frozen BEFORE sharding and checkpoint weights
         sharded = [*_decoder_layers(policy.model), policy.model]
         for module in sharded:
             fully_shard(module)

@@ -58,22 +58,22 @@ from treedistill.envs import get_env
 from treedistill.errors import UsageError
 from treedistill.evaluate import evaluate
 from treedistill.methods import METHODS, RolloutContext
-from treedistill.metrics import ComputeCounters, MetricsLogger, Progress, read_metrics
+from treedistill.metrics import ComputeCounters, MetricsLogger, Progress
 from treedistill.train import (
     DivergedError,
-    _append_jsonl,
-    _check_same_run,
-    _clear_cache,
-    _reference,
-    _resume_point,
-    _sample_records,
-    _truncate_jsonl,
+    append_jsonl,
+    check_same_run,
+    clear_engine_cache,
     derive_seed,
+    finish_run,
     learn,
     load_problems,
     load_train_policy,
+    reference_policy,
+    resume_point,
+    sample_records,
     take_problems,
-    write_report,
+    truncate_jsonl,
 )
 
 __all__ = ["ClusterError", "DistributedSettings", "Generator", "LocalLearner", "load_weights", "train_distributed"]
@@ -140,7 +140,7 @@ def load_weights(policy, engine, state: dict) -> None:
         assert not unexpected, f"published weights name parameters the generator lacks: {unexpected[:3]}"
         if policy.value_head is not None:
             policy.value_head.load_state_dict(state["value_head"])
-    _clear_cache(engine)
+    clear_engine_cache(engine)
 
 
 class Generator:
@@ -177,7 +177,7 @@ class Generator:
         """The method's rollout on these problems -> one `Finished` per problem (its group of
         trajectories, stamped with `version`), the task's rollout stats, and its engine compute."""
         self._sync(version, weights)
-        _clear_cache(self.engine)
+        clear_engine_cache(self.engine)
         before = self.engine.counters.snapshot()
         rollout = self.method.rollout(self.ctx, problems, seed)
         after = self.engine.counters.snapshot()
@@ -198,11 +198,11 @@ class Generator:
         """mean@k of weights `version` (the one-process loop's evaluation: same function, same seed)
         and the samples.jsonl records of this evaluation."""
         self._sync(version, weights)
-        _clear_cache(self.engine)
+        clear_engine_cache(self.engine)
         cfg = self.cfg
         result = evaluate(self.engine, self.policy, self.env, problems, k=cfg.eval_k,
                           temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        return result.to_dict(), _sample_records(self.ctx, shown, step, trajectories)
+        return result.to_dict(), sample_records(self.ctx, shown, step, trajectories)
 
 
 @dataclass
@@ -341,7 +341,7 @@ class LocalLearner:
         self.cfg, self.method = cfg, METHODS[cfg.method]
         torch.manual_seed(cfg.seed)
         self.policy = load_train_policy(cfg)
-        self.reference = _reference(self.policy, stack)  # frozen BEFORE any checkpoint weights are loaded
+        self.reference = reference_policy(self.policy, stack)  # frozen BEFORE any checkpoint weights are loaded
         self.params = [p for p in self.policy.model.parameters() if p.requires_grad]
         if self.policy.value_head is not None:
             self.params += list(self.policy.value_head.parameters())
@@ -450,10 +450,10 @@ def train_distributed(cfg, run_dir: str | Path, *, settings: DistributedSettings
     # ---- set-up: everything that can refuse the input comes before any compute
     settings.check()
     run_dir = Path(run_dir)
-    start_from = _resume_point(run_dir, resume)
+    start_from = resume_point(run_dir, resume)
     saved = checkpoint.load_checkpoint(start_from) if start_from is not None else None
     if saved is not None:
-        _check_same_run(saved["config"], cfg)
+        check_same_run(saved["config"], cfg)
     env = get_env(cfg.env)
     train_problems, test_problems = load_problems(cfg, env)
     eval_problems = test_problems[:cfg.eval_problems] if cfg.eval_problems else test_problems
@@ -501,7 +501,7 @@ def _loop(cfg, run_dir: Path, settings: DistributedSettings, saved: dict | None,
     resumed_at = step if saved is not None else None
     logger = MetricsLogger(run_dir, cfg.log_backends, resume_step=resumed_at, config=dataclasses.asdict(cfg),
                            wandb_project=cfg.wandb_project)
-    _truncate_jsonl(run_dir / "samples.jsonl", resumed_at)
+    truncate_jsonl(run_dir / "samples.jsonl", resumed_at)
     started = time.perf_counter()
     published, weights = step, learner.publish()  # version = the learner's step count
 
@@ -530,7 +530,7 @@ def _loop(cfg, run_dir: Path, settings: DistributedSettings, saved: dict | None,
         result, records = pool.call(ledger, counters, "evaluate", published, [weights], eval_problems,
                                     eval_problems[:cfg.eval_samples_logged], at_step,
                                     list(trajectories[:cfg.eval_samples_logged]))
-        _append_jsonl(run_dir / "samples.jsonl", records)
+        append_jsonl(run_dir / "samples.jsonl", records)
         stats = {f"eval_{k}": v for k, v in result.items() if k != "seconds"}
         return logger.log(at_step, {"kind": "eval", **stats, **counters.as_dict(), **distributed_counters(),
                                     "eval_s": time.perf_counter() - t0, "wall_s": wall()})
@@ -609,12 +609,6 @@ def _loop(cfg, run_dir: Path, settings: DistributedSettings, saved: dict | None,
 
     # ---- the end: report.md and a summary
     pool.settle_restarts()
-    write_report(run_dir, cfg, stop_reason, wall())
-    evals = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
-    return {"run_dir": str(run_dir), "method": cfg.method, "steps": step, "stop_reason": stop_reason,
-            "skipped_updates": skipped_updates, "eval_k": cfg.eval_k,
-            "curve": [{"step": r["step"], "generated_tokens": r["rollout_generated_tokens"],
-                       "total_flops": r["total_flops"], "accuracy": r["eval_accuracy"],
-                       "stderr": r["eval_stderr"]} for r in evals],
-            **counters.as_dict(), **distributed_counters(), "wall_s": wall(),
-            "distributed": dataclasses.asdict(settings)}
+    return finish_run(run_dir, cfg, step=step, stop_reason=stop_reason, skipped_updates=skipped_updates,
+                      counters=counters, wall_s=wall(), **distributed_counters(),
+                      distributed=dataclasses.asdict(settings))
