@@ -14,6 +14,8 @@ from treedistill.pretrain import (  # noqa: E402
     TraceSource,
     _lr_factor,
     collate,
+    encode,
+    length_buckets,
     pretrain,
     save_checkpoint,
 )
@@ -50,6 +52,50 @@ def test_value_traces_have_generator_targets_and_spread_rewards():
         assert countdown.key(problem) in pool_keys
         rewards.append(env.score(problem, completion).dense)
     assert min(rewards) < 0 < max(rewards) and max(rewards) == 1.0
+
+
+def test_miss_traces_are_legal_and_aim_at_generator_targets():
+    env = countdown.CountdownEnv()
+    source = TraceSource(seed=4, solver_share=0.0, miss_share=1.0, problem_seed=5, solver_problems=200, exclude=[])
+    pool_keys = {countdown.key(p) for p in source.pool}
+    hits = 0
+    for _ in range(200):
+        problem, completion = source.lm_trace()
+        score = env.score(problem, completion)
+        assert score.well_formed and countdown.key(problem) in pool_keys, (problem, completion)
+        hits += score.sparse
+    # Random play reaches a least-frequent generator target well under 5% of the time.
+    assert hits < 20
+
+
+def test_trace_shares_are_checked():
+    with pytest.raises(ValueError, match="miss_share"):
+        TraceSource(seed=0, solver_share=0.5, miss_share=0.6, problem_seed=5, solver_problems=50, exclude=[])
+
+
+def test_length_buckets_group_similar_lengths():
+    from treedistill.models.tiny import build_tokenizer
+
+    source = TraceSource(seed=5, solver_share=0.05, miss_share=0.25, problem_seed=5, solver_problems=200,
+                         exclude=[])
+    batches = length_buckets(source, build_tokenizer(), countdown.CountdownEnv(), batch=6, bucket=5)
+    assert len(batches) == 5 and all(len(b) == 6 for b in batches)
+    spans = sorted((min(map(_length, b)), max(map(_length, b))) for b in batches)
+    # Sorted by length before being cut: the length ranges of the batches do not overlap.
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:])), spans
+
+
+def test_a_bucket_of_one_keeps_the_drawn_order():
+    from treedistill.models.tiny import build_tokenizer
+
+    tok, env = build_tokenizer(), countdown.CountdownEnv()
+    a, b = (TraceSource(seed=6, solver_share=0.05, problem_seed=5, solver_problems=200, exclude=[]) for _ in "ab")
+    (batch,) = length_buckets(a, tok, env, batch=8, bucket=1)
+    assert [e.completion for e in batch] == [encode(tok, env, *b.lm_trace()).completion for _ in range(8)]
+
+
+def _length(example: Example) -> int:
+    return len(example.prompt) + len(example.completion)
 
 
 def test_excluded_problems_are_never_trained_on():
@@ -143,6 +189,7 @@ def test_shipped_checkpoint_meets_the_format_target():
 @pytest.mark.parametrize("flags, message", [
     (["--steps", "0"], "--steps must be >= 1"),
     (["--solver-share", "1.5"], "--solver-share must be in [0, 1]"),
+    (["--miss-share", "0.99"], "--miss-share must be in [0, 1 - solver share]"),
     (["--lr", "0"], "--lr must be > 0"),
     (["--minutes", "-1"], "--minutes must be > 0"),
     (["--eval-k", "-1"], "--eval-k must be >= 0"),

@@ -21,6 +21,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
     parser.add_argument("--solver-share", type=float, default=d.solver_share,
                         help=f"share of solver traces that reach a generator target (default {d.solver_share})")
+    parser.add_argument("--miss-share", type=float, default=d.miss_share,
+                        help="share of random play aimed at a generator target it usually misses "
+                             f"(default {d.miss_share})")
     parser.add_argument("--no-value-fit", action="store_true",
                         help="leave the value head untrained (seeded), as in the reference run")
     parser.add_argument("--value-steps", type=int, default=d.value_steps,
@@ -44,6 +47,8 @@ def check_arguments(args) -> None:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if not 0 <= args.solver_share <= 1:
         raise UsageError(f"--solver-share must be in [0, 1], got {args.solver_share}")
+    if not 0 <= args.miss_share <= 1 - args.solver_share:
+        raise UsageError(f"--miss-share must be in [0, 1 - solver share], got {args.miss_share}")
     if args.minutes is not None and not args.minutes > 0:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     if args.eval_k < 0:
@@ -88,7 +93,7 @@ def run(args) -> dict:
     from treedistill.pretrain import PretrainConfig, pretrain, save_checkpoint
 
     cfg = PretrainConfig(seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr,
-                         solver_share=args.solver_share, value_fit=not args.no_value_fit,
+                         solver_share=args.solver_share, miss_share=args.miss_share, value_fit=not args.no_value_fit,
                          value_steps=args.value_steps, max_minutes=args.minutes)
     test = load_split("countdown", "test")
     started = time.perf_counter()
