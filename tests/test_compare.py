@@ -136,12 +136,12 @@ def test_compare_reuses_a_finished_run_and_continues_a_longer_budget(tmp_path, c
 def test_demo_budget_follows_its_time_model():
     from treedistill.commands import demo
 
-    # (0.75 x 15 min x 60 s - 250 s fixed) / 0.88 ms per token = 482,954 tokens -> 480,000
-    assert demo.DEFAULT_BUDGET == demo.budget_for(15) == 480_000
-    # (0.75 x 20 x 60 - 250) / 0.88e-3 = 738,636 -> 730,000
-    assert demo.budget_for(20) == 730_000
+    # (0.75 x 15 min x 60 s - 320 s fixed) / 1.24 ms per token = 286,290 tokens -> 280,000
+    assert demo.DEFAULT_BUDGET == demo.budget_for(15) == 280_000
+    # (0.75 x 20 x 60 - 320) / 1.24e-3 = 467,741 -> 460,000
+    assert demo.budget_for(20) == 460_000
     with pytest.raises(UsageError, match="too short"):
-        demo.budget_for(5)  # 0.75 x 5 x 60 = 225 s < 250 s fixed
+        demo.budget_for(7)  # 0.75 x 7 x 60 = 315 s < 320 s fixed
 
 
 @pytest.mark.parametrize("argv, message", [

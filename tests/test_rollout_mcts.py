@@ -225,3 +225,33 @@ def test_value_head_at_terminal_nodes_never_consults_the_environment(policy, env
     assert got == pytest.approx(want, abs=1e-5)
     with pytest.raises(UsageError):
         search_problems(engine, policy, env, PROBLEMS, search=cfg, terminal_value="oracle")
+
+
+def test_legal_terminal_values_use_the_value_head_and_the_inputs_only(policy, env):
+    # The problem handed to the bridge has no target: the rule cannot read it.
+    problem = {"numbers": [3, 7, 9, 12]}
+    prompt = policy.prompt_ids(env.messages({**problem, "target": 24}, compact=True))
+    engine = make_engine(policy, "native")
+    bridge = SearchBridge(engine, policy, env, [problem], [prompt], k=2, step_max_tokens=8, max_new_tokens=64,
+                          terminal_value="legal")
+    texts = ["<step>3+7</step><answer>(3+7)*12</answer>",  # legal (wrong or right does not matter)
+             "<answer>5*5</answer>",                        # numbers the problem does not give
+             "<answer>3+</answer>",                         # does not parse
+             "<step>3+7</step>"]                            # no answer
+    reqs = [NodeRequest(0, i + 1, tuple(prompt) + tuple(policy.tokenizer.encode(t, add_special_tokens=False)),
+                        len(prompt), 1) for i, t in enumerate(texts)]
+    got = bridge.reward(reqs)
+    head = engine.value([r.prefix for r in reqs])
+    assert got[0] == pytest.approx(head[0], abs=1e-6) and got[1:] == [-1.0, -1.0, -1.0]
+
+
+def test_widening_through_the_bridge_keeps_the_token_account(policy, env):
+    engine = Spy(make_engine(policy, "native"))
+    cfg = SearchConfig(simulations=24, parallel=4, max_depth=4, widen_c=2.0)
+    before = engine.counters.generated_tokens
+    outs = search_problems(engine, policy, env, PROBLEMS, search=cfg, k=3, step_max_tokens=8, max_new_tokens=40)
+    assert sum(o.tree.stats.widenings for o in outs) > 0
+    assert sum(o.generated_tokens for o in outs) == engine.counters.generated_tokens - before
+    for o in outs:  # the root's first expansion only: K samples of at most 8 tokens
+        assert 0 < o.trajectory.stats["root_tokens"] <= 3 * 8
+        assert o.tree.sampled[ROOT] == 3 * o.tree.expansions[ROOT]

@@ -29,6 +29,8 @@ def model(tmp_path_factory):
     (["--numbers", "3", "4", "--target", "5", "--simulations", "0"], "--simulations"),
     (["--numbers", "3", "4", "--target", "5", "--select", "best"], "--select"),
     (["--numbers", "3", "4", "--target", "5", "--engine", "vllm"], "--engine"),
+    (["--numbers", "3", "4", "--target", "5", "--widen-c", "-1"], "--widen-c"),
+    (["--numbers", "3", "4", "--target", "5", "--terminal", "oracle"], "--terminal"),
 ])
 def test_search_refuses_bad_arguments(argv, message, capsys):
     assert main(["search", "--model", "tiny", *argv]) == 2
@@ -38,6 +40,8 @@ def test_search_refuses_bad_arguments(argv, message, capsys):
 def test_testtime_refuses_bad_budgets(capsys):
     assert main(["testtime", "--model", "tiny", "--budgets", "0,64"]) == 2
     assert "--budgets" in capsys.readouterr().err
+    assert main(["testtime", "--model", "tiny", "--widen-alpha", "-0.5"]) == 2
+    assert "--widen-alpha" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -45,11 +49,11 @@ def test_search_cli_smoke(model, tmp_path, capsys):
     page = tmp_path / "tree.html"
     assert main(["search", "--model", model, "--numbers", "3", "7", "9", "12", "--target", "24",
                  "--simulations", "24", "--parallel", "4", "--max-new-tokens", "128", "--json",
-                 "--html", str(page)]) == 0
+                 "--widen-c", "1", "--terminal", "legal", "--html", str(page)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     out = json.loads(lines[-1])
     assert any(line.startswith("principal variation") for line in lines)
-    assert out["tree"]["simulations"] == 24 and out["tree"]["nodes"] > 1
+    assert out["tree"]["simulations"] == 24 and out["tree"]["nodes"] > 1 and out["tree"]["widenings"] >= 0
     assert -1.0 <= out["reward"] <= 1.0 and out["sparse"] in (0.0, 1.0)
     assert len(out["principal_variation"]) >= 1
     html = page.read_text()

@@ -388,3 +388,166 @@ def test_cost_per_simulation_benchmark(capsys):
                          f"{len(tree)} nodes, depth {tree.stats.max_depth}")
     with capsys.disabled():
         print("\nsearch bookkeeping (trivial callbacks, W=16, K=4):\n" + "\n".join(lines))
+
+
+# --- progressive widening -----------------------------------------------------------------------
+
+class Batches:
+    """One step from the root: each `expand` call at a node returns the next batch of arms from
+    `batches` (cycling), every arm a terminal step (a, EOS) with log-prob log(probs[a]) and reward
+    rewards[a]: a sampled policy whose later samples reveal arms the first batch missed."""
+
+    def __init__(self, batches, rewards, probs):
+        self.batches, self.rewards, self.probs = batches, rewards, probs
+        self.calls = 0
+
+    def expand(self, reqs):
+        out = []
+        for _ in reqs:
+            batch = self.batches[self.calls % len(self.batches)]
+            self.calls += 1
+            out.append([Candidate((a, EOS), math.log(self.probs[a]), terminal=True, finish="eos") for a in batch])
+        return out
+
+    def evaluate(self, reqs):
+        return [0.0] * len(reqs)
+
+    def reward(self, reqs):
+        return [self.rewards[r.completion[0]] for r in reqs]
+
+
+def test_widening_is_off_by_default_each_node_expanded_once():
+    game = DigitGame(informative=True)
+    tree = game.run(simulations=60, parallel=4, max_depth=3).trees[0]
+    assert SearchConfig().widen_c == 0
+    assert set(tree.expansions) <= {0, 1} and tree.stats.widenings == 0
+    assert all(tree.sampled[v] == 3 * tree.expansions[v] for v in range(len(tree)))
+
+
+def test_widening_priors_are_the_mean_of_the_batches_and_merge_repeats():
+    # Root batches: (0, 1) at probs .1 .1, then (1, 2) at .1 .4 (softmax .2, .8). widen_c = 2: N(root)
+    # = 2 after one simulation, 2 samples < 2 * sqrt(2): widened once; then 4 >= 2 * sqrt(N) until N = 4.
+    game = Batches([(0, 1), (1, 2)], rewards=(0.0, 0.0, 0.0), probs=(0.1, 0.1, 0.4))
+    cfg = SearchConfig(simulations=2, parallel=1, widen_c=2.0)
+    res = search([PROMPT], game.expand, game.evaluate, game.reward, cfg)
+    tree = res.trees[0]
+    kids = tree.children[ROOT]
+    assert [tree.tokens[c][0] for c in kids] == [0, 1, 2]
+    # batch 1: (.5, .5); batch 2: softmax(log .1, log .4) = (.2, .8); mean: 0: .25, 1: .25 + .1, 2: .4
+    assert [tree.prior[c] for c in kids] == pytest.approx([0.25, 0.35, 0.4])
+    assert [tree.count[c] for c in kids] == [1, 2, 1]
+    assert tree.expansions[ROOT] == 2 and tree.sampled[ROOT] == 4 and tree.stats.widenings == 1
+    assert res.stats.expand_calls == 2 and res.stats.evaluate_calls == 1  # the widening round evaluates nothing
+    assert tree.stats.simulations == 2 and tree.visits[ROOT] == 3
+
+
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_widening_finds_an_arm_the_first_sample_missed(parallel):
+    # The best arm (3, reward .9, prior .05) first appears in the third batch of samples. The arms
+    # seen first score below the first-play value 0, so pUCT tries a new arm once it exists.
+    batches = [(0, 0, 1, 2), (0, 1, 0, 2), (3, 0, 1, 0), (1, 2, 0, 0)]
+    rewards, probs = (-0.1, -0.2, -0.3, 0.9), (0.5, 0.25, 0.2, 0.05)
+
+    def best(widen_c):
+        game = Batches(batches, rewards, probs)
+        cfg = SearchConfig(simulations=64, parallel=parallel, widen_c=widen_c)
+        tree = search([PROMPT], game.expand, game.evaluate, game.reward, cfg).trees[0]
+        return tree, tree.tokens[extract(tree, cfg).nodes[1]][0]
+
+    tree, arm = best(0.0)
+    assert arm == 0 and len(tree.children[ROOT]) == 3
+    tree, arm = best(2.0)
+    assert arm == 3 and len(tree.children[ROOT]) == 4
+    assert tree.visits[tree.children[ROOT][-1]] > max(tree.visits[c] for c in tree.children[ROOT][:-1])
+
+
+@pytest.mark.parametrize("rule", ["puct", "uct", "gumbel"])
+@pytest.mark.parametrize("parallel", [1, 3, 16])
+def test_widening_keeps_the_counts_and_follows_its_schedule(rule, parallel):
+    # Each expand samples 3 of 5 digits in a pattern that shifts with the call, so widening adds steps.
+    calls = []
+
+    def expand(reqs):
+        out = []
+        for r in reqs:
+            calls.append(r.node)
+            last = len(r.completion) == 4
+            ds = [(len(calls) + j) % 5 for j in (0, 1, 3)]
+            out.append([Candidate((d, EOS if last else STEP_END), -0.3 * (d + 1), terminal=last,
+                                  finish="eos" if last else "stop") for d in ds])
+        return out
+
+    def value(reqs):
+        return [((sum(r.completion) * 7) % 11 - 5) / 5 for r in reqs]
+
+    cfg = SearchConfig(simulations=120, parallel=parallel, select=rule, max_depth=3, widen_c=2.0, widen_alpha=0.5)
+    tree = search([PROMPT], expand, value, value, cfg).trees[0]
+    check_invariants(tree, cfg)
+    assert tree.stats.widenings == sum(max(e - 1, 0) for e in tree.expansions) > 0
+    assert all(tree.sampled[v] == 3 * tree.expansions[v] for v in range(len(tree)))
+    for v in range(len(tree)):
+        if tree.expansions[v] > 1:  # widened only while its samples were under 2 * sqrt(N)
+            assert tree.sampled[v] - 3 < 2.0 * tree.visits[v] ** 0.5
+    if rule == "gumbel":
+        assert tree.expansions[ROOT] == 1  # Sequential Halving's action set stays fixed
+    else:  # every descent passes the root: it is widened up to the schedule, within one round's descents
+        assert tree.expansions[ROOT] > 1
+        assert tree.sampled[ROOT] >= 2.0 * (tree.visits[ROOT] - parallel) ** 0.5
+
+
+def test_widening_settings_are_checked():
+    with pytest.raises(UsageError, match="widen_c must be >= 0"):
+        SearchConfig(widen_c=-1.0)
+    with pytest.raises(UsageError, match="widen_alpha must be >= 0"):
+        SearchConfig(widen_alpha=-0.5)
+
+
+# --- known leaves under parallel descents -------------------------------------------------------
+
+def test_a_known_leaf_is_reached_by_one_descent_per_round():
+    # Four terminal arms and W = 8: each round backs up each arm at most once; the rest collide.
+    bandit = Bandit()
+    cfg = SearchConfig(simulations=40, parallel=8)
+    tree = search([PROMPT], bandit.expand, bandit.evaluate, bandit.reward, cfg).trees[0]
+    check_invariants(tree, cfg)
+    assert all(tree.visits[c] <= tree.stats.rounds for c in tree.children[ROOT])
+    assert tree.stats.collisions > 0 and tree.stats.rounds >= 40 // 4
+    # every collision here is on a known leaf, which ends the round: one collision per round at most
+    assert tree.stats.collisions <= tree.stats.rounds
+    assert tree.tokens[extract(tree, cfg).nodes[1]][0] == 3  # the best arm, reward .8
+
+
+class BadTerminal:
+    """Root: a terminal step (reward -0.3, prior .4) beside three steps that lead, one more step on,
+    to terminal answers worth 0.2 (value head 0.2 there too). With W = 8 parallel descents the
+    in-flight visits push descents off the pending steps; the bad terminal must not collect them."""
+
+    def expand(self, reqs):
+        out = []
+        for r in reqs:
+            if r.depth == 0:
+                out.append([Candidate((9, EOS), math.log(0.4), terminal=True, finish="eos")]
+                           + [Candidate((a, STEP_END), math.log(0.2)) for a in range(3)])
+            else:
+                out.append([Candidate((a, EOS), math.log(0.25), terminal=True, finish="eos") for a in range(4)])
+        return out
+
+    def evaluate(self, reqs):
+        return [0.2 if r.depth else 0.0 for r in reqs]
+
+    def reward(self, reqs):
+        return [-0.3 if r.completion[0] == 9 else 0.2 for r in reqs]
+
+
+@pytest.mark.parametrize("parallel", [1, 8])
+def test_parallel_descents_do_not_pile_onto_a_known_bad_terminal(parallel):
+    # 16 simulations at W = 8: backing the terminal up at once, it collected 5 of them and was extracted.
+    game = BadTerminal()
+    cfg = SearchConfig(simulations=16, parallel=parallel)
+    tree = search([PROMPT], game.expand, game.evaluate, game.reward, cfg).trees[0]
+    check_invariants(tree, cfg)
+    bad = tree.children[ROOT][0]
+    assert tree.visits[bad] <= tree.stats.rounds
+    assert tree.visits[bad] < min(tree.visits[c] for c in tree.children[ROOT][1:])
+    ex = extract(tree, cfg)
+    assert ex.nodes[1] != bad and ex.complete and ex.reward == pytest.approx(0.2)

@@ -144,14 +144,32 @@ def test_simulation_guess_by_hand():
 
 
 def test_saturated_search_is_reported_not_stretched(policy):
-    # 16-token completions cut into steps of at most 8 tokens, K = 2: a tree holds at most 2 + 4 steps
-    # (~48 tokens), so a 600-token budget cannot be spent by the search; best-of-N still spends it all.
+    # Without widening, 16-token completions cut into steps of at most 8 tokens, K = 2: a tree holds at
+    # most 2 + 4 steps (~48 tokens), so a 600-token budget cannot be spent by the search; best-of-N still spends it all.
     problems = [PROBLEM, {"numbers": [1, 5, 6, 13], "target": 59}]
     cfg = SweepConfig(budgets=(300, 600), max_new_tokens=16, step_max_tokens=8, once_samples=1, k=2, parallel=2,
-                      pilot_problems=2, pilot_simulations=4, once_temperatures=(0.8,))
+                      pilot_problems=2, pilot_simulations=4, once_temperatures=(0.8,), widen_c=0.0)
     report = run_sweep(make_engine(policy, "native"), policy, ENV, problems, cfg)
     cells = {(c.method, c.budget): c for c in report.cells}
     first, second = cells[("mcts", 300)], cells[("mcts", 600)]
     assert first.note.startswith("saturated") and first.detail["saturated"] and first.tokens <= 2 * 8 + 4 * 8 + 16
     assert second.accuracy is None and second.note.startswith("skipped: the trees saturate")
     assert cells[("bon-majority", 600)].tokens == 600
+
+
+def test_widening_lets_the_search_spend_a_budget_a_finite_tree_cannot(policy):
+    # The saturation set-up above, with progressive widening: the trees keep growing, so the search
+    # reaches the 300-token budget (within the 10% tolerance) instead of saturating near 48 tokens.
+    problems = [PROBLEM, {"numbers": [1, 5, 6, 13], "target": 59}]
+    cfg = SweepConfig(budgets=(300,), max_new_tokens=16, step_max_tokens=8, once_samples=1, k=2, parallel=2,
+                      pilot_problems=2, pilot_simulations=4, once_temperatures=(0.8,), widen_c=2.0)
+    report = run_sweep(make_engine(policy, "native"), policy, ENV, problems, cfg)
+    mcts = {(c.method, c.budget): c for c in report.cells}[("mcts", 300)]
+    assert not mcts.note and "saturated" not in mcts.detail
+    assert abs(mcts.tokens - 300) <= 0.1 * 300
+
+
+def test_mcts_terminal_rule_must_be_verifier_free(policy):
+    cfg = SweepConfig(budgets=(100,), mcts_terminal="reward")
+    with pytest.raises(UsageError, match="verifier-free"):
+        run_sweep(make_engine(policy, "native"), policy, ENV, [PROBLEM], cfg)

@@ -9,6 +9,12 @@
   HF generate does), and the HF-generate engine. The selection is random descent rather than PUCT,
   so the workload's shape (breadth K, depth d, prefixes that grow step by step) is that of the
   search without depending on the value head's numbers.
+  Then, with `--tree-sims` (on by default for the embedded tiny model), the REAL search: the search
+  core (pUCT, parallel descents, virtual loss) driven by the model through the rollout bridge on
+  Countdown test prompts, a few trees in lock-step, once per tree size: simulations per second, the
+  share of the search's wall time spent in tree bookkeeping (selection, tree updates, backup) vs in
+  the model calls, and the cost per simulation, total and bookkeeping only, per tree size. The
+  bookkeeping per simulation must not grow with the tree: a simulation walks one root-to-leaf path.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ HELP = "benchmark generation: native engine vs HF generate (generate | search)"
 
 GENERATE_DEFAULTS = dict(batch=8, prompt_len=64, new_tokens=64)
 SEARCH_DEFAULTS = dict(prompt_len=256, breadth=8, depth=6, simulations=24, step_tokens=16)
+# The real search's part: tree sizes (simulations per tree) and trees searched in lock-step.
+TREE_DEFAULTS = dict(tree_sims="auto", trees=4, tree_parallel=16, tree_k=4)
+TREE_SIMS_AUTO = {"tiny": (16, 1600)}  # --tree-sims auto: models it runs for by default
 
 
 def add_arguments(parser) -> None:
@@ -41,6 +50,15 @@ def add_arguments(parser) -> None:
     srch.add_argument("--simulations", type=int, default=SEARCH_DEFAULTS["simulations"], help="expansions per run")
     srch.add_argument("--step-tokens", type=int, default=SEARCH_DEFAULTS["step_tokens"], help="max tokens of one step")
     srch.add_argument("--no-hf", action="store_true", help="skip the HF-generate baseline")
+    srch.add_argument("--tree-sims", default=TREE_DEFAULTS["tree_sims"],
+                      help="real search: simulations per tree, comma-separated (e.g. 16,1600); 'off' skips it; "
+                           "'auto' (default): 16,1600 for the tiny model, off for others")
+    srch.add_argument("--trees", type=int, default=TREE_DEFAULTS["trees"],
+                      help="real search: Countdown problems searched in lock-step (default 4)")
+    srch.add_argument("--tree-parallel", type=int, default=TREE_DEFAULTS["tree_parallel"],
+                      help="real search: descents per tree per round, W (default 16)")
+    srch.add_argument("--tree-k", type=int, default=TREE_DEFAULTS["tree_k"],
+                      help="real search: sampled steps per expansion, K (default 4)")
     srch.add_argument("--json", action="store_true", help="print the result dict as JSON on the last line")
     for p in (gen, srch):
         p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -127,11 +145,14 @@ def run_generate(args) -> dict:
     # eos off and no prefix cache: the same forced-length, fresh-prompt work as HF generate.
     ours = NativeEngine(policy, cache_tokens=0, eos_token_ids=())
 
-    def run_ours():
-        ours.sample(prompts, 1, max_new_tokens=args.new_tokens, temperature=1.0, seed=args.seed)
+    def native_fn(engine):
+        return lambda: engine.sample(prompts, 1, max_new_tokens=args.new_tokens, temperature=1.0, seed=args.seed)
 
     rows = {}
-    runners = {"native": run_ours, "hf_dynamic": _hf_generate_fn(policy, prompts, args.new_tokens, None)}
+    runners = {"native": native_fn(ours)}
+    if ours.decode != "eager":  # on CUDA: the same loop without CUDA graphs, to show what they buy
+        runners["native_eager"] = native_fn(NativeEngine(policy, cache_tokens=0, eos_token_ids=(), decode="eager"))
+    runners["hf_dynamic"] = _hf_generate_fn(policy, prompts, args.new_tokens, None)
     if not args.no_static:
         runners["hf_static"] = _hf_generate_fn(policy, prompts, args.new_tokens, "static")
     for name, fn in runners.items():
@@ -149,19 +170,19 @@ def run_generate(args) -> dict:
     for row in rows.values():
         if "seconds" in row:
             row["native_speedup"] = round(row["seconds"] / base, 2)
-    print(f"bench generate: model={args.model} device={policy.device} batch={args.batch} "
+    print(f"bench generate: model={args.model} device={policy.device} batch={args.batch} decode={ours.decode} "
           f"prompt={args.prompt_len} new={args.new_tokens} (sampling, lengths forced; "
           f"ms/step = whole call / new tokens, prefill included)")
-    print(f"{'engine':<12}{'tok/s':>12}{'ms/step':>10}{'first call s':>14}{'ours is x faster':>18}")
+    print(f"{'engine':<14}{'tok/s':>12}{'ms/step':>10}{'first call s':>14}{'ours is x faster':>18}")
     for name, row in rows.items():
         if "error" in row:
-            print(f"{name:<12}  {row['error']}")
+            print(f"{name:<14}  {row['error']}")
         else:
-            print(f"{name:<12}{row['tokens_per_s']:>12.1f}{row['ms_per_step']:>10.3f}{row['first_call_s']:>14.3f}"
+            print(f"{name:<14}{row['tokens_per_s']:>12.1f}{row['ms_per_step']:>10.3f}{row['first_call_s']:>14.3f}"
                   f"{row['native_speedup']:>18.2f}")
     return {"bench": "generate", "model": args.model, "device": str(policy.device), "batch": args.batch,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
-            "engines": rows}
+            "decode": ours.decode, "cuda_graphs": ours.use_graphs, "engines": rows}
 
 
 # ------------------------------------------------------------------------------------------ search
@@ -206,6 +227,94 @@ def expansion_workload(engine, root: list[int], *, breadth: int, depth: int, sim
             "prompt_tokens_per_generated_token": round(processed / max(1, delta["generated_tokens"]), 3)}
 
 
+def parse_tree_sims(text: str, model: str) -> tuple[int, ...]:
+    """--tree-sims: 'off' -> (), 'auto' -> TREE_SIMS_AUTO.get(model, ()), '16,1600' -> (16, 1600)."""
+    from treedistill.errors import UsageError
+
+    text = str(text).strip().lower()
+    if text == "off":
+        return ()
+    if text == "auto":
+        return TREE_SIMS_AUTO.get(str(model), ())
+    try:
+        sims = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"--tree-sims must be 'auto', 'off' or comma-separated integers, got {text!r}") from None
+    if not sims or any(s < 1 for s in sims):
+        raise UsageError(f"--tree-sims must be positive integers, got {text!r}")
+    return sims
+
+
+def tree_search_workload(engine, policy, problems, *, simulations: int, parallel: int, k: int, seed: int) -> dict:
+    """The real search on `problems` (one tree each, in lock-step) with `simulations` per tree: pUCT
+    with the search's defaults otherwise, K steps at T = 0.8, terminal nodes scored by the environment
+    (the training setting). Returns simulations per second, the bookkeeping / model split of the
+    search's wall time and the costs per simulation. The completion of incomplete paths is excluded:
+    it is sampling, not search."""
+    from treedistill.envs import get_env
+    from treedistill.rollout import search_problems
+    from treedistill.search import SearchConfig
+
+    cfg = SearchConfig(simulations=simulations, parallel=min(parallel, simulations), select="puct", seed=seed)
+    outcomes = search_problems(engine, policy, get_env("countdown"), problems, search=cfg, k=k, seed=seed)
+    batch = outcomes[0].batch
+    sims = sum(o.tree.stats.simulations for o in outcomes)
+    edges = sum(o.tree.stats.selections for o in outcomes)
+    return {"simulations_per_tree": simulations, "trees": len(problems), "simulations": sims,
+            "search_s": round(batch.search_s, 4), "model_s": round(batch.model_s, 4),
+            "bookkeeping_s": round(batch.bookkeeping_s, 4), "bookkeeping_share": round(batch.bookkeeping_share, 4),
+            "simulations_per_s": round(sims / batch.search_s, 2) if batch.search_s > 0 else None,
+            "ms_per_simulation": round(1e3 * batch.search_s / sims, 4),
+            "model_ms_per_simulation": round(1e3 * batch.model_s / sims, 4),
+            "bookkeeping_us_per_simulation": round(1e6 * batch.bookkeeping_s / sims, 2),
+            "bookkeeping_us_per_edge": round(1e6 * batch.bookkeeping_s / max(edges, 1), 3),
+            "edges_per_simulation": round(edges / sims, 2), "rounds": batch.rounds,
+            "expand_calls": batch.expand_calls, "nodes_per_tree": round(sum(len(o.tree) for o in outcomes)
+                                                                       / len(outcomes), 1),
+            "generated_tokens": batch.engine.get("generated_tokens", 0),
+            "completion_s": round(batch.completion_s, 4)}
+
+
+def run_tree_search(args, policy, sizes: tuple[int, ...]) -> dict:
+    """The real search at each tree size in `sizes`, on the first `--trees` Countdown test problems;
+    a 2-simulation warm-up first. `cost_growth` is the bookkeeping per simulation at the largest size
+    over that at the smallest (about 1 when a simulation costs what its path costs)."""
+    from treedistill.datasets import load_split
+    from treedistill.engine import make_engine
+
+    _check_positive(trees=args.trees, tree_parallel=args.tree_parallel, tree_k=args.tree_k)
+    problems = load_split("countdown", "test")[:args.trees]
+    engine = make_engine(policy, "native")
+    opts = dict(parallel=args.tree_parallel, k=args.tree_k, seed=args.seed)
+    tree_search_workload(engine, policy, problems, simulations=2, **opts)
+    runs = {}
+    for sims in sizes:
+        engine.clear_cache()
+        runs[str(sims)] = tree_search_workload(engine, policy, problems, simulations=sims, **opts)
+    lo, hi = runs[str(min(sizes))], runs[str(max(sizes))]
+    growth = hi["bookkeeping_us_per_simulation"] / lo["bookkeeping_us_per_simulation"] \
+        if lo["bookkeeping_us_per_simulation"] > 0 else None
+    return {"workload": "real search: search/mcts.py driven by the model through rollout/mcts.py, "
+                        "pUCT, Countdown test prompts, terminal nodes scored by the environment",
+            "trees": len(problems), "parallel": args.tree_parallel, "k": args.tree_k, "runs": runs,
+            "bookkeeping_share_max": max(r["bookkeeping_share"] for r in runs.values()),
+            "cost_growth": round(growth, 3) if growth is not None else None}
+
+
+def _print_tree_search(ts: dict) -> None:
+    print(f"real search: {ts['trees']} Countdown trees in lock-step, pUCT, W={ts['parallel']}, K={ts['k']} "
+          "(search wall time = bookkeeping + model calls; completions excluded)")
+    print(f"{'sims/tree':>10}{'sims/s':>10}{'bookkeeping':>13}{'ms/sim':>10}{'model ms/sim':>14}"
+          f"{'book us/sim':>13}{'book us/edge':>14}{'nodes/tree':>12}")
+    for r in ts["runs"].values():
+        print(f"{r['simulations_per_tree']:>10}{r['simulations_per_s']:>10.1f}{100 * r['bookkeeping_share']:>12.1f}%"
+              f"{r['ms_per_simulation']:>10.3f}{r['model_ms_per_simulation']:>14.3f}"
+              f"{r['bookkeeping_us_per_simulation']:>13.1f}{r['bookkeeping_us_per_edge']:>14.2f}"
+              f"{r['nodes_per_tree']:>12.1f}")
+    print(f"bookkeeping per simulation, largest tree / smallest: {ts['cost_growth']}x; "
+          f"largest bookkeeping share {100 * ts['bookkeeping_share_max']:.1f}%")
+
+
 def run_search(args) -> dict:
     import torch
 
@@ -213,6 +322,7 @@ def run_search(args) -> dict:
 
     _check_positive(prompt_len=args.prompt_len, breadth=args.breadth, depth=args.depth,
                     simulations=args.simulations, step_tokens=args.step_tokens)
+    tree_sizes = parse_tree_sims(args.tree_sims, args.model)
     policy = _load(args)
     clock = _Clock(policy.device)
     root = _prompts(policy.model.config.vocab_size, 1, args.prompt_len, args.seed)[0]
@@ -250,6 +360,10 @@ def run_search(args) -> dict:
     for name, row in rows.items():
         print(f"{name:<16}{row['simulations_per_s']:>10.2f}{row['prompt_tokens_per_generated_token']:>20.3f}"
               f"{row['cached_prompt_tokens']:>12}{row['native_cache_speedup']:>19.2f}")
+    if tree_sizes:
+        torch.manual_seed(args.seed)
+        result["tree_search"] = run_tree_search(args, policy, tree_sizes)
+        _print_tree_search(result["tree_search"])
     return result
 
 

@@ -26,15 +26,15 @@ DEMO_PRESETS = {
     "GRPO": "countdown-tiny-grpo",
     "MCTS distillation": "countdown-tiny-mcts",
 }
-# Time model of the demo on 2 CPU cores, 2 jobs, from the CPU seconds it measured (what one
-# single-threaded job per core takes on an otherwise idle machine): `demo --budget-generated-tokens
-# 600000` used 1,541 CPU seconds, of which ~490 do not scale with the budget (process start-up, data
-# and model loading, 3 evaluations of 200 x 16 samples per method at ~34 s each) and ~1.76 ms per
-# generated token (the 4 methods together; alone: GRPO 0.47, CISPO 0.53, MCTS 0.21, best-of-N
-# 0.17 ms), i.e. per job: FIXED_S + SECONDS_PER_TOKEN x budget.
+# Time model of the demo on 2 CPU cores, 2 jobs: wall = FIXED_S + SECONDS_PER_TOKEN x budget, i.e. half
+# the CPU seconds of the 4 runs. From runs of the shipped presets on the 2-core machine (2026-11-26,
+# one torch thread per run, corrected for a third process sharing the cores): an evaluation of 200 x 16
+# samples ~50 s, 3 per run (before RL and at 2 budget points) and ~10 s of start-up per run -> 640
+# CPU seconds; training ~0.9 ms per generated token for GRPO and CISPO (64 samples per step), ~0.38
+# for MCTS distillation, ~0.3 for best-of-N -> 2.48 ms per token for the 4 runs together.
 DEFAULT_MINUTES = 15.0
-FIXED_S = 250.0
-SECONDS_PER_TOKEN = 0.88e-3
+FIXED_S = 320.0
+SECONDS_PER_TOKEN = 1.24e-3
 MARGIN = 0.75                 # plan for 75% of the time limit
 EVAL_PROBLEMS = 200           # the first 200 problems of the test split, for every method
 EVALUATIONS = 2               # evaluation points along the budget (plus the one before RL)

@@ -24,7 +24,12 @@ def add_arguments(parser) -> None:
                         help="tokens per completion at most (default 512)")
     parser.add_argument("--terminal", default="reward",
                         help="value of terminal nodes: reward (the environment's dense reward, as in "
-                             "training) | value (the value head: the search never sees the target)")
+                             "training) | value (the value head: the search never sees the target) | legal "
+                             "(the value head, -1 without a legal answer: never sees the target either)")
+    parser.add_argument("--widen-c", type=float, default=0.0,
+                        help="progressive widening: a node gets K more steps while its samples are fewer than "
+                             "C * N^alpha (default 0: off, each node expanded once, as the reference)")
+    parser.add_argument("--widen-alpha", type=float, default=0.5, help="progressive widening exponent (default 0.5)")
     parser.add_argument("--engine", default="native", help="generation backend: native | hf (default native)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples and of the search (default 0)")
@@ -49,14 +54,20 @@ def check_arguments(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.temperature > 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
-    if not args.c >= 0:
-        raise UsageError(f"--c must be >= 0, got {args.c}")
+    for name in ("c", "widen_c", "widen_alpha"):
+        if not getattr(args, name) >= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.select not in SELECT_RULES:
         raise UsageError(f"unknown --select {args.select!r}: choose one of {', '.join(SELECT_RULES)}")
     if args.terminal not in TERMINAL_VALUES:
         raise UsageError(f"unknown --terminal {args.terminal!r}: choose one of {', '.join(TERMINAL_VALUES)}")
     if args.engine not in BACKENDS:
         raise UsageError(f"unknown --engine {args.engine!r}: choose one of {', '.join(BACKENDS)}")
+
+
+# How the summary names each terminal-value rule (rollout.mcts.TERMINAL_VALUES).
+TERMINAL_TEXT = {"reward": "environment reward", "value": "value head",
+                 "legal": "value head (-1 without a legal answer)"}
 
 
 def _fmt(x) -> str:
@@ -78,7 +89,7 @@ def run(args) -> dict:
     policy = load_policy(args.model, device=args.device, value_head=True)
     engine = make_engine(policy, args.engine)
     cfg = SearchConfig(simulations=args.simulations, parallel=args.parallel, select=args.select, c=args.c,
-                       max_depth=args.max_depth, seed=args.seed)
+                       max_depth=args.max_depth, widen_c=args.widen_c, widen_alpha=args.widen_alpha, seed=args.seed)
     out = search_problems(engine, policy, env, [problem], search=cfg, k=args.k, temperature=args.temperature,
                           step_max_tokens=args.step_max_tokens, max_new_tokens=args.max_new_tokens,
                           seed=args.seed, terminal_value=args.terminal)[0]
@@ -95,6 +106,7 @@ def run(args) -> dict:
         "nodes": len(tree), "depth": tree.stats.max_depth, "simulations": tree.stats.simulations,
         "root_value": tree.q(ROOT), "root_value_head": tree.value[ROOT],
         "generated_tokens": out.generated_tokens, "collisions": tree.stats.collisions,
+        "widenings": tree.stats.widenings,
         "rounds": batch.rounds, "wall_s": batch.wall_s, "search_s": batch.search_s,
         "bookkeeping_s": batch.bookkeeping_s, "bookkeeping_share": batch.bookkeeping_share,
         "engine": batch.engine,
@@ -102,7 +114,7 @@ def run(args) -> dict:
 
     print(f"problem  {problem['numbers']} -> {problem['target']}   model {args.model}, {args.select}, "
           f"{args.simulations} simulations, W={args.parallel}, K={args.k}, T={args.temperature}, "
-          f"terminal nodes valued by the {'environment reward' if args.terminal == 'reward' else 'value head'}")
+          f"terminal nodes valued by the {TERMINAL_TEXT[args.terminal]}")
     print(f"answer   {out.score.answer if out.score.answer is not None else '(none)'}   "
           f"reward {out.score.dense:+.3f} dense, {out.score.sparse:.0f} sparse ({out.score.reason})")
     print("principal variation (N visits, Q mean value, P prior):")
@@ -113,7 +125,7 @@ def run(args) -> dict:
         print(f"  completed by the policy (the search stopped before a terminal node): {completion!r}")
     print(f"tree     {summary['nodes']} nodes, depth {summary['depth']}, {summary['simulations']} simulations, "
           f"root value {_fmt(summary['root_value'])} (value head {_fmt(summary['root_value_head'])}), "
-          f"{summary['collisions']} collisions in {summary['rounds']} rounds")
+          f"{summary['collisions']} collisions in {summary['rounds']} rounds, {summary['widenings']} widenings")
     print(f"compute  {summary['generated_tokens']} generated tokens, {batch.engine.get('forward_calls', 0)} forward "
           f"calls, wall {batch.wall_s:.2f} s, bookkeeping {100 * batch.bookkeeping_share:.1f}% of the search")
 
@@ -132,7 +144,8 @@ def run(args) -> dict:
 
     return {
         "model": args.model, "problem": problem, "select": args.select, "simulations": args.simulations,
-        "parallel": args.parallel, "terminal": args.terminal, "k": args.k, "temperature": args.temperature, "seed": args.seed,
+        "parallel": args.parallel, "terminal": args.terminal, "k": args.k, "temperature": args.temperature,
+        "widen_c": args.widen_c, "widen_alpha": args.widen_alpha, "seed": args.seed,
         "answer": out.score.answer, "reward": out.score.dense, "sparse": out.score.sparse,
         "reason": out.score.reason, "completion": out.text, "search_complete": ex.complete,
         "search_tokens": out.trajectory.search_tokens, "principal_variation": pv,

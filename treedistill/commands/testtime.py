@@ -20,6 +20,14 @@ def add_arguments(parser) -> None:
                         help="temperature of search steps and best-of-N samples (default 0.8)")
     parser.add_argument("--parallel", type=int, default=8, help="search descents per round, W (default 8)")
     parser.add_argument("--select", default="puct", help="search selection rule: puct | uct | gumbel")
+    parser.add_argument("--widen-c", type=float, default=None,
+                        help="search progressive widening: a node gets K more steps while its samples are fewer "
+                             "than C * N^alpha; 0 = off (default: SweepConfig's, 1.0)")
+    parser.add_argument("--widen-alpha", type=float, default=None,
+                        help="search progressive widening exponent alpha (default: SweepConfig's, 0.5)")
+    parser.add_argument("--mcts-terminal", default=None, choices=["legal", "value"],
+                        help="how the mcts row values terminal nodes without a verifier: legal (value head, -1 "
+                             "without a legal answer; default) or value (value head only)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens per completion (default 512)")
     parser.add_argument("--verifier", action="store_true",
                         help="also run mcts+verifier and bon+verifier, which DO use the environment's reward")
@@ -47,6 +55,10 @@ def check_arguments(args):
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     if not args.temperature > 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
+    for name in ("widen_c", "widen_alpha"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     if args.select not in SELECT_RULES:
         raise UsageError(f"unknown --select {args.select!r}: choose one of {', '.join(SELECT_RULES)}")
     if args.engine not in BACKENDS:
@@ -85,9 +97,11 @@ def run(args) -> dict:
         raise UsageError(f"cannot create --out {out_dir}: {err}") from None
     policy = load_policy(args.model, device=args.device, value_head=True)
     engine = make_engine(policy, args.engine)
+    search = {name: getattr(args, name) for name in ("widen_c", "widen_alpha", "mcts_terminal")
+              if getattr(args, name) is not None}
     cfg = SweepConfig(budgets=budgets, k=args.k, temperature=args.temperature, parallel=args.parallel,
                       select=args.select, max_new_tokens=args.max_new_tokens, once_samples=args.once_samples,
-                      seed=args.seed, verifier=args.verifier)
+                      seed=args.seed, verifier=args.verifier, **search)
     report = run_sweep(engine, policy, env, problems, cfg, progress=_say)
 
     import torch

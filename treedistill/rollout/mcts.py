@@ -11,7 +11,11 @@ callables, so the search core still never sees a model:
 - reward: the value of a new TERMINAL node, chosen from `TERMINAL_VALUES`: "reward" (default,
   training and the reference) is the environment's DENSE reward of the decoded completion (end token
   dropped); "value" is the value head at the completion's last token, so the search never consults
-  the environment's verdict (test-time comparisons where no method may use the ground truth).
+  the environment's verdict (test-time comparisons where no method may use the ground truth);
+  "legal" is the value head where the completion holds a legal answer and -1 (the bottom of the
+  value scale, the environment's no-answer reward) where it does not: no answer, or one that does not
+  parse or uses numbers the problem does not give. Legality reads the problem's inputs only (the
+  numbers the prompt states, never the target), the same filter best-of-N's selectors apply.
 
 When is a step terminal. At end-of-sequence; or when the completion so far plus the step holds a
 closed answer (`env.is_terminal`), so a line ends at `</answer>` even before the model emits its end
@@ -136,7 +140,8 @@ class SearchBridge:
 
     prompts[i] is problems[i]'s prompt (token ids); budgets[i] its completion token budget.
     `generated[i]` / `returned[i]` accumulate the tokens generated for / returned to tree i;
-    `root_generated[i]` the part spent expanding its root (test-time calibration uses it).
+    `root_generated[i]` the part spent on its root's first expansion (test-time calibration uses it;
+    widening the root later counts as search).
     """
 
     def __init__(self, engine, policy, env: Env, problems: Sequence[dict], prompts: Sequence[Sequence[int]],
@@ -161,6 +166,7 @@ class SearchBridge:
         self.generated = [0] * len(self.prompts)
         self.returned = [0] * len(self.prompts)
         self.root_generated = [0] * len(self.prompts)
+        self.root_expanded = [False] * len(self.prompts)
 
     def next_seed(self) -> int:
         """Seed of the next engine call: deterministic in (seed, call index)."""
@@ -177,14 +183,18 @@ class SearchBridge:
     def expand(self, requests: list[NodeRequest]) -> list[list[Candidate]]:
         outputs = self.engine.sample([r.prefix for r in requests], n=self.k, max_new_tokens=self.step_max_tokens,
                                      temperature=self.temperature, stop=[self.env.step_end], seed=self.next_seed())
-        return [[self._candidate(r, s) for s in samples] for r, samples in zip(requests, outputs)]
+        out = [[self._candidate(r, s) for s in samples] for r, samples in zip(requests, outputs)]
+        for r in requests:
+            if r.node == ROOT:
+                self.root_expanded[r.tree] = True
+        return out
 
     def _candidate(self, request: NodeRequest, sample) -> Candidate:
         tree = request.tree
         done = request.completion
         room = self.budgets[tree] - len(done)
         self.generated[tree] += len(sample.tokens)
-        if request.node == ROOT:
+        if request.node == ROOT and not self.root_expanded[tree]:  # the first root expansion only
             self.root_generated[tree] += len(sample.tokens)
         tokens, logprobs, finish = tuple(sample.tokens), tuple(sample.policy_logprobs), sample.finish
         if len(tokens) > room:
@@ -228,8 +238,22 @@ def _value_head(bridge: SearchBridge, requests: list[NodeRequest]) -> list[float
     return bridge.engine.value([r.prefix for r in requests])
 
 
-# How a new terminal node is valued: the environment's dense reward, or the value head (no verifier).
-TERMINAL_VALUES = {"reward": _env_reward, "value": _value_head}
+def _legal_value(bridge: SearchBridge, requests: list[NodeRequest]) -> list[float]:
+    from treedistill.testtime import answer_value  # reads the problem without its target
+
+    values = bridge.engine.value([r.prefix for r in requests])
+    legal = [answer_value(bridge.env, bridge.problems[r.tree], bridge.text(r.completion)) is not None
+             for r in requests]
+    return [float(v) if ok else NO_LEGAL_ANSWER for v, ok in zip(values, legal)]
+
+
+# The value of a terminal node without a legal answer under the "legal" rule: the bottom of the
+# value head's tanh range, and the environment's no-answer reward.
+NO_LEGAL_ANSWER = -1.0
+
+# How a new terminal node is valued: the environment's dense reward (uses the target), the value
+# head (no verifier), or the value head with illegal answers at -1 (no verifier: inputs only).
+TERMINAL_VALUES = {"reward": _env_reward, "value": _value_head, "legal": _legal_value}
 
 
 def _delta(before: dict, after: dict) -> dict:
@@ -243,7 +267,8 @@ def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, searc
     complete the incomplete ones with the policy, and score them; one SearchOutcome per problem.
 
     The search's own seed (Gumbel noise) is `search.seed`; `seed` seeds the engine's samples.
-    terminal_value: "reward" (environment) or "value" (value head) for terminal nodes; the returned
+    terminal_value: "reward" (environment), "value" (value head) or "legal" (value head, -1 without a
+    legal answer) for terminal nodes, see TERMINAL_VALUES; the returned
     trajectory is scored by the environment either way.
     """
     if not problems:

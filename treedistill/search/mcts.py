@@ -31,13 +31,28 @@ Where this departs from the reference and why:
 
 Parallel search. Each round, up to `parallel` (W) descents run per tree before any callable is
 called; each adds an in-flight (virtual) visit to every node of its path, so the following descents
-diverge (and, with `virtual_loss`, see a lowered Q). A descent that ends on a terminal node or an
-evaluated max-depth node is backed up at once. A descent that ends on a leaf already pending in this
-round is a collision: it is not a simulation, calls nothing and backs nothing up, but keeps its
-in-flight visits until the end of the round (so later descents of the round steer further away), then
-they are removed. Then ALL pending leaves of ALL trees go to ONE `expand` call and ONE `evaluate`
-call, the new terminal children to ONE `reward` call, and the pending paths are backed up. W = 1 is
-the classic sequential search.
+diverge (and, with `virtual_loss`, see a lowered Q). Each node is reached by at most one counted
+descent per round: a descent that ends on a node already reached in this round (a pending leaf, a
+node being widened, or a terminal / evaluated max-depth leaf) is a collision: it is not a
+simulation, calls nothing and backs nothing up, but keeps its in-flight visits until the end of the
+round (so later descents of the round steer further away), then they are removed; a collision on a
+terminal or evaluated max-depth leaf ends that tree's round (once the descents converge on leaves
+that need no model call, more of them in the round would only repeat the walk). A descent that
+ends on a terminal node or an evaluated max-depth node backs up that cached value at the END of the
+round, keeping its in-flight visits until then like any other: backing it up at once would retire
+its virtual loss at once, and with W > 1 the descents pushed off the pending leaves would pile onto
+an already-valued (often known-bad) terminal, inflating its visits past those of better siblings.
+Then ALL pending leaves of ALL trees (and the nodes to widen) go to ONE `expand` call, the pending
+leaves to ONE `evaluate` call, the new terminal children to ONE `reward` call, and the paths are
+backed up. W = 1 is the classic sequential search.
+
+Progressive widening (`widen_c` > 0; off by default, as in the reference). Without it each node is
+expanded once with K sampled steps, so a tree is finite: once its lines end in terminal nodes, more
+simulations only revisit them. With it, a descent that reaches an expanded node whose sampled
+candidates number fewer than widen_c * N^widen_alpha stops there and the node is expanded again (K
+more samples; new distinct steps become children, repeats merge into theirs; priors are the mean of
+the batches' softmaxes). That descent is not a simulation: nothing is backed up, the new children
+are valued when later descents select them (pUCT gives an unvisited child the first-play value).
 """
 
 from __future__ import annotations
@@ -84,6 +99,11 @@ class SearchConfig:
     gumbel_scale: float = 1.0    # Gumbel: noise scale (0: deterministic)
     value_scale: float = 0.1     # Gumbel completed-Q scale (mctx default)
     maxvisit_init: float = 50.0  # Gumbel completed-Q visit offset (mctx default)
+    # Progressive widening (off at 0, the reference: each node is expanded once, K steps): an expanded
+    # node is expanded again, K more steps, while the candidates sampled at it are fewer than
+    # widen_c * N^widen_alpha. Never at a Gumbel root (Sequential Halving needs a fixed action set).
+    widen_c: float = 0.0
+    widen_alpha: float = 0.5
     seed: int = 0                # seeds the Gumbel noise; tree i draws from Random(f"{seed}/{i}")
 
     def __post_init__(self):
@@ -94,7 +114,8 @@ class SearchConfig:
             raise UsageError(f"search select must be one of {sorted(SELECT_RULES)}, got {self.select!r}")
         if self.prior not in PRIOR_LOGITS:
             raise UsageError(f"search prior must be one of {sorted(PRIOR_LOGITS)}, got {self.prior!r}")
-        for name in ("c", "virtual_loss", "gumbel_scale", "value_scale", "maxvisit_init"):
+        for name in ("c", "virtual_loss", "gumbel_scale", "value_scale", "maxvisit_init", "widen_c",
+                     "widen_alpha"):
             if not getattr(self, name) >= 0:
                 raise UsageError(f"search {name} must be >= 0, got {getattr(self, name)}")
 
@@ -110,7 +131,8 @@ class TreeStats:
     reward_requests: int = 0  # terminal nodes sent to `reward`
     request_tokens: int = 0   # prefix tokens handed to `expand` and `evaluate` (before any KV cache)
     step_tokens: int = 0      # tokens of the candidate steps `expand` returned (duplicates included)
-    collisions: int = 0       # descents that ended on a leaf already pending in their round
+    collisions: int = 0       # descents that ended on a leaf already reached in their round
+    widenings: int = 0        # re-expansions of an expanded node (progressive widening)
     selections: int = 0       # edges walked by all descents (selection-rule calls)
     rounds: int = 0           # rounds in which this tree ran descents
     nodes: int = 1            # nodes in the tree (root included)
@@ -123,7 +145,7 @@ class SearchStats:
 
     rounds: int = 0
     expand_calls: int = 0      # batched `expand` calls (at most one per round, plus the roots')
-    evaluate_calls: int = 0
+    evaluate_calls: int = 0    # batched `evaluate` calls (none in a round that only widens)
     reward_calls: int = 0
     wall_s: float = 0.0        # whole search
     callback_s: float = 0.0    # inside expand / evaluate / reward
@@ -170,26 +192,16 @@ def search(
     active = [t for t in trees if t.stats.simulations < cfg.simulations]
     while active:
         stats.rounds += 1
-        pending: list[tuple[Tree, list[int]]] = []
+        pending: list[tuple[Tree, list[int]]] = []   # new leaves: expand + evaluate
+        widened: list[tuple[Tree, list[int]]] = []   # expanded nodes to widen: expand only
+        known: list[tuple[Tree, list[int]]] = []     # leaves with a cached value: back it up
         collided: list[tuple[Tree, list[int]]] = []
         for tree in active:
-            tree.stats.rounds += 1
-            leaves: set[int] = set()
-            for _ in range(cfg.parallel):
-                if tree.stats.simulations + len(leaves) >= cfg.simulations:
-                    break
-                path = _descend(tree, select, cfg)
-                leaf = path[-1]
-                if tree.value[leaf] is not None:
-                    tree.backup(path, tree.value[leaf])
-                    tree.stats.simulations += 1
-                elif leaf in leaves:
-                    collided.append((tree, path))
-                    tree.stats.collisions += 1
-                else:
-                    leaves.add(leaf)
-                    pending.append((tree, path))
-        _resolve(pending, expand, evaluate, reward, cfg, rngs, stats)
+            _descents(tree, select, cfg, pending, widened, known, collided)
+        _resolve(pending, expand, evaluate, reward, cfg, rngs, stats, widened)
+        for tree, path in known:
+            tree.backup(path, tree.value[path[-1]])
+            tree.stats.simulations += 1
         for tree, path in collided:
             tree.add_virtual(path, -1)
         active = [t for t in active if t.stats.simulations < cfg.simulations]
@@ -200,11 +212,55 @@ def search(
     return SearchResult(trees, stats)
 
 
+def _descents(tree: Tree, select: SelectFn, cfg: SearchConfig, pending: list, widened: list, known: list,
+              collided: list) -> None:
+    """One round of up to W descents in `tree`, each filed by where it ended. A node is reached by at
+    most one counted descent per round, whatever it is (new leaf, node to widen, terminal or evaluated
+    max-depth leaf): a later descent to it is a collision. Cached values are backed up at the end of
+    the round, not at once, so the in-flight visits steer the round's other descents away from a
+    known leaf just as from a pending one (otherwise every descent that the virtual loss pushes off
+    the pending leaves piles onto the free, already-valued terminals). The tree's round ends early at
+    a collision on a known leaf: the in-flight visits no longer spread the descents there, and the
+    rest would mostly walk again to the same leaves, which need no model call anyway."""
+    tree.stats.rounds += 1
+    reached: set[int] = set()
+    for _ in range(cfg.parallel):
+        if tree.stats.simulations + len(reached) >= cfg.simulations:
+            break
+        path = _descend(tree, select, cfg)
+        leaf = path[-1]
+        if leaf in reached:
+            collided.append((tree, path))
+            tree.stats.collisions += 1
+            if tree.value[leaf] is not None and not tree.expanded[leaf]:
+                break  # a known leaf again: the in-flight visits no longer spread the descents
+            continue
+        reached.add(leaf)
+        if tree.expanded[leaf]:
+            widened.append((tree, path))
+        elif tree.value[leaf] is not None:
+            known.append((tree, path))
+        else:
+            pending.append((tree, path))
+
+
+def widens(tree: Tree, node: int, cfg: SearchConfig) -> bool:
+    """Progressive widening (Coulom 2007; Couetoux et al. 2011, for sampled actions): an expanded
+    node gets K more sampled steps while its sampled candidates are fewer than widen_c * N^alpha.
+    Counting samples, not distinct children, bounds the re-expansions of a node whose samples keep
+    merging into the same few steps."""
+    if cfg.widen_c <= 0 or (node == ROOT and cfg.select == "gumbel"):
+        return False
+    return tree.sampled[node] < cfg.widen_c * tree.visits[node] ** cfg.widen_alpha
+
+
 def _descend(tree: Tree, select: SelectFn, cfg: SearchConfig) -> list[int]:
-    """Follow the selection rule from the root while the node is expanded; mark the path in flight.
-    The in-flight visits are added after the walk, so a descent does not count itself (as W = 1)."""
+    """Follow the selection rule from the root while the node is expanded and is not due for
+    widening; mark the path in flight. The in-flight visits are added after the walk, so a descent
+    does not count itself (as W = 1)."""
     node, path = ROOT, [ROOT]
-    while tree.expanded[node]:
+    widening = cfg.widen_c > 0
+    while tree.expanded[node] and not (widening and widens(tree, node, cfg)):
         node = select(tree, node, cfg)
         path.append(node)
     tree.stats.selections += len(path) - 1
@@ -230,29 +286,39 @@ def _finite(values: list, what: str) -> list[float]:
     return out
 
 
-def _resolve(pending, expand, evaluate, reward, cfg: SearchConfig, rngs, stats: SearchStats) -> None:
-    """Expand and evaluate the new leaves of a round (one call each over all trees), score the new
-    terminal children (one call), then back up each leaf's value-head value along its path."""
-    if not pending:
+def _resolve(pending, expand, evaluate, reward, cfg: SearchConfig, rngs, stats: SearchStats,
+             widened=()) -> None:
+    """Expand the new leaves and the nodes to widen of a round (one call over all trees), evaluate
+    the new leaves (one call), score the new terminal children (one call), then back up each new
+    leaf's value-head value along its path. A widening backs nothing up: it is not a simulation (its
+    node's N does not grow, and its new children are valued when a later descent reaches them);
+    its in-flight visits are removed."""
+    if not pending and not widened:
         return
     requests = [tree.request(path[-1]) for tree, path in pending]
-    to_expand = [i for i, (tree, path) in enumerate(pending) if tree.depth[path[-1]] < cfg.max_depth]
+    to_expand = [(pending[i], requests[i]) for i, (tree, path) in enumerate(pending)
+                 if tree.depth[path[-1]] < cfg.max_depth]
+    to_expand += [(entry, entry[0].request(entry[1][-1])) for entry in widened]
     candidates: list[list[Candidate]] = []
     if to_expand:
         stats.expand_calls += 1
-        candidates = _timed(expand, [requests[i] for i in to_expand], stats, "expand")
-    stats.evaluate_calls += 1
-    values = _finite(_timed(evaluate, requests, stats, "evaluate"), "evaluate")
+        candidates = _timed(expand, [r for _, r in to_expand], stats, "expand")
+    values: list[float] = []
+    if requests:
+        stats.evaluate_calls += 1
+        values = _finite(_timed(evaluate, requests, stats, "evaluate"), "evaluate")
 
     new_terminal: list[tuple[Tree, int]] = []
-    for i, cands in zip(to_expand, candidates):
-        tree, path = pending[i]
+    for ((tree, path), request), cands in zip(to_expand, candidates):
         tree.stats.expand_requests += 1
-        tree.stats.request_tokens += len(requests[i].prefix)
+        tree.stats.request_tokens += len(request.prefix)
         tree.stats.step_tokens += sum(len(c.tokens) for c in cands)
         for child in _add_children(tree, path[-1], cands, cfg, rngs[tree.index]):
             if tree.terminal[child]:
                 new_terminal.append((tree, child))
+    for tree, path in widened:
+        tree.add_virtual(path, -1)
+        tree.stats.widenings += 1
     if new_terminal:
         stats.reward_calls += 1
         rewards = _finite(_timed(reward, [t.request(n) for t, n in new_terminal], stats, "reward"),
@@ -274,7 +340,10 @@ def _resolve(pending, expand, evaluate, reward, cfg: SearchConfig, rngs, stats: 
 def _add_children(tree: Tree, node: int, cands: list[Candidate], cfg: SearchConfig,
                   rng: random.Random) -> list[int]:
     """Turn `node`'s sampled candidates into children: priors by softmax over their prior logits,
-    identical steps merged into one child whose prior is the sum. Returns the new child ids."""
+    identical steps merged into one child whose prior is the sum. When the node already has children
+    (widening: its e-th expansion, e > 1), the prior is the mean over the e batches of each batch's
+    softmax (old priors times (e - 1) / e, the new batch's shares times 1 / e), so it still sums to 1;
+    a new sample identical to an existing child merges into it. Returns the NEW child ids."""
     if not cands:
         raise ValueError(f"search: expand returned no candidate for node {node} of tree {tree.index}")
     for c in cands:
@@ -290,8 +359,13 @@ def _add_children(tree: Tree, node: int, cands: list[Candidate], cfg: SearchConf
     logits = [PRIOR_LOGITS[cfg.prior](c) for c in cands]
     top = max(logits)
     exp = [math.exp(x - top) for x in logits]
-    z = sum(exp)
-    by_tokens: dict[tuple[int, ...], int] = {}
+    batch = tree.expansions[node] + 1
+    z = sum(exp) * batch
+    old = tree.children[node]
+    for child in old:
+        tree.prior[child] *= (batch - 1) / batch
+    by_tokens: dict[tuple[int, ...], int] = {tree.tokens[child]: child for child in old}
+    new: list[int] = []
     for c, e in zip(cands, exp):
         tokens = tuple(int(t) for t in c.tokens)
         if tokens in by_tokens:
@@ -302,12 +376,14 @@ def _add_children(tree: Tree, node: int, cands: list[Candidate], cfg: SearchConf
             by_tokens[tokens] = tree.add_node(node, tokens, float(c.logprob), e / z,
                                               terminal=bool(c.terminal), finish=c.finish,
                                               token_logprobs=tuple(float(x) for x in c.token_logprobs))
+            new.append(by_tokens[tokens])
     tree.expanded[node] = True
-    children = tree.children[node]
+    tree.expansions[node] = batch
+    tree.sampled[node] += len(cands)
     if node == ROOT:
         # Gumbel(0, 1) = -log(E), E ~ Exp(1); drawn for every rule so the random stream of a tree
         # does not depend on the rule. `or` guards the E = 0 draw (probability 2^-53).
-        for child in children:
+        for child in new:
             tree.gumbel[child] = cfg.gumbel_scale * -math.log(rng.expovariate(1.0) or 5e-324)
     tree.stats.max_depth = max(tree.stats.max_depth, tree.depth[node] + 1)
-    return children
+    return new

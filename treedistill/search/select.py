@@ -79,17 +79,24 @@ def child_q(tree: Tree, child: int, virtual_loss: float) -> float | None:
 
 
 def select_by_score(tree: Tree, node: int, cfg: SearchConfig, *, score: ScoreFn) -> int:
-    """The child of `node` with the highest `score`; ties go to the first child (lowest id)."""
-    n_parent = tree.visits[node] + tree.virtual[node]
+    """The child of `node` with the highest `score`; ties go to the first child (lowest id).
+    Q is `child_q`'s (fpu, lowered by the in-flight visits, while unvisited), computed inline: this
+    loop is most of a simulation's bookkeeping."""
+    visits, virtual, value_sum, prior = tree.visits, tree.virtual, tree.value_sum, tree.prior
+    vl, fpu, c, normalize = cfg.virtual_loss, cfg.fpu, cfg.c, cfg.q_normalize
+    n_parent = visits[node] + virtual[node]
     best, best_score = -1, -math.inf
     for child in tree.children[node]:
-        q = child_q(tree, child, cfg.virtual_loss)
-        if q is None:
-            nv = tree.virtual[child]
-            q = cfg.fpu - (cfg.virtual_loss if nv else 0.0)
-        if cfg.q_normalize:
+        n, nv = visits[child], virtual[child]
+        if n:
+            q = value_sum[child] / n
+            if nv:
+                q = q - vl * nv / (n + nv)
+        else:
+            q = fpu - (vl if nv else 0.0)
+        if normalize:
             q = tree.normalize(q)
-        s = score(q, tree.prior[child], n_parent, tree.visits[child] + tree.virtual[child], cfg.c)
+        s = score(q, prior[child], n_parent, n + nv, c)
         if s > best_score:
             best, best_score = child, s
     return best

@@ -67,10 +67,13 @@ class Tree:
 
     Per node: `parent` (-1 for the root), `children` (ids, in the order the steps were first
     sampled), `depth` (steps from the root), `tokens` (the step), `logprob` (its summed raw policy
-    log-prob), `token_logprobs` (its per-token raw policy log-probs, () if not given), `prior` P (softmax over the parent's candidates, duplicates summed), `count` (how many
-    sampled candidates were merged into this node), `terminal`, `finish`, `expanded` (children
-    created), `value` (the leaf value backed up when a simulation ends here: the value head for a
-    non-terminal node once evaluated, the environment reward for a terminal node, set at creation;
+    log-prob), `token_logprobs` (its per-token raw policy log-probs, () if not given), `prior` P
+    (softmax over the parent's candidates, duplicates summed; under widening the mean over the
+    parent's batches), `count` (how many sampled candidates were merged into this node), `terminal`,
+    `finish`, `expanded` (children created), `expansions` (how many times `expand` was asked for this
+    node's steps: 1, or more under progressive widening), `sampled` (candidates those calls returned,
+    duplicates included), `value` (the leaf value backed up when a simulation ends here: the value
+    head for a non-terminal node once evaluated, the environment reward for a terminal node, set at creation;
     None before), `visits` N, `value_sum` W, `virtual` (in-flight visits of the current round) and
     `gumbel` (the root children's Gumbel noise; 0 elsewhere).
 
@@ -92,6 +95,8 @@ class Tree:
         self.terminal: list[bool] = []
         self.finish: list[str] = []
         self.expanded: list[bool] = []
+        self.expansions: list[int] = []
+        self.sampled: list[int] = []
         self.value: list[float | None] = []
         self.visits: list[int] = []
         self.value_sum: list[float] = []
@@ -129,6 +134,8 @@ class Tree:
         self.terminal.append(terminal)
         self.finish.append(finish)
         self.expanded.append(False)
+        self.expansions.append(0)
+        self.sampled.append(0)
         self.value.append(None)
         self.visits.append(0)
         self.value_sum.append(0.0)
