@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from tiny_prompt_policy import TinyPromptPolicy
 
 from treedistill.cli import main
 from treedistill.engine.base import FINISH_EOS, FINISH_LENGTH, Sample
@@ -33,25 +34,6 @@ def test_single_problem_has_zero_stderr():
     assert r.stderr == 0.0 and r.accuracy == 0.5
 
 
-class _Policy:
-    """The prompt/decode side of a Policy over the tiny model's byte-level tokenizer."""
-
-    compact_prompt = True
-
-    def __init__(self):
-        from treedistill.models.tiny import build_tokenizer
-
-        self.tokenizer = build_tokenizer()
-        self.eos_token_ids = [self.tokenizer.eos_token_id]
-
-    def prompt_ids(self, messages):
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def decode(self, ids):
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
-
-
 class _ScriptedEngine:
     """Returns, for each prompt, completions looked up by the prompt's text: known answers."""
 
@@ -76,7 +58,7 @@ class _ScriptedEngine:
 def test_evaluate_scores_what_the_engine_returns():
     from treedistill.envs.countdown import CountdownEnv
 
-    env, policy = CountdownEnv(), _Policy()
+    env, policy = CountdownEnv(), TinyPromptPolicy()
     problems = [{"numbers": [3, 5, 7, 2], "target": 22}, {"numbers": [1, 2, 3, 4], "target": 24}]
 
     def prompt(p):
@@ -103,9 +85,9 @@ def test_evaluate_scores_what_the_engine_returns():
 
 def test_evaluate_refuses_bad_settings():
     with pytest.raises(ValueError):
-        evaluate(None, _Policy(), None, [], k=0)
+        evaluate(None, TinyPromptPolicy(), None, [], k=0)
     with pytest.raises(ValueError):
-        evaluate(None, _Policy(), None, [], k=1, temperature=-0.1)
+        evaluate(None, TinyPromptPolicy(), None, [], k=1, temperature=-0.1)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -4,6 +4,7 @@ small real model."""
 
 import pytest
 import torch
+from tiny_prompt_policy import TinyPromptPolicy
 
 from treedistill.config import METHODS as CONFIG_METHODS
 from treedistill.config import SearchSettings, TrainConfig
@@ -31,25 +32,6 @@ SCRIPT = [
 REWARDS = [[1.0, 1 - 2 * 14 / 22, -1.0], [-0.9, 1.0, -0.9]]
 
 
-class _Policy:
-    """The prompt / decode side of a Policy over the tiny model's byte-level tokenizer."""
-
-    compact_prompt = True
-
-    def __init__(self):
-        from treedistill.models.tiny import build_tokenizer
-
-        self.tokenizer = build_tokenizer()
-        self.eos_token_ids = [self.tokenizer.eos_token_id]
-
-    def prompt_ids(self, messages):
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def decode(self, ids):
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
-
-
 class _ScriptedEngine:
     """Sample j of prompt i is SCRIPT[i][j] (+ eos); raw-policy log-probs -0.5 per token and sampling
     log-probs -0.25, so a test can tell which of the two a rollout recorded."""
@@ -73,7 +55,7 @@ class _ScriptedEngine:
 
 
 def _context(**settings):
-    policy, env = _Policy(), CountdownEnv()
+    policy, env = TinyPromptPolicy(), CountdownEnv()
     prompts = [policy.prompt_ids(env.messages(p, compact=True)) for p in PROBLEMS]
     cfg = TrainConfig(problems_per_step=2, max_new_tokens=64, **settings)
     return RolloutContext(engine=_ScriptedEngine(policy, prompts), policy=policy, env=env, cfg=cfg), prompts

@@ -561,13 +561,15 @@ class NativeEngine:
         slots = live_t.clone()
         packed = True  # slots == 0..len(live)-1
         texts = [[] for _ in owners] if stop_texts else None  # host copies for the stop-text check
+        stops = frozenset(stop_tensor.tolist())  # the stop ids on the host, once per chunk
         for step in range(max_new_tokens):
             tok, slp, pl = sample_next(logits, temperature, top_p, generator, self.draw)
             tokens[live_t, step] = tok
             logps[0, live_t, step] = slp
             logps[1, live_t, step] = pl
             self.counters.generated_tokens += len(live)
-            finished = self._finished_static(tok, live, texts, stop_tensor, stop_texts, step == max_new_tokens - 1)
+            finished = self._finished_static(tok, live, texts, stop_tensor, stops, stop_texts,
+                                             step == max_new_tokens - 1)
             if finished:
                 ks = [k for k, _ in finished]
                 rids = torch.tensor([live[k] for k in ks], device=dev)
@@ -596,7 +598,8 @@ class NativeEngine:
             ws.next_pos += 1
             logits = ws.logits[: len(live)] if packed else ws.logits.index_select(0, slots)  # [B, V]
 
-    def _finished_static(self, tok, live, texts, stop_tensor, stop_texts, last: bool) -> list[tuple[int, str]]:
+    def _finished_static(self, tok, live, texts, stop_tensor, stops: frozenset, stop_texts,
+                         last: bool) -> list[tuple[int, str]]:
         """(position in `live`, finish) of the rows that end with `tok`; syncs with the device only when a
         row can end here."""
         if texts is None and not last:
@@ -605,7 +608,6 @@ class NativeEngine:
             hit = torch.isin(tok, stop_tensor)
             ks = hit.nonzero()[:, 0].tolist()
             return [(k, FINISH_EOS if t in self.eos_ids else FINISH_STOP) for k, t in zip(ks, tok[ks].tolist())]
-        stops = set(stop_tensor.tolist())
         finished = []
         for k, t in enumerate(tok.tolist()):
             generated = texts[live[k]] if texts is not None else []
