@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from treedistill.envs import get_env
+from treedistill.envs.base import reward_from_prompt
 from treedistill.envs.countdown import (
     CountdownEnv,
     Step,
@@ -112,6 +113,7 @@ def test_terminal_key_and_messages():
     assert not ENV.is_terminal("<step>x</step><answer>1+2")
     assert ENV.is_terminal("<step>x</step><answer>1+2</answer>")
     assert ENV.step_end == "</step>" and ENV.name == "countdown"
+    assert reward_from_prompt(ENV) and not reward_from_prompt(object())  # numbers and target: both in the prompt
     assert ENV.key({"numbers": [5, 13, 5, 9], "target": 31}) == ((5, 5, 9, 13), 31)
     problem = {"numbers": [5, 13, 5, 9], "target": 31}
     system, user = ENV.messages(problem)

@@ -98,6 +98,11 @@ def test_evaluate_refuses_bad_settings():
     (["--limit", "0"], "--limit"),
     (["--batch", "0"], "--batch"),
     (["--engine", "vllm"], "unknown --engine"),
+    (["--search", "mcts", "--simulations", "0"], "--simulations must be >= 1"),
+    (["--search", "mcts", "--parallel", "0"], "--parallel must be >= 1"),
+    (["--search", "mcts", "--search-temperature", "0"], "--search-temperature must be > 0"),
+    (["--search", "mcts", "--widen-c", "-1"], "--widen-c must be >= 0"),
+    (["--search", "mcts", "--select", "best"], "unknown --select"),
 ])
 def test_cli_refuses_bad_input_before_any_compute(flags, message, capsys, monkeypatch):
     import treedistill.models.load as load
@@ -140,3 +145,23 @@ def test_cli_eval_test_split_smoke(capsys):
     for key in ("accuracy", "stderr", "pass_at_k", "format_rate", "problems", "samples", "generated_tokens"):
         assert key in out
     assert out["problems"] == 10 and out["samples"] == 20 and out["generated_tokens"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("terminal, selectors", [(None, ["bon+verifier"]), ("legal", ["bon-majority", "bon-value"])])
+def test_cli_eval_with_search(terminal, selectors, capsys):
+    flags = ["--terminal", terminal] if terminal else []
+    assert main(["eval", "--model", "tiny", "--split", "test", "--limit", "3", "--k", "2", "--search", "mcts",
+                 "--simulations", "8", "--parallel", "4", "--trees-per-call", "2", *flags, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["problems"], out["samples"]) == (3, 6)  # without search: 3 problems x 2 samples
+    s = out["search"]
+    # with search: one answer per problem; Countdown's reward reads only the prompt, so it is the default
+    assert (s["problems"], s["samples"], s["simulations"], s["parallel"]) == (3, 3, 8, 4)
+    assert s["terminal_value"] == (terminal or "reward")
+    assert 0.0 <= s["accuracy"] <= 1.0 and s["tokens_per_problem"] == pytest.approx(s["generated_tokens"] / 3)
+    assert s["tokens_per_problem"] > out["tokens_per_sample"]  # 8 simulations sample more than one completion
+    # best-of-N at the search's tokens per problem, exactly (every problem samples until the budget)
+    assert [b["method"] for b in s["best_of_n"]] == selectors
+    for b in s["best_of_n"]:
+        assert b["tokens_per_problem"] == round(s["tokens_per_problem"]) and b["n_mean"] > 1

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from treedistill.envs.base import reward_from_prompt
 from treedistill.envs.gsm8k import GSM8KEnv, default_path, final_answer, load_gsm8k, parse_number
 from treedistill.errors import UsageError
 
@@ -64,6 +65,7 @@ def test_random_strings_never_raise(text):
 
 def test_protocol():
     assert ENV.step_end == "</step>" and ENV.name == "gsm8k"
+    assert not reward_from_prompt(ENV)  # the reward needs the reference answer
     assert ENV.is_terminal("<step>a</step><answer>3</answer>") and not ENV.is_terminal("<answer>3")
     system, user = ENV.messages(PROBLEM)
     assert "<step>" in system["content"] and "<answer>" in system["content"]

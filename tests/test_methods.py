@@ -184,7 +184,7 @@ def test_sparse_training_reward_is_what_rollouts_score_and_choose_by():
     # the wrapped environment is the environment in everything but the training reward
     env = CountdownEnv()
     wrapped = TrainingReward(env, "sparse")
-    assert (wrapped.name, wrapped.step_end) == (env.name, env.step_end)
+    assert (wrapped.name, wrapped.step_end, wrapped.reward_from_prompt) == (env.name, env.step_end, True)
     assert wrapped.messages(PROBLEMS[0], compact=True) == env.messages(PROBLEMS[0], compact=True)
     assert wrapped.key(PROBLEMS[0]) == env.key(PROBLEMS[0])
     near = wrapped.score(PROBLEMS[0], "<answer>3*5+7-2</answer>")  # 20 for 22: dense 1 - 2 * 2/22

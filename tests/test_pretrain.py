@@ -16,6 +16,7 @@ from treedistill.pretrain import (  # noqa: E402
     collate,
     encode,
     length_buckets,
+    lm_loss,
     pretrain,
     save_checkpoint,
 )
@@ -125,6 +126,26 @@ def test_collate_masks_by_hand():
     assert batch["target_mask"].int().tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 0, 0]]
     assert batch["value_mask"].int().tolist() == [[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]]
     assert batch["rewards"].tolist() == [0.5, -1.0]
+    assert "target_weight" not in batch  # the plain mean unless answer tokens are weighted
+
+
+def test_answer_tokens_weighted_by_hand():
+    # token 9 stands for <answer>: it and everything after it in the completion weigh 3
+    examples = [Example((1, 2, 3), (4, 9, 5, 6), 0.5), Example((1, 2), (7,), -1.0)]
+    batch = collate(examples, pad_id=0, answer_id=9, answer_weight=3.0)
+    assert batch["target_weight"].tolist() == [[0, 0, 0, 1, 3, 3, 3], [0, 0, 1, 0, 0, 0, 0]]
+
+    class Uniform(torch.nn.Module):  # logits 0 everywhere except for token 5 at one position
+        def forward(self, input_ids):
+            logits = torch.zeros(*input_ids.shape, 10)
+            logits[0, 4, 5] = math.log(9.0)  # p(5) = 9 / 18 = 1/2 where 5 is the target
+            return type("Out", (), {"logits": logits})()
+
+    # targets 4, 9, 5, 6 (row 0) and 7 (row 1): CE log 10 except log 2 for token 5, weights 1 3 3 3 1
+    expected = (1 * math.log(10) + 3 * math.log(10) + 3 * math.log(2) + 3 * math.log(10) + 1 * math.log(10)) / 11
+    assert lm_loss(Uniform(), batch).item() == pytest.approx(expected, rel=1e-6)
+    plain = collate(examples, pad_id=0)
+    assert lm_loss(Uniform(), plain).item() == pytest.approx((4 * math.log(10) + math.log(2)) / 5, rel=1e-6)
 
 
 def test_schedule_by_hand():
@@ -193,6 +214,8 @@ def test_shipped_checkpoint_meets_the_format_target():
     (["--lr", "0"], "--lr must be > 0"),
     (["--minutes", "-1"], "--minutes must be > 0"),
     (["--eval-k", "-1"], "--eval-k must be >= 0"),
+    (["--answer-weight", "0"], "--answer-weight must be > 0"),
+    (["--bucket", "0"], "--bucket must be >= 1"),
 ])
 def test_cli_refuses_bad_input(flags, message, capsys, tmp_path):
     from treedistill.cli import main

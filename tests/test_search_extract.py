@@ -95,3 +95,24 @@ def test_extraction_is_terminal_or_marked_incomplete(rule, simulations):
         assert ex.tokens == tree.completion(last) and len(ex.targets) == len(ex.nodes)
         for step in ex.targets[:-1]:  # every node before the last has a visited child
             assert sum(step.visits) > 0
+
+
+def test_pick_best_takes_the_valued_terminal_of_highest_value():
+    # root -> a (N=5, not terminal) -> a1 (terminal, value 0.2); root -> b (N=2, terminal, value 0.9);
+    # root -> c (terminal, never valued); most visits follows a -> a1, "best" takes b.
+    t = build([((5, STEP_END), .5, 5, 2.0), ((6, EOS), .3, 2, 1.8), ((7, EOS), .2, 0, 0.0)])
+    t.terminal[2] = t.terminal[3] = True
+    t.value[2], t.value[3] = 0.9, None
+    a1 = t.add_node(1, (8, EOS), 0.0, 1.0, terminal=True, finish="eos")
+    t.visits[a1], t.value_sum[a1], t.value[a1] = 4, 0.8, 0.2
+    assert extract(t).nodes == (0, 1, a1)
+    best = extract(t, SearchConfig(pick="best"))
+    assert best.nodes == (0, 2) and best.complete and best.reward == pytest.approx(0.9)
+    # ties on value go to more visits
+    t.value[a1] = 0.9
+    assert extract(t, SearchConfig(pick="best")).nodes == (0, 1, a1)
+    # no valued terminal: the most-visited path
+    t.value[2] = t.value[a1] = None
+    assert extract(t, SearchConfig(pick="best")).nodes == (0, 1, a1)
+    with pytest.raises(Exception, match="pick"):
+        SearchConfig(pick="first")

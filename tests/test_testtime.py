@@ -1,6 +1,7 @@
 """Test-time comparison: selectors worked by hand, no selector reads the ground truth, budgets are
 spent exactly by best-of-N, and a small sweep with a real (random) tiny model."""
 
+from dataclasses import replace
 from fractions import Fraction
 
 import pytest
@@ -104,7 +105,7 @@ def policy():
 def test_small_sweep_with_a_real_model(policy, tmp_path):
     problems = [PROBLEM, {"numbers": [1, 5, 6, 13], "target": 59}]
     cfg = SweepConfig(budgets=(40, 400), max_new_tokens=48, step_max_tokens=8, k=2, parallel=2,
-                      pilot_problems=2, pilot_simulations=4, verifier=True, budget_tries=1,
+                      pilot_problems=2, pilot_simulations=4, rows="both", budget_tries=1,
                       once_temperatures=(0.8, 0.2), once_samples=1)
     report = run_sweep(make_engine(policy, "native"), policy, ENV, problems, cfg)
     cells = {(c.method, c.budget): c for c in report.cells}
@@ -167,6 +168,15 @@ def test_widening_lets_the_search_spend_a_budget_a_finite_tree_cannot(policy):
     mcts = {(c.method, c.budget): c for c in report.cells}[("mcts", 300)]
     assert not mcts.note and "saturated" not in mcts.detail
     assert abs(mcts.tokens - 300) <= 0.1 * 300
+
+
+def test_verifier_rows_alone(policy):
+    cfg = SweepConfig(budgets=(300,), max_new_tokens=48, step_max_tokens=8, k=2, parallel=2, pilot_problems=1,
+                      pilot_simulations=2, rows="verifier", budget_tries=1, once_temperatures=(0.2,), once_samples=1)
+    report = run_sweep(make_engine(policy, "native"), policy, ENV, [PROBLEM], cfg)
+    assert report.methods() == ["once T=0.2", "mcts+verifier", "bon+verifier"]
+    with pytest.raises(UsageError, match="rows must be one of"):
+        run_sweep(make_engine(policy, "native"), policy, ENV, [PROBLEM], replace(cfg, rows="all"))
 
 
 def test_mcts_terminal_rule_must_be_verifier_free(policy):

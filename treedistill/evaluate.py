@@ -10,6 +10,11 @@ Statistics:
   samples of one problem are correlated, so problems are the independent unit.
 - pass@k: share of problems with at least one correct sample among their k.
 - format_rate: share of samples whose answer is well formed (tag present, parses, numbers available).
+
+With search (`evaluate_search`): one answer per problem, the completion of the path MCTS extracts
+(rollout/mcts.py; completed by the policy when the search stopped short), scored by the same reward;
+accuracy is the mean over problems (k = 1), with generated tokens per problem counted over the whole
+search (every sampled step, plus the completion).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-__all__ = ["EvalResult", "evaluate", "summarize"]
+__all__ = ["EvalResult", "SearchEvalResult", "evaluate", "evaluate_search", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -125,3 +130,63 @@ def evaluate(engine, policy, env, problems: Sequence[dict], *, k: int = 16, temp
             progress(len(sparse))
     return summarize(sparse, well_formed, dense, k=k, temperature=temperature, generated_tokens=generated,
                      truncated=truncated, seconds=time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class SearchEvalResult:
+    """Evaluation WITH search: `result` has one answer per problem (k = 1; its temperature is the
+    search's), plus what the searches cost and did."""
+
+    result: EvalResult
+    simulations: int
+    parallel: int
+    select: str
+    pick: str
+    terminal_value: str
+    tokens_per_problem: float
+    completed_by_policy: float  # share of extracted paths that stopped before a terminal node
+    tree_nodes: float           # mean nodes per tree
+    bookkeeping_share: float    # share of the searches' wall time spent outside the model
+
+    def to_dict(self) -> dict:
+        d = {name: getattr(self, name) for name in ("simulations", "parallel", "select", "pick", "terminal_value",
+                                                      "tokens_per_problem", "completed_by_policy", "tree_nodes",
+                                                      "bookkeeping_share")}
+        return {**self.result.to_dict(), **d}
+
+
+def evaluate_search(engine, policy, env, problems: Sequence[dict], *, search, k: int = 4,
+                    temperature: float = 0.8, step_max_tokens: int = 64, max_new_tokens: int = 512,
+                    seed: int = 0, terminal_value: str = "reward", trees_per_call: int = 32,
+                    progress: Callable[[int], None] | None = None) -> SearchEvalResult:
+    """Search every problem (`search`: a SearchConfig; trees in lock-step, `trees_per_call` at a time,
+    chunk c seeded with `seed + c`) and score each extracted path's completion with `env`."""
+    from treedistill.rollout import search_problems
+
+    if trees_per_call < 1:
+        raise ValueError(f"trees_per_call must be >= 1, got {trees_per_call}")
+    start = time.perf_counter()
+    outcomes = []
+    search_s = bookkeeping_s = 0.0
+    for c, first in enumerate(range(0, len(problems), trees_per_call)):
+        part = search_problems(engine, policy, env, problems[first:first + trees_per_call], search=search, k=k,
+                               temperature=temperature, step_max_tokens=step_max_tokens,
+                               max_new_tokens=max_new_tokens, seed=seed + c, terminal_value=terminal_value)
+        outcomes.extend(part)
+        search_s += part[0].batch.search_s
+        bookkeeping_s += part[0].batch.bookkeeping_s
+        if progress is not None:
+            progress(len(outcomes))
+    generated = sum(o.generated_tokens for o in outcomes)
+    result = summarize([[o.score.sparse] for o in outcomes], [[o.score.well_formed] for o in outcomes],
+                       [[o.score.dense] for o in outcomes], k=1, temperature=temperature,
+                       generated_tokens=generated,
+                       truncated=sum(o.completion_finish == "length" for o in outcomes),
+                       seconds=time.perf_counter() - start)
+    n = max(1, len(outcomes))
+    return SearchEvalResult(
+        result=result, simulations=search.simulations, parallel=search.parallel, select=search.select,
+        pick=search.pick, terminal_value=terminal_value, tokens_per_problem=generated / n,
+        completed_by_policy=sum(o.completed_by_policy for o in outcomes) / n,
+        tree_nodes=sum(len(o.tree) for o in outcomes) / n,
+        bookkeeping_share=bookkeeping_s / search_s if search_s > 0 else 0.0)

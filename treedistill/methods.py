@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from treedistill.algorithms.advantages import ADVANTAGES, group_advantages
 from treedistill.algorithms.losses import total_loss
-from treedistill.envs.base import Score
+from treedistill.envs.base import Score, reward_from_prompt
 from treedistill.rollout.mcts import search_problems
 from treedistill.rollout.sample import best_of_n, sample_problems
 from treedistill.rollout.trajectory import Trajectory
@@ -67,6 +67,10 @@ class TrainingReward:
     @property
     def step_end(self) -> str:
         return self.env.step_end
+
+    @property
+    def reward_from_prompt(self) -> bool:
+        return reward_from_prompt(self.env)
 
     def messages(self, problem: dict, *, compact: bool = False) -> list[dict]:
         return self.env.messages(problem, compact=compact)

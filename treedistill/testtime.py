@@ -6,18 +6,23 @@ For each per-problem budget B of generated tokens, on the same problems:
   the target): by default ("legal") the value head where the completion holds a legal answer and -1
   where it holds none (no answer, or one that does not parse or uses numbers the problem does not
   give: the same target-free legality filter the best-of-N selectors apply); `mcts_terminal="value"`
-  uses the value head alone. The answer is the extracted path's completion (completed by the policy
-  when the search stopped short). The search widens progressively (`widen_c`, `widen_alpha`), so more
+  uses the value head alone. The answer (`pick`): by default ("best") the terminal node of highest
+  value the search valued, the rule bon-value applies to its samples; "visits" is the most-visited
+  path, completed by the policy when the search stopped short. The search widens progressively (`widen_c`, `widen_alpha`), so more
   simulations can keep adding alternatives instead of revisiting a finite tree.
 - bon-majority: best-of-N, the answer VALUE that most samples agree on (ties: the value seen first).
 - bon-value: best-of-N, the sample whose value-head estimate at its last token is highest.
 - once: the model sampled once, reported at its own measured cost (no budget).
 No selection looks at the target or the reward: majority vote and the value head only. The chosen
 completion is scored with the sparse reward afterwards.
-With `verifier`, two labelled rows are added that DO use the environment's reward, as a pair given the
-same verifier: mcts+verifier (terminal nodes valued by the dense reward, as in training and the
-reference) and bon+verifier (the sample with the best dense reward). They answer a different question
-(search or sampling with a checker) and are never mixed with the rows above.
+`rows` picks the rows: "free" (the rows above), "verifier" or "both". The verifier rows DO use the
+environment's reward, as a pair given the same verifier: mcts+verifier (terminal nodes valued by the
+dense reward, as in training and the reference) and bon+verifier (the sample with the best dense
+reward). They answer a different question (search or sampling with a checker) and are never mixed
+with the rows above. Where the reward reads only what the prompt states (`reward_from_prompt`:
+Countdown's numbers and target) the checker is part of the problem, not an answer key, and the
+verifier rows are a fair test-time setting; on GSM8K the reward needs the reference answer, so they
+measure search with an oracle.
 
 How a budget is spent.
 - Best-of-N samples one full completion after another (up to max_new_tokens each) until B tokens are
@@ -156,6 +161,7 @@ class SweepConfig:
     widen_c: float = 1.0
     widen_alpha: float = 0.5
     mcts_terminal: str = "legal"    # the mcts row's terminal values: "legal" | "value" (never the reward)
+    pick: str = "best"              # MCTS answer: the best valued terminal node (as best-of-N) | "visits"
     seed: int = 0
     once_temperatures: tuple[float, ...] = (0.8, 0.2)  # the search temperature and the eval protocol's
     once_samples: int = 16          # samples per problem to estimate one sample's accuracy
@@ -165,7 +171,7 @@ class SweepConfig:
     budget_tolerance: float = 0.1   # MCTS: mean tokens within 10% of the budget, else refit and rerun
     budget_tries: int = 3           # MCTS: runs per budget at most
     saturation_elasticity: float = 0.1  # MCTS: d log tokens / d log simulations below this = saturated
-    verifier: bool = False          # add the mcts+verifier and bon+verifier rows (they use the reward)
+    rows: str = "free"              # "free": no row uses the reward; "verifier": only the +verifier rows; "both"
     rows_per_call: int = 2048       # best-of-N stream: samples per engine call at most
 
 
@@ -342,7 +348,8 @@ def run_best_of_n(ctx: _Context, streams: list[list[tuple[int, ...]]], budget: i
                   values_cache: dict) -> list[Cell]:
     """Both best-of-N selectors at `budget`, on the same samples (a prefix of each stream)."""
     start = time.perf_counter()
-    names = [*SELECTORS, *(["bon+verifier"] if ctx.cfg.verifier else [])]
+    free, checked = ctx.cfg.rows in ("free", "both"), ctx.cfg.rows in ("verifier", "both")
+    names = [*(SELECTORS if free else ()), *(["bon+verifier"] if checked else [])]
     chosen: dict[str, list[float]] = {name: [] for name in names}
     dense: dict[str, list[float]] = {name: [] for name in names}
     ns, used = [], []
@@ -358,12 +365,12 @@ def run_best_of_n(ctx: _Context, streams: list[list[tuple[int, ...]]], budget: i
         texts = [ctx.text(s) for s in samples]
         answers = [answer_value(ctx.env, problem, t) for t in texts]
         head = [values_cache[(i, s)] for s in samples]
-        for name, select in SELECTORS.items():
+        for name, select in SELECTORS.items() if free else ():
             pick = select(answers, head)
             score = ctx.env.score(problem, texts[pick] if pick is not None else "")
             chosen[name].append(score.sparse)
             dense[name].append(score.dense)
-        if ctx.cfg.verifier:  # uses the ground truth: the best dense reward, first on ties
+        if checked:  # uses the environment's reward: the best dense reward, first on ties
             scores = [ctx.env.score(problem, t) for t in texts]
             best = max(range(len(scores)), key=lambda j: (scores[j].dense, -j))
             chosen["bon+verifier"].append(scores[best].sparse)
@@ -377,10 +384,31 @@ def run_best_of_n(ctx: _Context, streams: list[list[tuple[int, ...]]], budget: i
             for name, acc in chosen.items()]
 
 
+def best_of_n_at(engine, policy, env: Env, problems: Sequence[dict], budget: int, *, rows: str = "free",
+                 temperature: float = 0.8, max_new_tokens: int = 512, seed: int = 0) -> list[Cell]:
+    """The best-of-N rows of `rows` ("free": majority vote and value head; "verifier": the best reward;
+    "both") at one budget of generated tokens per problem, sampled and cut as in the sweep."""
+    if rows not in ROWS:
+        raise UsageError(f"rows must be one of {', '.join(ROWS)}, got {rows!r}")
+    if budget < 1:
+        raise UsageError(f"budget must be positive, got {budget}")
+    cfg = SweepConfig(budgets=(budget,), temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                      rows=rows)
+    ctx = _Context(engine, policy, env, problems, cfg, lambda message: None)
+    streams, stream_stats = sample_streams(ctx, budget)
+    cells = run_best_of_n(ctx, streams, budget, {})
+    for cell in cells:
+        cell.detail["stream"] = stream_stats
+    return cells
+
+
 # MCTS rows -> how their terminal nodes are valued (rollout.mcts.TERMINAL_VALUES); None: the
 # config's `mcts_terminal`, a verifier-free rule.
 MCTS_VARIANTS = {"mcts": None, "mcts+verifier": "reward"}
 VERIFIER_FREE = ("legal", "value")
+# Which MCTS rows each `rows` setting runs (best-of-N follows: its two selectors with the free rows,
+# bon+verifier with the verifier rows).
+ROWS = {"free": ["mcts"], "verifier": ["mcts+verifier"], "both": ["mcts", "mcts+verifier"]}
 
 
 def _terminal_value(cfg: SweepConfig, method: str) -> str:
@@ -440,7 +468,7 @@ def _search(ctx: _Context, problems: Sequence[dict], simulations: int, terminal_
     cfg = ctx.cfg
     search = SearchConfig(simulations=simulations, parallel=min(cfg.parallel, simulations), select=cfg.select,
                           c=cfg.c, max_depth=cfg.max_depth, widen_c=cfg.widen_c, widen_alpha=cfg.widen_alpha,
-                          seed=cfg.seed)
+                          pick=cfg.pick, seed=cfg.seed)
     return search_problems(ctx.engine, ctx.policy, ctx.env, problems, search=search, k=cfg.k,
                            temperature=cfg.temperature, step_max_tokens=cfg.step_max_tokens,
                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, terminal_value=terminal_value)
@@ -527,6 +555,8 @@ def run_sweep(engine, policy, env: Env, problems: Sequence[dict], cfg: SweepConf
         raise UsageError("no problems for the test-time sweep")
     if not cfg.budgets or any(b < 1 for b in cfg.budgets):
         raise UsageError(f"budgets must be positive, got {cfg.budgets}")
+    if cfg.rows not in ROWS:
+        raise UsageError(f"rows must be one of {', '.join(ROWS)}, got {cfg.rows!r}")
     if cfg.mcts_terminal not in VERIFIER_FREE:
         raise UsageError(f"mcts terminal values must be verifier-free ({', '.join(VERIFIER_FREE)}), "
                          f"got {cfg.mcts_terminal!r}")
@@ -540,7 +570,7 @@ def run_sweep(engine, policy, env: Env, problems: Sequence[dict], cfg: SweepConf
         say(f"sampling once at T={t:g}")
         report.cells.append(run_once(ctx, t))
 
-    for method in ["mcts", *(["mcts+verifier"] if cfg.verifier else [])]:
+    for method in ROWS[cfg.rows]:
         pilot_n = min(cfg.pilot_problems, len(problems))
         say(f"{method} cost pilot: {cfg.pilot_simulations} simulations on {pilot_n} problems")
         pilot_start = time.perf_counter()
@@ -610,7 +640,7 @@ def _notes(report: SweepReport) -> list[str]:
                        f"per problem {d['tokens_min']}..{d['tokens_max']} (mean {c.tokens:.0f}), "
                        f"{100 * d['completed_by_policy']:.0f}% of paths completed by the policy, "
                        f"{d['tree_nodes_mean']:.0f} nodes per tree, wall {c.wall_s:.1f} s")
-        if c.method == "bon-majority":
+        if c.method == ("bon+verifier" if report.config.rows == "verifier" else "bon-majority"):
             d = c.detail
             out.append(f"- best-of-N at B={c.budget}: N = {d['n_min']}..{d['n_max']} samples "
                        f"(mean {d['n_mean']:.1f})")
@@ -633,17 +663,19 @@ def write_markdown(report: SweepReport, path, *, header: Sequence[str] = ()) -> 
              f"virtual loss {SearchConfig().virtual_loss}, "
              f"progressive widening " + (f"widen_c={cfg.widen_c:g}, widen_alpha={cfg.widen_alpha:g}" if cfg.widen_c > 0
                                          else "off") + ", "
-             f"mcts terminal values: {cfg.mcts_terminal}, "
+             f"mcts terminal values: {cfg.mcts_terminal}, MCTS answer: {cfg.pick}, "
              f"max depth {cfg.max_depth}, seed {cfg.seed}; sampling once: {cfg.once_samples} samples per "
              f"problem at each temperature. Total wall time {report.wall_s:.0f} s.", "",
-             "Method: MCTS answers with its extracted path; best-of-N samples until the budget is spent "
+             "Method: MCTS answers with its best valued terminal node (or its most-visited path with "
+             "--pick visits); best-of-N samples until the budget is spent "
              "(the last sample cut at it) and picks by majority vote over legal answer values or by the "
              "value head at each sample's end; no selection sees the target (MCTS values terminal nodes "
              "with the value head too, and with 'legal' gives -1 to those without a legal answer, the legality "
              "filter best-of-N applies). MCTS simulations are chosen from its measured token cost per "
              "simulation, so its budget holds on average, not per problem."
              + (" Rows marked +verifier DO use the environment's reward (the target): MCTS valuing "
-                "terminal nodes by the dense reward, best-of-N keeping the best dense reward." if cfg.verifier else ""),
+                "terminal nodes by the dense reward, best-of-N keeping the best dense reward." if cfg.rows != "free"
+                else ""),
              ""]
     Path(path).write_text("\n".join(lines), encoding="utf-8")
 

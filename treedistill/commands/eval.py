@@ -1,10 +1,13 @@
-"""`treedistill eval`: mean@k accuracy of a model without search, with its standard error."""
+"""`treedistill eval`: mean@k accuracy of a model without search, with its standard error; with
+`--search mcts`, also the accuracy of the answers MCTS extracts on the same problems, and best-of-N at
+the search's generated tokens per problem, each with its tokens per problem."""
 
 from __future__ import annotations
 
 import sys
 
-HELP = "evaluate a model without search: mean@k accuracy (+- stderr), pass@k, format rate"
+HELP = ("evaluate a model: mean@k accuracy (+- stderr), pass@k, format rate; --search mcts adds the accuracy "
+        "with search and best-of-N at the same tokens")
 
 
 def add_arguments(parser) -> None:
@@ -21,8 +24,33 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=256,
                         help="sequences per engine call (problems per call = batch // k; default 256)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--engine", default="hf", help="generation backend: hf | native (default hf)")
+    parser.add_argument("--engine", default=None,
+                        help="generation backend: hf | native (default hf, native with --search)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    search = parser.add_argument_group("search at test time (--search mcts)")
+    search.add_argument("--search", default="none", choices=["none", "mcts"],
+                        help="mcts: also evaluate the answer of a step-level MCTS per problem (default none)")
+    search.add_argument("--simulations", type=int, default=64, help="simulations per problem (default 64)")
+    search.add_argument("--parallel", type=int, default=8, help="descents per round, W (default 8)")
+    search.add_argument("--select", default="puct", help="selection rule: puct | uct | gumbel (default puct)")
+    search.add_argument("--c", type=float, default=0.5, help="exploration constant (default 0.5)")
+    search.add_argument("--max-depth", type=int, default=16, help="steps from the root at most (default 16)")
+    search.add_argument("--search-k", type=int, default=4, help="sampled steps per expanded node (default 4)")
+    search.add_argument("--search-temperature", type=float, default=0.8,
+                        help="step sampling temperature of the search and of best-of-N (default 0.8)")
+    search.add_argument("--step-max-tokens", type=int, default=64, help="tokens per step at most (default 64)")
+    search.add_argument("--terminal", default=None, choices=["reward", "legal", "value"],
+                        help="value of terminal nodes: reward (the environment's dense reward; the default where "
+                             "it reads only the prompt, as on Countdown), legal (the value head, -1 without a "
+                             "legal answer; the default elsewhere) or value (the value head)")
+    search.add_argument("--pick", default="best", choices=["best", "visits"],
+                        help="the answer: best (the terminal node of highest value, as best-of-N picks; default) "
+                             "or visits (the most-visited path, the training target)")
+    search.add_argument("--widen-c", type=float, default=0.0,
+                        help="progressive widening constant (default 0: each node expanded once)")
+    search.add_argument("--widen-alpha", type=float, default=0.5, help="progressive widening exponent (default 0.5)")
+    search.add_argument("--trees-per-call", type=int, default=32,
+                        help="problems searched in lock-step per batch (default 32)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line last")
 
 
@@ -41,8 +69,21 @@ def check_arguments(args) -> None:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
-    if args.engine not in BACKENDS:
+    if args.engine is not None and args.engine not in BACKENDS:
         raise UsageError(f"unknown --engine {args.engine!r}: choose one of {', '.join(BACKENDS)}")
+    if args.search == "mcts":
+        from treedistill.search import SELECT_RULES
+
+        for name in ("simulations", "parallel", "max_depth", "search_k", "step_max_tokens", "trees_per_call"):
+            if getattr(args, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if not args.search_temperature > 0:
+            raise UsageError(f"--search-temperature must be > 0, got {args.search_temperature}")
+        for name in ("c", "widen_c", "widen_alpha"):
+            if not getattr(args, name) >= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+        if args.select not in SELECT_RULES:
+            raise UsageError(f"unknown --select {args.select!r}: choose one of {', '.join(SELECT_RULES)}")
 
 
 def _progress_bar(total: int):
@@ -75,8 +116,9 @@ def run(args) -> dict:
         from treedistill.errors import UsageError
 
         raise UsageError(f"no problems to evaluate in {args.data or args.split}")
-    policy = load_policy(args.model, device=args.device, value_head=False)
-    engine = make_engine(policy, args.engine)
+    searching = args.search == "mcts"
+    policy = load_policy(args.model, device=args.device, value_head=searching)
+    engine = make_engine(policy, args.engine or ("native" if searching else "hf"))
     update, close = _progress_bar(len(problems))
     try:
         result = evaluate(engine, policy, env, problems, k=args.k, temperature=args.temperature,
@@ -95,4 +137,51 @@ def run(args) -> dict:
     print(f"  generated tokens   {result.generated_tokens} ({out['tokens_per_sample']:.1f} per sample, "
           f"{result.truncated} truncated)")
     print(f"  wall seconds       {result.seconds:.1f}")
+    if searching:
+        out["search"] = _run_search(args, engine, policy, env, problems, result)
     return out
+
+
+def _run_search(args, engine, policy, env, problems, plain) -> dict:
+    """MCTS on the same problems, then best-of-N at the search's mean generated tokens per problem
+    (picking by the same information the search's terminal values use); prints and returns both."""
+    from treedistill.envs.base import reward_from_prompt
+    from treedistill.evaluate import evaluate_search
+    from treedistill.search import SearchConfig
+    from treedistill.testtime import best_of_n_at
+
+    terminal = args.terminal or ("reward" if reward_from_prompt(env) else "legal")
+    cfg = SearchConfig(simulations=args.simulations, parallel=min(args.parallel, args.simulations),
+                       select=args.select, c=args.c, max_depth=args.max_depth, widen_c=args.widen_c,
+                       widen_alpha=args.widen_alpha, pick=args.pick, seed=args.seed)
+    update, close = _progress_bar(len(problems))
+    try:
+        found = evaluate_search(engine, policy, env, problems, search=cfg, k=args.search_k,
+                                temperature=args.search_temperature, step_max_tokens=args.step_max_tokens,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed, terminal_value=terminal,
+                                trees_per_call=args.trees_per_call, progress=update)
+    finally:
+        close()
+    r = found.result
+    budget = max(1, round(found.tokens_per_problem))
+    rows = "verifier" if terminal == "reward" else "free"
+    bon = best_of_n_at(engine, policy, env, problems, budget, rows=rows, temperature=args.search_temperature,
+                       max_new_tokens=args.max_new_tokens, seed=args.seed)
+    print(f"with search: MCTS {args.select}, {args.simulations} simulations, W={cfg.parallel}, K={args.search_k}, "
+          f"T={args.search_temperature}, answer: {args.pick}, terminal nodes valued by the {terminal}"
+          + ({True: " (the environment's reward reads only the prompt)",
+              False: " (the environment's reward reads the reference answer: an oracle, not a test-time method)"}
+             [reward_from_prompt(env)] if terminal == "reward" else ""))
+    print(f"  accuracy           {100 * r.accuracy:6.2f}% +- {100 * r.stderr:.2f}   (without search: "
+          f"{100 * plain.accuracy:.2f}% +- {100 * plain.stderr:.2f} per sample)")
+    print(f"  format rate        {100 * r.format_rate:6.2f}%")
+    print(f"  tokens per problem {found.tokens_per_problem:8.1f}   (without search: "
+          f"{plain.generated_tokens / plain.samples:.1f} per sample)")
+    print(f"  paths completed by the policy {100 * found.completed_by_policy:.0f}%, {found.tree_nodes:.0f} nodes "
+          f"per tree, bookkeeping {100 * found.bookkeeping_share:.1f}% of the search, wall {r.seconds:.1f} s")
+    for cell in bon:
+        print(f"  {cell.method:<18} {100 * cell.accuracy:6.2f}% +- {100 * cell.stderr:.2f}   at {cell.tokens:.0f} "
+              f"tokens per problem (N = {cell.detail['n_mean']:.1f} samples on average, T={args.search_temperature})")
+    return {**found.to_dict(), "best_of_n": [{"method": c.method, "accuracy": c.accuracy, "stderr": c.stderr,
+                                              "tokens_per_problem": c.tokens, "n_mean": c.detail["n_mean"]}
+                                             for c in bon]}

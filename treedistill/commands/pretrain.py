@@ -24,6 +24,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--miss-share", type=float, default=d.miss_share,
                         help="share of random play aimed at a generator target it usually misses "
                              f"(default {d.miss_share})")
+    parser.add_argument("--answer-weight", type=float, default=d.answer_weight,
+                        help=f"loss weight of the answer tokens (default {d.answer_weight}: plain mean)")
+    parser.add_argument("--bucket", type=int, default=d.bucket,
+                        help=f"batches drawn together and grouped by length (default {d.bucket}: no grouping)")
     parser.add_argument("--no-value-fit", action="store_true",
                         help="leave the value head untrained (seeded), as in the reference run")
     parser.add_argument("--value-steps", type=int, default=d.value_steps,
@@ -49,6 +53,10 @@ def check_arguments(args) -> None:
         raise UsageError(f"--solver-share must be in [0, 1], got {args.solver_share}")
     if not 0 <= args.miss_share <= 1 - args.solver_share:
         raise UsageError(f"--miss-share must be in [0, 1 - solver share], got {args.miss_share}")
+    if not args.answer_weight > 0:
+        raise UsageError(f"--answer-weight must be > 0, got {args.answer_weight}")
+    if args.bucket < 1:
+        raise UsageError(f"--bucket must be >= 1, got {args.bucket}")
     if args.minutes is not None and not args.minutes > 0:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     if args.eval_k < 0:
@@ -94,7 +102,7 @@ def run(args) -> dict:
 
     cfg = PretrainConfig(seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr,
                          solver_share=args.solver_share, miss_share=args.miss_share, value_fit=not args.no_value_fit,
-                         value_steps=args.value_steps, max_minutes=args.minutes)
+                         answer_weight=args.answer_weight, bucket=args.bucket, value_steps=args.value_steps, max_minutes=args.minutes)
     test = load_split("countdown", "test")
     started = time.perf_counter()
     report, close = _reporter(cfg.steps)

@@ -26,6 +26,9 @@ def add_arguments(parser) -> None:
                         help="value of terminal nodes: reward (the environment's dense reward, as in "
                              "training) | value (the value head: the search never sees the target) | legal "
                              "(the value head, -1 without a legal answer: never sees the target either)")
+    parser.add_argument("--pick", default="best", choices=["best", "visits"],
+                        help="the answer: best (the terminal node of highest value, as best-of-N picks; default) "
+                             "or visits (the most-visited path, the training target)")
     parser.add_argument("--widen-c", type=float, default=0.0,
                         help="progressive widening: a node gets K more steps while its samples are fewer than "
                              "C * N^alpha (default 0: off, each node expanded once, as the reference)")
@@ -89,7 +92,8 @@ def run(args) -> dict:
     policy = load_policy(args.model, device=args.device, value_head=True)
     engine = make_engine(policy, args.engine)
     cfg = SearchConfig(simulations=args.simulations, parallel=args.parallel, select=args.select, c=args.c,
-                       max_depth=args.max_depth, widen_c=args.widen_c, widen_alpha=args.widen_alpha, seed=args.seed)
+                       max_depth=args.max_depth, widen_c=args.widen_c, widen_alpha=args.widen_alpha, pick=args.pick,
+                       seed=args.seed)
     out = search_problems(engine, policy, env, [problem], search=cfg, k=args.k, temperature=args.temperature,
                           step_max_tokens=args.step_max_tokens, max_new_tokens=args.max_new_tokens,
                           seed=args.seed, terminal_value=args.terminal)[0]

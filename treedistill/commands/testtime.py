@@ -28,9 +28,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mcts-terminal", default=None, choices=["legal", "value"],
                         help="how the mcts row values terminal nodes without a verifier: legal (value head, -1 "
                              "without a legal answer; default) or value (value head only)")
+    parser.add_argument("--pick", default=None, choices=["best", "visits"],
+                        help="MCTS answer: best (the terminal node of highest value, as best-of-N picks; default) "
+                             "or visits (the most-visited path)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens per completion (default 512)")
-    parser.add_argument("--verifier", action="store_true",
-                        help="also run mcts+verifier and bon+verifier, which DO use the environment's reward")
+    parser.add_argument("--rows", default=None, choices=["free", "verifier", "both"],
+                        help="free: no row uses the environment's reward; verifier: only mcts+verifier and "
+                             "bon+verifier, which do; both (default where the reward reads only the prompt, "
+                             "as on Countdown; else free)")
     parser.add_argument("--once-samples", type=int, default=16,
                         help="samples per problem to estimate one sample's accuracy (default 16)")
     parser.add_argument("--engine", default="native", help="generation backend: native | hf (default native)")
@@ -80,6 +85,7 @@ def run(args) -> dict:
     from treedistill.datasets import load_split
     from treedistill.engine import make_engine
     from treedistill.envs import get_env
+    from treedistill.envs.base import reward_from_prompt
     from treedistill.errors import UsageError
     from treedistill.models.load import load_policy
     from treedistill.testtime import SweepConfig, format_table, plot_report, run_sweep, write_markdown
@@ -97,11 +103,11 @@ def run(args) -> dict:
         raise UsageError(f"cannot create --out {out_dir}: {err}") from None
     policy = load_policy(args.model, device=args.device, value_head=True)
     engine = make_engine(policy, args.engine)
-    search = {name: getattr(args, name) for name in ("widen_c", "widen_alpha", "mcts_terminal")
+    search = {name: getattr(args, name) for name in ("widen_c", "widen_alpha", "mcts_terminal", "pick")
               if getattr(args, name) is not None}
     cfg = SweepConfig(budgets=budgets, k=args.k, temperature=args.temperature, parallel=args.parallel,
                       select=args.select, max_new_tokens=args.max_new_tokens, once_samples=args.once_samples,
-                      seed=args.seed, verifier=args.verifier, **search)
+                      seed=args.seed, rows=args.rows or ("both" if reward_from_prompt(env) else "free"), **search)
     report = run_sweep(engine, policy, env, problems, cfg, progress=_say)
 
     import torch

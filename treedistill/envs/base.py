@@ -37,6 +37,13 @@ class Score:
     well_formed: bool = False
 
 
+def reward_from_prompt(env) -> bool:
+    """True when the environment declares `reward_from_prompt = True`: its reward reads only what the
+    prompt states (Countdown: the numbers and the target), so checking a completion at test time uses
+    no answer key. False when the attribute is absent (GSM8K needs the reference answer)."""
+    return bool(getattr(env, "reward_from_prompt", False))
+
+
 @runtime_checkable
 class Env(Protocol):
     """What the search, the rollouts and evaluation need from a task."""

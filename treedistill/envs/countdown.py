@@ -461,6 +461,7 @@ class CountdownEnv:
 
     name = "countdown"
     step_end = STEP_CLOSE
+    reward_from_prompt = True  # the score reads the numbers and the target, both in the prompt
 
     def __init__(self, *, require_all_numbers: bool = False, integer_intermediates: bool = False):
         self.require_all_numbers = require_all_numbers

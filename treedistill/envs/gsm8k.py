@@ -120,6 +120,7 @@ class GSM8KEnv:
 
     name = "gsm8k"
     step_end = STEP_CLOSE
+    reward_from_prompt = False  # the score needs the reference answer, which the prompt does not hold
 
     def messages(self, problem: dict, *, compact: bool = False) -> list[dict]:
         if compact:

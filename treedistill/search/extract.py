@@ -5,6 +5,11 @@ the higher Q, then to the first-sampled child). With Gumbel selection the root s
 Sequential Halving winner, the action Gumbel MuZero acts with (mctx `gumbel_muzero_policy`), and the
 path continues by most visits below it.
 
+With `pick="best"` (test time) the path instead ends at the terminal node of highest value among
+those the search valued (the environment's reward or the value head, by the caller's terminal rule;
+ties to more visits, then to the earlier node): best-of-N's rule applied to the tree's finished lines.
+It falls back to most visits when no terminal node was valued.
+
 A path can stop before a terminal node (the search ran out of simulations or reached `max_depth`).
 It is then returned marked incomplete: the caller completes it by sampling the policy from its end
 and records `search_end`, so a truncated path is never trained on as if it were complete (the
@@ -92,9 +97,24 @@ ROOT_CHOICE: dict[str, Callable[[Tree, SearchConfig], int | None]] = {
 }
 
 
+def best_terminal(tree: Tree) -> int | None:
+    """The valued terminal node of highest value (ties: more visits, then lower id); None if none."""
+    best, best_key = None, None
+    for node in range(len(tree)):
+        if tree.terminal[node] and tree.value[node] is not None:
+            key = (tree.value[node], tree.visits[node])
+            if best_key is None or key > best_key:
+                best, best_key = node, key
+    return best
+
+
 def principal_variation(tree: Tree, cfg: SearchConfig | None = None) -> list[int]:
     """Node ids of the extracted path, root first."""
     cfg = cfg or SearchConfig()
+    if cfg.pick == "best":
+        node = best_terminal(tree)
+        if node is not None:
+            return tree.path(node)
     path = [ROOT]
     child = ROOT_CHOICE[cfg.select](tree, cfg)
     while child is not None:

@@ -105,6 +105,10 @@ class SearchConfig:
     widen_c: float = 0.0
     widen_alpha: float = 0.5
     seed: int = 0                # seeds the Gumbel noise; tree i draws from Random(f"{seed}/{i}")
+    # The path a tree answers with (search.extract): "visits", the most-visited path (reference,
+    # training); "best", the valued terminal node of highest value (ties: more visits, then the
+    # earlier node), the way best-of-N picks among its samples; visits when no terminal was valued.
+    pick: str = "visits"
 
     def __post_init__(self):
         for name in ("simulations", "parallel", "max_depth", "gumbel_k"):
@@ -112,6 +116,8 @@ class SearchConfig:
                 raise UsageError(f"search {name} must be >= 1, got {getattr(self, name)}")
         if self.select not in SELECT_RULES:
             raise UsageError(f"search select must be one of {sorted(SELECT_RULES)}, got {self.select!r}")
+        if self.pick not in ("visits", "best"):
+            raise UsageError(f"search pick must be 'visits' or 'best', got {self.pick!r}")
         if self.prior not in PRIOR_LOGITS:
             raise UsageError(f"search prior must be one of {sorted(PRIOR_LOGITS)}, got {self.prior!r}")
         for name in ("c", "virtual_loss", "gumbel_scale", "value_scale", "maxvisit_init", "widen_c",
