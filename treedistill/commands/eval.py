@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+from treedistill.commands import check_at_least_one, check_choice, check_non_negative
+
 HELP = ("evaluate a model: mean@k accuracy (+- stderr), pass@k, format rate; --search mcts adds the accuracy "
         "with search and best-of-N at the same tokens")
 
@@ -69,21 +71,16 @@ def check_arguments(args) -> None:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
-    if args.engine is not None and args.engine not in BACKENDS:
-        raise UsageError(f"unknown --engine {args.engine!r}: choose one of {', '.join(BACKENDS)}")
+    check_choice(args, "engine", BACKENDS)
     if args.search == "mcts":
         from treedistill.search import SELECT_RULES
 
-        for name in ("simulations", "parallel", "max_depth", "search_k", "step_max_tokens", "trees_per_call"):
-            if getattr(args, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        check_at_least_one(args, ("simulations", "parallel", "max_depth", "search_k", "step_max_tokens",
+                                  "trees_per_call"))
         if not args.search_temperature > 0:
             raise UsageError(f"--search-temperature must be > 0, got {args.search_temperature}")
-        for name in ("c", "widen_c", "widen_alpha"):
-            if not getattr(args, name) >= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-        if args.select not in SELECT_RULES:
-            raise UsageError(f"unknown --select {args.select!r}: choose one of {', '.join(SELECT_RULES)}")
+        check_non_negative(args, ("c", "widen_c", "widen_alpha"))
+        check_choice(args, "select", SELECT_RULES)
 
 
 def _progress_bar(total: int):

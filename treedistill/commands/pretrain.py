@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
+from treedistill.commands import check_at_least_one, check_non_negative
+
 HELP = "train the embedded tiny Countdown model from scratch (random legal play + a solver share)"
 
 # The shipped checkpoint (treedistill/models/tiny_countdown) is `treedistill pretrain --seed 0` with
@@ -44,9 +46,7 @@ def add_arguments(parser) -> None:
 def check_arguments(args) -> None:
     from treedistill.errors import UsageError
 
-    for name in ("steps", "batch", "value_steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(args, ("steps", "batch", "value_steps", "bucket", "eval_limit"))
     if not args.lr > 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if not 0 <= args.solver_share <= 1:
@@ -55,14 +55,9 @@ def check_arguments(args) -> None:
         raise UsageError(f"--miss-share must be in [0, 1 - solver share], got {args.miss_share}")
     if not args.answer_weight > 0:
         raise UsageError(f"--answer-weight must be > 0, got {args.answer_weight}")
-    if args.bucket < 1:
-        raise UsageError(f"--bucket must be >= 1, got {args.bucket}")
     if args.minutes is not None and not args.minutes > 0:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
-    if args.eval_k < 0:
-        raise UsageError(f"--eval-k must be >= 0, got {args.eval_k}")
-    if args.eval_limit is not None and args.eval_limit < 1:
-        raise UsageError(f"--eval-limit must be >= 1, got {args.eval_limit}")
+    check_non_negative(args, ("eval_k",))
 
 
 def _reporter(total: int):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from treedistill.commands import check_at_least_one, check_choice, check_non_negative
+
 HELP = "search one Countdown problem with MCTS: answer, principal variation, tree summary (--html view)"
 
 
@@ -52,20 +54,13 @@ def check_arguments(args) -> None:
         validate_problem({"numbers": args.numbers, "target": args.target})
     except ValueError as err:
         raise UsageError(str(err)) from None
-    for name in ("simulations", "parallel", "max_depth", "k", "step_max_tokens", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(args, ("simulations", "parallel", "max_depth", "k", "step_max_tokens", "max_new_tokens"))
     if not args.temperature > 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
-    for name in ("c", "widen_c", "widen_alpha"):
-        if not getattr(args, name) >= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.select not in SELECT_RULES:
-        raise UsageError(f"unknown --select {args.select!r}: choose one of {', '.join(SELECT_RULES)}")
-    if args.terminal not in TERMINAL_VALUES:
-        raise UsageError(f"unknown --terminal {args.terminal!r}: choose one of {', '.join(TERMINAL_VALUES)}")
-    if args.engine not in BACKENDS:
-        raise UsageError(f"unknown --engine {args.engine!r}: choose one of {', '.join(BACKENDS)}")
+    check_non_negative(args, ("c", "widen_c", "widen_alpha"))
+    check_choice(args, "select", SELECT_RULES)
+    check_choice(args, "terminal", TERMINAL_VALUES)
+    check_choice(args, "engine", BACKENDS)
 
 
 # How the summary names each terminal-value rule (rollout.mcts.TERMINAL_VALUES).

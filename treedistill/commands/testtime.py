@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from treedistill.commands import check_at_least_one, check_choice, check_non_negative
+
 HELP = "test-time compute: MCTS vs best-of-N (majority vote, value head) vs one sample, per token budget"
 
 
@@ -53,21 +55,12 @@ def check_arguments(args):
     from treedistill.testtime import parse_budgets
 
     budgets = parse_budgets(args.budgets)
-    for name in ("k", "parallel", "max_new_tokens", "once_samples"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    check_at_least_one(args, ("k", "parallel", "max_new_tokens", "once_samples", "limit"))
     if not args.temperature > 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
-    for name in ("widen_c", "widen_alpha"):
-        value = getattr(args, name)
-        if value is not None and not value >= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    if args.select not in SELECT_RULES:
-        raise UsageError(f"unknown --select {args.select!r}: choose one of {', '.join(SELECT_RULES)}")
-    if args.engine not in BACKENDS:
-        raise UsageError(f"unknown --engine {args.engine!r}: choose one of {', '.join(BACKENDS)}")
+    check_non_negative(args, ("widen_c", "widen_alpha"))
+    check_choice(args, "select", SELECT_RULES)
+    check_choice(args, "engine", BACKENDS)
     return budgets
 
 
