@@ -142,6 +142,7 @@ def run(args) -> dict:
 def _run_search(args, engine, policy, env, problems, plain) -> dict:
     """MCTS on the same problems, then best-of-N at the search's mean generated tokens per problem
     (picking by the same information the search's terminal values use); prints and returns both."""
+    from treedistill.commands.search import TERMINAL_TEXT
     from treedistill.envs.base import reward_from_prompt
     from treedistill.evaluate import evaluate_search
     from treedistill.search import SearchConfig
@@ -165,7 +166,7 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
     bon = best_of_n_at(engine, policy, env, problems, budget, rows=rows, temperature=args.search_temperature,
                        max_new_tokens=args.max_new_tokens, seed=args.seed)
     print(f"with search: MCTS {args.select}, {args.simulations} simulations, W={cfg.parallel}, K={args.search_k}, "
-          f"T={args.search_temperature}, answer: {args.pick}, terminal nodes valued by the {terminal}"
+          f"T={args.search_temperature}, answer: {args.pick}, terminal nodes valued by the {TERMINAL_TEXT[terminal]}"
           + ({True: " (the environment's reward reads only the prompt)",
               False: " (the environment's reward reads the reference answer: an oracle, not a test-time method)"}
              [reward_from_prompt(env)] if terminal == "reward" else ""))
