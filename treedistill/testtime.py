@@ -346,7 +346,7 @@ def _prefix_of_stream(stream: list[tuple[int, ...]], budget: int) -> list[tuple[
 
 def run_best_of_n(ctx: _Context, streams: list[list[tuple[int, ...]]], budget: int,
                   values_cache: dict) -> list[Cell]:
-    """Both best-of-N selectors at `budget`, on the same samples (a prefix of each stream)."""
+    """The best-of-N rows of `cfg.rows` at `budget`, on the same samples (a prefix of each stream)."""
     start = time.perf_counter()
     free, checked = ctx.cfg.rows in ("free", "both"), ctx.cfg.rows in ("verifier", "both")
     names = [*(SELECTORS if free else ()), *(["bon+verifier"] if checked else [])]
@@ -355,7 +355,8 @@ def run_best_of_n(ctx: _Context, streams: list[list[tuple[int, ...]]], budget: i
     ns, used = [], []
     batches = [_prefix_of_stream(s, budget) for s in streams]
     # Value-head estimates at the end of every sample (cut samples computed anew; full ones cached).
-    need = [(i, j) for i, b in enumerate(batches) for j in range(len(b)) if (i, b[j]) not in values_cache]
+    need = [(i, j) for i, b in enumerate(batches) for j in range(len(b))
+            if free and (i, b[j]) not in values_cache]  # the verifier row reads no value head
     for lo in range(0, len(need), 1024):
         part = need[lo:lo + 1024]
         vals = ctx.engine.value([tuple(ctx.prompts[i]) + batches[i][j] for i, j in part])
@@ -364,7 +365,7 @@ def run_best_of_n(ctx: _Context, streams: list[list[tuple[int, ...]]], budget: i
     for i, (problem, samples) in enumerate(zip(ctx.problems, batches)):
         texts = [ctx.text(s) for s in samples]
         answers = [answer_value(ctx.env, problem, t) for t in texts]
-        head = [values_cache[(i, s)] for s in samples]
+        head = [values_cache[(i, s)] for s in samples] if free else []
         for name, select in SELECTORS.items() if free else ():
             pick = select(answers, head)
             score = ctx.env.score(problem, texts[pick] if pick is not None else "")
@@ -663,15 +664,19 @@ def write_markdown(report: SweepReport, path, *, header: Sequence[str] = ()) -> 
              f"virtual loss {SearchConfig().virtual_loss}, "
              f"progressive widening " + (f"widen_c={cfg.widen_c:g}, widen_alpha={cfg.widen_alpha:g}" if cfg.widen_c > 0
                                          else "off") + ", "
-             f"mcts terminal values: {cfg.mcts_terminal}, MCTS answer: {cfg.pick}, "
+             + {"free": f"mcts terminal values: {cfg.mcts_terminal}, ",
+                "verifier": "mcts+verifier terminal values: the environment's dense reward, ",
+                "both": f"mcts terminal values: {cfg.mcts_terminal} (mcts+verifier: the dense reward), "}[cfg.rows]
+             + f"MCTS answer: {cfg.pick}, "
              f"max depth {cfg.max_depth}, seed {cfg.seed}; sampling once: {cfg.once_samples} samples per "
              f"problem at each temperature. Total wall time {report.wall_s:.0f} s.", "",
              "Method: MCTS answers with its best valued terminal node (or its most-visited path with "
-             "--pick visits); best-of-N samples until the budget is spent "
-             "(the last sample cut at it) and picks by majority vote over legal answer values or by the "
-             "value head at each sample's end; no selection sees the target (MCTS values terminal nodes "
-             "with the value head too, and with 'legal' gives -1 to those without a legal answer, the legality "
-             "filter best-of-N applies). MCTS simulations are chosen from its measured token cost per "
+             "--pick visits); best-of-N samples until the budget is spent (the last sample cut at it). "
+             + ("Without a checker, best-of-N picks by majority vote over legal answer values or by the "
+                "value head at each sample's end and no selection sees the target (MCTS values terminal nodes "
+                "with the value head too, and with 'legal' gives -1 to those without a legal answer, the "
+                "legality filter best-of-N applies). " if cfg.rows != "verifier" else "")
+             + "MCTS simulations are chosen from its measured token cost per "
              "simulation, so its budget holds on average, not per problem."
              + (" Rows marked +verifier DO use the environment's reward (the target): MCTS valuing "
                 "terminal nodes by the dense reward, best-of-N keeping the best dense reward." if cfg.rows != "free"
