@@ -99,7 +99,8 @@ def run(args) -> dict:
         pos = target.children.index(node)
         pv.append({"step": policy.decode(tree.tokens[node]), "tokens": len(tree.tokens[node]),
                    "N": tree.visits[node], "Q": tree.q(node), "P": tree.prior[node],
-                   "visit_share": target.visit_probs[pos], "terminal": tree.terminal[node]})
+                   "visit_share": target.visit_probs[pos], "terminal": tree.terminal[node],
+                   "terminal_value": tree.reward(node)})
     completion = policy.decode(out.trajectory.completion_ids[ex.search_end:]) if not ex.complete else ""
     summary = {
         "nodes": len(tree), "depth": tree.stats.max_depth, "simulations": tree.stats.simulations,
@@ -118,7 +119,7 @@ def run(args) -> dict:
           f"reward {out.score.dense:+.3f} dense, {out.score.sparse:.0f} sparse ({out.score.reason})")
     print("principal variation (N visits, Q mean value, P prior):")
     for i, s in enumerate(pv, 1):
-        mark = "  terminal" if s["terminal"] else ""
+        mark = f"  terminal, valued {_fmt(s['terminal_value'])}" if s["terminal"] else ""
         print(f"  {i:2d}. N={s['N']:<5d} Q={_fmt(s['Q'])} P={s['P']:.3f}  {s['step']!r}{mark}")
     if completion:
         print(f"  completed by the policy (the search stopped before a terminal node): {completion!r}")
