@@ -16,6 +16,7 @@ from treedistill.methods import (
     RolloutContext,
     best_of_n_rollout,
     group_rollout,
+    search_config,
     search_rollout,
 )
 from treedistill.rollout.collate import to_batch
@@ -168,6 +169,16 @@ def test_search_rollout_renumbers_groups_across_search_calls():
     # the same seed repeats the same trajectories (resume relies on it)
     again = search_rollout(RolloutContext(NativeEngine(policy), policy, ctx.env, cfg), problems, seed=3)
     assert [t.completion_ids for t in again.trajectories] == [t.completion_ids for t in traj]
+
+
+def test_search_settings_reach_the_search_core():
+    cfg = TrainConfig(method="mcts", max_new_tokens=40,
+                      search=SearchSettings(simulations=32, parallel=4, c_puct=1.5, select="uct", virtual_loss=0.5,
+                                            max_depth=None, widen_c=2.0, widen_alpha=0.25))
+    sc = search_config(cfg, seed=9)
+    assert (sc.simulations, sc.parallel, sc.c, sc.select, sc.virtual_loss) == (32, 4, 1.5, "uct", 0.5)
+    assert (sc.max_depth, sc.widen_c, sc.widen_alpha, sc.seed, sc.pick) == (40, 2.0, 0.25, 9, "visits")
+    assert "search.widen_c must be >= 0" in " ".join(SearchSettings(widen_c=-1).errors())
 
 
 def test_sparse_training_reward_is_what_rollouts_score_and_choose_by():

@@ -81,6 +81,10 @@ class SearchSettings:
     step_max_tokens: int = 64         # a step ends at </step>, end of sequence, or this many tokens
     max_depth: int | None = None      # most steps on a path; None = bounded by max_new_tokens only
     temperature: float = 0.8          # sampling temperature of expansions
+    # Progressive widening (search.SearchConfig): a visited node gets K more steps while the steps
+    # sampled at it are fewer than widen_c * N^widen_alpha; 0 = off (the reference: expanded once).
+    widen_c: float = 0.0
+    widen_alpha: float = 0.5
 
     def errors(self) -> list[str]:
         return [
@@ -98,6 +102,8 @@ class SearchSettings:
             *_check(self.max_depth is None or self.max_depth >= 1,
                     f"search.max_depth must be null or >= 1 (got {self.max_depth})"),
             *_check(self.temperature > 0, f"search.temperature must be > 0 (got {self.temperature})"),
+            *_check(self.widen_c >= 0, f"search.widen_c must be >= 0 (got {self.widen_c})"),
+            *_check(self.widen_alpha >= 0, f"search.widen_alpha must be >= 0 (got {self.widen_alpha})"),
         ]
 
 

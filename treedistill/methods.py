@@ -137,7 +137,8 @@ def search_config(cfg, seed: int) -> SearchConfig:
     the engine bridge instead). max_depth None: bounded by the completion's token budget only."""
     s = cfg.search
     return SearchConfig(simulations=s.simulations, parallel=s.parallel, select=s.select, c=s.c_puct,
-                        virtual_loss=s.virtual_loss, max_depth=s.max_depth or cfg.max_new_tokens, seed=seed)
+                        virtual_loss=s.virtual_loss, max_depth=s.max_depth or cfg.max_new_tokens,
+                        widen_c=s.widen_c, widen_alpha=s.widen_alpha, seed=seed)
 
 
 def search_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Rollout:
