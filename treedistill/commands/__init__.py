@@ -34,3 +34,20 @@ def check_choice(args, name: str, choices: Iterable[str]) -> None:
     value, choices = getattr(args, name), list(choices)
     if value is not None and value not in choices:
         raise UsageError(f"unknown {_flag(name)} {value!r}: choose one of {', '.join(choices)}")
+
+
+def add_pick_argument(parser, default: str | None = "best") -> None:
+    """`--pick best|visits`: which path a test-time search answers with (SearchConfig.pick)."""
+    parser.add_argument("--pick", default=default, choices=["best", "visits"],
+                        help="the answer: best (the terminal node of highest value, as best-of-N picks; default) "
+                             "or visits (the most-visited path, the training target)")
+
+
+def add_tree_arguments(parser, *, simulations: int) -> None:
+    """The search tree's budget and selection: --simulations, --parallel, --select, --c, --max-depth."""
+    parser.add_argument("--simulations", type=int, default=simulations,
+                        help=f"simulations per problem (default {simulations})")
+    parser.add_argument("--parallel", type=int, default=8, help="descents per round, W (default 8)")
+    parser.add_argument("--select", default="puct", help="selection rule: puct | uct | gumbel (default puct)")
+    parser.add_argument("--c", type=float, default=0.5, help="exploration constant (default 0.5)")
+    parser.add_argument("--max-depth", type=int, default=16, help="steps from the root at most (default 16)")

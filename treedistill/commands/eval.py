@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import sys
 
-from treedistill.commands import check_at_least_one, check_choice, check_non_negative
+from treedistill.commands import (
+    add_pick_argument,
+    add_tree_arguments,
+    check_at_least_one,
+    check_choice,
+    check_non_negative,
+)
 
 HELP = ("evaluate a model: mean@k accuracy (+- stderr), pass@k, format rate; --search mcts adds the accuracy "
         "with search and best-of-N at the same tokens")
@@ -32,11 +38,7 @@ def add_arguments(parser) -> None:
     search = parser.add_argument_group("search at test time (--search mcts)")
     search.add_argument("--search", default="none", choices=["none", "mcts"],
                         help="mcts: also evaluate the answer of a step-level MCTS per problem (default none)")
-    search.add_argument("--simulations", type=int, default=64, help="simulations per problem (default 64)")
-    search.add_argument("--parallel", type=int, default=8, help="descents per round, W (default 8)")
-    search.add_argument("--select", default="puct", help="selection rule: puct | uct | gumbel (default puct)")
-    search.add_argument("--c", type=float, default=0.5, help="exploration constant (default 0.5)")
-    search.add_argument("--max-depth", type=int, default=16, help="steps from the root at most (default 16)")
+    add_tree_arguments(search, simulations=64)
     search.add_argument("--search-k", type=int, default=4, help="sampled steps per expanded node (default 4)")
     search.add_argument("--search-temperature", type=float, default=0.8,
                         help="step sampling temperature of the search and of best-of-N (default 0.8)")
@@ -45,9 +47,7 @@ def add_arguments(parser) -> None:
                         help="value of terminal nodes: reward (the environment's dense reward; the default where "
                              "it reads only the prompt, as on Countdown), legal (the value head, -1 without a "
                              "legal answer; the default elsewhere) or value (the value head)")
-    search.add_argument("--pick", default="best", choices=["best", "visits"],
-                        help="the answer: best (the terminal node of highest value, as best-of-N picks; default) "
-                             "or visits (the most-visited path, the training target)")
+    add_pick_argument(search)
     search.add_argument("--widen-c", type=float, default=0.0,
                         help="progressive widening constant (default 0: each node expanded once)")
     search.add_argument("--widen-alpha", type=float, default=0.5, help="progressive widening exponent (default 0.5)")

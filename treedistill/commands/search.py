@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from treedistill.commands import check_at_least_one, check_choice, check_non_negative
+from treedistill.commands import (
+    add_pick_argument,
+    add_tree_arguments,
+    check_at_least_one,
+    check_choice,
+    check_non_negative,
+)
 
 HELP = "search one Countdown problem with MCTS: answer, principal variation, tree summary (--html view)"
 
@@ -14,11 +20,7 @@ def add_arguments(parser) -> None:
                         help="preset name, model folder or hub id (default: tiny, the embedded model)")
     parser.add_argument("--numbers", type=int, nargs="+", required=True, help="the input numbers, e.g. 3 7 9 12")
     parser.add_argument("--target", type=int, required=True, help="the target, e.g. 24")
-    parser.add_argument("--simulations", type=int, default=200, help="simulations (default 200)")
-    parser.add_argument("--parallel", type=int, default=8, help="descents per round, W (default 8)")
-    parser.add_argument("--select", default="puct", help="selection rule: puct | uct | gumbel (default puct)")
-    parser.add_argument("--c", type=float, default=0.5, help="exploration constant (default 0.5)")
-    parser.add_argument("--max-depth", type=int, default=16, help="steps from the root at most (default 16)")
+    add_tree_arguments(parser, simulations=200)
     parser.add_argument("--k", type=int, default=4, help="sampled steps per expanded node (default 4)")
     parser.add_argument("--temperature", type=float, default=0.8, help="step sampling temperature (default 0.8)")
     parser.add_argument("--step-max-tokens", type=int, default=64, help="tokens per step at most (default 64)")
@@ -28,9 +30,7 @@ def add_arguments(parser) -> None:
                         help="value of terminal nodes: reward (the environment's dense reward, as in "
                              "training) | value (the value head: the search never sees the target) | legal "
                              "(the value head, -1 without a legal answer: never sees the target either)")
-    parser.add_argument("--pick", default="best", choices=["best", "visits"],
-                        help="the answer: best (the terminal node of highest value, as best-of-N picks; default) "
-                             "or visits (the most-visited path, the training target)")
+    add_pick_argument(parser)
     parser.add_argument("--widen-c", type=float, default=0.0,
                         help="progressive widening: a node gets K more steps while its samples are fewer than "
                              "C * N^alpha (default 0: off, each node expanded once, as the reference)")

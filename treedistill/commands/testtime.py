@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from treedistill.commands import check_at_least_one, check_choice, check_non_negative
+from treedistill.commands import add_pick_argument, check_at_least_one, check_choice, check_non_negative
 
 HELP = "test-time compute: MCTS vs best-of-N (majority vote, value head) vs one sample, per token budget"
 
@@ -30,9 +30,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mcts-terminal", default=None, choices=["legal", "value"],
                         help="how the mcts row values terminal nodes without a verifier: legal (value head, -1 "
                              "without a legal answer; default) or value (value head only)")
-    parser.add_argument("--pick", default=None, choices=["best", "visits"],
-                        help="MCTS answer: best (the terminal node of highest value, as best-of-N picks; default) "
-                             "or visits (the most-visited path)")
+    add_pick_argument(parser, default=None)  # None: SweepConfig's ("best")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens per completion (default 512)")
     parser.add_argument("--rows", default=None, choices=["free", "verifier", "both"],
                         help="free: no row uses the environment's reward; verifier: only mcts+verifier and "
