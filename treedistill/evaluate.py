@@ -149,9 +149,8 @@ class SearchEvalResult:
     bookkeeping_share: float    # share of the searches' wall time spent outside the model
 
     def to_dict(self) -> dict:
-        d = {name: getattr(self, name) for name in ("simulations", "parallel", "select", "pick", "terminal_value",
-                                                      "tokens_per_problem", "completed_by_policy", "tree_nodes",
-                                                      "bookkeeping_share")}
+        d = asdict(self)
+        d.pop("result")
         return {**self.result.to_dict(), **d}
 
 

@@ -8,8 +8,9 @@ For each per-problem budget B of generated tokens, on the same problems:
   give: the same target-free legality filter the best-of-N selectors apply); `mcts_terminal="value"`
   uses the value head alone. The answer (`pick`): by default ("best") the terminal node of highest
   value the search valued, the rule bon-value applies to its samples; "visits" is the most-visited
-  path, completed by the policy when the search stopped short. The search widens progressively (`widen_c`, `widen_alpha`), so more
-  simulations can keep adding alternatives instead of revisiting a finite tree.
+  path, completed by the policy when the search stopped short. The search widens progressively
+  (`widen_c`, `widen_alpha`), so more simulations can keep adding alternatives instead of revisiting
+  a finite tree.
 - bon-majority: best-of-N, the answer VALUE that most samples agree on (ties: the value seen first).
 - bon-value: best-of-N, the sample whose value-head estimate at its last token is highest.
 - once: the model sampled once, reported at its own measured cost (no budget).
@@ -348,7 +349,7 @@ def run_best_of_n(ctx: _Context, streams: list[list[tuple[int, ...]]], budget: i
                   values_cache: dict) -> list[Cell]:
     """The best-of-N rows of `cfg.rows` at `budget`, on the same samples (a prefix of each stream)."""
     start = time.perf_counter()
-    free, checked = ctx.cfg.rows in ("free", "both"), ctx.cfg.rows in ("verifier", "both")
+    free, checked = "mcts" in ROWS[ctx.cfg.rows], "mcts+verifier" in ROWS[ctx.cfg.rows]
     names = [*(SELECTORS if free else ()), *(["bon+verifier"] if checked else [])]
     chosen: dict[str, list[float]] = {name: [] for name in names}
     dense: dict[str, list[float]] = {name: [] for name in names}
@@ -364,8 +365,9 @@ def run_best_of_n(ctx: _Context, streams: list[list[tuple[int, ...]]], budget: i
             values_cache[(i, batches[i][j])] = v
     for i, (problem, samples) in enumerate(zip(ctx.problems, batches)):
         texts = [ctx.text(s) for s in samples]
-        answers = [answer_value(ctx.env, problem, t) for t in texts]
-        head = [values_cache[(i, s)] for s in samples] if free else []
+        if free:  # legal answer values and value-head estimates, read by both selectors
+            answers = [answer_value(ctx.env, problem, t) for t in texts]
+            head = [values_cache[(i, s)] for s in samples]
         for name, select in SELECTORS.items() if free else ():
             pick = select(answers, head)
             score = ctx.env.score(problem, texts[pick] if pick is not None else "")
