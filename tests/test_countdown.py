@@ -25,6 +25,7 @@ from treedistill.envs.countdown import (
     random_play,
     reduction_distribution,
     solve,
+    step_expressions,
     target_stats,
     write_problems,
 )
@@ -203,6 +204,13 @@ def test_trace_format_worked_example():
         "<step>13-9=4 (4 5 7)</step><step>4*5=20 (7 20)</step><step>20+7=27 (27)</step>"
         "<answer>(13-9)*5+7</answer>"
     )
+    assert format_completion(steps, "expressions") == (
+        "<step>13-9=4 (4 5 7)</step><step>4*5=(13-9)*5=20 (7 20)</step><step>20+7=(13-9)*5+7=27 (27)</step>"
+        "<answer>(13-9)*5+7</answer>"
+    )
+    assert step_expressions(steps) == ["13-9", "(13-9)*5", "(13-9)*5+7"]
+    with pytest.raises(ValueError, match="step_format"):
+        format_completion(steps, "tree")
 
 
 @pytest.mark.parametrize(

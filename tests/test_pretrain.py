@@ -33,9 +33,11 @@ def small_config(**overrides) -> PretrainConfig:
     return PretrainConfig(**base)
 
 
-def test_traces_are_legal_and_reach_their_targets():
+@pytest.mark.parametrize("step_format", countdown.STEP_FORMATS)
+def test_traces_are_legal_and_reach_their_targets(step_format):
     env = countdown.CountdownEnv()
-    source = TraceSource(seed=1, solver_share=0.3, problem_seed=5, solver_problems=200, exclude=[])
+    source = TraceSource(seed=1, solver_share=0.3, problem_seed=5, solver_problems=200, exclude=[],
+                         step_format=step_format)
     for _ in range(200):
         problem, completion = source.lm_trace()
         score = env.score(problem, completion)
@@ -216,6 +218,7 @@ def test_shipped_checkpoint_meets_the_format_target():
     (["--eval-k", "-1"], "--eval-k must be >= 0"),
     (["--answer-weight", "0"], "--answer-weight must be > 0"),
     (["--bucket", "0"], "--bucket must be >= 1"),
+    (["--step-format", "tree"], "unknown --step-format 'tree': choose one of numbers, expressions"),
 ])
 def test_cli_refuses_bad_input(flags, message, capsys, tmp_path):
     from treedistill.cli import main

@@ -71,10 +71,10 @@ from treedistill.models.value_head import ValueHead
 from treedistill.rollout.collate import to_batch
 from treedistill.rollout.sample import completion_text
 
-__all__ = ["DivergedError", "Learned", "RESUMABLE_CHANGES", "Shard", "append_jsonl", "apply_update",
-           "check_same_run", "clear_engine_cache", "derive_seed", "finish_run", "learn", "load_problems",
-           "load_train_policy", "reference_policy", "resume_point", "sample_records", "take_problems", "train",
-           "truncate_jsonl", "write_report"]
+__all__ = ["DivergedError", "Learned", "RESUMABLE_CHANGES", "Shard", "advance_bar", "append_jsonl",
+           "apply_update", "check_same_run", "clear_engine_cache", "derive_seed", "finish_run", "learn", "load_problems",
+           "load_train_policy", "open_run_logs", "reference_policy", "restore_loop", "resume_point", "sample_records",
+           "take_problems", "train", "truncate_jsonl", "why_stop", "write_report"]
 
 # Settings that may differ between a run and its resumption: they change when the run stops or how it
 # is logged, not what any step computes (`steps` does move a linear decay that ends at `steps`).
@@ -342,6 +342,45 @@ def append_jsonl(path: Path, records: list[dict]) -> None:
         f.writelines(json.dumps(r) + "\n" for r in records)
 
 
+# The loop skeleton that `train` and the distributed loop (distributed/ray_loop.py) share.
+
+
+def restore_loop(saved: dict | None, counters: ComputeCounters) -> tuple[int, int, int, float]:
+    """(step, skipped updates, non-finite streak, wall seconds before this process) of a checkpoint's
+    loop record, its compute counters loaded into `counters` and its RNG state restored; zeros for a
+    new run."""
+    if saved is None:
+        return 0, 0, 0, 0.0
+    counters.load_state_dict(saved["counters"])
+    checkpoint.set_rng_state(saved["rng"])
+    loop = saved["loop"]
+    return int(loop["step"]), int(loop["skipped_updates"]), int(loop["nonfinite_streak"]), float(loop["wall_s"])
+
+
+def open_run_logs(run_dir: Path, cfg: TrainConfig, resumed_at: int | None) -> MetricsLogger:
+    """The run folder with its config.yaml, and its metrics logger; metrics.jsonl and samples.jsonl keep
+    only the records up to `resumed_at` (None: a new run, both start empty)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    logger = MetricsLogger(run_dir, cfg.log_backends, resume_step=resumed_at, config=dataclasses.asdict(cfg),
+                           wandb_project=cfg.wandb_project)
+    truncate_jsonl(run_dir / "samples.jsonl", resumed_at)
+    return logger
+
+
+def why_stop(step: int, counters: ComputeCounters, cfg: TrainConfig) -> str | None:
+    """Why the run stops after `step` steps (a compute budget spent, or every step done), or None."""
+    spent = counters.budget_exhausted(generated_tokens=cfg.budget_generated_tokens, flops=cfg.budget_flops)
+    return spent or (f"all {cfg.steps} steps done" if step >= cfg.steps else None)
+
+
+def advance_bar(bar: Progress | None, record: dict, last_eval: dict | None) -> None:
+    """One step on the progress bar (if any), showing the step's reward and loss and the last mean@k."""
+    if bar is not None:
+        bar.update(1, reward=record["reward_mean"], loss=record.get("loss", math.nan),
+                   **({"mean@k": last_eval["eval_accuracy"]} if last_eval else {}))
+
+
 def sample_records(ctx: RolloutContext, problems: Sequence[dict], step: int, trajectories: Sequence) -> list[dict]:
     """A few decoded trajectories for samples.jsonl: one sample per listed test problem at the evaluation
     temperature (seeded, like the evaluation), and the given training trajectories."""
@@ -437,25 +476,15 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     head_params = sum(p.numel() for p in policy.value_head.parameters()) if policy.value_head is not None else 0
     counters = ComputeCounters(params=policy.num_parameters + head_params)
-    step = position = skipped_updates = nonfinite_streak = 0
-    wall_before = 0.0
+    step, skipped_updates, nonfinite_streak, wall_before = restore_loop(saved, counters)
+    position = 0
     if saved is not None:
         policy.model.load_state_dict(saved["model"])
         if policy.value_head is not None:
             policy.value_head.load_state_dict(saved["value_head"])
         optimizer.load_state_dict(saved["optimizer"])
-        counters.load_state_dict(saved["counters"])
-        checkpoint.set_rng_state(saved["rng"])
-        loop = saved["loop"]
-        step, position = int(loop["step"]), int(loop["position"])
-        skipped_updates, nonfinite_streak = int(loop["skipped_updates"]), int(loop["nonfinite_streak"])
-        wall_before = float(loop["wall_s"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    resumed_at = step if saved is not None else None
-    logger = MetricsLogger(run_dir, cfg.log_backends, resume_step=resumed_at, config=dataclasses.asdict(cfg),
-                           wandb_project=cfg.wandb_project)
-    truncate_jsonl(run_dir / "samples.jsonl", resumed_at)
+        position = int(saved["loop"]["position"])
+    logger = open_run_logs(run_dir, cfg, step if saved is not None else None)
     ctx = RolloutContext(engine=gen, policy=policy, env=env, cfg=cfg)
     started = time.perf_counter()
 
@@ -476,9 +505,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
 
     if step == 0:
         evaluation(0)  # before RL
-    budget = functools.partial(counters.budget_exhausted, generated_tokens=cfg.budget_generated_tokens,
-                               flops=cfg.budget_flops)
-    stop_reason = budget() or (f"all {cfg.steps} steps done" if step >= cfg.steps else None)
+    stop_reason = why_stop(step, counters, cfg)
     bar = Progress(cfg.steps, initial=step, desc=f"train {cfg.method}") if progress and stop_reason is None else None
     last_eval = None
     try:
@@ -508,7 +535,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
             t_learn = time.perf_counter()
 
             # 5. log
-            stop_reason = budget() or (f"all {cfg.steps} steps done" if step >= cfg.steps else None)
+            stop_reason = why_stop(step, counters, cfg)
             record = logger.log(step, {
                 **learned.metrics(trajectories, skipped_updates),
                 **rollout.stats, **counters.as_dict(), "problems_seen": position,
@@ -533,9 +560,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
                              "nonfinite_streak": nonfinite_streak, "wall_s": wall()},
                     "config": to_yaml(cfg),
                 }, keep=cfg.keep_checkpoints)
-            if bar is not None:
-                bar.update(1, reward=record["reward_mean"], loss=record.get("loss", math.nan),
-                           **({"mean@k": last_eval["eval_accuracy"]} if last_eval else {}))
+            advance_bar(bar, record, last_eval)
     finally:
         if bar is not None:
             bar.close()

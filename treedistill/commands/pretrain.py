@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from treedistill.commands import check_at_least_one, check_non_negative
+from treedistill.commands import check_at_least_one, check_choice, check_non_negative
 
 HELP = "train the embedded tiny Countdown model from scratch (random legal play + a solver share)"
 
@@ -28,6 +28,9 @@ def add_arguments(parser) -> None:
                              f"(default {d.miss_share})")
     parser.add_argument("--answer-weight", type=float, default=d.answer_weight,
                         help=f"loss weight of the answer tokens (default {d.answer_weight}: plain mean)")
+    parser.add_argument("--step-format", default=d.step_format,
+                        help="what a step writes: the two numbers it combines, or the expressions they stand "
+                             f"for, so the answer copies the last step (default {d.step_format})")
     parser.add_argument("--bucket", type=int, default=d.bucket,
                         help=f"batches drawn together and grouped by length (default {d.bucket}: no grouping)")
     parser.add_argument("--no-value-fit", action="store_true",
@@ -44,6 +47,7 @@ def add_arguments(parser) -> None:
 
 
 def check_arguments(args) -> None:
+    from treedistill.envs.countdown import STEP_FORMATS
     from treedistill.errors import UsageError
 
     check_at_least_one(args, ("steps", "batch", "value_steps", "bucket", "eval_limit"))
@@ -58,6 +62,7 @@ def check_arguments(args) -> None:
     if args.minutes is not None and not args.minutes > 0:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     check_non_negative(args, ("eval_k",))
+    check_choice(args, "step_format", STEP_FORMATS)
 
 
 def _reporter(total: int):
@@ -97,7 +102,8 @@ def run(args) -> dict:
 
     cfg = PretrainConfig(seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr,
                          solver_share=args.solver_share, miss_share=args.miss_share, value_fit=not args.no_value_fit,
-                         answer_weight=args.answer_weight, bucket=args.bucket, value_steps=args.value_steps, max_minutes=args.minutes)
+                         answer_weight=args.answer_weight, bucket=args.bucket, step_format=args.step_format,
+                         value_steps=args.value_steps, max_minutes=args.minutes)
     test = load_split("countdown", "test")
     started = time.perf_counter()
     report, close = _reporter(cfg.steps)

@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -58,9 +56,10 @@ from treedistill.envs import get_env
 from treedistill.errors import UsageError
 from treedistill.evaluate import evaluate
 from treedistill.methods import METHODS, RolloutContext
-from treedistill.metrics import ComputeCounters, MetricsLogger, Progress
+from treedistill.metrics import ComputeCounters, Progress
 from treedistill.train import (
     DivergedError,
+    advance_bar,
     append_jsonl,
     check_same_run,
     clear_engine_cache,
@@ -69,11 +68,13 @@ from treedistill.train import (
     learn,
     load_problems,
     load_train_policy,
+    open_run_logs,
     reference_policy,
+    restore_loop,
     resume_point,
     sample_records,
     take_problems,
-    truncate_jsonl,
+    why_stop,
 )
 
 __all__ = ["ClusterError", "DistributedSettings", "Generator", "LocalLearner", "load_weights", "train_distributed"]
@@ -487,21 +488,8 @@ def _loop(cfg, run_dir: Path, settings: DistributedSettings, saved: dict | None,
     P = cfg.problems_per_step
     counters = ComputeCounters(params=learner.num_params)
     ledger, restarts_before = _ledger_from(saved, cfg, settings)
-    step = skipped_updates = nonfinite_streak = 0
-    wall_before = 0.0
-    if saved is not None:
-        counters.load_state_dict(saved["counters"])
-        checkpoint.set_rng_state(saved["rng"])
-        loop = saved["loop"]
-        step = int(loop["step"])
-        skipped_updates, nonfinite_streak = int(loop["skipped_updates"]), int(loop["nonfinite_streak"])
-        wall_before = float(loop["wall_s"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    resumed_at = step if saved is not None else None
-    logger = MetricsLogger(run_dir, cfg.log_backends, resume_step=resumed_at, config=dataclasses.asdict(cfg),
-                           wandb_project=cfg.wandb_project)
-    truncate_jsonl(run_dir / "samples.jsonl", resumed_at)
+    step, skipped_updates, nonfinite_streak, wall_before = restore_loop(saved, counters)
+    logger = open_run_logs(run_dir, cfg, step if saved is not None else None)
     started = time.perf_counter()
     published, weights = step, learner.publish()  # version = the learner's step count
 
@@ -537,9 +525,7 @@ def _loop(cfg, run_dir: Path, settings: DistributedSettings, saved: dict | None,
 
     if step == 0:
         evaluation(0)  # before RL
-    budget = functools.partial(counters.budget_exhausted, generated_tokens=cfg.budget_generated_tokens,
-                               flops=cfg.budget_flops)
-    stop_reason = budget() or (f"all {cfg.steps} steps done" if step >= cfg.steps else None)
+    stop_reason = why_stop(step, counters, cfg)
     bar = Progress(cfg.steps, initial=step, desc=f"train {cfg.method} (ray)") if progress and stop_reason is None else None
     last_eval = None
     try:
@@ -575,7 +561,7 @@ def _loop(cfg, run_dir: Path, settings: DistributedSettings, saved: dict | None,
             t_learn = time.perf_counter()
 
             # 5. log
-            stop_reason = budget() or (f"all {cfg.steps} steps done" if step >= cfg.steps else None)
+            stop_reason = why_stop(step, counters, cfg)
             record = logger.log(step, {
                 **metrics, **_mean_stats(taken), **counters.as_dict(), "problems_seen": ledger.position,
                 "staleness_mean": sum(staleness) / len(staleness), "staleness_max": max(staleness),
@@ -599,9 +585,7 @@ def _loop(cfg, run_dir: Path, settings: DistributedSettings, saved: dict | None,
                              "generator_restarts": restarts_before + pool.restarts},
                     "config": to_yaml(cfg),
                 }, cfg.keep_checkpoints)
-            if bar is not None:
-                bar.update(1, reward=record["reward_mean"], loss=record.get("loss", math.nan),
-                           **({"mean@k": last_eval["eval_accuracy"]} if last_eval else {}))
+            advance_bar(bar, record, last_eval)
     finally:
         if bar is not None:
             bar.close()

@@ -43,6 +43,7 @@ from treedistill.errors import UsageError
 from treedistill.jsonl import read_jsonl, write_jsonl
 
 __all__ = [
+    "STEP_FORMATS",
     "CountdownEnv",
     "Step",
     "answer_expression",
@@ -56,6 +57,7 @@ __all__ = [
     "random_play",
     "reduction_distribution",
     "solve",
+    "step_expressions",
     "target_stats",
     "validate_problem",
     "write_problems",
@@ -390,12 +392,13 @@ def _combine(left: tuple[str, int], op: str, right: tuple[str, int]) -> tuple[st
     return f"{lt}{op}{rt}", prec
 
 
-def answer_expression(steps: list[Step]) -> str:
-    """The answer expression of the last step's result, built from the steps.
+def step_expressions(steps: list[Step]) -> list[str]:
+    """The expression each step's result stands for, over the starting numbers, one per step.
 
     The starting numbers are recovered from the first step (remaining - result + a + b). When a
-    value appears more than once, the most recently made one is used, so the answer follows the
+    value appears more than once, the most recently made one is used, so the expressions follow the
     trace; any choice would be valid, as each available number stands for disjoint inputs.
+    Parentheses are the fewest needed (`_combine`).
     """
     if not steps:
         raise ValueError("a trace needs at least one step")
@@ -406,6 +409,7 @@ def answer_expression(steps: list[Step]) -> str:
         raise ValueError(f"inconsistent first step: {first.text()}")
     start = [*sorted(pool.elements()), first.a, first.b]
     available: list[tuple[int, str, int]] = [(x, str(x), _ATOM) for x in start]
+    expressions = []
     for step in steps:
         operands = []
         for value in (step.b, step.a):
@@ -419,13 +423,40 @@ def answer_expression(steps: list[Step]) -> str:
         available.append((step.result, *_combine((at, ap), step.op, (bt, bp))))
         if tuple(sorted(v for v, _, _ in available)) != step.remaining:
             raise ValueError(f"step {step.text()} restates the wrong remaining numbers")
-    return available[-1][1]
+        expressions.append(available[-1][1])
+    return expressions
 
 
-def format_completion(steps: list[Step]) -> str:
-    """'<step>13-9=4 (4 5 7)</step>...<answer>(13-9)*5+7</answer>' for a non-empty trace."""
-    body = "".join(f"{STEP_OPEN}{s.text()}{STEP_CLOSE}" for s in steps)
-    return f"{body}{ANSWER_OPEN}{answer_expression(steps)}{ANSWER_CLOSE}"
+def answer_expression(steps: list[Step]) -> str:
+    """The answer expression of the last step's result, built from the steps (`step_expressions`)."""
+    return step_expressions(steps)[-1]
+
+
+STEP_FORMATS = ("numbers", "expressions")
+
+
+def format_completion(steps: list[Step], step_format: str = "numbers") -> str:
+    """A trace as a completion: its steps, then the answer expression.
+
+    "numbers": each step combines two numbers and restates the numbers left,
+    '<step>13-9=4 (4 5 7)</step><step>4*5=20 (7 20)</step><step>20+7=27 (27)</step><answer>(13-9)*5+7</answer>'.
+    "expressions": a step whose operands were made by earlier steps also writes what it stands for
+    over the starting numbers, so the answer copies the last step's expression,
+    '<step>13-9=4 (4 5 7)</step><step>4*5=(13-9)*5=20 (7 20)</step><step>20+7=(13-9)*5+7=27 (27)</step>'
+    '<answer>(13-9)*5+7</answer>'.
+    """
+    if step_format not in STEP_FORMATS:
+        raise ValueError(f"step_format must be one of {STEP_FORMATS}, got {step_format!r}")
+    expressions = step_expressions(steps)
+    texts = []
+    for expression, s in zip(expressions, steps):
+        numbers = f"{s.a}{s.op}{s.b}"
+        if step_format == "expressions" and expression != numbers:
+            texts.append(f"{numbers}={expression}={s.result} ({' '.join(map(str, s.remaining))})")
+        else:
+            texts.append(s.text())
+    body = "".join(f"{STEP_OPEN}{t}{STEP_CLOSE}" for t in texts)
+    return f"{body}{ANSWER_OPEN}{expressions[-1]}{ANSWER_CLOSE}"
 
 
 # ----------------------------------------------------------------------------------------------
