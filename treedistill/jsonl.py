@@ -9,7 +9,7 @@ from pathlib import Path
 
 from treedistill.errors import UsageError
 
-__all__ = ["read_jsonl", "write_jsonl"]
+__all__ = ["read_jsonl", "read_records", "write_jsonl"]
 
 
 def read_jsonl(path) -> list[tuple[int, dict]]:
@@ -35,6 +35,18 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
             raise UsageError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
         records.append((line_no, record))
     return records
+
+
+def read_records(path, validate) -> list:
+    """`validate(record)` for every record of the file, in order; a ValueError it raises becomes a
+    UsageError "FILE:LINE: ..." (as do the errors of `read_jsonl`)."""
+    out = []
+    for line_no, record in read_jsonl(path):
+        try:
+            out.append(validate(record))
+        except ValueError as err:
+            raise UsageError(f"{path}:{line_no}: {err}") from None
+    return out
 
 
 def write_jsonl(path, records) -> None:

@@ -42,21 +42,18 @@ PROBLEM_OF = {"countdown": _countdown_problem, "gsm8k": _gsm8k_problem}
 
 def run(args) -> None:
     from treedistill.envs import get_env
-    from treedistill.errors import UsageError
-    from treedistill.jsonl import read_jsonl
+    from treedistill.jsonl import read_records
 
     options = {name: True for name in ("require_all_numbers", "integer_intermediates") if getattr(args, name)}
     env = get_env(args.env, **options)
     # Validate the whole file first, so a bad line stops the run before any output.
-    items = []
-    for line_no, record in read_jsonl(args.data):
-        try:
-            problem = PROBLEM_OF.get(args.env, dict)(record)
-            if not isinstance(record.get("completion"), str):
-                raise ValueError('"completion" must be a string')
-        except ValueError as err:
-            raise UsageError(f"{args.data}:{line_no}: {err}") from None
-        items.append((problem, record["completion"]))
+    def item(record: dict) -> tuple[dict, str]:
+        problem = PROBLEM_OF.get(args.env, dict)(record)
+        if not isinstance(record.get("completion"), str):
+            raise ValueError('"completion" must be a string')
+        return problem, record["completion"]
+
+    items = read_records(args.data, item)
     dense = sparse = 0.0
     for problem, completion in items:
         score = env.score(problem, completion)

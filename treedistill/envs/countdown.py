@@ -39,8 +39,7 @@ import numpy as np
 
 from treedistill.envs.base import ANSWER_CLOSE, ANSWER_OPEN, STEP_CLOSE, STEP_OPEN, Score
 from treedistill.envs.expr import Evaluation, evaluate
-from treedistill.errors import UsageError
-from treedistill.jsonl import read_jsonl, write_jsonl
+from treedistill.jsonl import read_records, write_jsonl
 
 __all__ = [
     "STEP_FORMATS",
@@ -110,13 +109,7 @@ def key(problem: dict) -> tuple:
 
 def load_problems(path) -> list[dict]:
     """Read a Countdown JSONL file (ours or the reference's format); errors name file and line."""
-    problems = []
-    for line_no, record in read_jsonl(path):
-        try:
-            problems.append(validate_problem(record))
-        except ValueError as err:
-            raise UsageError(f"{path}:{line_no}: {err}") from None
-    return problems
+    return read_records(path, validate_problem)
 
 
 def write_problems(path, problems: list[dict]) -> None:

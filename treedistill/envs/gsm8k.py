@@ -27,7 +27,7 @@ from pathlib import Path
 from treedistill.envs.base import STEP_CLOSE, Score
 from treedistill.envs.countdown import extract_answer
 from treedistill.errors import UsageError
-from treedistill.jsonl import read_jsonl
+from treedistill.jsonl import read_records
 
 __all__ = ["GSM8KEnv", "default_path", "final_answer", "load_gsm8k", "parse_number", "validate_problem"]
 
@@ -91,13 +91,7 @@ def load_gsm8k(split: str = "test", path=None) -> list[dict]:
 
 
 def _load_file(path: Path) -> list[dict]:
-    problems = []
-    for line_no, record in read_jsonl(path):
-        try:
-            problems.append(validate_problem(record))
-        except ValueError as err:
-            raise UsageError(f"{path}:{line_no}: {err}") from None
-    return problems
+    return read_records(path, validate_problem)
 
 
 def _load_hub(split: str, local: Path) -> list[dict]:
