@@ -31,7 +31,10 @@ stands for, so that the answer is a copy instead of a reconstruction (`step_form
 the expressions, not the two numbers combined, gave 62.2% and 0.46% +- 0.07 (2,000 steps, 19.3 min).
 In both the model loses track of the values: it repeats a step already taken (`12-8=4 (4 9 12)`, then
 `12-8=4 (4 4)`) or expands an intermediate as the input of the same value (on [12, 9, 12, 8]:
-`12-3=12-(12-9)=9`, then `9-8=9-(12-(12-9))=8`), and the answers copy those errors.
+`12-3=12-(12-9)=9`, then `9-8=9-(12-(12-9))=8`), and the answers copy those errors. Nor did
+numbers as single tokens (a variant of the tokenizer, not kept, with BPE merges that make 10..999 one
+token each; 2,000 steps, bucket 8, one thread): 92.6% well-formed, mean@16 1.03% +- 0.16, 50 tokens
+per sample instead of 60.
 
 `bucket` > 1 draws that many batches at a time and groups them by length, which cuts the padding by
 about 15% (off by default, so the default run keeps the data stream of the shipped checkpoint).
