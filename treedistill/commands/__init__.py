@@ -43,6 +43,17 @@ def add_pick_argument(parser, default: str | None = "best") -> None:
                              "or visits (the most-visited path, the training target)")
 
 
+def search_config(args, **overrides):
+    """The SearchConfig of the flags `add_tree_arguments` and `add_pick_argument` declare, with
+    --widen-c, --widen-alpha and --seed; `overrides` replace any field."""
+    from treedistill.search import SearchConfig
+
+    settings = dict(simulations=args.simulations, parallel=args.parallel, select=args.select, c=args.c,
+                    max_depth=args.max_depth, widen_c=args.widen_c, widen_alpha=args.widen_alpha, pick=args.pick,
+                    seed=args.seed)
+    return SearchConfig(**{**settings, **overrides})
+
+
 def add_tree_arguments(parser, *, simulations: int) -> None:
     """The search tree's budget and selection: --simulations, --parallel, --select, --c, --max-depth."""
     parser.add_argument("--simulations", type=int, default=simulations,

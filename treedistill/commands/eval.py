@@ -12,6 +12,7 @@ from treedistill.commands import (
     check_at_least_one,
     check_choice,
     check_non_negative,
+    search_config,
 )
 
 HELP = ("evaluate a model: mean@k accuracy (+- stderr), pass@k, format rate; --search mcts adds the accuracy "
@@ -61,16 +62,8 @@ def check_arguments(args) -> None:
     from treedistill.engine import BACKENDS
     from treedistill.errors import UsageError
 
-    if args.k < 1:
-        raise UsageError(f"--k must be >= 1, got {args.k}")
-    if not args.temperature >= 0:  # also refuses nan
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be >= 1, got {args.limit}")
-    if args.batch < 1:
-        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    check_at_least_one(args, ("k", "max_new_tokens", "limit", "batch"))
+    check_non_negative(args, ("temperature",))  # also refuses nan
     check_choice(args, "engine", BACKENDS)
     if args.search == "mcts":
         from treedistill.search import SELECT_RULES
@@ -145,13 +138,10 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
     from treedistill.commands.search import TERMINAL_TEXT
     from treedistill.envs.base import reward_from_prompt
     from treedistill.evaluate import evaluate_search
-    from treedistill.search import SearchConfig
     from treedistill.testtime import best_of_n_at
 
     terminal = args.terminal or ("reward" if reward_from_prompt(env) else "legal")
-    cfg = SearchConfig(simulations=args.simulations, parallel=min(args.parallel, args.simulations),
-                       select=args.select, c=args.c, max_depth=args.max_depth, widen_c=args.widen_c,
-                       widen_alpha=args.widen_alpha, pick=args.pick, seed=args.seed)
+    cfg = search_config(args, parallel=min(args.parallel, args.simulations))
     update, close = _progress_bar(len(problems))
     try:
         found = evaluate_search(engine, policy, env, problems, search=cfg, k=args.search_k,

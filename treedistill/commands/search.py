@@ -10,6 +10,7 @@ from treedistill.commands import (
     check_at_least_one,
     check_choice,
     check_non_negative,
+    search_config,
 )
 
 HELP = "search one Countdown problem with MCTS: answer, principal variation, tree summary (--html view)"
@@ -80,15 +81,13 @@ def run(args) -> dict:
     from treedistill.envs import get_env
     from treedistill.models.load import load_policy
     from treedistill.rollout import search_problems
-    from treedistill.search import ROOT, SearchConfig, tree_to_html
+    from treedistill.search import ROOT, tree_to_html
 
     env = get_env("countdown")
     problem = {"numbers": list(args.numbers), "target": args.target}
     policy = load_policy(args.model, device=args.device, value_head=True)
     engine = make_engine(policy, args.engine)
-    cfg = SearchConfig(simulations=args.simulations, parallel=args.parallel, select=args.select, c=args.c,
-                       max_depth=args.max_depth, widen_c=args.widen_c, widen_alpha=args.widen_alpha, pick=args.pick,
-                       seed=args.seed)
+    cfg = search_config(args)
     out = search_problems(engine, policy, env, [problem], search=cfg, k=args.k, temperature=args.temperature,
                           step_max_tokens=args.step_max_tokens, max_new_tokens=args.max_new_tokens,
                           seed=args.seed, terminal_value=args.terminal)[0]

@@ -287,9 +287,10 @@ class Step:
     result: int
     remaining: tuple[int, ...]
 
-    def text(self) -> str:
-        """'13-9=4 (4 5 7)'."""
-        return f"{self.a}{self.op}{self.b}={self.result} ({' '.join(map(str, self.remaining))})"
+    def text(self, expression: str | None = None) -> str:
+        """'13-9=4 (4 5 7)'; with `expression` (what the result stands for), '4*5=(13-9)*5=20 (7 20)'."""
+        stands_for = f"{expression}=" if expression is not None else ""
+        return f"{self.a}{self.op}{self.b}={stands_for}{self.result} ({' '.join(map(str, self.remaining))})"
 
 
 def _check_numbers(numbers) -> tuple[int, ...]:
@@ -441,14 +442,9 @@ def format_completion(steps: list[Step], step_format: str = "numbers") -> str:
     if step_format not in STEP_FORMATS:
         raise ValueError(f"step_format must be one of {STEP_FORMATS}, got {step_format!r}")
     expressions = step_expressions(steps)
-    texts = []
-    for expression, s in zip(expressions, steps):
-        numbers = f"{s.a}{s.op}{s.b}"
-        if step_format == "expressions" and expression != numbers:
-            texts.append(f"{numbers}={expression}={s.result} ({' '.join(map(str, s.remaining))})")
-        else:
-            texts.append(s.text())
-    body = "".join(f"{STEP_OPEN}{t}{STEP_CLOSE}" for t in texts)
+    carried = step_format == "expressions"
+    body = "".join(f"{STEP_OPEN}{s.text(e if carried and e != f'{s.a}{s.op}{s.b}' else None)}{STEP_CLOSE}"
+                   for e, s in zip(expressions, steps))
     return f"{body}{ANSWER_OPEN}{expressions[-1]}{ANSWER_CLOSE}"
 
 
