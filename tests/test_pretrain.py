@@ -193,6 +193,36 @@ def test_value_fit_leaves_the_language_model_unchanged():
     assert not all(torch.equal(p, q) for p, q in zip(a.value_head.parameters(), b.value_head.parameters()))
 
 
+def test_ema_keeps_the_moving_average_of_the_weights(monkeypatch):
+    # The same run without and with the average: identical training, and the averaged result is
+    # decay-weighted over the weights after each step (first step: copied), recomputed here by hand.
+    import treedistill.pretrain as module
+
+    decay = 0.5
+    snapshots, holder = [], {}
+    build = module.build_model
+
+    def keep(*args, **kwargs):
+        holder["model"] = build(*args, **kwargs)
+        return holder["model"]
+
+    monkeypatch.setattr(module, "build_model", keep)
+    plain = pretrain(small_config(steps=4, value_fit=False),
+                     progress=lambda phase, step, metrics: snapshots.append(
+                         [p.detach().clone() for p in holder["model"].parameters()]))
+    averaged = pretrain(small_config(steps=4, value_fit=False, ema=decay))
+    assert averaged.losses == plain.losses
+    expected = snapshots[0]
+    for later in snapshots[1:]:
+        expected = [decay * e + (1 - decay) * p for e, p in zip(expected, later)]
+    for got, want in zip(averaged.model.parameters(), expected):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert not all(torch.equal(got, last) for got, last in zip(averaged.model.parameters(),
+                                                               plain.model.parameters()))
+    with pytest.raises(ValueError, match="ema must be in"):
+        pretrain(small_config(steps=1, ema=1.0))
+
+
 def test_shipped_checkpoint_meets_the_format_target():
     from treedistill.datasets import load_split
     from treedistill.engine import make_engine
@@ -218,6 +248,8 @@ def test_shipped_checkpoint_meets_the_format_target():
     (["--eval-k", "-1"], "--eval-k must be >= 0"),
     (["--answer-weight", "0"], "--answer-weight must be > 0"),
     (["--bucket", "0"], "--bucket must be >= 1"),
+    (["--ema", "1"], "--ema must be in [0, 1)"),
+    (["--min-lr-ratio", "-0.1"], "--min-lr-ratio must be in [0, 1]"),
     (["--step-format", "tree"], "unknown --step-format 'tree': choose one of numbers, expressions"),
 ])
 def test_cli_refuses_bad_input(flags, message, capsys, tmp_path):

@@ -21,6 +21,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=d.steps, help=f"language-model steps (default {d.steps})")
     parser.add_argument("--batch", type=int, default=d.batch, help=f"traces per step (default {d.batch})")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    parser.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
+                        help=f"final learning rate over the peak, reached by cosine decay (default {d.min_lr_ratio})")
+    parser.add_argument("--ema", type=float, default=d.ema,
+                        help="keep a moving average of the weights with this decay per step as the result "
+                             f"(default {d.ema}: the last step's weights)")
     parser.add_argument("--solver-share", type=float, default=d.solver_share,
                         help=f"share of solver traces that reach a generator target (default {d.solver_share})")
     parser.add_argument("--miss-share", type=float, default=d.miss_share,
@@ -53,6 +58,10 @@ def check_arguments(args) -> None:
     check_at_least_one(args, ("steps", "batch", "value_steps", "bucket", "eval_limit"))
     if not args.lr > 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if not 0 <= args.min_lr_ratio <= 1:
+        raise UsageError(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
+    if not 0 <= args.ema < 1:
+        raise UsageError(f"--ema must be in [0, 1), got {args.ema}")
     if not 0 <= args.solver_share <= 1:
         raise UsageError(f"--solver-share must be in [0, 1], got {args.solver_share}")
     if not 0 <= args.miss_share <= 1 - args.solver_share:
@@ -103,7 +112,8 @@ def run(args) -> dict:
     cfg = PretrainConfig(seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr,
                          solver_share=args.solver_share, miss_share=args.miss_share, value_fit=not args.no_value_fit,
                          answer_weight=args.answer_weight, bucket=args.bucket, step_format=args.step_format,
-                         value_steps=args.value_steps, max_minutes=args.minutes)
+                         value_steps=args.value_steps, max_minutes=args.minutes,
+                         min_lr_ratio=args.min_lr_ratio, ema=args.ema)
     test = load_split("countdown", "test")
     started = time.perf_counter()
     report, close = _reporter(cfg.steps)
