@@ -65,7 +65,7 @@ is on by default (the average costs 2 ms a step). What goes wrong in the answers
 of the shipped model's 108 malformed samples on those 1,600, 70 write a starting number twice (and
 drop another: `9-(12-(11-11))` for `12-11=1`, `9-1=8`, `8-7=5`), 25 write an intermediate result
 instead of its expression, 7 leave a parenthesis open, 6 mix these; and 97.7% of all its samples,
-well-formed or not, contain a false step (its last step claims the target).
+well-formed or not, contain a false arithmetic step (as `4*7=45` on the way to a target of 55).
 
 `bucket` > 1 draws that many batches at a time and groups them by length, which cuts the padding by
 about 15% (off by default, so the default run keeps the data stream of the shipped checkpoint).
