@@ -251,6 +251,7 @@ def test_shipped_checkpoint_meets_the_format_target():
     (["--ema", "1"], "--ema must be in [0, 1)"),
     (["--min-lr-ratio", "-0.1"], "--min-lr-ratio must be in [0, 1]"),
     (["--step-format", "tree"], "unknown --step-format 'tree': choose one of numbers, expressions"),
+    (["--device", "tpu"], "unknown --device 'tpu': choose one of cpu, cuda"),
 ])
 def test_cli_refuses_bad_input(flags, message, capsys, tmp_path):
     from treedistill.cli import main
@@ -258,3 +259,21 @@ def test_cli_refuses_bad_input(flags, message, capsys, tmp_path):
     assert main(["pretrain", "--out", str(tmp_path / "out"), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cli_refuses_cuda_without_a_device(capsys, tmp_path):
+    from treedistill.cli import main
+
+    assert main(["pretrain", "--out", str(tmp_path / "out"), "--device", "cuda"]) == 2
+    assert "--device cuda: this machine has no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+def test_pretrain_on_cuda_lowers_the_loss_and_keeps_both_parts_there():
+    result = pretrain(small_config(device="cuda", ema=0.9))
+    assert next(result.model.parameters()).device.type == "cuda"
+    assert next(result.value_head.parameters()).device.type == "cuda"
+    assert sum(result.losses[-5:]) / 5 < result.losses[0] - 1.0
+    assert result.value_losses and all(math.isfinite(v) for v in result.value_losses)

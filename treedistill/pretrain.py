@@ -132,6 +132,7 @@ class PretrainConfig:
     value_lr: float = 1e-3
     max_minutes: float | None = None  # stop the language-model phase early at this wall time
     model: dict = field(default_factory=dict)  # overrides of tiny.build_config (e.g. hidden_size)
+    device: str = "cpu"              # where both phases run (the shipped checkpoint: CPU)
 
 
 @dataclass(frozen=True)
@@ -337,7 +338,8 @@ def pretrain(cfg: PretrainConfig, *, exclude: Sequence[dict] = (),
         raise ValueError(f"ema must be in [0, 1), got {cfg.ema}")
     env = countdown.CountdownEnv()
     tokenizer = build_tokenizer()
-    model = build_model(cfg.seed, **cfg.model)
+    device = torch.device(cfg.device)
+    model = build_model(cfg.seed, **cfg.model).to(device)
     source = TraceSource(seed=cfg.seed, solver_share=cfg.solver_share, problem_seed=cfg.problem_seed,
                          solver_problems=cfg.solver_problems, exclude=exclude, miss_share=cfg.miss_share,
                          step_format=cfg.step_format)
@@ -363,7 +365,8 @@ def pretrain(cfg: PretrainConfig, *, exclude: Sequence[dict] = (),
             group["lr"] = cfg.lr * _lr_factor(step, cfg)
         if not pending:
             pending = length_buckets(source, tokenizer, env, cfg.batch, cfg.bucket)
-        loss = lm_loss(model, collate(pending.pop(), tokenizer.pad_token_id, answer_id, cfg.answer_weight))
+        batch = collate(pending.pop(), tokenizer.pad_token_id, answer_id, cfg.answer_weight)
+        loss = lm_loss(model, {k: v.to(device) for k, v in batch.items()})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -379,7 +382,7 @@ def pretrain(cfg: PretrainConfig, *, exclude: Sequence[dict] = (),
     model.eval()
 
     torch.manual_seed(cfg.seed)
-    head = ValueHead(model.config.hidden_size)
+    head = ValueHead(model.config.hidden_size).to(device)
     value_losses: list[float] = []
     value_variances: list[float] = []
     start = time.perf_counter()
@@ -406,7 +409,7 @@ def fit_value_head(model, head: ValueHead, tokenizer, env, source: TraceSource, 
         for _ in range(cfg.value_batch):
             problem, completion = source.value_trace()
             examples.append(encode(tokenizer, env, problem, completion, env.score(problem, completion).dense))
-        batch = collate(examples, tokenizer.pad_token_id)
+        batch = {k: v.to(model.device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
         with torch.no_grad():
             # Right padding, so the causal mask alone suffices (see lm_loss).
             hidden = model.model(input_ids=batch["input_ids"]).last_hidden_state  # [B, T, H]

@@ -44,6 +44,9 @@ def add_arguments(parser) -> None:
                         help=f"value-head fitting steps (default {d.value_steps})")
     parser.add_argument("--minutes", type=float, default=None,
                         help="stop the language-model phase after this many minutes (default: no limit)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu | cuda: where training and the test evaluation run (default cpu, where "
+                             "the shipped checkpoint was trained; float results differ by device)")
     parser.add_argument("--out", default="tiny_countdown", help="output folder (default ./tiny_countdown)")
     parser.add_argument("--eval-k", type=int, default=16,
                         help="after training, evaluate on the test split with k samples (0: skip; default 16)")
@@ -72,6 +75,12 @@ def check_arguments(args) -> None:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     check_non_negative(args, ("eval_k",))
     check_choice(args, "step_format", STEP_FORMATS)
+    check_choice(args, "device", ("cpu", "cuda"))
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: this machine has no CUDA device")
 
 
 def _reporter(total: int):
@@ -113,7 +122,7 @@ def run(args) -> dict:
                          solver_share=args.solver_share, miss_share=args.miss_share, value_fit=not args.no_value_fit,
                          answer_weight=args.answer_weight, bucket=args.bucket, step_format=args.step_format,
                          value_steps=args.value_steps, max_minutes=args.minutes,
-                         min_lr_ratio=args.min_lr_ratio, ema=args.ema)
+                         min_lr_ratio=args.min_lr_ratio, ema=args.ema, device=args.device)
     test = load_split("countdown", "test")
     started = time.perf_counter()
     report, close = _reporter(cfg.steps)
@@ -126,7 +135,7 @@ def run(args) -> dict:
     save_checkpoint(result, args.out, info)
     if args.eval_k > 0:
         problems = test[:args.eval_limit] if args.eval_limit else test
-        policy = load_policy(args.out, device="cpu", value_head=False)
+        policy = load_policy(args.out, device=args.device, value_head=False)
         ev = evaluate(make_engine(policy, "hf"), policy, get_env("countdown"), problems, k=args.eval_k,
                       temperature=0.2, max_new_tokens=512, seed=0)
         info["eval"] = {"split": "test", **ev.to_dict()}
