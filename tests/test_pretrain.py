@@ -277,3 +277,23 @@ def test_pretrain_on_cuda_lowers_the_loss_and_keeps_both_parts_there():
     assert next(result.value_head.parameters()).device.type == "cuda"
     assert sum(result.losses[-5:]) / 5 < result.losses[0] - 1.0
     assert result.value_losses and all(math.isfinite(v) for v in result.value_losses)
+
+
+def test_pretrain_sweep_writes_one_record_per_run(tmp_path):
+    """bench/pretrain_sweep.py as a dry run on the CPU: every (recipe, seed) gets its record file."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "pretrain_sweep.py"
+    done = subprocess.run([sys.executable, str(script), "--recipes", "defaults,ema", "--seeds", "0", "--workers", "2",
+                           "--device", "cpu", "--steps", "3", "--problems", "2", "--k", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sorted(summary) == ["defaults", "ema"] and summary["ema"]["seeds"] == [0]
+    record = json.loads((tmp_path / "ema_s0.json").read_text())
+    assert record["overrides"] == {"min_lr_ratio": 0.0, "ema": 0.995, "steps": 3}
+    assert record["problems"] == 2 and record["k"] == 1 and 0.0 <= record["well_formed"] <= 1.0
+    assert math.isfinite(record["final_loss"])
