@@ -73,19 +73,21 @@ bench/RESULTS.md): well-formed share of 8 samples at T = 0.2 on TRAINING problem
 trained on CUDA. With decay to zero and averaging (min_lr_ratio 0, ema 0.995), random play aimed at
 missed targets raised the mean over seeds from 91.6% (2 seeds, none) to 94.3% (miss_share 0.10, 7
 seeds: 89.2 to 97.2) and 94.8% (0.25, 6 seeds: 92.8 to 97.4), at mean@8 1.5% and 1.3%; the defaults
-gave 92.0% (2 seeds). So the seed still moves the share by 4 to 8 points and no recipe tried is at
-95% for every seed; a larger solver share raises accuracy (mean@8 3.6% at 0.10, 8.0% at 0.20), not the
+gave 92.0% (2 seeds). So the seed still moves the share by 4 to 8 points and no recipe tried is at 95%
+for every seed; a larger solver share raises accuracy (mean@8 3.6% at 0.10, 8.0% at 0.20), not the
 share. A GPU run's floats differ from a CPU run's, so a seed's number there does not carry over. On
 CPU, `treedistill --threads 1 pretrain --seed S --min-lr-ratio 0 --ema 0.995 --miss-share 0.1` (40 min
 each, two at once) gave 93.6% (seed 0) and 94.0% (seed 1) on the same 3,200 samples, against 93.25%
 for the shipped checkpoint: not the clear step past 95% that would justify replacing the checkpoint
-(and measuring every README number of the tiny model again). Eight attention heads of width 16 with as many
-key-value heads (instead of 4 and 2 of width 32; 1,085,056 parameters) in the same recipe gave 94.8%
-and 92.7% (seeds 0, 1; 45 min each on one thread, two at once): no change in the mean. Seed 1 of the
-recipe without the extra heads wrote false steps in 53% of its samples (the shipped model 97.7%), yet
-was malformed as often with as without one (5.6%); and the malformed share is about the same whether
-the numbers in play hold equal values or not (6-9% against 6.5% for seed 1, 6-7% for the shipped
-model), so what is left is the reconstruction itself, not ambiguity between equal numbers.
+(and measuring every README number of the tiny model again). Eight attention heads of width 16 with as
+many key-value heads (instead of 4 and 2 of width 32; 1,085,056 parameters) in the same recipe gave
+94.8% and 92.7% (seeds 0, 1; 45 min each on one thread, two at once): no change in the mean. Seed 1 of
+the recipe without the extra heads wrote false steps in 53% of its samples (1,600 on problems
+1000-1099; the shipped model 97.7%), yet was malformed as often with as without one (5.6%); and the
+malformed share is about the same whether the numbers in play hold equal values or not (3,200 samples
+on training problems 1000-1399: 5.8% with equal starting numbers, 9.0% with an intermediate equal to
+another number, 6.5% with neither for seed 1; 6.8%, 6.2% and 7.2% for the shipped model), so what is
+left is the reconstruction itself, not ambiguity between equal numbers.
 
 `bucket` > 1 draws that many batches at a time and groups them by length, which cuts the padding by
 about 15% (off by default, so the default run keeps the data stream of the shipped checkpoint).
