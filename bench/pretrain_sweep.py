@@ -52,10 +52,15 @@ def one_run(job: dict) -> dict:
     try:
         return _run(job)
     except Exception as exc:  # one failed run must not stop the others
-        record = {"recipe": job["recipe"], "seed": job["seed"], "error": f"{type(exc).__name__}: {exc}"}
-        (Path(job["out"]) / f"{job['recipe']}_s{job['seed']}.json").write_text(json.dumps(record) + "\n")
-        print(json.dumps(record), flush=True)
-        return record
+        return _write(job, {"recipe": job["recipe"], "seed": job["seed"], "error": f"{type(exc).__name__}: {exc}"})
+
+
+def _write(job: dict, record: dict) -> dict:
+    """DIR/<recipe>_s<seed>.json and a line on stdout, as soon as the run ends."""
+    path = Path(job["out"]) / f"{job['recipe']}_s{job['seed']}.json"
+    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    print(json.dumps(record), flush=True)
+    return record
 
 
 def _run(job: dict) -> dict:
@@ -87,10 +92,7 @@ def _run(job: dict) -> dict:
               "well_formed": ev.format_rate, "accuracy": ev.accuracy, "stderr": ev.stderr,
               "pass_at_k": ev.pass_at_k, "problems": len(problems), "k": job["k"],
               "eval_seconds": round(ev.seconds, 1), "device": job["device"]}
-    path = Path(job["out"]) / f"{job['recipe']}_s{job['seed']}.json"
-    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
-    print(json.dumps(record), flush=True)
-    return record
+    return _write(job, record)
 
 
 def main() -> None:
@@ -116,13 +118,12 @@ def main() -> None:
     with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
         records = list(pool.imap_unordered(one_run, jobs))
     by_recipe: dict[str, list[dict]] = {}
-    for r in records:
-        if "error" in r:
-            continue
-        by_recipe.setdefault(r["recipe"], []).append(r)
-    summary = {name: {"seeds": sorted(r["seed"] for r in rs),
-                      "well_formed": [round(100 * r["well_formed"], 1) for r in sorted(rs, key=lambda r: r["seed"])],
-                      "accuracy": [round(100 * r["accuracy"], 2) for r in sorted(rs, key=lambda r: r["seed"])]}
+    for r in sorted(records, key=lambda r: r["seed"]):
+        if "error" not in r:
+            by_recipe.setdefault(r["recipe"], []).append(r)
+    summary = {name: {"seeds": [r["seed"] for r in rs],
+                      "well_formed": [round(100 * r["well_formed"], 1) for r in rs],
+                      "accuracy": [round(100 * r["accuracy"], 2) for r in rs]}
                for name, rs in by_recipe.items()}
     print(json.dumps(summary))
 
