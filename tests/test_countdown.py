@@ -208,9 +208,32 @@ def test_trace_format_worked_example():
         "<step>13-9=4 (4 5 7)</step><step>4*5=(13-9)*5=20 (7 20)</step><step>20+7=(13-9)*5+7=27 (27)</step>"
         "<answer>(13-9)*5+7</answer>"
     )
+    assert format_completion(steps, "substitute") == (
+        "<step>13-9=4 (4 5 7)</step><step>4*5=20 (7 20)</step><step>20+7=27 (27)</step>27=4*5+7"
+        "<answer>(13-9)*5+7</answer>"
+    )
     assert step_expressions(steps) == ["13-9", "(13-9)*5", "(13-9)*5+7"]
     with pytest.raises(ValueError, match="step_format"):
         format_completion(steps, "tree")
+
+
+def test_substitute_expands_one_result_at_a_time_latest_first():
+    # two plain steps joined by the last: its own expression is in its step, one line expands the
+    # later operand, the answer the earlier one; the expansion keeps the parentheses a - needs
+    steps = [Step(9, "*", 5, 45, (7, 13, 45)), Step(7, "+", 13, 20, (20, 45)), Step(45, "-", 20, 25, (25,))]
+    assert format_completion(steps, "substitute").endswith(
+        "<step>45-20=25 (25)</step>25=45-(7+13)<answer>9*5-(7+13)</answer>")
+    # two steps: the answer is the only expansion, no scaffold
+    steps = [Step(5, "+", 9, 14, (7, 13, 14)), Step(13, "+", 14, 27, (7, 27))]
+    assert format_completion(steps, "substitute") == format_completion(steps)
+    # every scaffold line evaluates to the last step's result
+    rng = random.Random(0)
+    for _ in range(200):
+        steps = random_play([rng.randint(1, 13) for _ in range(4)], rng)
+        scaffold = format_completion(steps, "substitute").rsplit("</step>", 1)[1].split("<answer>")[0]
+        head, *lines = scaffold.split("=")
+        assert int(head) == steps[-1].result and len(lines) == len(steps) - 2
+        assert all(evaluate(line).value == steps[-1].result for line in lines)
 
 
 @pytest.mark.parametrize(

@@ -7,21 +7,41 @@ reference's instruct model before RL (3.1% mean@16), so that RL has real headroo
   uniformly random legal reduction to one number (`countdown.random_play`), and the problem's target
   set to the value that play reached. Every such trace is correct for its own prompt, but the target
   is a by-product of play, so the model learns the rules and only a weak link from target to moves.
-- MISSED TARGETS (share miss_share, off by default): random legal play on a generator problem
+- MISSED TARGETS (share miss_share, 25% by default): random legal play on a generator problem
   (numbers and target of `countdown.generate_problems` on `problem_seed`), which almost always ends
   elsewhere. Without them the last step of every trace equals the target and the answer evaluates to
-  it, and the shipped model writes a false last step when its play misses (`12+20=75`; 1,585 of
+  it, and the first checkpoint (below) writes a false last step when its play misses (`12+20=75`; 1,585 of
   1,600 samples on 100 test problems had a false step). A 25% share did not help in one run:
   mean@16 1.25%, 82.8% well-formed (2,000 x 48, bucket 8, `--seed 0`), against 92.9% without; over
   several seeds, with decay to zero and weight averaging, it lifts the share by about 3 points (below).
 - SOLVER traces (share solver_share): generator problems solved by `countdown.solve`. These show
   what reaching a hard target looks like; their share sets where the model lands.
 
-Chosen share: 5% solver traces. With the defaults (2,000 steps of 48 traces, `--seed 0`, the shipped
-checkpoint) it measured mean@16 = 1.8% +- 0.2 on the 820-problem test split at T = 0.2 (reference
-before RL: 3.1%), pass@16 13%, 92.9% well-formed samples, below the 95% target (on the first 100
+The defaults, which made the shipped checkpoint (2026-11-27): 5% solver traces, 25% missed targets,
+2,000 steps of 48 traces, cosine decay to zero, the weights' moving average (ema 0.995) as the
+result, and the step format "substitute" (`countdown.format_completion`): after the steps, the last
+step's expression with earlier results expanded one at a time, latest first, the answer being the
+last expansion (`...<step>20+7=27 (27)</step>27=4*5+7<answer>(13-9)*5+7</answer>`), so that each
+expression is one look-up away from the one before. On the 820-problem test split at T = 0.2 (16
+samples each): 96.3% well-formed samples, mean@16 1.12% +- 0.13 (reference before RL: 3.1%), pass@16
+11.2%, 70 generated tokens per sample; see pretrain.json in the checkpoint. `treedistill --threads 2
+pretrain --seed 0` reproduces it exactly (final loss 0.116584, the same weights as the one-thread run
+that made it) in 27.4 min wall (2026-11-27, 53 min of CPU, the host taking up to half of the 2 cores):
+over the 20-minute aim; its traces are 10% longer in tokens than the "numbers" ones (random play,
+prompt and completion), whose run took 19.9 min on the idle machine. The same recipe with the
+plain "numbers" format (no scaffold): 94.3% on training problems 1000-1399 x 8 at T = 0.2 (seed 0;
+seeds 1, 2: 94.1%, 93.7%); with "substitute": 96.4% (seed 0, the shipped checkpoint; one seed, no
+more were run). Answers with a parenthesis around every compound operand instead of the fewest
+(`13*((7*5)*9)`; a scratch change, not kept), the same recipe otherwise, "numbers" steps: 94.0%
+(seed 0; both 2026-11-27, one thread per run, two runs at once, 33-36 min each).
+
+The first checkpoint (2026-11-26; the history below calls it that): "numbers" steps, no missed
+targets, decay to 0.1 of the peak, no averaging, `--seed 0` (a command quoted below ran with those
+defaults; to run it again now, put `--step-format numbers --miss-share 0 --min-lr-ratio 0.1 --ema 0`
+before its own options). It measured mean@16 = 1.8% +- 0.2 on
+the 820-problem test split at T = 0.2, pass@16 13%, 92.9% well-formed samples (on the first 100
 test problems x 16: 7.1% of answers name unavailable numbers, 0.2% have unbalanced parentheses, none
-is cut at the token limit); see pretrain.json in the checkpoint. Weighting the answer tokens
+is cut at the token limit). Weighting the answer tokens
 (`answer_weight`, from <answer> to the end token; off by default) did not help either: at 3 it gave
 91.7% well-formed and mean@16 0.77% +- 0.12 on the 820 test problems (2,000 x 48, `--seed 0`,
 2026-11-26); nor did depth at about the same wall time: 6 layers, 1,400 steps (21 min on 2 shared
@@ -36,12 +56,12 @@ In both the model loses track of the values: it repeats a step already taken (`1
 numbers as single tokens (a variant of the tokenizer, not kept, with BPE merges that make 10..999 one
 token each; 2,000 steps, bucket 8, one thread): 92.6% well-formed, mean@16 1.03% +- 0.16, 50 tokens
 per sample instead of 60. Nor did twice the steps: 4,000 steps of 48 (bucket 8, one thread, 55 min)
-gave 85.0% well-formed, mean@16 1.07% +- 0.15, at a final loss (0.137) close to the shipped run's.
+gave 85.0% well-formed, mean@16 1.07% +- 0.15, at a final loss (0.137) close to the first run's.
 So the well-formed share does not rise with training length here.
 
 How much it moves with the seed, the end of the schedule and weight averaging (2026-11-26, one thread
 per run, two runs at once; well-formed share of 16 samples at T = 0.2 on training problems 1000-1099,
-not the test split; seed 0 at the defaults is the shipped checkpoint, reproduced to the last digit of
+not the test split; seed 0 at the then defaults is the first checkpoint, reproduced to the last digit of
 the loss and of this evaluation, 93.2%):
 
     setting (2,000 steps of 48)                seed 0   seed 1   seed 2
@@ -56,14 +76,14 @@ the loss and of this evaluation, 93.2%):
       ema 0.995                                  94.9     91.6     88.8
       ema 0.998                                  93.6     91.9     89.6
 
-The seed moves it by 7 points (the shipped seed 0 is the best of the three at the defaults), more
-than any setting; at the defaults it climbs by 6-11 points over the last 500 steps, as the learning
+The seed moves it by 7 points (seed 0 is the best of the three at the then defaults), more
+than any setting; at those defaults it climbs by 6-11 points over the last 500 steps, as the learning
 rate falls; averaging (`ema`, torch's AveragedModel) and decaying to zero add 1.5 to 2 points on
 average over the three seeds, not for every seed. The best of these on the 820 test problems x 16, as
 `treedistill --threads 2 pretrain --seed 0 --min-lr-ratio 0 --ema 0.995` (24.4 min on 2 cores):
 94.5% well-formed, mean@16 1.24% +- 0.15, pass@16 12.0%, still below the target, so neither option
-is on by default (the average costs 2 ms a step). What goes wrong in the answers is the reconstruction:
-of the shipped model's 108 malformed samples on those 1,600, 70 write a starting number twice (and
+was then on by default (the average costs 2 ms a step). What goes wrong in the answers is the reconstruction:
+of the first checkpoint's 108 malformed samples on those 1,600, 70 write a starting number twice (and
 drop another: `9-(12-(11-11))` for `12-11=1`, `9-1=8`, `8-7=5`), 25 write an intermediate result
 instead of its expression, 7 leave a parenthesis open, 6 mix these; and 97.7% of all its samples,
 well-formed or not, contain a false arithmetic step (as `4*7=45` on the way to a target of 55).
@@ -78,15 +98,15 @@ for every seed; a larger solver share raises accuracy (mean@8 3.6% at 0.10, 8.0%
 share. A GPU run's floats differ from a CPU run's, so a seed's number there does not carry over. On
 CPU, `treedistill --threads 1 pretrain --seed S --min-lr-ratio 0 --ema 0.995 --miss-share 0.1` (40 min
 each, two at once) gave 93.6% (seed 0) and 94.0% (seed 1) on the same 3,200 samples, against 93.25%
-for the shipped checkpoint: not the clear step past 95% that would justify replacing the checkpoint
+for the first checkpoint: not the clear step past 95% that would justify replacing the checkpoint
 (and measuring every README number of the tiny model again). Eight attention heads of width 16 with as
 many key-value heads (instead of 4 and 2 of width 32; 1,085,056 parameters) in the same recipe gave
 94.8% and 92.7% (seeds 0, 1; 45 min each on one thread, two at once): no change in the mean. Seed 1 of
 the recipe without the extra heads wrote false steps in 53% of its samples (1,600 on problems
-1000-1099; the shipped model 97.7%), yet was malformed as often with as without one (5.6%); and the
+1000-1099; the first checkpoint 97.7%), yet was malformed as often with as without one (5.6%); and the
 malformed share is about the same whether the numbers in play hold equal values or not (3,200 samples
 on training problems 1000-1399: 5.8% with equal starting numbers, 9.0% with an intermediate equal to
-another number, 6.5% with neither for seed 1; 6.8%, 6.2% and 7.2% for the shipped model), so what is
+another number, 6.5% with neither for seed 1; 6.8%, 6.2% and 7.2% for the first checkpoint), so what is
 left is the reconstruction itself, not ambiguity between equal numbers. Seeds 1 and 2 of
 `--miss-share 0.25` on CPU (2026-11-27, as above): 94.1% and 93.7% (seed 0: 94.3%), so six CPU
 runs of the two recipes gave 91.1-94.3%, none at 95%.
@@ -107,7 +127,8 @@ last step joins two plain steps): 88.8% and 89.3% well-formed (seeds 0, 1; probl
 the model writes a line also where the last step joins two plain steps, wrongly, and the answer
 copies it (24.5% malformed in that case against 4.5% for chains; 800 samples of seed 1). Written for
 every step but the last (`4=13-9 20=...`): 93.5% and 94.5% (seeds 0, 1), against 94.3%, 94.1% and
-93.7% without a scaffold: no change.
+93.7% without a scaffold: no change. Expanding top-down instead, one result per expression (the
+"substitute" format above), is what moved it.
 
 `bucket` > 1 draws that many batches at a time and groups them by length, which cuts the padding by
 about 15% (off by default, so the default run keeps the data stream of the shipped checkpoint).
@@ -158,14 +179,14 @@ class PretrainConfig:
     bucket: int = 1                  # steps whose traces are drawn together and grouped by length
     lr: float = 4e-3                 # peak AdamW learning rate
     warmup: int = 50                 # linear warm-up steps, then cosine decay to min_lr_ratio * lr
-    min_lr_ratio: float = 0.1
-    ema: float = 0.0                 # decay of a moving average of the weights, kept as the result (0: off)
+    min_lr_ratio: float = 0.0        # 0: cosine decay to zero
+    ema: float = 0.995               # decay of a moving average of the weights, kept as the result (0: off)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     solver_share: float = 0.05       # share of solver traces that reach a generator target
-    miss_share: float = 0.0          # share of random play aimed at a generator target (usually missed)
+    miss_share: float = 0.25         # share of random play aimed at a generator target (usually missed)
     answer_weight: float = 1.0       # loss weight of the answer tokens (<answer> to eos); 1: plain mean
-    step_format: str = "numbers"     # countdown.format_completion: "numbers" or "expressions"
+    step_format: str = "substitute"  # countdown.format_completion (STEP_FORMATS)
     problem_seed: int = 1_000_003    # generator seed of the solver problems (not the test split's)
     solver_problems: int = 20_000    # size of that pool before test keys are removed
     value_fit: bool = True           # fit the value head on trace outcomes (False: untrained head)
@@ -391,7 +412,7 @@ def pretrain(cfg: PretrainConfig, *, exclude: Sequence[dict] = (),
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, 0.95))
-    # Weighted answer tokens only when asked: the default keeps the plain mean (the shipped run's loss).
+    # Weighted answer tokens only when asked: the default keeps the plain mean.
     answer_id = tokenizer.convert_tokens_to_ids(countdown.ANSWER_OPEN) if cfg.answer_weight != 1.0 else None
     # torch's AveragedModel keeps the average in a copy; the model takes its weights at the end.
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema > 0 else None

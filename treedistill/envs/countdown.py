@@ -386,13 +386,13 @@ def _combine(left: tuple[str, int], op: str, right: tuple[str, int]) -> tuple[st
     return f"{lt}{op}{rt}", prec
 
 
-def step_expressions(steps: list[Step]) -> list[str]:
-    """The expression each step's result stands for, over the starting numbers, one per step.
+def _step_trees(steps: list[Step]) -> list[tuple]:
+    """The tree each step's result stands for: a starting number is an int, a step's result the node
+    (step index, op, left tree, right tree, result).
 
     The starting numbers are recovered from the first step (remaining - result + a + b). When a
-    value appears more than once, the most recently made one is used, so the expressions follow the
+    value appears more than once, the most recently made one is used, so the trees follow the
     trace; any choice would be valid, as each available number stands for disjoint inputs.
-    Parentheses are the fewest needed (`_combine`).
     """
     if not steps:
         raise ValueError("a trace needs at least one step")
@@ -401,24 +401,40 @@ def step_expressions(steps: list[Step]) -> list[str]:
     pool[first.result] -= 1
     if pool[first.result] < 0:
         raise ValueError(f"inconsistent first step: {first.text()}")
-    start = [*sorted(pool.elements()), first.a, first.b]
-    available: list[tuple[int, str, int]] = [(x, str(x), _ATOM) for x in start]
-    expressions = []
-    for step in steps:
+    available: list[tuple[int, object]] = [(x, x) for x in [*sorted(pool.elements()), first.a, first.b]]
+    trees = []
+    for i, step in enumerate(steps):
         operands = []
         for value in (step.b, step.a):
-            index = next((i for i in range(len(available) - 1, -1, -1) if available[i][0] == value), None)
+            index = next((j for j in range(len(available) - 1, -1, -1) if available[j][0] == value), None)
             if index is None:
                 raise ValueError(f"step {step.text()} uses {value}, which is not available")
-            operands.append(available.pop(index))
-        (_, bt, bp), (_, at, ap) = operands
+            operands.append(available.pop(index)[1])
         if legal_result(step.a, step.op, step.b) != step.result:
             raise ValueError(f"step {step.text()} is not a legal operation")
-        available.append((step.result, *_combine((at, ap), step.op, (bt, bp))))
-        if tuple(sorted(v for v, _, _ in available)) != step.remaining:
+        node = (i, step.op, operands[1], operands[0], step.result)
+        available.append((step.result, node))
+        if tuple(sorted(v for v, _ in available)) != step.remaining:
             raise ValueError(f"step {step.text()} restates the wrong remaining numbers")
-        expressions.append(available[-1][1])
-    return expressions
+        trees.append(node)
+    return trees
+
+
+def _render(tree, expanded: set[int] | None = None) -> tuple[str, int]:
+    """(text, precedence) of a `_step_trees` tree with the fewest parentheses (`_combine`); the result
+    of a step whose index is not in `expanded` (None: every step) is written as its number."""
+    if isinstance(tree, int):
+        return str(tree), _ATOM
+    index, op, left, right, result = tree
+    if expanded is not None and index not in expanded:
+        return str(result), _ATOM
+    return _combine(_render(left, expanded), op, _render(right, expanded))
+
+
+def step_expressions(steps: list[Step]) -> list[str]:
+    """The expression each step's result stands for, over the starting numbers, one per step, with
+    the fewest parentheses needed (`_combine`)."""
+    return [_render(tree)[0] for tree in _step_trees(steps)]
 
 
 def answer_expression(steps: list[Step]) -> str:
@@ -426,7 +442,7 @@ def answer_expression(steps: list[Step]) -> str:
     return step_expressions(steps)[-1]
 
 
-STEP_FORMATS = ("numbers", "expressions")
+STEP_FORMATS = ("numbers", "expressions", "substitute")
 
 
 def format_completion(steps: list[Step], step_format: str = "numbers") -> str:
@@ -438,13 +454,24 @@ def format_completion(steps: list[Step], step_format: str = "numbers") -> str:
     over the starting numbers, so the answer copies the last step's expression,
     '<step>13-9=4 (4 5 7)</step><step>4*5=(13-9)*5=20 (7 20)</step><step>20+7=(13-9)*5+7=27 (27)</step>'
     '<answer>(13-9)*5+7</answer>'.
+    "substitute": the steps as in "numbers"; then, from the last step's own expression, the results
+    of earlier steps are replaced by what they stand for one step at a time, latest first, so each
+    expression is the one before it with one number expanded, and the answer is the last of them,
+    '<step>13-9=4 (4 5 7)</step><step>4*5=20 (7 20)</step><step>20+7=27 (27)</step>27=4*5+7'
+    '<answer>(13-9)*5+7</answer>' (the last step's own expression, 20+7, is in its step; the
+    scaffold is empty for a trace of two steps or fewer, and a step whose result the answer does not
+    use, as a solver trace may have, changes nothing, so its expansion repeats the one before).
     """
     if step_format not in STEP_FORMATS:
         raise ValueError(f"step_format must be one of {STEP_FORMATS}, got {step_format!r}")
-    expressions = step_expressions(steps)
+    trees = _step_trees(steps)
+    expressions = [_render(tree)[0] for tree in trees]
     carried = step_format == "expressions"
     body = "".join(f"{STEP_OPEN}{s.text(e if carried and e != f'{s.a}{s.op}{s.b}' else None)}{STEP_CLOSE}"
                    for e, s in zip(expressions, steps))
+    n = len(steps)
+    if step_format == "substitute" and n > 2:
+        body += f"{steps[-1].result}=" + "=".join(_render(trees[-1], set(range(n - j, n)))[0] for j in range(2, n))
     return f"{body}{ANSWER_OPEN}{expressions[-1]}{ANSWER_CLOSE}"
 
 
