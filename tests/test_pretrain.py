@@ -294,6 +294,7 @@ def test_pretrain_sweep_writes_one_record_per_run(tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert sorted(summary) == ["defaults", "ema"] and summary["ema"]["seeds"] == [0]
     record = json.loads((tmp_path / "ema_s0.json").read_text())
-    assert record["overrides"] == {"min_lr_ratio": 0.0, "ema": 0.995, "steps": 3}
+    assert record["overrides"] == {"step_format": "numbers", "miss_share": 0.0, "min_lr_ratio": 0.0, "ema": 0.995,
+                                   "steps": 3}
     assert record["problems"] == 2 and record["k"] == 1 and 0.0 <= record["well_formed"] <= 1.0
     assert math.isfinite(record["final_loss"])
