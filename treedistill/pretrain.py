@@ -33,7 +33,7 @@ plain "numbers" format (no scaffold): 94.3% on training problems 1000-1399 x 8 a
 seeds 1, 2: 94.1%, 93.7%); with "substitute": 96.4% (seed 0, the shipped checkpoint; one seed, no
 more were run). Answers with a parenthesis around every compound operand instead of the fewest
 (`13*((7*5)*9)`; a scratch change, not kept), the same recipe otherwise, "numbers" steps: 94.0%
-(seed 0; both 2026-11-27, one thread per run, two runs at once, 33-36 min each).
+(seed 0; both 2026-11-27, one thread per run, two runs at once, 32-36 min each).
 
 The first checkpoint (2026-11-26; the history below calls it that): "numbers" steps, no missed
 targets, decay to 0.1 of the peak, no averaging, `--seed 0` (a command quoted below ran with those

@@ -34,8 +34,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--answer-weight", type=float, default=d.answer_weight,
                         help=f"loss weight of the answer tokens (default {d.answer_weight}: plain mean)")
     parser.add_argument("--step-format", default=d.step_format,
-                        help="what a step writes: the two numbers it combines, or the expressions they stand "
-                             f"for, so the answer copies the last step (default {d.step_format})")
+                        help="numbers: a step writes the two numbers it combines; expressions: also what they "
+                             "stand for; substitute: numbers, then the last step's expression expanded one "
+                             f"earlier result at a time before the answer (default {d.step_format})")
     parser.add_argument("--bucket", type=int, default=d.bucket,
                         help=f"batches drawn together and grouped by length (default {d.bucket}: no grouping)")
     parser.add_argument("--no-value-fit", action="store_true",
