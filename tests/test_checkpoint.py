@@ -15,6 +15,7 @@ import torch
 
 from treedistill.checkpoint import (
     MARKER,
+    atomic_folder,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -155,3 +156,30 @@ def test_sigkill_during_a_large_checkpoint_write_is_never_returned(tmp_path):
     # the run goes on: the same step is written again, completely this time
     save_checkpoint(tmp_path, 2, {"w": torch.ones(4)})
     assert latest_checkpoint(tmp_path).name == "step-00000002"
+
+
+def test_atomic_folder_replaces_a_model_folder_whole_or_not_at_all(tmp_path):
+    folder = tmp_path / "model"
+    with atomic_folder(folder) as tmp:
+        (tmp / "config.json").write_text("{}")
+        (tmp / "stale.bin").write_text("old")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "stale.bin"]
+    with pytest.raises(ValueError, match="half way"):
+        with atomic_folder(folder) as tmp:
+            (tmp / "config.json").write_text('{"new": 1}')
+            raise ValueError("half way")
+    # the error left the previous folder as it was and no temporary folder behind
+    assert (folder / "config.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with atomic_folder(folder) as tmp:
+        (tmp / "config.json").write_text('{"new": 1}')
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]  # nothing of the old folder is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_atomic_folder_refuses_a_folder_of_other_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="exists and is not a model folder"):
+        with atomic_folder(tmp_path):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+

@@ -19,6 +19,7 @@ from treedistill.pretrain import (  # noqa: E402
     lm_loss,
     pretrain,
     save_checkpoint,
+    shard,
 )
 
 # A model small enough that 30 steps take a few seconds on one core.
@@ -150,6 +151,44 @@ def test_answer_tokens_weighted_by_hand():
     assert lm_loss(Uniform(), plain).item() == pytest.approx((4 * math.log(10) + math.log(2)) / 5, rel=1e-6)
 
 
+def test_shard_deals_sorted_rows_and_cuts_micro_batches_by_hand():
+    rows = [Example(tuple(range(n)), (1,), 0.0) for n in (5, 1, 7, 3, 2, 6, 4)]  # lengths n + 1
+    assert shard(rows, 0, 1, 1) == [rows]  # one part: the batch as drawn
+    lengths = [[len(e.prompt) + 1 for e in part] for part in shard(rows, 0, 2, 2)]
+    assert lengths == [[2, 4], [6, 8]]  # sorted 2..8, rank 0 takes 2 4 6 8, two runs of two
+    assert [[len(e.prompt) + 1 for e in part] for part in shard(rows, 1, 2, 2)] == [[3, 5], [7]]
+    assert [[len(e.prompt) + 1 for e in part] for part in shard(rows, 0, 1, 3)] == [[2, 3, 4], [5, 6, 7], [8]]
+
+
+def test_two_processes_and_micro_batches_train_the_same_model():
+    # The mean loss over the whole batch, summed across ranks and parts: the same run up to rounding.
+    plain = pretrain(small_config(steps=4, value_fit=False, ema=0.5))
+    split = pretrain(small_config(steps=4, value_fit=False, ema=0.5, processes=2, micro=2))
+    assert split.losses == pytest.approx(plain.losses, rel=1e-5)
+    for p, q in zip(plain.model.parameters(), split.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+    assert split.cpu_seconds > 0 and torch.get_num_threads() == 1  # the threads are given back
+
+
+def test_a_rank_that_dies_is_reported_at_once(monkeypatch):
+    import subprocess
+    import time
+
+    import treedistill.pretrain as module
+
+    started, popen = [], subprocess.Popen
+
+    def start(args, **kwargs):  # rank 1 is a real process that exits with an error on start-up
+        started.append(args)
+        return popen([args[0], "-c", "import sys; sys.exit('rank 1 could not start')"], **kwargs)
+
+    monkeypatch.setattr(module.subprocess, "Popen", start)
+    begin = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 exited with code 1: rank 1 could not start"):
+        pretrain(small_config(steps=2, value_fit=False, processes=2))
+    assert time.monotonic() - begin < 30 and started[0][1:3] == ["-m", "treedistill.pretrain"]
+
+
 def test_schedule_by_hand():
     cfg = PretrainConfig(steps=110, warmup=10, min_lr_ratio=0.1)
     assert _lr_factor(0, cfg) == pytest.approx(0.1)  # (0+1)/10
@@ -248,6 +287,8 @@ def test_shipped_checkpoint_meets_the_format_target():
     (["--eval-k", "-1"], "--eval-k must be >= 0"),
     (["--answer-weight", "0"], "--answer-weight must be > 0"),
     (["--bucket", "0"], "--bucket must be >= 1"),
+    (["--processes", "0"], "--processes must be >= 1"),
+    (["--micro", "0"], "--micro must be >= 1"),
     (["--ema", "1"], "--ema must be in [0, 1)"),
     (["--min-lr-ratio", "-0.1"], "--min-lr-ratio must be in [0, 1]"),
     (["--step-format", "tree"], "unknown --step-format 'tree': choose one of numbers, expressions, substitute"),
@@ -259,6 +300,15 @@ def test_cli_refuses_bad_input(flags, message, capsys, tmp_path):
     assert main(["pretrain", "--out", str(tmp_path / "out"), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_an_output_folder_of_other_files(capsys, tmp_path):
+    from treedistill.cli import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["pretrain", "--out", str(tmp_path)]) == 2
+    assert "is not a model folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -24,6 +24,8 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,48 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def atomic_folder(folder: str | Path) -> Iterator[Path]:
+    """Write a whole folder or none of it: yields an empty temporary sibling to fill; when the block
+    ends without an error, it takes `folder`'s place in one rename (a folder already there is moved
+    aside first and removed after). An error, or a kill at any moment, leaves `folder` as it was.
+
+    Only an empty folder or a model folder (one with config.json) is replaced: anything else at
+    that path is refused, so that pointing an output at a folder of other files loses nothing.
+    """
+    folder = Path(folder)
+    if folder.exists() and not replaceable(folder):
+        raise UsageError(f"{folder} exists and is not a model folder (no config.json): choose another path")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        os.rename(folder, old)
+        os.rename(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, folder)
+    _fsync_dir(folder.parent)
+
+
+def replaceable(folder: str | Path) -> bool:
+    """True where `atomic_folder` may replace `folder`: absent, empty, or a model folder."""
+    folder = Path(folder)
+    return not folder.exists() or (folder.is_dir() and (not any(folder.iterdir()) or (folder / "config.json").is_file()))
 
 
 def _check_plain(value, where: str) -> None:

@@ -25,7 +25,7 @@ def add_arguments(parser) -> None:
                         help=f"final learning rate over the peak, reached by cosine decay (default {d.min_lr_ratio})")
     parser.add_argument("--ema", type=float, default=d.ema,
                         help="keep a moving average of the weights with this decay per step as the result "
-                             f"(default {d.ema}: the last step's weights)")
+                             f"(default {d.ema}; 0: the last step's weights)")
     parser.add_argument("--solver-share", type=float, default=d.solver_share,
                         help=f"share of solver traces that reach a generator target (default {d.solver_share})")
     parser.add_argument("--miss-share", type=float, default=d.miss_share,
@@ -39,6 +39,13 @@ def add_arguments(parser) -> None:
                              f"earlier result at a time before the answer (default {d.step_format})")
     parser.add_argument("--bucket", type=int, default=d.bucket,
                         help=f"batches drawn together and grouped by length (default {d.bucket}: no grouping)")
+    parser.add_argument("--processes", type=int, default=d.processes,
+                        help="CPU processes of the language-model phase, each with its share of --threads "
+                             f"(torch.distributed, gloo; default {d.processes}). The same mean loss, other "
+                             "floats: a run with 2 is not the shipped checkpoint")
+    parser.add_argument("--micro", type=int, default=d.micro,
+                        help="micro-batches per process and step, of rows of similar lengths: less padding, "
+                             f"the same mean loss (default {d.micro}: the batch as drawn)")
     parser.add_argument("--no-value-fit", action="store_true",
                         help="leave the value head untrained (seeded), as in the reference run")
     parser.add_argument("--value-steps", type=int, default=d.value_steps,
@@ -59,7 +66,7 @@ def check_arguments(args) -> None:
     from treedistill.envs.countdown import STEP_FORMATS
     from treedistill.errors import UsageError
 
-    check_at_least_one(args, ("steps", "batch", "value_steps", "bucket", "eval_limit"))
+    check_at_least_one(args, ("steps", "batch", "value_steps", "bucket", "eval_limit", "processes", "micro"))
     if not args.lr > 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if not 0 <= args.min_lr_ratio <= 1:
@@ -75,6 +82,10 @@ def check_arguments(args) -> None:
     if args.minutes is not None and not args.minutes > 0:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     check_non_negative(args, ("eval_k",))
+    from treedistill.checkpoint import replaceable
+
+    if not replaceable(args.out):
+        raise UsageError(f"--out {args.out} exists and is not a model folder (no config.json): choose another path")
     check_choice(args, "step_format", STEP_FORMATS)
     check_choice(args, "device", ("cpu", "cuda"))
     if args.device == "cuda":
@@ -123,7 +134,8 @@ def run(args) -> dict:
                          solver_share=args.solver_share, miss_share=args.miss_share, value_fit=not args.no_value_fit,
                          answer_weight=args.answer_weight, bucket=args.bucket, step_format=args.step_format,
                          value_steps=args.value_steps, max_minutes=args.minutes,
-                         min_lr_ratio=args.min_lr_ratio, ema=args.ema, device=args.device)
+                         min_lr_ratio=args.min_lr_ratio, ema=args.ema, device=args.device,
+                         processes=args.processes, micro=args.micro)
     test = load_split("countdown", "test")
     started = time.perf_counter()
     report, close = _reporter(cfg.steps)

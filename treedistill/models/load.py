@@ -170,19 +170,21 @@ class Policy:
         yield ref
 
     def save(self, folder: str | Path) -> Path:
-        """Write a folder that `load_policy(folder)` reads back with identical outputs."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        """Write a folder that `load_policy(folder)` reads back with identical outputs, whole or not
+        at all (`checkpoint.atomic_folder`)."""
+        from treedistill.checkpoint import atomic_folder
+
         model = self.model
         if self.uses_lora:
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
-        if self.value_head is not None:
-            save_value_head(self.value_head, folder)
-        meta = {"name": self.name, "compact_prompt": self.compact_prompt}
-        (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        return folder
+        with atomic_folder(folder) as tmp:
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            if self.value_head is not None:
+                save_value_head(self.value_head, tmp)
+            meta = {"name": self.name, "compact_prompt": self.compact_prompt}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return Path(folder)
 
 
 def _offline() -> bool:

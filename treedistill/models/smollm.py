@@ -10,7 +10,6 @@ install): only its data file is read.
 
 from __future__ import annotations
 
-import shutil
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -36,6 +35,8 @@ def smollm2_gguf_path() -> Path:
 
 def convert_smollm2(gguf: Path, folder: Path) -> Path:
     """Dequantise `gguf` into an HF folder (config, model.safetensors, tokenizer files)."""
+    from treedistill.checkpoint import atomic_folder
+
     if find_spec("gguf") is None:
         raise UsageError(f"reading GGUF needs the gguf package: {PIP_HINT}")
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -50,12 +51,9 @@ def convert_smollm2(gguf: Path, folder: Path) -> Path:
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     model.tie_weights()
     model.generation_config = loaded.generation_config
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)  # whole folder at once: an interrupted conversion leaves no half cache
+    with atomic_folder(folder) as tmp:  # whole folder at once: an interrupted conversion leaves no half cache
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return folder
 
 
