@@ -311,6 +311,12 @@ def test_batch_minibatches_keep_groups_and_cover_all_rows():
     assert sum(p.num_tokens for p in parts) == batch.num_tokens
     with pytest.raises(AssertionError, match="whole groups"):
         batch.minibatches(2)
+    # a batch that minibatches of 8 do not divide (a step cut short by the budget): the last is smaller
+    twelve, _, _, _ = random_ragged_batch(seed=7, B=12)
+    twelve = replace(twelve, group_ids=torch.arange(12) // 4)
+    parts = twelve.minibatches(8, generator=torch.Generator().manual_seed(0))
+    assert [p.size for p in parts] == [8, 4] and sum(p.num_tokens for p in parts) == twelve.num_tokens
+    assert all(len(p.group_ids.unique()) * 4 == p.size for p in parts)  # whole groups in each
 
 
 def test_batch_rejects_loss_on_padding():

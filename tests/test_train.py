@@ -9,7 +9,7 @@ import torch
 
 from treedistill.checkpoint import list_checkpoints
 from treedistill.cli import main
-from treedistill.config import TrainConfig, list_presets
+from treedistill.config import TrainConfig, list_presets, load_config
 from treedistill.metrics import read_metrics
 from treedistill.train import apply_update, load_problems, take_problems
 
@@ -98,6 +98,39 @@ def test_generated_token_budget_ends_the_run_and_says_so(tmp_path, capsys):
     code, out = _train("--preset", "countdown-tiny-grpo", "--steps", "5", "--budget-generated-tokens", "1",
                        "--run-dir", str(run), capsys=capsys)
     assert code == 0 and [r["step"] for r in _lines(run, "train")] == [1]
+
+
+def test_problems_for_step_by_hand():
+    from treedistill.metrics import ComputeCounters
+    from treedistill.train import problems_for_step
+
+    cfg = load_config("countdown-tiny-grpo", overrides=["problems_per_step=16", "budget_generated_tokens=10000"])
+    spent = ComputeCounters()
+    assert problems_for_step(cfg, spent, 0) == 16  # nothing seen yet: a whole step
+    spent.rollout_generated_tokens = 8000  # 16 problems seen: 500 tokens each, room for 2000 -> 4
+    assert problems_for_step(cfg, spent, 16) == 4
+    spent.rollout_generated_tokens = 9990  # 10 tokens of room: still one problem (rounded up)
+    assert problems_for_step(cfg, spent, 16) == 1
+    spent.rollout_generated_tokens = 1000  # plenty of room: a whole step
+    assert problems_for_step(cfg, spent, 16) == 16
+    unlimited = load_config("countdown-tiny-grpo", overrides=["problems_per_step=16"])
+    assert problems_for_step(unlimited, spent, 16) == 16
+
+
+@pytest.mark.slow
+def test_the_step_that_reaches_the_budget_takes_only_the_problems_it_has_room_for(tmp_path, capsys):
+    # 4 problems x 2 samples of at most 24 tokens a step (<= 192 tokens); a budget of 250 leaves room
+    # for about 2 more problems after the first step, not 4.
+    run = tmp_path / "run"
+    code, out = _train("--preset", "countdown-tiny-grpo", "--set", "problems_per_step=4", "--steps", "5",
+                       "--budget-generated-tokens", "250", "--run-dir", str(run), capsys=capsys)
+    assert code == 0, out.err
+    first, second = _lines(run, "train")
+    per_problem = first["rollout_generated_tokens"] / 4
+    room = 250 - first["rollout_generated_tokens"]
+    assert first["problems_seen"] == 4 and second["problems_seen"] == 4 + math.ceil(room / per_problem) < 8
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and 250 <= summary["rollout_generated_tokens"] < 250 + 2 * 48
 
 
 @pytest.mark.parametrize("args, message", [

@@ -10,7 +10,8 @@ How a comparison runs:
   `eval_every` is 0: runs are evaluated at budget points instead of step counts.
 - Segments: a run is trained to budget/E, 2 budget/E, ..., budget (E = `evaluations`), resuming
   from its own checkpoint each time; `train` evaluates and checkpoints at the end of every segment.
-  Every run is therefore evaluated at the same generated-token points (up to one step's overshoot),
+  Every run is therefore evaluated at the same generated-token points (within about one problem's
+  tokens: the step that reaches a point takes only the problems it has room for, `train.problems_for_step`),
   and because every random choice of a step is seeded by (seed, step), the segments compute exactly
   what one uninterrupted run to the budget would.
 - Reuse: a run whose newest checkpoint already reached the budget (with its evaluation) is not run

@@ -477,8 +477,9 @@ def _compute_notes(rows: Sequence[Row], results: Mapping[str, Sequence[RunResult
     budgets = {r.config.get("budget_generated_tokens") for rs in results.values() for r in rs}
     if len(budgets) == 1 and None not in budgets:
         budget = budgets.pop()
-        notes.append(f"Every run had the same budget of {int(budget):,} generated rollout tokens; a run stops "
-                     "at the first step that reaches it, so each overshoots by less than one step's tokens.")
+        notes.append(f"Every run had the same budget of {int(budget):,} generated rollout tokens; the step that "
+                     "reaches it takes only the problems it has room for (one-process loop; the Ray loop's "
+                     "steps are whole), so a run ends within about one problem's tokens past it.")
     elif budgets:
         notes.append("The runs had different generated-token budgets ("
                      + ", ".join("none" if b is None else f"{int(b):,}" for b in sorted(budgets, key=str))

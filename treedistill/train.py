@@ -9,7 +9,10 @@ calls its rollout, advantages and loss. Steps 2 to 4 are `learn`, which the dist
 Compute is counted as it is spent: the engine's counters around every rollout (generated tokens,
 prefill, cache hits, forward calls) and the learner's own forwards and backwards, into
 `metrics.ComputeCounters`. A run ends at cfg.steps or at the first budget reached
-(budget_generated_tokens, budget_flops), checked after every step.
+(budget_generated_tokens, budget_flops), checked after every step. A step that would run past the
+generated-token budget takes fewer problems (`problems_for_step`): so methods whose steps cost very
+different amounts (an MCTS step searches 16 trees, a GRPO step samples 16 x 8 completions) all end
+within about one problem's tokens of the same budget instead of up to one whole step past it.
 
 Exact resume. Every random choice of a step is seeded from (cfg.seed, what, step): the problems
 (a seeded shuffle per epoch, the position saved), the engine's samples, the search, the minibatch
@@ -368,6 +371,17 @@ def open_run_logs(run_dir: Path, cfg: TrainConfig, resumed_at: int | None) -> Me
     return logger
 
 
+def problems_for_step(cfg: TrainConfig, counters: ComputeCounters, problems_seen: int) -> int:
+    """Problems of the next step: cfg.problems_per_step, or, where a generated-token budget is set
+    and the run has seen problems, only as many as the budget still has room for at the run's mean
+    generated tokens per problem so far (rounded up, at least one)."""
+    budget, spent = cfg.budget_generated_tokens, counters.rollout_generated_tokens
+    if budget is None or problems_seen <= 0 or spent <= 0:
+        return cfg.problems_per_step
+    per_problem = spent / problems_seen
+    return max(1, min(cfg.problems_per_step, math.ceil((budget - spent) / per_problem)))
+
+
 def why_stop(step: int, counters: ComputeCounters, cfg: TrainConfig) -> str | None:
     """Why the run stops after `step` steps (a compute budget spent, or every step done), or None."""
     spent = counters.budget_exhausted(generated_tokens=cfg.budget_generated_tokens, flops=cfg.budget_flops)
@@ -515,16 +529,16 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
 
             # 1. collect trajectories (scored inside: best-of-N and the search choose by reward)
             clear_engine_cache(gen)  # cached keys/values belong to the weights before the last update
-            problems = take_problems(train_problems, cfg.seed, position, cfg.problems_per_step)
+            problems = take_problems(train_problems, cfg.seed, position, problems_for_step(cfg, counters, position))
             position += len(problems)
             before = gen.counters.snapshot()
             rollout = method.rollout(ctx, problems, derive_seed(cfg.seed, "rollout", step))
             after = gen.counters.snapshot()
             counters.add_rollout(**{name: after[name] - before.get(name, 0) for name in after})
             trajectories = rollout.trajectories
-            assert len(trajectories) == cfg.trajectories_per_step, (
+            assert len(trajectories) == len(problems) * cfg.samples_per_problem, (
                 f"{cfg.method} rollout returned {len(trajectories)} trajectories, expected "
-                f"{cfg.trajectories_per_step} (problems_per_step x samples per problem)")
+                f"{len(problems) * cfg.samples_per_problem} (problems x samples per problem)")
             t_rollout = time.perf_counter()
 
             # 2. rewards -> 3. advantages -> 4. loss and optimizer update(s)

@@ -109,15 +109,15 @@ class Batch:
                 for i in range(0, self.size, size)]
 
     def minibatches(self, size: int, generator: torch.Generator | None = None) -> list[Batch]:
-        """A shuffled partition into minibatches of `size` rows (one optimizer step each), whole
+        """A shuffled partition into minibatches of `size` rows (one optimizer step each; the last one
+        smaller where `size` does not divide the batch, as in a step cut short by the budget), whole
         groups kept together when `group_ids` is set (rows of a group must be contiguous)."""
-        assert size > 0 and self.size % size == 0, (
-            f"minibatch size must divide the batch: {self.size} rows, minibatch {size}"
-        )
+        assert size > 0, f"minibatch size must be > 0, got {size}"
         group = 1
         if self.group_ids is not None:
             group = int(torch.unique_consecutive(self.group_ids, return_counts=True)[1][0].item())
             assert size % group == 0, f"minibatch size {size} must hold whole groups of {group}"
+            assert self.size % group == 0, f"{self.size} rows do not make whole groups of {group}"
         order = torch.randperm(self.size // group, generator=generator)  # [B / G]
         rows = (order[:, None] * group + torch.arange(group)[None, :]).reshape(-1)  # [B]
         return [self.select(rows[i:i + size]) for i in range(0, self.size, size)]

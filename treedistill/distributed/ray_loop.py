@@ -33,7 +33,9 @@ Departures from the one-process loop: a step's problems are the first fresh ones
 a fixed slice of the stream, and generation overlaps learning, so a run is not bit-reproducible
 (max_staleness = 0 with one generator comes closest); rollout compute is counted when a task comes
 back, including tasks whose trajectories are later dropped (compute spent is compute spent), and
-lost with a dead actor only for what its task never reported.
+lost with a dead actor only for what its task never reported; every step is a whole one (tasks are
+dispatched ahead of the learner), so a run may end up to one step past its generated-token budget,
+where the one-process loop's last step takes only the problems the budget has room for.
 """
 
 from __future__ import annotations
