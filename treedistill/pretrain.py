@@ -23,8 +23,9 @@ result, and the step format "substitute" (`countdown.format_completion`): after 
 step's expression with earlier results expanded one at a time, latest first, the answer being the
 last expansion (`...<step>20+7=27 (27)</step>27=4*5+7<answer>(13-9)*5+7</answer>`), so that each
 expression is one look-up away from the one before. On the 820-problem test split at T = 0.2 (16
-samples each): 96.3% well-formed samples, mean@16 1.12% +- 0.13 (reference before RL: 3.1%), pass@16
-11.2%, 70 generated tokens per sample; see pretrain.json in the checkpoint. `treedistill --threads 2
+samples each, `treedistill eval`'s default HF engine): 96.3% well-formed samples, mean@16 1.12% +-
+0.13 (reference before RL: 3.1%), pass@16 11.2%, 70 generated tokens per sample (the native
+engine's draws: 95.97%, 0.99% +- 0.12); see pretrain.json in the checkpoint. `treedistill --threads 2
 pretrain --seed 0` reproduces it exactly (final loss 0.116584, the same weights as the one-thread run
 that made it) in 27.4 min wall (2026-11-27, 53 min of CPU, the host taking up to half of the 2 cores):
 over the 20-minute aim; its traces are 10% longer in tokens than the "numbers" ones (random play,
