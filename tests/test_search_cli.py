@@ -62,12 +62,14 @@ def test_search_cli_smoke(model, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_testtime_cli_smoke(model, tmp_path, capsys):
-    assert main(["testtime", "--model", model, "--budgets", "64,256", "--limit", "3", "--once-samples", "2",
-                 "--max-new-tokens", "96", "--out", str(tmp_path), "--json"]) == 0
+    argv = ["--threads", "1", "testtime", "--model", model, "--budgets", "64,256", "--limit", "3", "--once-samples",
+            "2", "--max-new-tokens", "96", "--out", str(tmp_path), "--json"]
+    assert main(argv) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["problems"] == 3
     methods = {c["method"] for c in out["cells"]}
     assert {"mcts", "bon-majority", "bon-value"} <= methods
     bon = [c for c in out["cells"] if c["method"] == "bon-majority"]
     assert [c["tokens"] for c in bon] == [64, 256]
-    assert (tmp_path / "testtime.md").is_file() and (tmp_path / "testtime.png").stat().st_size > 1000
+    assert (tmp_path / "testtime.png").stat().st_size > 1000
+    assert f"Command: `treedistill {' '.join(argv)}`" in (tmp_path / "testtime.md").read_text()  # as typed

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = _available_commands()
     parser = build_parser(commands)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: reports quote their command
     set_threads(args.threads)
     try:
         result = args._module.run(args)

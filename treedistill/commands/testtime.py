@@ -71,6 +71,7 @@ def run(args) -> dict:
     import datetime
     import os
     import platform
+    import shlex
     from pathlib import Path
 
     from treedistill.datasets import load_split
@@ -108,7 +109,7 @@ def run(args) -> dict:
     header = [f"Date: {datetime.date.today().isoformat()}; machine: {machine}.",
               f"Model `{args.model}`, {args.env} {args.data or 'test split'}, {len(problems)} problems, "
               f"engine {args.engine}.",
-              "Command: `treedistill testtime " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else []) + "`"]
+              f"Command: `treedistill {shlex.join(args.argv)}`"]
     md_path, png_path = out_dir / "testtime.md", out_dir / "testtime.png"
     write_markdown(report, md_path, header=header)
     plot_report(report, png_path)
