@@ -43,6 +43,7 @@ RECIPES: dict[str, dict] = {
     "ema_lr2_miss10": {**EMA, "lr": 2e-3, "miss_share": 0.10},
 }
 
+
 def parse_seeds(text: str) -> list[int]:
     if "-" in text:
         low, high = text.split("-")

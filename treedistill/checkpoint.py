@@ -71,8 +71,7 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     that path is refused, so that pointing an output at a folder of other files loses nothing.
     """
     folder = Path(folder)
-    if folder.exists() and not replaceable(folder):
-        raise UsageError(f"{folder} exists and is not a model folder (no config.json): choose another path")
+    check_replaceable(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -97,10 +96,11 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     _fsync_dir(folder.parent)
 
 
-def replaceable(folder: str | Path) -> bool:
-    """True where `atomic_folder` may replace `folder`: absent, empty, or a model folder."""
+def check_replaceable(folder: str | Path) -> None:
+    """UsageError unless `atomic_folder` may replace `folder`: absent, empty, or a model folder."""
     folder = Path(folder)
-    return not folder.exists() or (folder.is_dir() and (not any(folder.iterdir()) or (folder / "config.json").is_file()))
+    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / "config.json").is_file())):
+        raise UsageError(f"{folder} exists and is not a model folder (no config.json): choose another path")
 
 
 def _check_plain(value, where: str) -> None:

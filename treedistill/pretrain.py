@@ -150,8 +150,8 @@ the first pair's hour). So on 2 cores the shorter padding is most of the gain; m
 for machines with more cores, where one small model's matmuls do not keep many threads busy. Both
 were checked against one process (`tests/test_pretrain.py`: the same losses to 1e-5). No full run
 with them was made: what they would do to the well-formed share is not measured, and the 2,000
-steps would still take about 20 min or more on this machine (2,000 x 0.64 to 0.69 s, plus about
-2 min for the value head).
+steps would still take 21 to 23 min on this machine (2,000 x 0.64 to 0.69 s), plus about 2 min
+for the value head.
 
 Never trained on test problems: generator problems whose key is in `exclude` (the test split) are
 dropped before solver and missed-target traces are drawn, and a random-play trace whose (sorted
@@ -544,8 +544,9 @@ def shard(examples: Sequence[Example], rank: int, world: int, micro: int) -> lis
 
 def _target_total(examples: Sequence[Example], answer_id: int | None, answer_weight: float) -> float:
     """Sum of the target weights of a batch (its completion tokens, when answers are not weighted)."""
-    batch = collate(examples, 0, answer_id, answer_weight)
-    return float(batch["target_weight"].sum() if "target_weight" in batch else batch["target_mask"].sum())
+    if answer_id is None:
+        return float(sum(len(e.completion) for e in examples))
+    return float(collate(examples, 0, answer_id, answer_weight)["target_weight"].sum())
 
 
 def _sum_gradients(model, loss: float) -> float:
@@ -558,7 +559,7 @@ def _sum_gradients(model, loss: float) -> float:
     dist.all_reduce(flat)
     offset = 0
     for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        p.grad = flat[offset:offset + g.numel()].view_as(g)
         offset += g.numel()
     return flat[-1].item()
 

@@ -82,10 +82,9 @@ def check_arguments(args) -> None:
     if args.minutes is not None and not args.minutes > 0:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     check_non_negative(args, ("eval_k",))
-    from treedistill.checkpoint import replaceable
+    from treedistill.checkpoint import check_replaceable
 
-    if not replaceable(args.out):
-        raise UsageError(f"--out {args.out} exists and is not a model folder (no config.json): choose another path")
+    check_replaceable(args.out)  # before any training, not when saving
     check_choice(args, "step_format", STEP_FORMATS)
     check_choice(args, "device", ("cpu", "cuda"))
     if args.device == "cuda":
