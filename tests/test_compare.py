@@ -40,8 +40,12 @@ def test_plan_lets_the_budget_end_every_run(tmp_path):
     assert (cfg.seed, cfg.steps, cfg.eval_every, cfg.budget_generated_tokens) == (1, STEPS_CAP, 0, 900)
     assert specs[0].config(300).budget_generated_tokens == 300
     # a linear-decay preset keeps its decay horizon when steps is raised
-    decay = plan_runs({"q": "countdown-qwen1.5b-mcts"}, seeds=[0], budget=10, out_dir=tmp_path)[0].config()
-    assert decay.steps == STEPS_CAP and decay.decay_steps == load_config("countdown-qwen1.5b-mcts").steps
+    # (its reference test file lives in ../shared, beside the checkout: not needed here)
+    no_files = ["train_path=null", "test_path=null"]
+    decay = plan_runs({"q": "countdown-qwen1.5b-mcts"}, seeds=[0], budget=10, out_dir=tmp_path,
+                      overrides=no_files)[0].config()
+    assert decay.steps == STEPS_CAP and decay.decay_steps == load_config("countdown-qwen1.5b-mcts",
+                                                                         overrides=no_files).steps
     # steps and eval_every given by the user win
     mine = plan_runs({"g": "countdown-tiny-grpo"}, seeds=[0], budget=10, out_dir=tmp_path,
                      overrides=["steps=7", "eval_every=2"])[0].config()
