@@ -36,3 +36,28 @@ def test_every_subcommand_has_working_help():
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args([name, "--help"])
         assert exit_info.value.code == 0, f"{name} --help failed"
+
+
+def test_thread_count_precedence(monkeypatch):
+    """--threads wins, then OMP_NUM_THREADS, then the command's default (pretrain: every core)."""
+    import os
+
+    import torch
+
+    from treedistill.cli import set_threads
+    from treedistill.commands import env as env_command
+    from treedistill.commands import pretrain as pretrain_command
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        set_threads(None, 3)
+        assert os.environ["OMP_NUM_THREADS"] == "3" and torch.get_num_threads() == 3
+        set_threads(None, 2)  # the variable, once set, wins over a default
+        assert os.environ["OMP_NUM_THREADS"] == "3" and torch.get_num_threads() == 3
+        set_threads(2, 1)
+        assert os.environ["OMP_NUM_THREADS"] == "2" and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert pretrain_command.default_threads() == len(os.sched_getaffinity(0))
+    assert not hasattr(env_command, "default_threads")  # other commands: 1 thread unless asked

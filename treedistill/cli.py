@@ -47,17 +47,19 @@ def _available_commands() -> dict:
     return found
 
 
-def set_threads(threads: int | None) -> None:
+def set_threads(threads: int | None, default: int = 1) -> None:
     """Pick the torch CPU thread count before torch is imported (torch reads OMP_NUM_THREADS).
 
-    On small CPUs torch's default (one thread per core) makes small models many times slower as soon
-    as anything else runs, so the default is 1 thread unless OMP_NUM_THREADS or --threads says more.
-    Setting the variable instead of calling torch keeps commands that need no torch fast.
+    `threads` (--threads) wins, then OMP_NUM_THREADS, then `default`: 1 for most commands, because on
+    small CPUs torch's default (one thread per core) makes small models many times slower as soon as
+    anything else runs; a command module may raise it with a `default_threads()` function (pretrain:
+    every core, as one long job). Setting the variable instead of calling torch keeps commands that
+    need no torch fast.
     """
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
     else:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, default)))
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -68,7 +70,7 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
         description="Tree search over reasoning steps, distilled into a language model by online RL.",
     )
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: OMP_NUM_THREADS or 1)")
+                        help="torch CPU threads (default: OMP_NUM_THREADS, else 1; pretrain: every core)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module in commands.items():
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(commands)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: reports quote their command
-    set_threads(args.threads)
+    set_threads(args.threads, getattr(args._module, "default_threads", lambda: 1)())
     try:
         result = args._module.run(args)
     except UsageError as err:

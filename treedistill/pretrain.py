@@ -25,11 +25,14 @@ last expansion (`...<step>20+7=27 (27)</step>27=4*5+7<answer>(13-9)*5+7</answer>
 expression is one look-up away from the one before. On the 820-problem test split at T = 0.2 (16
 samples each, `treedistill eval`'s default HF engine): 96.3% well-formed samples, mean@16 1.12% +-
 0.13 (reference before RL: 3.1%), pass@16 11.2%, 70 generated tokens per sample (the native
-engine's draws: 95.97%, 0.99% +- 0.12); see pretrain.json in the checkpoint. `treedistill --threads 2
-pretrain --seed 0` reproduces it exactly (final loss 0.116584, the same weights as the one-thread run
-that made it) in 27.4 min wall (2026-11-27, 53 min of CPU, the host taking up to half of the 2 cores):
-over the 20-minute aim; its traces are 10% longer in tokens than the "numbers" ones (random play,
-prompt and completion), whose run took 19.9 min on the idle machine. The same recipe with the
+engine's draws: 95.97%, 0.99% +- 0.12); see pretrain.json in the checkpoint. On the host that made
+it, `treedistill pretrain --seed 0` (every core by default) reproduces it exactly (final loss
+0.116584, the same weights with 1 thread and with 2) in 27.4 min wall, that host taking up to half
+of the 2 cores (steal). On another host (AMD EPYC with AVX-512, 2 cores, no steal; 2026-11-27) the
+same command trained in 17.8 min (16.5 the language model, 1.2 the value head; 19.7 with the
+scoring) with other floats from the first step on (first loss 5.5961614 against 5.5961618, 1 and 2
+threads alike there: the CPU's kernels set the last bits): final loss 0.115594, 95.3% well-formed,
+mean@16 1.06% +- 0.14 on the test split (820 x 16, T = 0.2, HF engine). The same recipe with the
 plain "numbers" format (no scaffold): 94.3% on training problems 1000-1399 x 8 at T = 0.2 (seed 0;
 seeds 1, 2: 94.1%, 93.7%); with "substitute": 96.4% (seed 0, the shipped checkpoint; one seed, no
 more were run). Answers with a parenthesis around every compound operand instead of the fewest
@@ -142,7 +145,7 @@ micro-batches, 6% with 3, whether in one process or two (see `shard`; 3,072 trac
 phase in that many CPU processes (torch.distributed, gloo; this one is rank 0, the others run `python
 -m treedistill.pretrain`), each with its share of the threads: every rank draws the same batches,
 trains on its rows, and the gradients and the loss are summed; the value head is then fitted in this
-process. Measured (2026-11-27, this 2-core machine, `treedistill --threads 2 pretrain --steps 200
+process. Measured (2026-11-27, the 2-core host that made the checkpoint, `treedistill --threads 2 pretrain --steps 200
 --no-value-fit --eval-k 0` plus the options, seconds of the language-model phase; the machine's own
 speed moved by 15% within the hour, so the two pairs were each run back to back): defaults 163.9,
 then `--micro 3` 137.3 (1.19x); defaults 143.1, then `--processes 2 --micro 3` 128.0 (1.12x; 135.0 in
@@ -150,7 +153,7 @@ the first pair's hour). So on 2 cores the shorter padding is most of the gain; m
 for machines with more cores, where one small model's matmuls do not keep many threads busy. Both
 were checked against one process (`tests/test_pretrain.py`: the same losses to 1e-5). No full run
 with them was made: what they would do to the well-formed share is not measured, and the 2,000
-steps would still take 21 to 23 min on this machine (2,000 x 0.64 to 0.69 s), plus about 2 min
+steps would take 21 to 23 min on that host (2,000 x 0.64 to 0.69 s), plus about 2 min
 for the value head.
 
 Never trained on test problems: generator problems whose key is in `exclude` (the test split) are
