@@ -193,3 +193,23 @@ def test_countdown_prompt_sample_parse_reward(policy):
     # The same path must give full reward to a correct completion.
     right = "<step>3*5=15 (7 9 15)</step><answer>3*5+7</answer>"
     assert env.score(problem, policy.decode(policy.tokenizer.encode(right, add_special_tokens=False))).sparse == 1.0
+
+
+def test_rows_per_generate_call_are_bounded_by_the_cache_budget(monkeypatch):
+    import treedistill.engine.hf as hf
+
+    policy = load_policy("tiny", device="cpu", value_head=False)
+    eng = HFEngine(policy)
+    assert hf._cache_bytes_per_token(policy.model) == 4 * 2 * 2 * 32 * 4  # layers x k,v x kv heads x dim x fp32
+    prefix = policy.prompt_ids([{"role": "user", "content": "[3, 5, 7, 2] -> 22"}])
+    monkeypatch.setattr(hf, "_CACHE_BUDGET_BYTES", 3 * 2048 * (len(prefix) + 8))  # room for 3 rows
+    sizes = []
+    generate = eng._generate
+
+    def recording(rows, **opts):
+        sizes.append(len(rows))
+        return generate(rows, **opts)
+
+    monkeypatch.setattr(eng, "_generate", recording)
+    out = eng.sample([prefix], 7, max_new_tokens=8, seed=0)
+    assert sizes == [3, 3, 1] and len(out[0]) == 7

@@ -317,3 +317,24 @@ def test_bench_commands_print_tables_and_json(capsys):
                  "--new-tokens", "4", "--repeats", "1", "--no-static", "--device", "cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["engines"]["native"]["tokens_per_s"] > 0 and "hf_dynamic" in result["engines"]
+
+
+def test_a_prefix_whose_samples_exceed_max_batch_is_spread_over_chunks():
+    pol = _policy(eos=())
+    eng = NativeEngine(pol, cache_tokens=0, max_batch=4)
+    sizes = []
+    chunk_fn = eng._sample_chunk
+
+    def recording(chunk, *args):
+        sizes.append(sum(len(rows) for _, rows in chunk))
+        return chunk_fn(chunk, *args)
+
+    eng._sample_chunk = recording
+    out = eng.sample(_prefixes([10, 6]), 6, max_new_tokens=5, seed=3)
+    assert sizes == [4, 2, 4, 2]  # never more than max_batch rows at once
+    assert [len(row) for row in out] == [6, 6] and all(len(s.tokens) == 5 for row in out for s in row)
+    assert eng.counters.generated_tokens == 60
+    # Within max_batch nothing changes: two prefixes x 2 samples are one chunk.
+    sizes.clear()
+    eng.sample(_prefixes([10, 6]), 2, max_new_tokens=5, seed=3)
+    assert sizes == [4]

@@ -165,3 +165,30 @@ def test_cli_eval_with_search(terminal, selectors, capsys):
     assert [b["method"] for b in s["best_of_n"]] == selectors
     for b in s["best_of_n"]:
         assert b["tokens_per_problem"] == round(s["tokens_per_problem"]) and b["n_mean"] > 1
+
+
+def test_evaluate_spreads_a_large_k_over_calls_of_at_most_batch():
+    """k > batch: one problem's samples over several engine calls (a call for 100,000 rows took all
+    the memory of the machine); k <= batch: batch // k problems per call, as before."""
+    from treedistill.engine import make_engine
+    from treedistill.envs.countdown import CountdownEnv
+    from treedistill.evaluate import _calls
+    from treedistill.models import load_policy
+
+    assert _calls(5, 2, 4) == [(0, 2, 2), (2, 2, 2), (4, 1, 2)]
+    assert _calls(2, 5, 2) == [(0, 1, 2), (0, 1, 2), (0, 1, 1), (1, 1, 2), (1, 1, 2), (1, 1, 1)]
+    policy = load_policy("tiny", device="cpu", value_head=False)
+    engine = make_engine(policy, "hf")
+    rows = []
+    sample = engine.sample
+
+    def recording(prefixes, n, **opts):
+        rows.append(len(prefixes) * n)
+        return sample(prefixes, n, **opts)
+
+    engine.sample = recording
+    problems = [{"numbers": [3, 5, 7, 2], "target": 22}, {"numbers": [1, 2, 3, 4], "target": 24}]
+    r = evaluate(engine, policy, CountdownEnv(), problems, k=5, batch=2, max_new_tokens=48, seed=1)
+    assert rows == [2, 2, 1, 2, 2, 1]
+    assert r.samples == 10 and len(r.per_problem) == 2 and r.k == 5
+    assert 0 < r.generated_tokens <= 10 * 48

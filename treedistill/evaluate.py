@@ -84,14 +84,25 @@ def summarize(sparse: Sequence[Sequence[float]], well_formed: Sequence[Sequence[
     )
 
 
+def _calls(problems: int, k: int, batch: int) -> list[tuple[int, int, int]]:
+    """The engine calls of an evaluation, as (first problem, problems, samples per problem): k samples
+    of batch // k problems per call; when k > batch, one problem's k samples over calls of at
+    most `batch` each."""
+    if k <= batch:
+        per_chunk = batch // k
+        return [(first, min(per_chunk, problems - first), k) for first in range(0, problems, per_chunk)]
+    return [(i, 1, min(batch, k - j)) for i in range(problems) for j in range(0, k, batch)]
+
+
 def evaluate(engine, policy, env, problems: Sequence[dict], *, k: int = 16, temperature: float = 0.2,
              max_new_tokens: int = 512, batch: int = 256, seed: int = 0,
              progress: Callable[[int], None] | None = None) -> EvalResult:
     """Sample k completions per problem through `engine` (no search) and score them with `env`.
 
     policy: gives `prompt_ids(messages)`, `compact_prompt`, `decode(ids)`, `eos_token_ids`.
-    batch: sequences per engine call (problems per call = max(1, batch // k)). Chunk c is sampled
-    with seed `seed + c`, so a run is reproducible for a given (seed, batch).
+    batch: sequences per engine call (problems per call = batch // k; when k > batch, a problem's
+    samples are spread over calls of at most `batch`). Call c is sampled with seed `seed + c`, so a
+    run is reproducible for a given (seed, batch).
     progress(n) is called with the number of problems finished after each chunk.
     """
     if k < 1:
@@ -102,27 +113,31 @@ def evaluate(engine, policy, env, problems: Sequence[dict], *, k: int = 16, temp
         raise ValueError(f"max_new_tokens and batch must be >= 1, got {max_new_tokens}, {batch}")
     start = time.perf_counter()
     eos = set(policy.eos_token_ids)
-    per_chunk = max(1, batch // k)
     sparse: list[list[float]] = []
     dense: list[list[float]] = []
     well_formed: list[list[bool]] = []
     generated = truncated = 0
-    for c, first in enumerate(range(0, len(problems), per_chunk)):
-        chunk = problems[first:first + per_chunk]
+    pending: list = []  # samples of the problem being gathered (k > batch: over several calls)
+    for c, (first, count, n) in enumerate(_calls(len(problems), k, batch)):
+        chunk = problems[first:first + count]
         prefixes = [policy.prompt_ids(env.messages(p, compact=policy.compact_prompt)) for p in chunk]
-        outputs = engine.sample(prefixes, n=k, max_new_tokens=max_new_tokens, temperature=temperature,
+        outputs = engine.sample(prefixes, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                                 seed=seed + c)
-        assert len(outputs) == len(chunk) and all(len(o) == k for o in outputs), \
-            f"engine returned {[len(o) for o in outputs]} samples for {len(chunk)} prefixes x {k}"
+        assert len(outputs) == len(chunk) and all(len(o) == n for o in outputs), \
+            f"engine returned {[len(o) for o in outputs]} samples for {len(chunk)} prefixes x {n}"
         for problem, samples in zip(chunk, outputs):
+            pending += samples
+            if len(pending) < k:
+                continue
             scores = []
-            for s in samples:
+            for s in pending:
                 tokens = list(s.tokens)
                 generated += len(tokens)
                 truncated += s.finish == "length"
                 if tokens and tokens[-1] in eos:
                     tokens = tokens[:-1]  # the end token is not part of the answer text
                 scores.append(env.score(problem, policy.decode(tokens)))
+            pending = []
             sparse.append([sc.sparse for sc in scores])
             dense.append([sc.dense for sc in scores])
             well_formed.append([sc.well_formed for sc in scores])

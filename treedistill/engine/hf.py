@@ -27,6 +27,10 @@ __all__ = ["HFEngine"]
 # split into chunks that keep those under this many bytes (a 151,936-token vocabulary costs 1.2 MB a
 # token a row).
 _LOGIT_BUDGET_BYTES = 2 * 1024**3
+# ... and whose key/value cache (every row to prefix + max_new_tokens) stays under this many bytes: a
+# small model's logits are cheap, and without this bound a call for many samples (`eval --k 100000`)
+# took 23 GiB, all the memory of this project's machine.
+_CACHE_BUDGET_BYTES = 1024**3
 
 
 def _check_prefixes(prefixes: Sequence[Sequence[int]], vocab: int, context: int, extra: int = 0) -> None:
@@ -72,6 +76,16 @@ def _first_stop(tokens: Sequence[int], stop: Sequence[str], decode) -> int | Non
     return lo
 
 
+def _cache_bytes_per_token(model) -> int:
+    """Bytes of keys and values one token adds to a row's cache: layers x 2 x kv heads x head dim."""
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    element = next(model.parameters()).element_size()
+    return config.num_hidden_layers * 2 * kv_heads * head_dim * element
+
+
 class HFEngine:
     """Engine over a Policy with HF generate. opts: max_rows caps the rows of one generate call."""
 
@@ -82,6 +96,7 @@ class HFEngine:
         self.max_rows = max_rows
         self.counters = Counters()
         self._vocab = int(policy.model.config.vocab_size)
+        self._cache_bytes_per_token = _cache_bytes_per_token(policy.model)
 
     # -- sampling -------------------------------------------------------------------------------
     def sample(
@@ -109,7 +124,9 @@ class HFEngine:
             raise UsageError("stop strings must be non-empty")
         _check_prefixes(prefixes, self._vocab, self.policy.context_length, extra=1)
         rows = [list(p) for p in prefixes for _ in range(n)]
-        chunk = self.max_rows or max(1, _LOGIT_BUDGET_BYTES // (8 * self._vocab * max_new_tokens))
+        longest = max(len(p) for p in prefixes) + max_new_tokens
+        chunk = self.max_rows or max(1, min(_LOGIT_BUDGET_BYTES // (8 * self._vocab * max_new_tokens),
+                                            _CACHE_BUDGET_BYTES // (self._cache_bytes_per_token * longest)))
         device = self.policy.device
         samples: list[Sample] = []
         rng_devices = [device] if device.type == "cuda" else []

@@ -330,15 +330,22 @@ class NativeEngine:
         for i, p in enumerate(prefixes):
             groups.setdefault(tuple(p), []).append(i)
         results: list[list[Sample | None]] = [[None] * n for _ in prefixes]
-        chunk: list[tuple[tuple[int, ...], list[int]]] = []
+        # Chunks of at most max_batch rows; a row is (prefix index, sample j). A prefix whose n samples
+        # (times its copies) exceed max_batch is spread over several chunks.
+        chunk: list[tuple[tuple[int, ...], list[tuple[int, int]]]] = []
+        size = 0
         for key, owners in groups.items():
-            rows = n * len(owners)
-            if chunk and sum(n * len(o) for _, o in chunk) + rows > self.max_batch:
-                self._sample_chunk(chunk, n, results, max_new_tokens, temperature, top_p, stop_ids, stop_texts, generator)
-                chunk = []
-            chunk.append((key, owners))
+            rows = [(owner, j) for owner in owners for j in range(n)]
+            for start in range(0, len(rows), self.max_batch):
+                part = rows[start:start + self.max_batch]
+                if chunk and size + len(part) > self.max_batch:
+                    self._sample_chunk(chunk, results, max_new_tokens, temperature, top_p, stop_ids, stop_texts,
+                                       generator)
+                    chunk, size = [], 0
+                chunk.append((key, part))
+                size += len(part)
         if chunk:
-            self._sample_chunk(chunk, n, results, max_new_tokens, temperature, top_p, stop_ids, stop_texts, generator)
+            self._sample_chunk(chunk, results, max_new_tokens, temperature, top_p, stop_ids, stop_texts, generator)
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
@@ -466,7 +473,8 @@ class NativeEngine:
 
     # ------------------------------------------------------------------ sampling
 
-    def _sample_chunk(self, chunk, n, results, max_new_tokens, temperature, top_p, stop_ids, stop_texts, generator):
+    def _sample_chunk(self, chunk, results, max_new_tokens, temperature, top_p, stop_ids, stop_texts, generator):
+        """Sample the rows of `chunk`: (prefix ids, [(prefix index, sample j), ...]) per distinct prefix."""
         prefixes = [list(key) for key, _ in chunk]
         static = self.decode == "static"
         # The eager loop decodes in the prefill's buffer; the static one in a workspace of its own.
@@ -476,11 +484,9 @@ class NativeEngine:
         # Row r samples for (owner prefix index, sample j); each distinct prefix's KV is copied to its rows.
         owners: list[tuple[int, int]] = []
         source: list[int] = []
-        for g, (_, idx) in enumerate(chunk):
-            for owner in idx:
-                for j in range(n):
-                    owners.append((owner, j))
-                    source.append(g)
+        for g, (_, rows) in enumerate(chunk):
+            owners += rows
+            source += [g] * len(rows)
         src = torch.tensor(source, device=self.device)
         logits = self.lm.lm_head(hidden[:, -1]).float().index_select(0, src)  # [R, V]
         row_prefix = [prefixes[g] for g in source]
