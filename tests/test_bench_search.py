@@ -44,3 +44,13 @@ def test_bench_search_refuses_bad_tree_arguments():
     from treedistill.cli import main
 
     assert main(["bench", "search", "--model", "tiny", "--tree-sims", "x", "--device", "cpu"]) != 0
+
+
+def test_bench_search_refuses_bad_tree_counts_before_any_compute(capsys):
+    from treedistill.cli import main
+
+    for flag in ("--trees", "--tree-parallel", "--tree-k"):
+        assert main(["bench", "search", "--model", "tiny", flag, "0", "--device", "cpu"]) != 0
+        out = capsys.readouterr()
+        assert f"{flag} must be >= 1, got 0" in out.err
+        assert "bench search:" not in out.out  # the expansion benchmark did not run first

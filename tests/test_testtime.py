@@ -79,7 +79,8 @@ def test_prefix_of_stream_spends_the_budget_exactly():
 
 def test_parse_budgets():
     assert parse_budgets("1024,256, 256") == (256, 1024)
-    for bad in ("", "0,5", "a,b", "-3"):
+    assert parse_budgets("10000000") == (10_000_000,)
+    for bad in ("", "0,5", "a,b", "-3", "256,10000001", "99999999999999999999"):
         with pytest.raises(UsageError):
             parse_budgets(bad)
 

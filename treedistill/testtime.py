@@ -213,6 +213,11 @@ class SweepReport:
         return seen
 
 
+# Generated tokens per problem at most: best-of-N draws (and keeps) a stream of samples up to the
+# largest budget for every problem, so a mistyped budget would run for days and fill the memory.
+MAX_BUDGET = 10_000_000
+
+
 def parse_budgets(text: str) -> tuple[int, ...]:
     """"256,1024" -> (256, 1024): positive integers, sorted, duplicates dropped."""
     try:
@@ -221,6 +226,8 @@ def parse_budgets(text: str) -> tuple[int, ...]:
         raise UsageError(f"--budgets must be comma-separated integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
         raise UsageError(f"--budgets must be positive integers, got {text!r}")
+    if max(values) > MAX_BUDGET:
+        raise UsageError(f"--budgets: at most {MAX_BUDGET:,} generated tokens per problem, got {max(values):,}")
     return tuple(sorted(set(values)))
 
 

@@ -321,7 +321,8 @@ def run_search(args) -> dict:
     from treedistill.engine import make_engine
 
     _check_positive(prompt_len=args.prompt_len, breadth=args.breadth, depth=args.depth,
-                    simulations=args.simulations, step_tokens=args.step_tokens)
+                    simulations=args.simulations, step_tokens=args.step_tokens,
+                    trees=args.trees, tree_parallel=args.tree_parallel, tree_k=args.tree_k)
     tree_sizes = parse_tree_sims(args.tree_sims, args.model)
     policy = _load(args)
     clock = _Clock(policy.device)
