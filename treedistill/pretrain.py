@@ -714,16 +714,11 @@ def save_checkpoint(result: PretrainResult, folder, info: dict | None = None) ->
     """Model (safetensors) + tokenizer files + value_head.safetensors + pretrain.json in `folder`,
     written whole or not at all (`checkpoint.atomic_folder`)."""
     from treedistill.checkpoint import atomic_folder
-    from treedistill.models.load import META_FILE
-    from treedistill.models.value_head import save_value_head
+    from treedistill.models.load import write_model_files
 
     with atomic_folder(folder) as tmp:
-        result.model.save_pretrained(tmp)
-        result.tokenizer.save_pretrained(tmp)
-        save_value_head(result.value_head, tmp)
-        # Read by load_policy: the tiny model is prompted with the environment's compact messages.
-        meta = {"name": "tiny", "compact_prompt": True}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        # The tiny model is prompted with the environment's compact messages.
+        write_model_files(tmp, result.model, result.tokenizer, result.value_head, name="tiny", compact_prompt=True)
         record = {**result.summary(), **(info or {})}
         (tmp / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 

@@ -27,7 +27,7 @@ from treedistill.models.tokenizers import load_tokenizer
 from treedistill.models.value_head import ValueHead, load_value_head, save_value_head
 
 __all__ = ["META_FILE", "Policy", "load_policy", "load_pretrained", "resolve_device", "resolve_dtype",
-           "token_logprobs", "wrap_policy"]
+           "token_logprobs", "wrap_policy", "write_model_files"]
 
 META_FILE = "treedistill.json"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -178,13 +178,21 @@ class Policy:
         if self.uses_lora:
             model = copy.deepcopy(model).merge_and_unload()
         with atomic_folder(folder) as tmp:
-            model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            if self.value_head is not None:
-                save_value_head(self.value_head, tmp)
-            meta = {"name": self.name, "compact_prompt": self.compact_prompt}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            write_model_files(tmp, model, self.tokenizer, self.value_head, name=self.name,
+                              compact_prompt=self.compact_prompt)
         return Path(folder)
+
+
+def write_model_files(folder: Path, model, tokenizer, value_head: ValueHead | None, *, name: str,
+                      compact_prompt: bool) -> None:
+    """The files `load_policy(folder)` reads: the model and tokenizer (save_pretrained), the value head
+    when there is one, and META_FILE (the preset name; whether prompts are the compact messages)."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if value_head is not None:
+        save_value_head(value_head, folder)
+    meta = {"name": name, "compact_prompt": compact_prompt}
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 def _offline() -> bool:
