@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from treedistill import checkpoint
 from treedistill.checkpoint import (
     MARKER,
     atomic_folder,
@@ -183,3 +184,49 @@ def test_atomic_folder_refuses_a_folder_of_other_files(tmp_path):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "marker"])
+def test_load_latest_falls_back_past_a_damaged_newest_checkpoint_and_says_why(tmp_path, damage):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, {"model": {"w": torch.full((4096,), float(step))}})
+    newest = tmp_path / "checkpoints" / "step-00000002"
+    if damage == "truncate":
+        data = (newest / "model.pt").read_bytes()
+        (newest / "model.pt").write_bytes(data[:len(data) // 2])
+    elif damage == "empty":
+        (newest / "model.pt").write_bytes(b"")
+    else:
+        (newest / MARKER).write_text('{"step": 2, "entr')
+    (tmp_path / "checkpoints" / ".tmp-3-999999999").mkdir()  # an interrupted write (no such pid)
+    warnings = []
+    path, state = checkpoint.load_latest(tmp_path, warn=warnings.append)
+    assert path.name == "step-00000001" and state["model"]["w"][0].item() == 1.0
+    assert len(warnings) == 1 and "step-00000002" in warnings[0]
+    assert ("model.pt cannot be read" if damage != "marker" else "damaged 'complete' marker") in warnings[0]
+    assert not (tmp_path / "checkpoints" / ".tmp-3-999999999").exists()
+    with pytest.raises(UsageError, match="model.pt cannot be read|damaged"):
+        load_checkpoint(newest)  # named directly: one line, no traceback
+
+
+def test_load_latest_refuses_a_run_whose_every_checkpoint_is_damaged(tmp_path):
+    assert checkpoint.load_latest(tmp_path) is None  # no checkpoints: start
+    save_checkpoint(tmp_path, 1, {"x": torch.ones(2)})
+    (tmp_path / "checkpoints" / "step-00000001" / "x.pt").write_bytes(b"")
+    with pytest.raises(UsageError, match="no checkpoint of .* loads"):
+        checkpoint.load_latest(tmp_path, warn=lambda message: None)
+
+
+def test_a_failed_write_leaves_no_temporary_folder_and_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    save_checkpoint(tmp_path, 1, {"x": torch.ones(2)})
+
+    def disk_full(folder, name, value):
+        (folder / f"{name}.pt").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / f"{name}.pt"))
+
+    monkeypatch.setattr(checkpoint, "_write_entry", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path, 2, {"x": torch.ones(2)})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]

@@ -15,7 +15,7 @@ from treedistill.metrics import ComputeCounters, MetricsLogger
 # Sizes that make a step take well under a second on the tiny model.
 SMALL = [
     "train_size=64", "test_size=8", "eval_problems=4", "eval_k=2", "eval_samples_logged=2",
-    "max_new_tokens=24", "problems_per_step=2", "group_size=2", "bon_n=3",
+    "max_new_tokens=24", "problems_per_step=2", "group_size=2", "bon_n=3", "minibatch_size=2",
     "search.simulations=4", "search.parallel=2", "search.problems_at_once=2", "search.k_children=2",
     "search.step_max_tokens=8", "search.max_depth=3",
 ]
@@ -34,21 +34,22 @@ def test_segment_budgets_by_hand():
 def test_plan_lets_the_budget_end_every_run(tmp_path):
     specs = plan_runs({"GRPO": "countdown-tiny-grpo", "MCTS": "countdown-tiny-mcts"}, seeds=[0, 1],
                       budget=900, out_dir=tmp_path, evaluations=3)
-    assert [(s.label, s.seed) for s in specs] == [("GRPO", 0), ("GRPO", 1), ("MCTS", 0), ("MCTS", 1)]
-    assert specs[1].run_dir == str(tmp_path / "countdown-tiny-grpo" / "seed-1")
-    cfg = specs[3].config()
+    assert [(s.label, s.seed) for s in specs] == [("pre-RL", 0), ("GRPO", 0), ("GRPO", 1), ("MCTS", 0), ("MCTS", 1)]
+    assert specs[0].run_dir == str(tmp_path / "pre-rl") and specs[0].pre_rl
+    assert specs[2].run_dir == str(tmp_path / "countdown-tiny-grpo" / "seed-1")
+    cfg = specs[4].config()
     assert (cfg.seed, cfg.steps, cfg.eval_every, cfg.budget_generated_tokens) == (1, STEPS_CAP, 0, 900)
-    assert specs[0].config(300).budget_generated_tokens == 300
-    # a linear-decay preset keeps its decay horizon when steps is raised
-    # (its reference test file lives in ../shared, beside the checkout: not needed here)
+    # evaluated when the run passes 300 and 600 tokens (and at its end); the model before RL once, apart
+    assert (cfg.eval_at_tokens, cfg.eval_before_rl) == ((300, 600), False)
+    # with a budget the schedule is in fractions of it: the linear decay of a reference preset ends
+    # at the budget, not at a step count (its test file lives in ../shared: not needed here)
     no_files = ["train_path=null", "test_path=null"]
     decay = plan_runs({"q": "countdown-qwen1.5b-mcts"}, seeds=[0], budget=10, out_dir=tmp_path,
-                      overrides=no_files)[0].config()
-    assert decay.steps == STEPS_CAP and decay.decay_steps == load_config("countdown-qwen1.5b-mcts",
-                                                                         overrides=no_files).steps
+                      overrides=no_files)[1].config()
+    assert decay.steps == STEPS_CAP and decay.has_budget and decay.lr_multiplier(5, 0.75) == 0.25
     # steps and eval_every given by the user win
     mine = plan_runs({"g": "countdown-tiny-grpo"}, seeds=[0], budget=10, out_dir=tmp_path,
-                     overrides=["steps=7", "eval_every=2"])[0].config()
+                     overrides=["steps=7", "eval_every=2"])[1].config()
     assert (mine.steps, mine.eval_every) == (7, 2)
 
 
@@ -79,14 +80,14 @@ def _fake_run(spec: RunSpec, tokens_per_step: int, steps: int, checkpoint: int, 
 
 
 def test_run_state_reads_checkpoint_and_evaluations(tmp_path):
-    spec = plan_runs({"g": "countdown-tiny-grpo"}, seeds=[0], budget=250, out_dir=tmp_path)[0]
+    spec = plan_runs({"g": "countdown-tiny-grpo"}, seeds=[0], budget=250, out_dir=tmp_path)[1]
     assert run_state(spec).checkpoint_step == 0 and not run_state(spec).done
     # 3 steps of 100 tokens logged, checkpoint at step 3 with its evaluation: done (300 >= 250)
     _fake_run(spec, 100, steps=3, checkpoint=3, evals=(0, 3))
     state = run_state(spec)
     assert (state.checkpoint_step, state.checkpoint_tokens, state.done) == (3, 300, True)
     # killed after logging step 4 of a longer budget: resumes from step 3, not done
-    longer = plan_runs({"g": "countdown-tiny-grpo"}, seeds=[0], budget=500, out_dir=tmp_path)[0]
+    longer = plan_runs({"g": "countdown-tiny-grpo"}, seeds=[0], budget=500, out_dir=tmp_path)[1]
     with MetricsLogger(spec.run_dir, resume_step=3) as logger:
         logger.log(4, {"kind": "train", "rollout_generated_tokens": 400})
     state = run_state(longer)
@@ -95,7 +96,7 @@ def test_run_state_reads_checkpoint_and_evaluations(tmp_path):
 
 
 def test_a_folder_of_another_config_is_refused(tmp_path):
-    spec = plan_runs({"g": "countdown-tiny-grpo"}, seeds=[0], budget=250, out_dir=tmp_path)[0]
+    spec = plan_runs({"g": "countdown-tiny-grpo"}, seeds=[0], budget=250, out_dir=tmp_path)[1]
     other = load_config("countdown-tiny-grpo", overrides=["lr=0.1"])
     (tmp_path / "countdown-tiny-grpo" / "seed-0").mkdir(parents=True)
     (tmp_path / "countdown-tiny-grpo" / "seed-0" / "config.yaml").write_text(to_yaml(other))
@@ -115,25 +116,28 @@ def test_compare_reuses_a_finished_run_and_continues_a_longer_budget(tmp_path, c
         assert code == 0, captured.err
         return json.loads(captured.out.strip().splitlines()[-1])
 
-    run = out / "countdown-tiny-grpo" / "seed-0"
+    run, pre = out / "countdown-tiny-grpo" / "seed-0", out / "pre-rl"
     first = compare(1)  # one step reaches a budget of 1 token
-    assert first["ran"] == [str(run)] and first["reused"] == [] and first["failed"] == []
+    assert first["ran"] == [str(pre), str(run)] and first["reused"] == [] and first["failed"] == []
     assert (out / "report.md").is_file() and (out / "curves.png").is_file() and (out / "final.png").is_file()
     metrics = run / "metrics.jsonl"
     before, lines = metrics.stat().st_mtime_ns, metrics.read_text().splitlines()
     tokens = first["rows"][1]["generated_tokens"]
-    assert [json.loads(x)["step"] for x in lines] == [0, 1, 1]  # eval before RL, train 1, eval 1
+    assert [json.loads(x)["step"] for x in lines] == [1, 1]  # train 1, eval 1: the model before RL is in pre-rl/
+    (initial,) = [json.loads(x) for x in (pre / "metrics.jsonl").read_text().splitlines()]
+    assert (initial["step"], initial["kind"], len(initial["eval_per_problem"])) == (0, "eval", 4)
+    assert first["rows"][0]["label"] == "pre-RL" and first["rows"][0]["mean"] == initial["eval_accuracy"]
+    assert {d["versus"] for d in first["differences"]} == {"pre-RL"}  # one trained row: it is the best
 
     again = compare(1)  # finished: not run again
-    assert again["ran"] == [] and again["reused"] == [str(run)]
+    assert again["ran"] == [] and again["reused"] == [str(pre), str(run)]
     assert metrics.stat().st_mtime_ns == before
 
     longer = compare(int(tokens) + 1)  # continues from the step-1 checkpoint: one more step
     assert longer["ran"] == [str(run)]
     records = [json.loads(x) for x in metrics.read_text().splitlines()]
-    assert [(r["step"], r["kind"]) for r in records] == [(0, "eval"), (1, "train"), (1, "eval"), (2, "train"),
-                                                        (2, "eval")]
-    assert metrics.read_text().splitlines()[:3] == lines  # steps 0..1 kept as they were, not re-run
+    assert [(r["step"], r["kind"]) for r in records] == [(1, "train"), (1, "eval"), (2, "train"), (2, "eval")]
+    assert metrics.read_text().splitlines()[:2] == lines  # step 1 kept as it was, not re-run
     assert longer["rows"][1]["steps"] == 2
 
 

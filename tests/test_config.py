@@ -1,6 +1,7 @@
 """TrainConfig: presets, overrides with type coercion, validation before compute, YAML round trip."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,7 @@ def test_overrides_coerce_to_field_types():
     (["learning_rate=1e-4"], "unknown key learning_rate"),
     (["search.simulation=8"], "did you mean search.simulations"),
     (["minibatch_size=12"], "minibatch_size=12 is not divisible by group_size=16"),
-    (["minibatch_size=24"], "must divide the batch of 64 trajectories"),
+    (["minibatch_size=24"], "minibatch_size=24 is not divisible by group_size=16"),
     (["budget_generated_tokens=-5"], "budget_generated_tokens must be null or > 0"),
     (["budget_flops=-1e18"], "budget_flops must be null or > 0"),
     (["model="], "model must name a model preset or a local path"),
@@ -131,6 +132,45 @@ def test_unknown_preset_and_inherit_from_a_user_file(tmp_path):
         load_config(path=a)
     with pytest.raises(UsageError, match="config file not found"):
         load_config(path=tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("lr=inf", "lr must be a finite number (got inf)"),
+    ("lr=1e400", "lr must be a finite number (got inf)"),
+    ("lr=2", "lr must be at most 1.0"),
+    ("temperature=inf", "temperature must be a finite number"),
+    ("eval_temperature=inf", "eval_temperature must be a finite number"),
+    ("search.temperature=nan", "search.temperature must be a finite number"),
+    ("kl_coef=inf", "kl_coef must be a finite number"),
+    ("budget_flops=inf", "budget_flops must be a finite number"),
+    ("max_new_tokens=1000000000", "max_new_tokens must be at most 32768"),
+    ("train_size=1000000000000", "train_size must be at most 10000000"),
+    ("test_size=1e300", "test_size must be at most 10000000 (got an integer of 3"),
+    ("data_seed=-1", "data_seed must be at least 0"),
+    ("seed=4294967296", "seed must be at most 4294967295"),
+    ("seed=" + "1" * 5000, "seed must be an integer"),
+    ("lr=" + "[" * 5000, "lr must be a number"),
+    ("problems_per_step=10000000", "problems_per_step x samples per problem must be at most 10000000"),
+])
+def test_every_number_is_finite_and_within_its_documented_bound(override, message):
+    with pytest.raises(UsageError, match=re.escape(message)) as err:
+        load_config(preset="countdown-tiny-grpo", overrides=[override])
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300
+
+
+@pytest.mark.parametrize("text,message", [
+    (b"steps: 3\nlr: \xff\xfe\n", "is not valid YAML"),
+    (b"a: " + b"[" * 100_000, "nested too deeply"),
+    (b"steps: " + b"1" * 5000 + b"\n", "is not valid YAML: Exceeds the limit"),
+    (b"inherit: .\n", "which is neither a preset"),  # a folder
+    (b"inherit: [1, 2]\n", "inherit must name a preset or a YAML file"),
+])
+def test_unreadable_config_files_are_one_line_errors(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(text)
+    with pytest.raises(UsageError, match=message) as err:
+        load_config(path=path)
+    assert "\n" not in str(err.value)
 
 
 def test_train_config_serves_as_loss_and_advantage_cfg():

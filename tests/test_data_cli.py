@@ -5,6 +5,7 @@ in-process (same parsing, same code, without paying interpreter and torch start-
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,73 @@ def test_score_malformed_line_names_file_and_line(tmp_path, line, cli):
     path.write_text(json.dumps({"numbers": [1, 2, 3, 4], "target": 10, "completion": ""}) + "\n" + line + "\n")
     out = cli("score", "--data", path)
     assert out.returncode == 2 and "c.jsonl:2:" in out.stderr and out.stdout == ""
+
+
+def _one_line_error(out, *fragments):
+    assert out.returncode == 2 and out.stdout == "", (out.returncode, out.stderr)
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    for fragment in fragments:
+        assert fragment in out.stderr, (fragment, out.stderr)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--train", 10**12], "--train must be in 0..10,000,000"),
+    (["--test", 10**7], "--test in 0..20,000"),
+    (["--seed", -1], "--seed must be in 0..2**32 - 1"),
+])
+def test_data_countdown_refuses_sizes_and_seeds_out_of_range_at_once(tmp_path, cli, args, fragment):
+    _one_line_error(cli("data", "countdown", *args, "--out", tmp_path / "out"), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_countdown_refuses_an_output_it_cannot_write_before_generating(tmp_path, cli):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    _one_line_error(cli("data", "countdown", "--train", 5, "--test", 5, "--out", a_file), "is a file, not a folder")
+    _one_line_error(cli("data", "countdown", "--train", 5, "--test", 5, "--out", a_file / "sub"), "cannot write to")
+    assert a_file.read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_data_countdown_refuses_a_read_only_output(tmp_path, cli):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        _one_line_error(cli("data", "countdown", "--train", 5, "--test", 5, "--out", out), "cannot write to")
+    finally:
+        out.chmod(0o700)
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (b"", "no records (the file is empty)"),
+    (b"\n  \n", "no records (the file is empty)"),
+    (b'{"numbers": [1, 2], "target": 3, "completion": ""}\n{"numbers": [1, \xff], "target": 3}\n',
+     "c.jsonl:2: not UTF-8 (byte 17 of the line)"),
+    (b'{"numbers": [1, 2], "target": 3, "completion": ""}\n' + b"[" * 100_000 + b"\n", "c.jsonl:2: JSON nested too deeply"),
+    (b'{"numbers": [1, 2], "target": ' + b"7" * 5000 + b', "completion": ""}\n', "c.jsonl:1: not usable JSON"),
+    (b'{"numbers": [' + b"9" * 300 + b', 2], "target": 3, "completion": ""}\n',
+     'c.jsonl:1: "numbers" must hold positive integers below 1,000,000'),
+    (b'{"numbers": [1, 2], "target": 1000000, "completion": ""}\n', '"target" must be a positive integer below 1,000,000'),
+])
+def test_score_and_data_check_name_file_and_line_of_bad_input(tmp_path, cli, content, fragment):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(content)
+    _one_line_error(cli("score", "--data", path), fragment)
+    _one_line_error(cli("data", "check", "--train", path, "--test", path), fragment)
+
+
+def test_train_refuses_problems_too_long_for_any_model_before_loading_one(tmp_path, capsys, monkeypatch):
+    import treedistill.models.load as load
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the problem files were checked")
+
+    monkeypatch.setattr(load, "load_policy", no_loading)
+    monkeypatch.setattr("treedistill.train.load_policy", no_loading)
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"numbers": [1, 2, 3, 4], "target": 24}\n' + json.dumps({"numbers": [10**200, 2], "target": 5}) + "\n")
+    code = main(["train", "--preset", "countdown-tiny-grpo", "--set", f"train_path={path}", "--run-dir",
+                 str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.jsonl:2:" in err and "got [1000" in err and len(err.splitlines()) == 1

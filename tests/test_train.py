@@ -141,6 +141,8 @@ def test_the_step_that_reaches_the_budget_takes_only_the_problems_it_has_room_fo
     (["--preset", "countdown-tiny-grpo", "--set", "model=./no/such/model"], "no such path"),
     (["--preset", "no-such-preset"], "unknown preset"),
     (["--preset", "countdown-tiny-grpo", "--engine", "vllm"], "unknown --engine"),
+    (["--preset", "countdown-tiny-grpo", "--set", "lr=inf"], "lr must be a finite number"),
+    (["--preset", "countdown-tiny-grpo", "--set", "lr=1e400"], "lr must be a finite number"),
 ])
 def test_invalid_configuration_fails_before_any_compute(args, message, tmp_path, capsys, monkeypatch):
     import treedistill.models.load as load
@@ -181,6 +183,30 @@ def test_a_nonfinite_update_is_skipped_and_a_finite_one_is_taken():
     update = apply_update(optimizer, params, {"policy_loss": 0.5, "loss": 0.5}, cfg)
     assert update["nonfinite"] == [] and update["grad_norm"] == pytest.approx(math.sqrt(3))  # grads (1, 1, 1)
     assert not all(torch.equal(a, b) for a, b in zip(before, params))
+
+
+def test_a_step_that_makes_a_weight_nonfinite_is_rolled_back_with_the_optimizer_state():
+    layer = torch.nn.Linear(2, 1)
+    params = list(layer.parameters())
+    optimizer = torch.optim.AdamW(params, lr=0.1)
+    cfg = TrainConfig(grad_clip=0.0)
+    layer(torch.tensor([[1.0, 2.0]])).sum().backward()
+    assert apply_update(optimizer, params, {"loss": 1.0}, cfg)["nonfinite"] == []  # Adam moments now exist
+    with torch.no_grad():
+        for p in params:
+            p.fill_(-3e38)  # near float32's limit; gradients (x = 1, 2 and 1) point the update further down
+    before = [p.detach().clone() for p in params]
+    state = {i: {k: v.clone() for k, v in optimizer.state[p].items()} for i, p in enumerate(params)}
+    for group in optimizer.param_groups:
+        group["lr"] = 1e37  # finite loss, gradients and lr, but the step itself overflows float32
+    layer(torch.tensor([[1.0, 2.0]])).sum().backward()
+    update = apply_update(optimizer, params, {"loss": 1.0}, cfg)
+    assert update["nonfinite"] == ["weights"] and math.isfinite(update["grad_norm"])
+    assert all(torch.equal(a, b) for a, b in zip(before, params))  # the pre-step weights
+    for i, p in enumerate(params):  # and the pre-step optimizer state (moments and step count)
+        assert optimizer.state[p].keys() == state[i].keys()
+        assert all(torch.equal(optimizer.state[p][k], state[i][k]) for k in state[i])
+    assert all(p.grad is None for p in params)
 
 
 @pytest.mark.slow

@@ -8,7 +8,9 @@ Writing goes to RUN_DIR/checkpoints/.tmp-<step>-<pid>/: every file is written an
 (`os.rename` within one file system is atomic). A process killed at any moment therefore leaves
 either the previous checkpoints untouched plus a stale `.tmp-*` folder, which `latest_checkpoint`
 ignores and removes, or the new checkpoint complete. Old checkpoints are deleted marker first, so a
-half-deleted folder is never taken for a complete one.
+half-deleted folder is never taken for a complete one. A write that fails (a full disk) removes its
+temporary folder. A checkpoint damaged after it was written (a truncated or emptied file, a broken
+marker) is skipped by `load_latest`, which falls back to the newest one that loads and says so.
 
 Entries are saved with `torch.save` and loaded with `torch.load(weights_only=True)`: values must be
 tensors, numbers, strings, None and lists / tuples / dicts of those (state dicts are), never
@@ -23,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +41,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_latest",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -45,6 +49,7 @@ __all__ = [
 
 MARKER = "complete"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_ENTRY = re.compile(r"[A-Za-z0-9_.-]+")
 _TMP_DIR = re.compile(r"^\.(?:tmp|old)-(\d+)-(\d+)$")
 _PLAIN = (torch.Tensor, int, float, str, bool, type(None))
 
@@ -97,9 +102,11 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
 
 
 def check_replaceable(folder: str | Path) -> None:
-    """UsageError unless `atomic_folder` may replace `folder`: absent, empty, or a model folder."""
+    """UsageError unless `atomic_folder` may replace `folder`: absent, empty, or a model folder
+    (config.json) or adapter folder (adapter_config.json)."""
     folder = Path(folder)
-    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / "config.json").is_file())):
+    model = any((folder / name).is_file() for name in ("config.json", "adapter_config.json"))
+    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or model)):
         raise UsageError(f"{folder} exists and is not a model folder (no config.json): choose another path")
 
 
@@ -134,7 +141,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, *, keep: int | 
     Returns the checkpoint folder RUN_DIR/checkpoints/step-<step:08d>/."""
     assert step >= 0, f"checkpoint step must be >= 0, got {step}"
     for name, value in state.items():
-        assert re.fullmatch(r"[A-Za-z0-9_.-]+", name) and name != MARKER, f"bad checkpoint entry name {name!r}"
+        assert _ENTRY.fullmatch(name) and name != MARKER, f"bad checkpoint entry name {name!r}"
         _check_plain(value, name)
     root = _checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -142,14 +149,18 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, *, keep: int | 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    for name, value in state.items():
-        _write_entry(tmp, name, value)
-    marker = {"step": step, "entries": sorted(state), "time": time.time()}
-    with open(tmp / MARKER, "w") as f:
-        json.dump(marker, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    try:
+        for name, value in state.items():
+            _write_entry(tmp, name, value)
+        marker = {"step": step, "entries": sorted(state), "time": time.time()}
+        with open(tmp / MARKER, "w") as f:
+            json.dump(marker, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk or a failed write leaves no partial folder behind
+        raise
     final = root / f"step-{step:08d}"
     if final.exists():
         # the same step saved again (e.g. after a resume): move the old one out of the way first;
@@ -218,16 +229,52 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """The state saved in a complete checkpoint folder (name -> value), plus "step"."""
+    """The state saved in a complete checkpoint folder (name -> value), plus "step".
+
+    Raises UsageError "PATH: why" when the folder has no marker, its marker is damaged, or an entry
+    cannot be read back whole (truncated, empty or overwritten files)."""
     path = Path(path)
     marker = path / MARKER
     if not marker.is_file():
         raise UsageError(f"{path} is not a complete checkpoint (no '{MARKER}' marker)")
-    info = json.loads(marker.read_text())
-    state = {name: torch.load(path / f"{name}.pt", map_location=map_location, weights_only=True)
-             for name in info["entries"]}
-    state.setdefault("step", info["step"])
+    try:
+        info = json.loads(marker.read_bytes())
+        entries, step = info["entries"], info["step"]
+        if not (isinstance(entries, list) and all(isinstance(e, str) and _ENTRY.fullmatch(e) for e in entries)
+                and type(step) is int):
+            raise ValueError("unexpected content")
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as err:
+        raise UsageError(f"{path}: damaged '{MARKER}' marker ({type(err).__name__}: {err})") from None
+    state = {}
+    for name in entries:
+        try:
+            state[name] = torch.load(path / f"{name}.pt", map_location=map_location, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - a damaged file makes torch.load raise RuntimeError,
+            # EOFError, KeyError, UnpicklingError, OSError...: each one means "this checkpoint is broken"
+            why = str(err).strip().splitlines()[0].split(". ")[0][:200] if str(err).strip() else "file cut short"
+            raise UsageError(f"{path}: {name}.pt cannot be read ({type(err).__name__}: {why})") from None
+    state.setdefault("step", step)
     return state
+
+
+def load_latest(run_dir: str | Path, *, warn=None) -> tuple[Path, dict] | None:
+    """(folder, state) of the run's newest checkpoint that loads completely, or None when it has no
+    complete checkpoint. A newer checkpoint that cannot be read back (a truncated or emptied file, a
+    damaged marker) is skipped: `warn(message)` says which and why (default: a line on stderr).
+    Raises UsageError when checkpoints exist but none of them loads."""
+    if warn is None:
+        def warn(message):
+            print(f"warning: {message}", file=sys.stderr)
+    if latest_checkpoint(run_dir) is None:  # also removes the leftovers of interrupted writes
+        return None
+    reasons = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except UsageError as err:
+            reasons.append(str(err))
+            warn(f"skipping checkpoint {path.name}, it cannot be loaded: {err}")
+    raise UsageError(f"no checkpoint of {run_dir} loads ({'; '.join(reasons)}); use another --run-dir")
 
 
 def rng_state() -> dict:

@@ -30,6 +30,7 @@ COMMANDS = {
     "train": "treedistill.commands.train",
     "demo": "treedistill.commands.demo",
     "compare": "treedistill.commands.compare",
+    "export": "treedistill.commands.export",
     "testtime": "treedistill.commands.testtime",
     "bench": "treedistill.commands.bench",
 }

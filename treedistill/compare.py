@@ -5,18 +5,21 @@ and `treedistill demo`.
 How a comparison runs:
 - Plan (before any compute): one run per (label, seed), in OUT/<preset>/seed-<s>/, its config
   resolved once and validated by `load_config` (so a preset edited while the comparison runs does
-  not change it; a later invocation with the edited preset is refused for that folder). `steps` is raised to STEPS_CAP so that the budget, not the step count,
-  ends every run (a linear-decay schedule keeps the preset's horizon through `lr_decay_steps`), and
-  `eval_every` is 0: runs are evaluated at budget points instead of step counts.
-- Segments: a run is trained to budget/E, 2 budget/E, ..., budget (E = `evaluations`), resuming
-  from its own checkpoint each time; `train` evaluates and checkpoints at the end of every segment.
-  Every run is therefore evaluated at the same generated-token points (within about one problem's
-  tokens: the step that reaches a point takes only the problems it has room for, `train.problems_for_step`),
-  and because every random choice of a step is seeded by (seed, step), the segments compute exactly
-  what one uninterrupted run to the budget would.
+  not change it; a later invocation with the edited preset is refused for that folder). `steps` is
+  raised to STEPS_CAP so that the budget, not the step count, ends every run; with a budget the
+  learning-rate warm-up and decay are fractions of it (`TrainConfig.lr_multiplier`), so every method
+  spends the same share of its compute at each learning rate.
+- Evaluation points: budget/E, 2 budget/E, ..., budget (E = `evaluations`). `eval_every` is 0 and
+  `eval_at_tokens` holds the points before the last: a run is evaluated after the step that passes
+  each point, never cutting a step for it, so evaluating changes no step of training; only the final
+  budget cuts its step (`train.problems_for_step`), and the run's last evaluation uses
+  `final_eval_problems` test problems (the intermediate ones may use fewer).
+- The model before RL is evaluated ONCE, in OUT/pre-rl/ (the first seed's evaluation seed, the final
+  evaluation's problems), and shared by every row (`eval_before_rl` is off in the runs); its
+  per-problem results pair with every run's for the report's paired differences.
 - Reuse: a run whose newest checkpoint already reached the budget (with its evaluation) is not run
-  again; a run killed part-way continues from its newest checkpoint (`resume="auto"`); segments it
-  already passed are skipped. A run folder holding a different config is refused.
+  again; a run killed part-way continues from its newest checkpoint (`resume="auto"`). A run folder
+  holding a different config is refused.
 - Parallel: up to `jobs` runs at once, each in its own process with one torch thread (spawned, so
   a crash of one run costs only that run). Progress (which run, which step, tokens, ETA) is
   reported through a callback every `poll_s` seconds; this module never prints.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import json
 import math
 import multiprocessing
 import os
@@ -40,12 +44,21 @@ import yaml
 from treedistill.config import TrainConfig, load_config, to_yaml
 from treedistill.errors import UsageError
 from treedistill.metrics import format_duration
-from treedistill.report import headline, read_records, read_run, summarize, table_text, write_report
+from treedistill.report import (
+    headline,
+    paired_differences,
+    read_records,
+    read_run,
+    summarize,
+    table_text,
+    write_report,
+)
 
-__all__ = ["STEPS_CAP", "RunSpec", "RunState", "plan_runs", "run_all", "run_comparison", "run_state",
-           "segment_budgets"]
+__all__ = ["PRE_RL_DIR", "STEPS_CAP", "RunSpec", "RunState", "evaluate_initial", "plan_runs", "run_all",
+           "run_comparison", "run_state", "segment_budgets"]
 
 STEPS_CAP = 1_000_000  # steps of a comparison run: the budget ends it long before
+PRE_RL_DIR = "pre-rl"  # OUT/pre-rl: the one evaluation of the model before RL
 
 
 @dataclass(frozen=True)
@@ -58,12 +71,12 @@ class RunSpec:
     preset: str
     seed: int
     run_dir: str
-    budgets: tuple[int, ...]      # segment ends in generated tokens, increasing; the last is the budget
+    budgets: tuple[int, ...]      # evaluation points in generated tokens, increasing; the last is the budget
     cfg: TrainConfig
+    pre_rl: bool = False          # the one evaluation of the model before RL, not a training run
 
-    def config(self, budget: int | None = None) -> TrainConfig:
-        """The run's TrainConfig at `budget` (default: the final budget)."""
-        return self.cfg if budget is None else dataclasses.replace(self.cfg, budget_generated_tokens=budget)
+    def config(self) -> TrainConfig:
+        return self.cfg
 
 
 @dataclass(frozen=True)
@@ -92,7 +105,8 @@ def _given(overrides: Sequence[str], key: str) -> bool:
 
 def plan_runs(presets: Mapping[str, str], *, seeds: Sequence[int], budget: int, out_dir: str | Path,
               overrides: Sequence[str] = (), evaluations: int = 3) -> list[RunSpec]:
-    """One RunSpec per (label, seed), configs validated now (UsageError before any compute).
+    """The pre-RL evaluation's spec, then one RunSpec per (label, seed), configs validated now
+    (UsageError before any compute).
 
     presets: label -> preset name (a label names a row of the report); run folders are
     OUT/<preset>/seed-<s>. Overrides apply to every run; `steps` and `eval_every` given there win
@@ -107,12 +121,9 @@ def plan_runs(presets: Mapping[str, str], *, seeds: Sequence[int], budget: int, 
     out = Path(out_dir)
     specs = []
     for label, preset in presets.items():
-        base = load_config(preset=preset, overrides=list(overrides))
-        extra = []
+        extra = ["eval_before_rl=false", "eval_at_tokens=" + ",".join(map(str, budgets[:-1]))]
         if not _given(overrides, "steps"):
             extra.append(f"steps={STEPS_CAP}")
-            if base.lr_schedule == "linear-decay" and base.lr_decay_steps is None:
-                extra.append(f"lr_decay_steps={base.steps}")  # keep the preset's decay horizon
         if not _given(overrides, "eval_every"):
             extra.append("eval_every=0")
         for seed in seeds:
@@ -120,7 +131,10 @@ def plan_runs(presets: Mapping[str, str], *, seeds: Sequence[int], budget: int, 
                                                         f"budget_generated_tokens={budgets[-1]}"])
             specs.append(RunSpec(label=label, preset=preset, seed=int(seed),
                                  run_dir=str(out / preset / f"seed-{int(seed)}"), budgets=budgets, cfg=cfg))
-    return specs
+    first = specs[0]
+    pre = RunSpec(label="pre-RL", preset=first.preset, seed=first.seed, run_dir=str(out / PRE_RL_DIR),
+                  budgets=budgets, cfg=dataclasses.replace(first.cfg, eval_before_rl=True), pre_rl=True)
+    return [pre, *specs]
 
 
 def _checkpoint_step(run_dir: Path) -> int:
@@ -140,6 +154,8 @@ def run_state(spec: RunSpec) -> RunState:
     step = _checkpoint_step(run_dir)
     tokens = tokens_at.get(step, 0)
     evaluated = {int(r["step"]) for r in records if r.get("kind") == "eval"}
+    if spec.pre_rl:
+        return RunState(checkpoint_step=0, checkpoint_tokens=0, done=0 in evaluated)
     done = step > 0 and step in evaluated and (tokens >= spec.budgets[-1] or step >= spec.config().steps)
     return RunState(checkpoint_step=step, checkpoint_tokens=tokens, done=done)
 
@@ -159,27 +175,52 @@ def _check_folder(spec: RunSpec) -> None:
                          "give another output folder or remove it")
 
 
+def evaluate_initial(cfg: TrainConfig, run_dir: str | Path, *, engine: str = "native") -> dict:
+    """Evaluate the model before RL once, as `train` evaluates step 0 (same function, engine and seed)
+    but on the final evaluation's problems, into RUN_DIR/config.yaml and a metrics.jsonl holding that
+    one eval line (with its per-problem results); returns the line."""
+    import time
+
+    from treedistill.engine import make_engine
+    from treedistill.envs import get_env
+    from treedistill.evaluate import evaluate
+    from treedistill.metrics import ComputeCounters
+    from treedistill.train import eval_stats, load_problems, load_train_policy
+
+    t0 = time.perf_counter()
+    env = get_env(cfg.env)
+    _, test = load_problems(cfg, env)
+    count = cfg.eval_problems if cfg.final_eval_problems is None else cfg.final_eval_problems
+    problems = test[:count] if count else test
+    policy = load_train_policy(cfg)
+    result = evaluate(make_engine(policy, engine), policy, env, problems, k=cfg.eval_k,
+                      temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    record = {"step": 0, "kind": "eval", **eval_stats(result), **ComputeCounters().as_dict(),
+              "eval_s": time.perf_counter() - t0, "wall_s": time.perf_counter() - t0}
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("config.yaml", to_yaml(cfg)), ("metrics.jsonl", json.dumps(record) + "\n")):
+        tmp = out / f"{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    return record
+
+
 def _train_run(spec: RunSpec) -> dict:
-    """Worker: train one run through its remaining segments (runs in a spawned process)."""
+    """Worker: train one run to its budget, evaluated at its points (runs in a spawned process); or,
+    for the pre-RL spec, evaluate the model before RL."""
     import torch
     from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()  # progress is reported by the parent, per run
+    if spec.pre_rl:
+        evaluate_initial(spec.cfg, spec.run_dir)
+        return {"run_dir": spec.run_dir, "stop_reason": "evaluated before RL"}
     from treedistill.train import train
 
-    summary = None
-    for budget in spec.budgets:
-        state = run_state(spec)
-        if state.checkpoint_tokens >= budget and budget != spec.budgets[-1]:
-            continue  # an earlier segment's last step already passed this point
-        # (the last segment always runs: when its budget was already passed, the call takes no step
-        # and only records the comparison's budget in config.yaml)
-        cfg = spec.config(budget)
-        summary = train(cfg, spec.run_dir, resume="auto", progress=False)
-        if summary["steps"] >= cfg.steps:
-            break  # stopped by the step count: later segments cannot run
-    return {"run_dir": spec.run_dir, "stop_reason": None if summary is None else summary["stop_reason"]}
+    summary = train(spec.cfg, spec.run_dir, resume="auto", progress=False)
+    return {"run_dir": spec.run_dir, "stop_reason": summary["stop_reason"]}
 
 
 @dataclass
@@ -215,7 +256,7 @@ def _describe(active: _Active, now: float) -> str:
     spec = active.spec
     step, tokens, left = _progress(spec)
     budget = spec.budgets[-1]
-    what = ("evaluating the model before RL" if step == 0 else
+    what = ("evaluating the model before RL" if spec.pre_rl else "starting" if step == 0 else
             f"step {step}, {tokens:,}/{budget:,} generated tokens ({100 * min(1.0, tokens / budget):.0f}%)")
     return (f"{spec.label} seed {spec.seed}: {what}, {format_duration(now - active.started)} elapsed, "
             f"eta {format_duration(left) if math.isfinite(left) else '?'}")
@@ -321,7 +362,9 @@ def run_comparison(presets: Mapping[str, str], *, seeds: Sequence[int], budget: 
                       evaluations=evaluations)
     jobs = jobs or max(1, min(2, os.cpu_count() or 1))
     rank = {label: i for i, label in enumerate(run_first)}
-    order = sorted(specs, key=lambda s: rank.get(s.label, len(rank)))  # stable: seeds and the rest keep their order
+    # the pre-RL evaluation first, then seed by seed (an interrupted comparison has every method at the
+    # same number of seeds), within a seed run_first, then the order of `presets`
+    order = sorted(specs, key=lambda s: (-1, 0) if s.pre_rl else (s.seed, rank.get(s.label, len(rank))))
     outcome = run_all(order, jobs=jobs, log=log, poll_s=poll_s)
     runs: dict[str, list[str]] = {}
     for spec in specs:
@@ -339,9 +382,10 @@ def run_comparison(presets: Mapping[str, str], *, seeds: Sequence[int], budget: 
     path = write_report(runs, out_dir, reference=reference, title=title, notes=run_notes)
     results = {label: [read_run(d) for d in dirs] for label, dirs in runs.items()}
     rows = summarize(results, reference)
+    differences = paired_differences(results, rows)
     return {"report": str(path), "out_dir": str(out_dir), "budget_generated_tokens": budget,
             "evaluation_points": list(specs[0].budgets), "seeds": list(seeds), "jobs": jobs,
-            "rows": [r.to_dict() for r in rows], "ran": outcome["ran"], "reused": outcome["reused"],
-            "failed": [{"run_dir": d, "error": m} for d, m in outcome["failed"]],
-            "wall_s": outcome["wall_s"], "cpu_s": outcome["cpu_s"], "headline": headline(rows),
+            "rows": [r.to_dict() for r in rows], "differences": differences, "ran": outcome["ran"],
+            "reused": outcome["reused"], "failed": [{"run_dir": d, "error": m} for d, m in outcome["failed"]],
+            "wall_s": outcome["wall_s"], "cpu_s": outcome["cpu_s"], "headline": headline(rows, differences),
             "table": table_text(rows, k=int(next(iter(results.values()))[0].config.get("eval_k", 16)))}

@@ -5,7 +5,7 @@ presets in `treedistill/presets/*.yaml` spell out every setting a method depends
 may `inherit:` another so that two files differ only where the methods do.
 
 Invalid settings raise `UsageError` when the config is built, before any model is loaded, naming the
-field and the allowed values. No torch import here: `treedistill train --help` stays fast.
+field and the allowed values; every number must be finite and within its bound (`LIMITS`). No torch import here: `treedistill train --help` stays fast.
 The loss and advantage functions read the same field names (`policy_loss`, `eps_low`, `eps_high`,
 `ppo_clip`, `value_coef`, `kl_coef`, `group_size`, `gamma`, `lam`), so a TrainConfig is their `cfg`.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -60,11 +61,62 @@ METHOD_RULES = {
 def _allowed(name: str, value, allowed) -> list[str]:
     if value in allowed:
         return []
-    return [f"{name} must be one of {', '.join(map(str, allowed))} (got {value!r})"]
+    return [f"{name} must be one of {', '.join(map(str, allowed))} (got {_show(value)})"]
 
 
 def _check(condition: bool, message: str) -> list[str]:
     return [] if condition else [message]
+
+
+# Upper bounds of the numeric settings (every number must also be finite): beyond them a run hangs,
+# crashes or could never finish, so they are refused with the config. A setting not listed here is
+# bounded by MAX_NUMBER and by its own check in `errors()`.
+MAX_COUNT = 10_000_000   # problems, samples, steps, simulations
+MAX_TOKENS = 32_768      # tokens of one completion or one search step (also checked against the model's context)
+MAX_SEED = 2**32 - 1     # seeds are 0..MAX_SEED (numpy's range)
+MAX_TEMPERATURE = 100.0
+MAX_NUMBER = 10**15      # anything else, e.g. budget_generated_tokens
+LIMITS = {
+    **dict.fromkeys(("train_size", "test_size", "steps", "problems_per_step", "group_size", "bon_n",
+                     "warmup_steps", "lr_decay_steps", "epochs", "minibatch_size", "micro_batch_size",
+                     "eval_every", "eval_problems", "final_eval_problems", "eval_k", "eval_samples_logged",
+                     "checkpoint_every", "keep_checkpoints", "search.simulations", "search.parallel",
+                     "search.problems_at_once", "search.k_children", "search.max_depth", "lora.r"), MAX_COUNT),
+    **dict.fromkeys(("max_new_tokens", "search.step_max_tokens"), MAX_TOKENS),
+    **dict.fromkeys(("seed", "data_seed"), MAX_SEED),
+    **dict.fromkeys(("temperature", "eval_temperature", "search.temperature"), MAX_TEMPERATURE),
+    "lr": 1.0,
+    "weight_decay": 1.0,
+    "budget_flops": 1e30,
+}
+
+
+def _show(value) -> str:
+    """A setting's value for a message: short even when it is an absurdly long number or string."""
+    if isinstance(value, int) and abs(value) >= 10**30:
+        return f"an integer of {len(format(value, 'x')) * 1.2:.0f} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _limit_errors(settings, prefix: str = "") -> list[str]:
+    """Every number of a settings dataclass (and of its tuples) finite and within [-bound, bound], bound
+    = LIMITS or MAX_NUMBER; the seeds within 0..MAX_SEED."""
+    out = []
+    for f in dataclasses.fields(settings):
+        name, value = prefix + f.name, getattr(settings, f.name)
+        for number in value if isinstance(value, tuple) else (value,):
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                continue
+            bound = LIMITS.get(name, MAX_NUMBER)
+            low = 0 if bound == MAX_SEED else -bound
+            if isinstance(number, float) and not math.isfinite(number):
+                out.append(f"{name} must be a finite number (got {number})")
+            elif number > bound:
+                out.append(f"{name} must be at most {_show(bound)} (got {_show(number)})")
+            elif number < low:
+                out.append(f"{name} must be at least {_show(low)} (got {_show(number)})")
+    return out
 
 
 @dataclass(frozen=True)
@@ -149,13 +201,14 @@ class TrainConfig:
     max_new_tokens: int = 512                  # completion length limit (rollouts and evaluation)
     # optimiser
     lr: float = 5e-6                           # AdamW peak learning rate
-    lr_schedule: str = "linear-decay"          # constant | linear-decay (to 0 at lr_decay_steps)
-    warmup_steps: int = 0                      # linear warm-up from 0 over this many steps
-    lr_decay_steps: int | None = None          # step at which linear-decay reaches 0; None = steps
+    lr_schedule: str = "linear-decay"          # constant | linear-decay (to 0 at the end of the run's horizon)
+    warmup_steps: int = 0                      # runs without a budget: linear warm-up from 0 over this many steps
+    lr_decay_steps: int | None = None          # runs without a budget: step at which linear-decay reaches 0; None = steps
+    warmup_fraction: float = 0.0               # runs with a budget: linear warm-up over this fraction of it
     weight_decay: float = 0.0                  # AdamW decoupled weight decay
     grad_clip: float = 0.1                     # max global grad norm; 0 = no clipping
     epochs: int = 1                            # passes over each step's batch
-    minibatch_size: int = 0                    # trajectories per optimizer update; 0 = the whole batch
+    minibatch_size: int = 0                    # trajectories per optimizer update (a batch it does not divide ends with a smaller one); 0 = the whole batch
     micro_batch_size: int = 0                  # trajectories per forward/backward; 0 = the whole minibatch
     # loss
     policy_loss: str = "cispo"                 # cispo | ppo (PPO-clip)
@@ -170,7 +223,10 @@ class TrainConfig:
     lam: float = 1.0                           # GAE lambda
     # evaluation (mean@k, sparse reward, no search)
     eval_every: int = 50                       # evaluate every this many steps (and at the end); 0 = end only
+    eval_at_tokens: tuple[int, ...] = ()       # also evaluate after the step that passes each of these generated-token counts
+    eval_before_rl: bool = True                # evaluate the initial model at step 0 (compare evaluates it once for all runs)
     eval_problems: int = 0                     # test problems evaluated; 0 = all of the test split
+    final_eval_problems: int | None = None     # test problems of the run's last evaluation; None = eval_problems
     eval_k: int = 16                           # samples per test problem
     eval_temperature: float = 0.2              # evaluation sampling temperature
     eval_samples_logged: int = 4               # trajectories written to samples.jsonl per evaluation
@@ -191,7 +247,6 @@ class TrainConfig:
         if problems:
             raise UsageError("invalid config: " + "; ".join(problems))
         # derived sizes, computed once here and asserted
-        assert self.trajectories_per_step % self.minibatch_rows == 0
         assert self.minibatch_rows % self.micro_batch_rows == 0
 
     # ---- derived sizes ----
@@ -207,7 +262,8 @@ class TrainConfig:
 
     @property
     def minibatch_rows(self) -> int:
-        return self.minibatch_size or self.trajectories_per_step
+        """Rows per optimizer update: minibatch_size (at most the batch), else the whole batch."""
+        return min(self.minibatch_size, self.trajectories_per_step) if self.minibatch_size else self.trajectories_per_step
 
     @property
     def micro_batch_rows(self) -> int:
@@ -216,7 +272,7 @@ class TrainConfig:
     @property
     def updates_per_step(self) -> int:
         """Optimizer updates per training step."""
-        return self.epochs * self.trajectories_per_step // self.minibatch_rows
+        return self.epochs * -(-self.trajectories_per_step // self.minibatch_rows)
 
     @property
     def decay_steps(self) -> int:
@@ -226,11 +282,31 @@ class TrainConfig:
     def uses_value_head(self) -> bool:
         return self.advantage != "group"
 
-    def lr_multiplier(self, step: int) -> float:
-        """Learning-rate factor for 0-based optimizer `step`: linear warm-up to 1 over warmup_steps,
-        then 1 (constant) or a linear decay from 1 at the end of warm-up to 0 at decay_steps (as
-        transformers' get_linear_schedule_with_warmup). A pure function of the step,
-        so a resumed run needs no scheduler state: set `lr = cfg.lr * cfg.lr_multiplier(step)`."""
+    @property
+    def has_budget(self) -> bool:
+        """Whether a compute budget (generated tokens or FLOPs) ends the run: its schedule is then in
+        fractions of that budget, not in steps."""
+        return self.budget_generated_tokens is not None or self.budget_flops is not None
+
+    def lr_multiplier(self, step: int, progress: float | None = None) -> float:
+        """Learning-rate factor of 0-based training `step`, a pure function of it (and, with a budget,
+        of the compute spent), so a resumed run needs no scheduler state.
+
+        Runs with a budget (`progress` = the fraction of the budget spent at this update, see
+        train.budget_progress): linear warm-up over the first warmup_fraction of the budget, then 1
+        (constant) or a linear decay to 0 at the budget. Every method then spends the same share of its
+        compute at each learning rate, however much one of its steps costs: an MCTS step costs ~8 GRPO
+        steps of generated tokens, so a warm-up counted in steps would take half of its updates and
+        a tenth of GRPO's. Step-limited runs (progress None): linear warm-up to 1 over warmup_steps,
+        then 1 or a linear decay from 1 at the end of warm-up to 0 at decay_steps (as transformers'
+        get_linear_schedule_with_warmup)."""
+        if progress is not None:
+            progress = min(1.0, max(0.0, progress))
+            if progress < self.warmup_fraction:
+                return progress / self.warmup_fraction
+            if self.lr_schedule == "constant":
+                return 1.0
+            return max(0.0, (1.0 - progress) / (1.0 - self.warmup_fraction))
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.lr_schedule == "constant":
@@ -247,6 +323,9 @@ class TrainConfig:
 
     # ---- validation ----
     def errors(self) -> list[str]:
+        limits = [*_limit_errors(self), *_limit_errors(self.search, "search."), *_limit_errors(self.lora, "lora.")]
+        if limits:
+            return limits  # the checks below assume finite numbers of sane sizes
         problems = [
             *_allowed("method", self.method, METHODS),
             *_allowed("env", self.env, ENVS),
@@ -265,11 +344,20 @@ class TrainConfig:
                      "eval_samples_logged", "checkpoint_every", "weight_decay", "grad_clip", "value_coef",
                      "kl_coef", "eval_temperature"):
             problems += _check(getattr(self, name) >= 0, f"{name} must be >= 0 (got {getattr(self, name)})")
+        problems += _check(0 <= self.warmup_fraction < 1,
+                           f"warmup_fraction must be in [0, 1) (got {self.warmup_fraction})")
+        problems += _check(all(point >= 1 for point in self.eval_at_tokens),
+                           f"eval_at_tokens must hold generated-token counts >= 1 (got {list(self.eval_at_tokens)})")
+        problems += _check(self.final_eval_problems is None or self.final_eval_problems >= 0,
+                           f"final_eval_problems must be null or >= 0 (got {self.final_eval_problems})")
         for name in ("budget_generated_tokens", "budget_flops", "lr_decay_steps"):
             value = getattr(self, name)
             problems += _check(value is None or value > 0, f"{name} must be null or > 0 (got {value})")
         problems += [
             *_check(self.lr > 0, f"lr must be > 0 (got {self.lr})"),
+            *_check(self.trajectories_per_step <= MAX_COUNT,
+                    f"problems_per_step x samples per problem must be at most {MAX_COUNT} "
+                    f"(got {self.trajectories_per_step})"),
             *_allowed("lr_schedule", self.lr_schedule, LR_SCHEDULES),
             *_allowed("reward", self.reward, TRAIN_REWARDS),
             *_check(self.temperature > 0, f"temperature must be > 0 (got {self.temperature})"),
@@ -309,10 +397,6 @@ class TrainConfig:
         if problems:
             return problems
         # batch arithmetic, once the sizes themselves are valid
-        batch = self.trajectories_per_step
-        if self.minibatch_size and batch % self.minibatch_size:
-            problems.append(f"minibatch_size={self.minibatch_size} must divide the batch of "
-                            f"{batch} trajectories per step (problems_per_step x samples per problem)")
         if self.method in GROUP_METHODS and self.minibatch_rows % self.group_size:
             problems.append(f"minibatch_size={self.minibatch_rows} is not divisible by "
                             f"group_size={self.group_size}: a minibatch must hold whole groups")
@@ -339,19 +423,25 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path in seen:
         raise UsageError(f"config: inherit cycle through {' -> '.join(p.name for p in (*seen, path))}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UsageError(f"config: {path} is not valid YAML: {err}") from err
+        data = yaml.safe_load(path.read_bytes()) or {}
+    except OSError as err:
+        raise UsageError(f"config: cannot read {path} ({err.strerror})") from None
+    except RecursionError:
+        raise UsageError(f"config: {path} is nested too deeply") from None
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer of more than 4,300 digits
+        raise UsageError(f"config: {path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise UsageError(f"config: {path} must hold a mapping of settings, got {type(data).__name__}")
     parent = data.pop("inherit", None)
     if parent is None:
         return data
+    if not isinstance(parent, str) or not parent.strip() or "\0" in parent:
+        raise UsageError(f"config: {path.name}: inherit must name a preset or a YAML file (got {_show(parent)})")
     parent_path = PRESET_DIR / f"{parent}.yaml"
-    if not parent_path.exists():
-        parent_path = (path.parent / str(parent)).resolve()
-    if not parent_path.exists():
-        raise UsageError(f"config: {path.name} inherits {parent!r}, which is neither a preset "
+    if not parent_path.is_file():
+        parent_path = (path.parent / parent).resolve()
+    if not parent_path.is_file():
+        raise UsageError(f"config: {path.name} inherits {_show(parent)}, which is neither a preset "
                          f"({', '.join(list_presets())}) nor a file next to it")
     return _merge(_read_yaml(parent_path, (*seen, path)), data)
 
@@ -368,11 +458,11 @@ def _merge(base: dict, top: dict) -> dict:
 
 def _parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
-        raise UsageError(f"--set expects key=value (got {text!r})")
+        raise UsageError(f"--set expects key=value (got {_show(text)})")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # not YAML, too many digits, nested too deeply
         value = raw
     return key.strip().split("."), value
 
@@ -394,33 +484,37 @@ def _coerce(value, annotation, key: str):
     if origin is tuple:
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # `--set eval_at_tokens=5000`: one entry
         if not isinstance(value, (list, tuple)):
-            raise UsageError(f"config: {key} must be a list (got {value!r})")
+            raise UsageError(f"config: {key} must be a list (got {_show(value)})")
         return tuple(_coerce(item, typing.get_args(annotation)[0], key) for item in value)
     if annotation is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
             return value.lower() in ("true", "yes", "on")
-        raise UsageError(f"config: {key} must be true or false (got {value!r})")
+        raise UsageError(f"config: {key} must be true or false (got {_show(value)})")
     if annotation is int:
         try:
-            number = float(value) if isinstance(value, str) else value
+            number = value
+            if isinstance(value, str):  # digits exactly (a float would round them), else 1e6 and the like
+                number = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
             if isinstance(number, bool) or not isinstance(number, (int, float)) or number != int(number):
                 raise ValueError
             return int(number)
         except (TypeError, ValueError, OverflowError):
-            raise UsageError(f"config: {key} must be an integer (got {value!r})") from None
+            raise UsageError(f"config: {key} must be an integer (got {_show(value)})") from None
     if annotation is float:
         try:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
-        except (TypeError, ValueError):
-            raise UsageError(f"config: {key} must be a number (got {value!r})") from None
+        except (TypeError, ValueError, OverflowError):
+            raise UsageError(f"config: {key} must be a number (got {_show(value)})") from None
     if annotation is str:
         if isinstance(value, (dict, list)) or value is None:
-            raise UsageError(f"config: {key} must be a string (got {value!r})")
+            raise UsageError(f"config: {key} must be a string (got {_show(value)})")
         return str(value)
     raise TypeError(f"config field {key} has an unsupported type {annotation!r}")
 
@@ -437,7 +531,8 @@ def _build(cls, data: dict, prefix: str = ""):
         key = unknown[0]
         close = difflib.get_close_matches(str(key), names, n=1)
         hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-        raise UsageError(f"config: unknown key {prefix}{key}{hint} (known: {', '.join(names)})")
+        shown = key if isinstance(key, str) and key.isprintable() and len(key) <= 60 else _show(key)
+        raise UsageError(f"config: unknown key {prefix}{shown}{hint} (known: {', '.join(names)})")
     values = {key: _coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
     return cls(**values)
 

@@ -9,28 +9,37 @@ from pathlib import Path
 
 from treedistill.errors import UsageError
 
-__all__ = ["read_jsonl", "read_records", "write_jsonl"]
+__all__ = ["read_jsonl", "read_records", "writable_folder", "write_jsonl"]
 
 
 def read_jsonl(path) -> list[tuple[int, dict]]:
     """Return [(line number, record)] for every non-blank line; each record must be a JSON object.
 
-    Raises UsageError "FILE:LINE: ..." for a line that is not a JSON object, and for a file that
-    cannot be read or is not UTF-8.
+    Raises UsageError "FILE:LINE: ..." for a line that is not UTF-8, not JSON, nested too deeply or
+    holding an integer of more than 4,300 digits (Python's limit), or not a JSON object; and
+    "cannot read FILE" for a file that cannot be read.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"cannot read {path}: {err}") from None
+        data = path.read_bytes()
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
     records = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    for line_no, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UsageError(f"{path}:{line_no}: not UTF-8 (byte {err.start + 1} of the line)") from None
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise UsageError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise UsageError(f"{path}:{line_no}: JSON nested too deeply") from None
+        except ValueError as err:  # an integer of more than 4,300 digits
+            raise UsageError(f"{path}:{line_no}: not usable JSON ({str(err).split(';')[0]})") from None
         if not isinstance(record, dict):
             raise UsageError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
         records.append((line_no, record))
@@ -39,14 +48,31 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
 
 def read_records(path, validate) -> list:
     """`validate(record)` for every record of the file, in order; a ValueError it raises becomes a
-    UsageError "FILE:LINE: ..." (as do the errors of `read_jsonl`)."""
+    UsageError "FILE:LINE: ..." (as do the errors of `read_jsonl`), and so does a file without records."""
     out = []
     for line_no, record in read_jsonl(path):
         try:
             out.append(validate(record))
         except ValueError as err:
             raise UsageError(f"{path}:{line_no}: {err}") from None
+    if not out:
+        raise UsageError(f"{path}: no records (the file is empty)")
     return out
+
+
+def writable_folder(folder) -> Path:
+    """`folder`, created if missing and checked writable by creating a file in it, or a UsageError
+    saying why not (a file in the way, no permission, a read-only file system): before any compute."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot write to {folder}: {err.strerror or err}") from None
+    return folder
 
 
 def write_jsonl(path, records) -> None:

@@ -10,7 +10,11 @@ file ends up equal to an uninterrupted run's.
 estimated FLOPs, separately for rollout (generation, search, scoring) and learning. FLOPs follow the
 usual dense-transformer estimate (Kaplan et al. 2020): 2 x params per token for a forward pass, 6 x
 params per token for forward + backward; attention's context-length term and KV-cache reads are left
-out, and prompt tokens served from a KV cache cost nothing.
+out, and prompt tokens served from a KV cache cost nothing. Each forward is charged with the
+parameters that ran on its tokens: the language model's on every token it computed, the value head's
+only where a value was read (one position per valued prefix in a search; every position of the
+learner's passes of a method that has a head), so a method with a value head is not charged the
+head's parameters on every generated token.
 """
 
 from __future__ import annotations
@@ -130,21 +134,26 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 class ComputeCounters:
     """Cumulative compute of a run, separately for rollout and learning.
 
-    params: parameters of the network that runs (policy + value head), the FLOPs multiplier.
+    params: parameters of the language model (the FLOPs multiplier of every token it computes);
+    head_params: parameters of the value head (the multiplier of every position it values).
     """
 
     params: int = 0
+    head_params: int = 0
     rollout_generated_tokens: int = 0   # tokens sampled (search expansions and plain sampling)
     rollout_prompt_tokens: int = 0      # prefix tokens recomputed by the model (prefill)
     rollout_cached_tokens: int = 0      # prefix tokens served from a KV cache (no FLOPs counted)
     rollout_scored_tokens: int = 0      # tokens run through value / log-prob scoring during rollout
     rollout_forward_calls: int = 0
+    rollout_values: int = 0             # positions the value head valued during rollout (search leaves)
     learn_train_tokens: int = 0         # tokens through forward + backward
     learn_inference_tokens: int = 0     # tokens through no-grad forwards (reference log-probs, values)
     learn_forward_calls: int = 0
+    learn_head_train_tokens: int = 0    # positions where the value head ran forward + backward
+    learn_head_inference_tokens: int = 0  # positions where the value head ran without gradients
 
     def add_rollout(self, *, generated_tokens: int = 0, prompt_tokens: int = 0, cached_prompt_tokens: int = 0,
-                    scored_tokens: int = 0, forward_calls: int = 0) -> None:
+                    scored_tokens: int = 0, forward_calls: int = 0, values: int = 0) -> None:
         """Add a rollout's compute; the keywords match engine `Counters` fields, so the difference of
         two `engine.counters.snapshot()` dicts can be passed as `**delta`."""
         self.rollout_generated_tokens += int(generated_tokens)
@@ -152,24 +161,33 @@ class ComputeCounters:
         self.rollout_cached_tokens += int(cached_prompt_tokens)
         self.rollout_scored_tokens += int(scored_tokens)
         self.rollout_forward_calls += int(forward_calls)
+        self.rollout_values += int(values)
 
-    def add_learning(self, *, train_tokens: int = 0, inference_tokens: int = 0, forward_calls: int = 0) -> None:
+    def add_learning(self, *, train_tokens: int = 0, inference_tokens: int = 0, forward_calls: int = 0,
+                     head_train_tokens: int = 0, head_inference_tokens: int = 0) -> None:
         """Add learning compute: `train_tokens` went through forward + backward, `inference_tokens`
-        through no-grad forwards."""
+        through no-grad forwards of the language model; the head_* counts are the positions where the
+        value head ran (with and without gradients)."""
         self.learn_train_tokens += int(train_tokens)
         self.learn_inference_tokens += int(inference_tokens)
         self.learn_forward_calls += int(forward_calls)
+        self.learn_head_train_tokens += int(head_train_tokens)
+        self.learn_head_inference_tokens += int(head_inference_tokens)
 
     @property
     def rollout_flops(self) -> float:
-        # 2 x params per token the model computes; cached prefix tokens are not recomputed
+        # 2 x LM params per token the model computes (cached prefix tokens are not recomputed),
+        # 2 x head params per value read
         tokens = self.rollout_generated_tokens + self.rollout_prompt_tokens + self.rollout_scored_tokens
-        return 2.0 * self.params * tokens
+        return 2.0 * self.params * tokens + 2.0 * self.head_params * self.rollout_values
 
     @property
     def learn_flops(self) -> float:
-        # 6 x params per trained token (forward + backward), 2 x params per no-grad token
-        return 6.0 * self.params * self.learn_train_tokens + 2.0 * self.params * self.learn_inference_tokens
+        # 6 x params per trained token (forward + backward), 2 x params per no-grad token; the same for
+        # the value head on the positions where it ran
+        return (6.0 * self.params * self.learn_train_tokens + 2.0 * self.params * self.learn_inference_tokens
+                + 6.0 * self.head_params * self.learn_head_train_tokens
+                + 2.0 * self.head_params * self.learn_head_inference_tokens)
 
     @property
     def total_flops(self) -> float:
@@ -193,7 +211,7 @@ class ComputeCounters:
 
     def load_state_dict(self, state: dict) -> None:
         for f in fields(self):
-            setattr(self, f.name, int(state[f.name]))
+            setattr(self, f.name, int(state.get(f.name, 0)))  # counters added later read 0 from older checkpoints
 
 
 def format_duration(seconds: float) -> str:

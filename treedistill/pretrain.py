@@ -9,171 +9,42 @@ reference's instruct model before RL (3.1% mean@16), so that RL has real headroo
   is a by-product of play, so the model learns the rules and only a weak link from target to moves.
 - MISSED TARGETS (share miss_share, 25% by default): random legal play on a generator problem
   (numbers and target of `countdown.generate_problems` on `problem_seed`), which almost always ends
-  elsewhere. Without them the last step of every trace equals the target and the answer evaluates to
-  it, and the first checkpoint (below) writes a false last step when its play misses (`12+20=75`; 1,585 of
-  1,600 samples on 100 test problems had a false step). A 25% share did not help in one run:
-  mean@16 1.25%, 82.8% well-formed (2,000 x 48, bucket 8, `--seed 0`), against 92.9% without; over
-  several seeds, with decay to zero and weight averaging, it lifts the share by about 3 points (below).
-- SOLVER traces (share solver_share): generator problems solved by `countdown.solve`. These show
-  what reaching a hard target looks like; their share sets where the model lands.
+  elsewhere. Without them the last step of every trace equals the target, and the model writes a
+  false last step when its play misses.
+- SOLVER traces (share solver_share, 5% by default): generator problems solved by `countdown.solve`.
+  These show what reaching a hard target looks like; their share sets where the model lands.
 
-The defaults, which made the shipped checkpoint (2026-11-27): 5% solver traces, 25% missed targets,
-2,000 steps of 48 traces, cosine decay to zero, the weights' moving average (ema 0.995) as the
-result, and the step format "substitute" (`countdown.format_completion`): after the steps, the last
-step's expression with earlier results expanded one at a time, latest first, the answer being the
-last expansion (`...<step>20+7=27 (27)</step>27=4*5+7<answer>(13-9)*5+7</answer>`), so that each
-expression is one look-up away from the one before. On the 820-problem test split at T = 0.2 (16
-samples each, `treedistill eval`'s default HF engine): 96.3% well-formed samples, mean@16 1.12% +-
-0.13 (reference before RL: 3.1%), pass@16 11.2%, 70 generated tokens per sample (the native
-engine's draws: 95.97%, 0.99% +- 0.12); see pretrain.json in the checkpoint. On the host that made
-it, `treedistill pretrain --seed 0` (every core by default) reproduces it exactly (final loss
-0.116584, the same weights with 1 thread and with 2) in 27.4 min wall, that host taking up to half
-of the 2 cores (steal). On another host (AMD EPYC with AVX-512, 2 cores, no steal; 2026-11-27) the
-same command trained in 17.8 min (16.5 the language model, 1.2 the value head; 19.7 with the
-scoring) with other floats from the first step on (first loss 5.5961614 against 5.5961618, 1 and 2
-threads alike there: the CPU's kernels set the last bits): final loss 0.115594, 95.3% well-formed,
-mean@16 1.06% +- 0.14 on the test split (820 x 16, T = 0.2, HF engine). The same recipe with the
-plain "numbers" format (no scaffold): 94.3% on training problems 1000-1399 x 8 at T = 0.2 (seed 0;
-seeds 1, 2: 94.1%, 93.7%); with "substitute": 96.4% (seed 0, the shipped checkpoint; one seed, no
-more were run). Answers with a parenthesis around every compound operand instead of the fewest
-(`13*((7*5)*9)`; a scratch change, not kept), the same recipe otherwise, "numbers" steps: 94.0%
-(seed 0; both 2026-11-27, one thread per run, two runs at once, 32-36 min each).
-
-The first checkpoint (2026-11-26; the history below calls it that): "numbers" steps, no missed
-targets, decay to 0.1 of the peak, no averaging, `--seed 0` (a command quoted below ran with those
-defaults; to run it again now, put `--step-format numbers --miss-share 0 --min-lr-ratio 0.1 --ema 0`
-before its own options). It measured mean@16 = 1.8% +- 0.2 on
-the 820-problem test split at T = 0.2, pass@16 13%, 92.9% well-formed samples (on the first 100
-test problems x 16: 7.1% of answers name unavailable numbers, 0.2% have unbalanced parentheses, none
-is cut at the token limit). Weighting the answer tokens
-(`answer_weight`, from <answer> to the end token; off by default) did not help either: at 3 it gave
-91.7% well-formed and mean@16 0.77% +- 0.12 on the 820 test problems (2,000 x 48, `--seed 0`,
-2026-11-26); nor did depth at about the same wall time: 6 layers, 1,400 steps (21 min on 2 shared
-cores) gave 88.7% well-formed and 1.32% +- 0.20; nor did steps that carry what each intermediate
-stands for, so that the answer is a copy instead of a reconstruction (`step_format="expressions"`,
-`countdown.format_completion`; 2026-11-26, `--seed 0 --bucket 8`, 820 x 16 at T = 0.2, 2 idle cores):
-75.4% well-formed, mean@16 0.57% +- 0.10 (1,850 steps, 20.5 min); a variant whose steps wrote ONLY
-the expressions, not the two numbers combined, gave 62.2% and 0.46% +- 0.07 (2,000 steps, 19.3 min).
-In both the model loses track of the values: it repeats a step already taken (`12-8=4 (4 9 12)`, then
-`12-8=4 (4 4)`) or expands an intermediate as the input of the same value (on [12, 9, 12, 8]:
-`12-3=12-(12-9)=9`, then `9-8=9-(12-(12-9))=8`), and the answers copy those errors. Nor did
-numbers as single tokens (a variant of the tokenizer, not kept, with BPE merges that make 10..999 one
-token each; 2,000 steps, bucket 8, one thread): 92.6% well-formed, mean@16 1.03% +- 0.16, 50 tokens
-per sample instead of 60. Nor did twice the steps: 4,000 steps of 48 (bucket 8, one thread, 55 min)
-gave 85.0% well-formed, mean@16 1.07% +- 0.15, at a final loss (0.137) close to the first run's.
-So the well-formed share does not rise with training length here.
-
-How much it moves with the seed, the end of the schedule and weight averaging (2026-11-26, one thread
-per run, two runs at once; well-formed share of 16 samples at T = 0.2 on training problems 1000-1099,
-not the test split; seed 0 at the then defaults is the first checkpoint, reproduced to the last digit of
-the loss and of this evaluation, 93.2%):
-
-    setting (2,000 steps of 48)                seed 0   seed 1   seed 2
-    defaults (min_lr_ratio 0.1), last step       93.2     90.3     86.0
-      the same run at step 1,500                 85.1     79.0     80.2
-      the same run at step 1,750                 86.4     90.1     86.4
-      ema 0.99                                   91.3     93.8        -
-      ema 0.995                                  91.8     94.4     87.8
-      ema 0.998                                  91.8     94.1     88.8
-    min_lr_ratio 0 (decay to zero), last step    93.9     90.8     89.6
-      the same run at step 1,750                 94.2     90.1     88.4
-      ema 0.995                                  94.9     91.6     88.8
-      ema 0.998                                  93.6     91.9     89.6
-
-The seed moves it by 7 points (seed 0 is the best of the three at the then defaults), more
-than any setting; at those defaults it climbs by 6-11 points over the last 500 steps, as the learning
-rate falls; averaging (`ema`, torch's AveragedModel) and decaying to zero add 1.5 to 2 points on
-average over the three seeds, not for every seed. The best of these on the 820 test problems x 16, as
-`treedistill --threads 2 pretrain --seed 0 --min-lr-ratio 0 --ema 0.995` (24.4 min on 2 cores):
-94.5% well-formed, mean@16 1.24% +- 0.15, pass@16 12.0%, still below the target, so neither option
-was then on by default (the average costs 2 ms a step). What goes wrong in the answers is the reconstruction:
-of the first checkpoint's 108 malformed samples on those 1,600, 70 write a starting number twice (and
-drop another: `9-(12-(11-11))` for `12-11=1`, `9-1=8`, `8-7=5`), 25 write an intermediate result
-instead of its expression, 7 leave a parenthesis open, 6 mix these; and 97.7% of all its samples,
-well-formed or not, contain a false arithmetic step (as `4*7=45` on the way to a target of 55).
-
-Over many seeds at once (`bench/pretrain_sweep.py` on one H200, 2026-11-26/27, 31 runs; table in
-bench/RESULTS.md): well-formed share of 8 samples at T = 0.2 on TRAINING problems 1000-1399, each run
-trained on CUDA. With decay to zero and averaging (min_lr_ratio 0, ema 0.995), random play aimed at
-missed targets raised the mean over seeds from 91.6% (2 seeds, none) to 94.3% (miss_share 0.10, 7
-seeds: 89.2 to 97.2) and 94.8% (0.25, 6 seeds: 92.8 to 97.4), at mean@8 1.5% and 1.3%; the defaults
-gave 92.0% (2 seeds). So the seed still moves the share by 4 to 8 points and no recipe tried is at 95%
-for every seed; a larger solver share raises accuracy (mean@8 3.6% at 0.10, 8.0% at 0.20), not the
-share. A GPU run's floats differ from a CPU run's, so a seed's number there does not carry over. On
-CPU, `treedistill --threads 1 pretrain --seed S --min-lr-ratio 0 --ema 0.995 --miss-share 0.1` (40 min
-each, two at once) gave 93.6% (seed 0) and 94.0% (seed 1) on the same 3,200 samples, against 93.25%
-for the first checkpoint: not the clear step past 95% that would justify replacing the checkpoint
-(and measuring every README number of the tiny model again). Eight attention heads of width 16 with as
-many key-value heads (instead of 4 and 2 of width 32; 1,085,056 parameters) in the same recipe gave
-94.8% and 92.7% (seeds 0, 1; 45 min each on one thread, two at once): no change in the mean. Seed 1 of
-the recipe without the extra heads wrote false steps in 53% of its samples (1,600 on problems
-1000-1099; the first checkpoint 97.7%), yet was malformed as often with as without one (5.6%); and the
-malformed share is about the same whether the numbers in play hold equal values or not (3,200 samples
-on training problems 1000-1399: 5.8% with equal starting numbers, 9.0% with an intermediate equal to
-another number, 6.5% with neither for seed 1; 6.8%, 6.2% and 7.2% for the first checkpoint), so what is
-left is the reconstruction itself, not ambiguity between equal numbers. Seeds 1 and 2 of
-`--miss-share 0.25` on CPU (2026-11-27, as above): 94.1% and 93.7% (seed 0: 94.3%), so six CPU
-runs of the two recipes gave 91.1-94.3%, none at 95%.
-
-Where the reconstruction fails (seed 1 of `--miss-share 0.25`, 1,600 samples at T = 0.2 on training
-problems 1000-1199, the 751 whose steps are all true and consistent): 1.0% malformed when the last
-step's first operand is a starting number (`7+20=27`, 98 samples), 4.9% when it is an earlier result
-and the second a starting number (488), 5.5% when both are earlier results (165). Typical errors
-expand an intermediate into its step's text without expanding that step's own intermediate
-(`(8-1)*(7+4)` for `8-1=7`, `7+4=11`, `11*2=22`) or lose a number while flattening (`13-4-(13-4)`
-for `13-4=9`, `9-5=4`, `4-1=3`). So the
-answer was given a scaffold, a step format "rebuild" (a scratch change, not kept) that writes, between
-the last step and the answer, what intermediate results stand for, each one look-up away from earlier
-ones (`...<step>20+7=27 (27)</step>4=13-9 20=(13-9)*5 <answer>(13-9)*5+7</answer>`), trained with
-the recipe above (`--min-lr-ratio 0 --ema 0.995 --miss-share 0.25`, one thread, two runs at once,
-about 50 min each). Written only for results that are not a step's plain operands (so none when the
-last step joins two plain steps): 88.8% and 89.3% well-formed (seeds 0, 1; problems 1000-1399 x 8):
-the model writes a line also where the last step joins two plain steps, wrongly, and the answer
-copies it (24.5% malformed in that case against 4.5% for chains; 800 samples of seed 1). Written for
-every step but the last (`4=13-9 20=...`): 93.5% and 94.5% (seeds 0, 1), against 94.3%, 94.1% and
-93.7% without a scaffold: no change. Expanding top-down instead, one result per expression (the
-"substitute" format above), is what moved it.
-
-`bucket` > 1 draws that many batches at a time and groups them by length, which cuts the padding by
-about 15% (off by default, so the default run keeps the data stream of the shipped checkpoint).
-
-Two options spend less time per step on the same batches and the same mean loss (both off by default:
-their floats differ, so a run with them is not the shipped checkpoint). `micro` > 1 sorts a step's
-rows by length and cuts them into that many micro-batches, each padded only to its own longest row,
-and sums their gradients: padding adds 19% to the real tokens of 48 rows drawn at random, 9% with 2
-micro-batches, 6% with 3, whether in one process or two (see `shard`; 3,072 traces of the defaults). `processes` > 1 runs the language-model
-phase in that many CPU processes (torch.distributed, gloo; this one is rank 0, the others run `python
--m treedistill.pretrain`), each with its share of the threads: every rank draws the same batches,
-trains on its rows, and the gradients and the loss are summed; the value head is then fitted in this
-process. Measured (2026-11-27, the 2-core host that made the checkpoint, `treedistill --threads 2 pretrain --steps 200
---no-value-fit --eval-k 0` plus the options, seconds of the language-model phase; the machine's own
-speed moved by 15% within the hour, so the two pairs were each run back to back): defaults 163.9,
-then `--micro 3` 137.3 (1.19x); defaults 143.1, then `--processes 2 --micro 3` 128.0 (1.12x; 135.0 in
-the first pair's hour). So on 2 cores the shorter padding is most of the gain; more processes are
-for machines with more cores, where one small model's matmuls do not keep many threads busy. Both
-were checked against one process (`tests/test_pretrain.py`: the same losses to 1e-5). One full run with
-`--micro 3` (`treedistill pretrain --seed 0 --micro 3`, 2026-11-27, the AMD EPYC host of the
-17.8-minute run above, 2 threads): 15.2 min of training (language model 837.8 s against 991.1 s for
-the defaults there, 1.18x; value head 74.5 s), final loss 0.115116, and on the test split (820 x 16,
-T = 0.2, HF engine) 94.5% well-formed, mean@16 1.04% +- 0.12, pass@16 11.5%: faster, with other
-floats from the first step, and this draw lands half a point under the 95% target, within the
-spread the seed alone gives (above). So the defaults keep one micro-batch.
+Steps are written in `step_format` (`countdown.format_completion`), by default "substitute": after
+the steps, the last step's expression with earlier results expanded one at a time, latest first, the
+answer being the last expansion (`...<step>20+7=27 (27)</step>27=4*5+7<answer>(13-9)*5+7</answer>`),
+so that each expression is one look-up away from the one before. The defaults (2,000 steps of 48
+traces, AdamW, warm-up then cosine decay to zero, the weights' moving average `ema` = 0.995 as the
+result) made the shipped checkpoint: `treedistill pretrain --seed 0` rebuilds it, byte for byte on
+the host that made it (another CPU's kernels change the last bits from the first step on).
 
 Never trained on test problems: generator problems whose key is in `exclude` (the test split) are
 dropped before solver and missed-target traces are drawn, and a random-play trace whose (sorted
-numbers, reached value) equals a test problem's key is redrawn (random play reaches a test target
-now and then, and that trace would be a test solution).
+numbers, reached value) equals a test problem's key is redrawn (it would be a test solution).
 
 Prompt: the environment's compact messages through the chat template with the generation prompt;
-completion: trace + <|im_end|>. Loss: next-token cross-entropy on completion tokens only.
+completion: trace + <|im_end|>. Loss: next-token cross-entropy on completion tokens only
+(`answer_weight` reweights the answer tokens; 1: plain mean).
 
-Value head (optional, on by default): after the language model is trained, its weights are frozen and
-the head is fitted on the final hidden state (as the causal LM returns it, no extra norm) to the dense
-reward each trace reaches, at every position from the last prompt token to the end: the same
-Monte-Carlo target V(s_t) -> R the RL value loss uses. Traces for this fit are random play (and a
-solver share) on generator problems, scored by the environment, so their rewards spread over
-[-1, 1] as the pre-RL model's own do. `value_fit=False` keeps the reference behaviour: an untrained
-head (seeded).
+Value head (`value_fit`, on by default; False: an untrained, seeded head, as the reference): with the
+language model frozen, fitted on its final hidden state (no extra norm) to the dense reward each trace
+reaches, at every position from the last prompt token on: the RL value loss's target V(s_t) -> R.
+Its traces are random play (and a solver share) on generator problems, so the rewards spread over
+[-1, 1] as the pre-RL model's own do.
+
+Options off by default, since each changes the data stream or the floats (not the shipped
+checkpoint): `bucket` > 1 draws that many batches at once and groups them by length; `micro` > 1 cuts
+a step's length-sorted rows into that many micro-batches, each padded to its own longest row (see
+`shard`); `processes` > 1 runs the language-model phase in that many CPU ranks (torch.distributed,
+gloo; the others run `python -m treedistill.pretrain`) that draw the same batches, train on their
+rows and sum gradients and loss; the value head is then fitted in this process.
+
+Measurements (the recipes tried, seeds, timings, what did not help): docs/log.md; the shipped
+checkpoint's numbers: docs/results.md.
 """
 
 from __future__ import annotations
@@ -711,7 +582,7 @@ def fit_value_head(model, head: ValueHead, tokenizer, env, source: TraceSource, 
 
 
 def save_checkpoint(result: PretrainResult, folder, info: dict | None = None) -> None:
-    """Model (safetensors) + tokenizer files + value_head.safetensors + pretrain.json in `folder`,
+    """Model (safetensors) + tokenizer files + value_head/value_head.safetensors + pretrain.json in `folder`,
     written whole or not at all (`checkpoint.atomic_folder`)."""
     from treedistill.checkpoint import atomic_folder
     from treedistill.models.load import write_model_files

@@ -10,19 +10,30 @@ comparison), rollout + learning FLOPs (metrics.ComputeCounters' estimate) and th
 rollouts and updates (evaluation excluded). The "pre-RL" row is the step-0 evaluation the runs
 start with (the same untrained model; one value per seed).
 
+The pre-RL row: the model before RL, evaluated once and shared (a comparison's `pre-RL` label,
+compare.py), or else the step-0 evaluations the runs start with (one value per seed).
+
 Statistics:
 - one seed: mean@k +- its standard error over test problems (evaluate.py: problems are the
   independent unit). This is evaluation noise only; it does not cover training randomness.
 - several seeds: the mean over seeds of the final mean@k with a 95% Student-t interval,
   mean +- t_{0.975, n-1} * sd / sqrt(n) (sd with ddof = 1): the seed is the independent unit, so
   the interval covers training and evaluation noise. Per-seed values are listed beside it.
-- a difference between two rows in combined standard errors: (a - b) / sqrt(se_a^2 + se_b^2) with
-  se = the evaluation standard error (one seed) or sd / sqrt(n) (several seeds). Unpaired, hence
-  conservative when both rows were evaluated on the same test problems.
+- where the final evaluations logged their per-problem results (`eval_per_problem`): a 95% interval
+  over seeds AND problems by a two-level bootstrap (resample seeds, then test problems; percentile
+  interval of BOOTSTRAP_SAMPLES replicates, seeded), and, for each row against the best and against
+  pre-RL, the difference with a PAIRED 95% bootstrap interval: both rows' seeds resampled
+  independently, the test problems resampled jointly (every row was evaluated on the same problems),
+  so the problems' shared difficulty cancels. A difference is significant when its interval excludes
+  0. With 3 seeds the seed level of the bootstrap is coarse (it sees 3 values, and a resample of n
+  values has (n - 1) / n of their variance): the intervals are then somewhat narrow.
+- without per-problem results: a difference in combined standard errors, (a - b) / sqrt(se_a^2 +
+  se_b^2) with se = the evaluation standard error (one seed) or sd / sqrt(n) (several seeds).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -46,6 +57,8 @@ __all__ = [
     "confidence_interval",
     "headline",
     "markdown",
+    "paired_differences",
+    "bootstrap_interval",
     "plot_curves",
     "plot_final",
     "read_records",
@@ -67,8 +80,9 @@ REFERENCE: dict[str, float | None] = {
 }
 PRE_RL = "pre-RL"
 # Settings that must agree for two runs' evaluations to be comparable.
-EVAL_KEYS = ("model", "env", "test_path", "test_size", "data_seed", "eval_problems", "eval_k",
-             "eval_temperature", "max_new_tokens")
+EVAL_KEYS = ("model", "env", "test_path", "test_size", "data_seed", "eval_problems", "final_eval_problems",
+             "eval_k", "eval_temperature", "max_new_tokens")
+BOOTSTRAP_SAMPLES = 4000
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -180,6 +194,7 @@ class RunResult:
     wall_s: float                 # wall time of the run so far, evaluations included
     finished: bool                # the last evaluation is at the last logged training step
     under_budget: bool            # stopped (finished) short of its generated-token budget
+    final_per_problem: tuple[float, ...] = ()  # [P] the final evaluation's per-problem mean@k; () if not logged
 
     @property
     def final(self) -> CurvePoint:
@@ -233,7 +248,8 @@ def read_run(run_dir: str | Path) -> RunResult:
         rollout_flops=float(last.get("rollout_flops", 0.0)), learn_flops=float(last.get("learn_flops", 0.0)),
         train_s=sum(float(r.get("rollout_s", 0.0)) + float(r.get("learn_s", 0.0)) for r in trains),
         wall_s=max(float(r.get("wall_s") or 0.0) for r in records), finished=finished,
-        under_budget=finished and budget is not None and generated < int(budget))
+        under_budget=finished and budget is not None and generated < int(budget),
+        final_per_problem=tuple(float(x) for x in evals[-1].get("eval_per_problem") or ()))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,8 +262,9 @@ class Row:
 
     finals / eval_stderrs: [n] the final mean@k of each seed and its standard error over problems.
     se: the standard error used for differences (eval stderr when n = 1, sd / sqrt(n) otherwise);
-    ci95: the half width of the 95% t-interval over seeds (None when n = 1).
-    Compute fields are means over seeds."""
+    ci95: the half width of the 95% t-interval over seeds (None when n = 1);
+    ci_low / ci_high: the 95% bootstrap interval over seeds and problems (None without per-problem
+    results). Compute fields are means over seeds."""
 
     label: str
     method: str
@@ -265,6 +282,8 @@ class Row:
     steps: float
     reference: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    ci_low: float | None = None
+    ci_high: float | None = None
 
     @property
     def total_flops(self) -> float:
@@ -275,7 +294,8 @@ class Row:
                 "eval_stderrs": list(self.eval_stderrs), "mean": self.mean, "se": self.se, "ci95": self.ci95,
                 "generated_tokens": self.generated_tokens, "rollout_flops": self.rollout_flops,
                 "learn_flops": self.learn_flops, "total_flops": self.total_flops, "train_s": self.train_s,
-                "wall_s": self.wall_s, "steps": self.steps, "reference": self.reference, "notes": list(self.notes)}
+                "wall_s": self.wall_s, "steps": self.steps, "reference": self.reference, "notes": list(self.notes),
+                "ci_low": self.ci_low, "ci_high": self.ci_high}
 
 
 def _spread(finals: Sequence[float], stderrs: Sequence[float]) -> tuple[float, float, float | None]:
@@ -286,10 +306,48 @@ def _spread(finals: Sequence[float], stderrs: Sequence[float]) -> tuple[float, f
     return mean, statistics.stdev(finals) / math.sqrt(len(finals)), half
 
 
+def _per_problem(runs: Sequence[RunResult]):
+    """[S, P] array of the runs' final per-problem mean@k, or None where a run did not log them or
+    the runs' problem counts differ."""
+    import numpy as np
+
+    if not runs or any(not r.final_per_problem for r in runs):
+        return None
+    if len({len(r.final_per_problem) for r in runs}) != 1:
+        return None
+    return np.array([r.final_per_problem for r in runs], dtype=float)
+
+
+def bootstrap_interval(a, b=None, *, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float, float]:
+    """(estimate, low, high): mean of a [S_a, P] (minus that of b [S_b, P], paired over the P
+    problems) with a two-level bootstrap percentile interval: each side's seeds resampled
+    independently, the problems resampled jointly for both sides."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    problems = a.shape[1]
+    if b is not None and b.shape[1] != problems:
+        raise ValueError(f"paired rows need the same problems ({problems} vs {b.shape[1]})")
+    take = rng.integers(0, problems, size=(samples, problems))  # [R, P]
+
+    def replicate(m):
+        per_seed = m[:, take].mean(-1).T  # [R, S]: each seed's mean over the resampled problems
+        seeds = rng.integers(0, m.shape[0], size=(samples, m.shape[0]))  # [R, S]
+        return np.take_along_axis(per_seed, seeds, axis=1).mean(-1)  # [R]
+
+    stat = replicate(a) - (replicate(b) if b is not None else 0.0)
+    estimate = float(a.mean() - (b.mean() if b is not None else 0.0))
+    low, high = np.percentile(stat, [50 * (1 - level), 50 * (1 + level)])
+    return estimate, float(low), float(high)
+
+
 def _row(label: str, results: Sequence[RunResult], reference: float | None) -> Row:
     finals = tuple(r.final.accuracy for r in results)
     stderrs = tuple(r.final.stderr for r in results)
     mean, se, ci = _spread(finals, stderrs)
+    matrix = _per_problem(results)
+    low, high = bootstrap_interval(matrix)[1:] if matrix is not None else (None, None)
     notes = []
     for r in results:
         if not r.finished:
@@ -305,11 +363,18 @@ def _row(label: str, results: Sequence[RunResult], reference: float | None) -> R
                learn_flops=statistics.fmean(r.learn_flops for r in results),
                train_s=statistics.fmean(r.train_s for r in results),
                wall_s=statistics.fmean(r.wall_s for r in results),
-               steps=statistics.fmean(r.steps for r in results), reference=reference, notes=tuple(notes))
+               steps=statistics.fmean(r.steps for r in results), reference=reference, notes=tuple(notes),
+               ci_low=low, ci_high=high)
 
 
 def _pre_rl_row(results: Mapping[str, Sequence[RunResult]], reference: float | None) -> Row | None:
-    """Step-0 evaluations, one per seed (the first run of each seed that has one)."""
+    """The shared evaluation before RL (label PRE_RL), else the step-0 evaluations, one per seed (the
+    first run of each seed that has one)."""
+    if PRE_RL in results:
+        shared = results[PRE_RL]
+        row = _row(PRE_RL, shared, reference)
+        return dataclasses.replace(row, method="-", generated_tokens=0.0, rollout_flops=0.0, learn_flops=0.0,
+                                   train_s=0.0, wall_s=0.0, steps=0.0, notes=())
     by_seed: dict[int, CurvePoint] = {}
     notes = []
     for runs in results.values():
@@ -343,10 +408,36 @@ def summarize(results: Mapping[str, Sequence[RunResult]],
     if pre is not None:
         rows.append(pre)
     for label, runs in results.items():
+        if label == PRE_RL:
+            continue
         if not runs:
             raise UsageError(f"label {label!r} has no run folders")
         rows.append(_row(label, runs, reference.get(label)))
     return rows
+
+
+def paired_differences(results: Mapping[str, Sequence[RunResult]], rows: Sequence[Row]) -> list[dict]:
+    """Each trained row against the best trained row and against pre-RL: the difference of mean@k
+    with its paired 95% bootstrap interval over seeds and problems (`bootstrap_interval`) and whether
+    that interval excludes 0; rows without per-problem results are left out."""
+    trained = [r for r in rows if r.label != PRE_RL]
+    if not trained:
+        return []
+    best = max(trained, key=lambda r: r.mean)
+    pre = next((r for r in rows if r.label == PRE_RL), None)
+    matrices = {label: _per_problem(runs) for label, runs in results.items()}
+    if pre is not None and PRE_RL not in results:  # step-0 evaluations carry no per-problem results here
+        matrices[PRE_RL] = None
+    out = []
+    for row in trained:
+        for other in ([best] if row is not best else []) + ([pre] if pre is not None else []):
+            a, b = matrices.get(row.label), matrices.get(other.label)
+            if a is None or b is None or a.shape[1] != b.shape[1]:
+                continue
+            diff, low, high = bootstrap_interval(a, b)
+            out.append({"label": row.label, "versus": other.label, "difference": diff, "ci_low": low,
+                        "ci_high": high, "significant": bool(low > 0 or high < 0)})
+    return out
 
 
 def comparability_problems(results: Mapping[str, Sequence[RunResult]]) -> list[str]:
@@ -372,7 +463,14 @@ def _count(x: float) -> str:
     return f"{x:,.0f}"
 
 
+def _interval(row: Row) -> str | None:
+    """The row's bootstrap 95% interval in percent, or None."""
+    return None if row.ci_low is None else f"[{_pct(row.ci_low)}, {_pct(row.ci_high)}]"
+
+
 def _uncertainty(row: Row) -> str:
+    if row.ci_low is not None:
+        return f"{_interval(row)} (95% CI)"
     return f"+- {_pct(row.ci95)} (95% CI)" if row.ci95 is not None else f"+- {_pct(row.se)} (s.e.)"
 
 
@@ -390,8 +488,10 @@ def table_text(rows: Sequence[Row], *, k: int = 16) -> str:
     return "\n".join(out)
 
 
-def headline(rows: Sequence[Row]) -> str:
-    """Which trained row scored highest, by how much over the runner-up, in combined standard errors."""
+def headline(rows: Sequence[Row], differences: Sequence[dict] = ()) -> str:
+    """Which trained row scored highest, by how much over the runner-up: with the paired 95% interval
+    of the difference where `differences` (paired_differences) has it, else in combined standard
+    errors."""
     trained = sorted((r for r in rows if r.label != PRE_RL), key=lambda r: r.mean, reverse=True)
     if not trained:
         return "No trained runs to compare."
@@ -402,11 +502,28 @@ def headline(rows: Sequence[Row]) -> str:
     if best.mean == second.mean:
         return (f"No method scored highest: {best.label} and {second.label} tie at {_pct(best.mean)}% "
                 "at equal generated tokens.")
+    paired = next((d for d in differences if d["label"] == second.label and d["versus"] == best.label), None)
+    if paired is not None:
+        lo, hi = -100 * paired["ci_high"], -100 * paired["ci_low"]
+        return (f"**{best.label}** scored highest at equal generated tokens: {_pct(best.mean)}% against "
+                f"{_pct(second.mean)}% for the runner-up {second.label}, a difference of "
+                f"{100 * (best.mean - second.mean):.2f} points, paired 95% CI [{lo:.2f}, {hi:.2f}] over seeds and "
+                f"problems: " + ("significant (the interval excludes 0)." if paired["significant"] else
+                                 "not significant (the interval includes 0): neither can be called better."))
     z = z_score(best.mean, best.se, second.mean, second.se)
     unit = "seed-level standard errors" if best.ci95 is not None else "combined standard errors (evaluation only)"
     return (f"**{best.label}** scored highest at equal generated tokens: {_pct(best.mean)}% against "
             f"{_pct(second.mean)}% for the runner-up {second.label}, a difference of "
             f"{100 * (best.mean - second.mean):.2f} points = {z:.2f} {unit}: {verdict(z)}.")
+
+
+def _paired_table(differences: Sequence[dict]) -> list[str]:
+    """Paired differences as a markdown table: points with the 95% interval, significant or not."""
+    lines = ["| method | versus | difference (points) | paired 95% CI | significant |", "|---|---|---:|---:|---|"]
+    for d in differences:
+        lines.append(f"| {d['label']} | {d['versus']} | {100 * d['difference']:+.2f} | "
+                     f"[{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] | {'yes' if d['significant'] else 'no'} |")
+    return lines
 
 
 def _differences(rows: Sequence[Row]) -> list[str]:
@@ -427,13 +544,16 @@ def _differences(rows: Sequence[Row]) -> list[str]:
 
 def _markdown_table(rows: Sequence[Row], k: int, reference: bool) -> list[str]:
     several = any(r.ci95 is not None for r in rows)
-    head = (f"| method | mean@{k} % | {'95% CI (t, over seeds)' if several else 'standard error'} | "
+    boot = any(r.ci_low is not None for r in rows)
+    spread_name = ("95% CI (bootstrap, seeds and problems)" if boot else
+                   "95% CI (t, over seeds)" if several else "standard error")
+    head = (f"| method | mean@{k} % | {spread_name} | "
             + (f"per-seed mean@{k} % | " if several else "")
             + "generated tokens | rollout FLOPs | learning FLOPs | rollout + learning FLOPs | steps | "
               "train time | wall time |" + (f" reference mean@16 % ({REFERENCE_MODEL}) |" if reference else ""))
     lines = [head, "|---" + "|---:" * (head.count("|") - 2) + "|"]
     for r in rows:
-        spread = f"± {_pct(r.ci95)}" if r.ci95 is not None else f"± {_pct(r.se)}"
+        spread = _interval(r) or (f"± {_pct(r.ci95)}" if r.ci95 is not None else f"± {_pct(r.se)}")
         seeds = (" / ".join(_pct(x) for x in r.finals) + " | ") if several else ""
         ref = (" " + ("-" if r.reference is None else f"{r.reference:.1f}") + " |") if reference else ""
         compute = ("0 | - | - | - | 0 | - | - |" if r.label == PRE_RL else
@@ -448,16 +568,18 @@ def compact_table(rows: Sequence[Row], *, k: int = 16) -> list[str]:
     """The final table in a short form for a README: mean@k with its uncertainty, compute, reference."""
     reference = any(r.reference is not None for r in rows)
     several = any(r.ci95 is not None for r in rows)
-    lines = [f"| method | mean@{k} % ({'± 95% CI over seeds' if several else '± s.e.'}) | generated tokens | "
+    boot = any(r.ci_low is not None for r in rows)
+    lines = [f"| method | mean@{k} % ({'[95% CI over seeds and problems]' if boot else '± 95% CI over seeds' if several else '± s.e.'}) | generated tokens | "
              f"rollout + learning FLOPs | train time |" + (f" reference mean@16 % ({REFERENCE_MODEL}) |" if reference
                                                           else ""),
              "|---|---:|---:|---:|---:|" + ("---:|" if reference else "")]
     for r in rows:
         spread = r.ci95 if r.ci95 is not None else r.se
+        shown = f"{_pct(r.mean)} {_interval(r)}" if r.ci_low is not None else f"{_pct(r.mean)} ± {_pct(spread)}"
         compute = ("0 | - | - |" if r.label == PRE_RL else
                    f"{_count(r.generated_tokens)} | {r.total_flops:.3g} | {format_duration(r.train_s)} |")
         ref = (" " + ("-" if r.reference is None else f"{r.reference:.1f}") + " |") if reference else ""
-        lines.append(f"| {r.label} | {_pct(r.mean)} ± {_pct(spread)} | {compute}{ref}")
+        lines.append(f"| {r.label} | {shown} | {compute}{ref}")
     return lines
 
 
@@ -502,18 +624,29 @@ def markdown(rows: Sequence[Row], results: Mapping[str, Sequence[RunResult]], *,
     k = int(any_run.config.get("eval_k", 16))
     reference = any(r.reference is not None for r in rows)
     cfg = any_run.config
-    problems = cfg.get("eval_problems") or cfg.get("test_size")
+    final_count = cfg.get("final_eval_problems")
+    final_count = cfg.get("eval_problems") if final_count is None else final_count
+
+    def which(count) -> str:
+        return f"all {cfg.get('test_size')}" if not count else f"the first {count}"
+
+    where = (f"on {which(final_count)} problems of the held-out test split" if final_count == cfg.get("eval_problems")
+             else f"at the end on {which(final_count)} problems of the held-out test split (the intermediate "
+                  f"points on {which(cfg.get('eval_problems'))})")
     seeds = sorted({s for r in rows for s in r.seeds})
     lines = [f"# {title}", "",
              f"Model `{cfg.get('model')}` on `{cfg.get('env')}`. Evaluation: mean@{k}, {k} samples per test "
              f"problem at temperature {cfg.get('eval_temperature')}, up to {cfg.get('max_new_tokens')} new tokens, "
-             f"sparse reward, no search, on {'all' if not cfg.get('eval_problems') else 'the first'} "
-             f"{problems} problems of the held-out test split, the same problems for every method. "
+             f"sparse reward, no search, {where}, the same problems for every method. "
              f"Seeds: {', '.join(map(str, seeds))}.", ""]
     lines += [*notes, ""] if notes else []
-    lines += ["## Result", "", headline(rows), ""]
+    differences = paired_differences(results, rows)
+    lines += ["## Result", "", headline(rows, differences), ""]
     lines += ["## Final table", "", *_markdown_table(rows, k, reference), ""]
-    lines += [("Uncertainty: 95% Student-t interval over seeds of the final mean@k (the seed is the unit)."
+    lines += [("Uncertainty: 95% bootstrap interval over seeds and test problems (two levels: seeds, then "
+               "problems, resampled; the final evaluations' per-problem results)."
+               if any(r.ci_low is not None for r in rows) else
+               "Uncertainty: 95% Student-t interval over seeds of the final mean@k (the seed is the unit)."
                if any(r.ci95 is not None for r in rows) else
                "Uncertainty: standard error of mean@k over test problems (evaluation noise only; one seed "
                "does not measure training randomness).")
@@ -523,8 +656,14 @@ def markdown(rows: Sequence[Row], results: Mapping[str, Sequence[RunResult]], *,
         lines += [f"The reference column is the reference run's published mean@16 with {REFERENCE_MODEL} "
                   "on 820 test problems: a different model and scale, the same protocol, shown for orientation "
                   "only.", ""]
-    lines += ["## Differences", "", "In combined standard errors, z = (a - b) / sqrt(se_a^2 + se_b^2) "
-              "(unpaired; |z| >= 2 is roughly a 95% difference).", "", *_differences(rows), ""]
+    if differences:
+        lines += ["## Differences", "", "Each method against the best and against pre-RL: the difference of "
+                  "mean@k with a paired 95% bootstrap interval over seeds and test problems (the problems "
+                  "resampled jointly for both rows); significant when the interval excludes 0.", "",
+                  *_paired_table(differences), ""]
+    else:
+        lines += ["## Differences", "", "In combined standard errors, z = (a - b) / sqrt(se_a^2 + se_b^2) "
+                  "(unpaired; |z| >= 2 is roughly a 95% difference).", "", *_differences(rows), ""]
     lines += ["## Compute", "", *[f"- {n}" for n in _compute_notes(rows, results)], ""]
     for plot in plots:
         lines += [f"![{Path(plot).stem}]({Path(plot).name})", ""]
@@ -543,20 +682,23 @@ def markdown(rows: Sequence[Row], results: Mapping[str, Sequence[RunResult]], *,
 # Plots
 
 
-def _curve_series(runs: Sequence[RunResult]) -> list[tuple[list[float], list[float], list[float], list[float]]]:
-    """[(tokens, flops, accuracy %, error %)]: one averaged series when every seed has the same number of
-    evaluations (error = seed-level s.e. for n > 1, eval s.e. for n = 1), else one series per seed."""
-    lengths = {len(r.curve) for r in runs}
+def _curve_series(runs: Sequence[RunResult], start: CurvePoint | None = None,
+                  ) -> list[tuple[list[float], list[float], list[float], list[float]]]:
+    """[(tokens, flops, accuracy %, 95% half width %)]: one averaged series when every seed has the same
+    number of evaluations (half width: t-interval over seeds for n > 1, 1.96 eval s.e. for n = 1), else
+    one series per seed. `start`: a shared pre-RL point put first in every series."""
+    curves = [((start,) if start is not None else ()) + r.curve for r in runs]
+    lengths = {len(c) for c in curves}
     if len(runs) > 1 and len(lengths) == 1:
         series = []
-        for points in zip(*(r.curve for r in runs)):
+        for points in zip(*curves):
             acc = [p.accuracy for p in points]
+            half = (confidence_interval(acc)[1] if len(set(acc)) > 1 else 0.0)
             series.append((statistics.fmean(p.generated_tokens for p in points),
-                           statistics.fmean(p.total_flops for p in points),
-                           100 * statistics.fmean(acc), 100 * statistics.stdev(acc) / math.sqrt(len(acc))))
+                           statistics.fmean(p.total_flops for p in points), 100 * statistics.fmean(acc), 100 * half))
         return [tuple(map(list, zip(*series)))]
-    return [([p.generated_tokens for p in r.curve], [p.total_flops for p in r.curve],
-             [100 * p.accuracy for p in r.curve], [100 * p.stderr for p in r.curve]) for r in runs]
+    return [([p.generated_tokens for p in c], [p.total_flops for p in c],
+             [100 * p.accuracy for p in c], [196 * p.stderr for p in c]) for c in curves]
 
 
 def _pyplot():
@@ -571,18 +713,25 @@ def _pyplot():
 
 def plot_curves(results: Mapping[str, Sequence[RunResult]], path: Path, *, title: str, k: int) -> Path:
     """mean@k against generated tokens (left) and against rollout + learning FLOPs (right), one line per
-    label, error bars +- 1 standard error."""
+    label with its 95% band (over seeds; over test problems for one seed); a shared pre-RL evaluation
+    (label PRE_RL) starts every line. Lines differ in colour, marker and dash, so runs that coincide
+    stay visible."""
     from matplotlib.ticker import EngFormatter
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
-    several = any(len(runs) > 1 for runs in results.values())
-    for i, (label, runs) in enumerate(results.items()):
+    several = any(len(runs) > 1 for label, runs in results.items() if label != PRE_RL)
+    start = results[PRE_RL][0].initial if PRE_RL in results else None
+    markers, dashes = "osD^vP*X", ("-", "--", "-.", ":")
+    trained = [(label, runs) for label, runs in results.items() if label != PRE_RL]
+    for i, (label, runs) in enumerate(trained):
         color = plt.get_cmap("tab10")(i % 10)
-        for j, (tokens, flops, acc, err) in enumerate(_curve_series(runs)):
+        for j, (tokens, flops, acc, err) in enumerate(_curve_series(runs, start)):
             for ax, x in zip(axes, (tokens, flops)):
-                ax.errorbar(x, acc, yerr=err, color=color, marker="o", markersize=5, capsize=3, linewidth=2,
-                            label=label if j == 0 else None)
+                ax.plot(x, acc, color=color, marker=markers[i % len(markers)], markersize=6,
+                        linestyle=dashes[i % len(dashes)], linewidth=2, label=label if j == 0 else None)
+                ax.fill_between(x, [a - e for a, e in zip(acc, err)], [a + e for a, e in zip(acc, err)],
+                                color=color, alpha=0.12, linewidth=0)
     axes[0].set_xlabel("generated rollout tokens")
     axes[1].set_xlabel("rollout + learning FLOPs (estimate)")
     axes[0].set_ylabel(f"mean@{k} accuracy on the test problems (%)")
@@ -591,8 +740,8 @@ def plot_curves(results: Mapping[str, Sequence[RunResult]], path: Path, *, title
         ax.grid(True, alpha=0.3)
         ax.set_xlim(left=0)
     axes[0].legend(loc="best", frameon=True)
-    error = "1 s.e. over seeds" if several else "1 s.e. over test problems"
-    fig.suptitle(f"{title}\n(first point: the model before RL; error bars: {error})", fontsize=13)
+    band = "95% CI over seeds" if several else "95% CI over test problems"
+    fig.suptitle(f"{title}\n(first point: the model before RL; bands: {band})", fontsize=13)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -609,10 +758,16 @@ def plot_final(rows: Sequence[Row], path: Path, *, title: str, k: int) -> Path:
     shift = width / 2 if has_reference else 0.0
     several = any(r.ci95 is not None for r in rows)
     ours = [100 * r.mean for r in rows]
-    errs = [100 * (r.ci95 if r.ci95 is not None else r.se) for r in rows]
+    boot = any(r.ci_low is not None for r in rows)
+    if boot:  # the bootstrap interval, asymmetric: [mean - low, high - mean]
+        errs = [[100 * (r.mean - r.ci_low) if r.ci_low is not None else 0.0 for r in rows],
+                [100 * (r.ci_high - r.mean) if r.ci_high is not None else 0.0 for r in rows]]
+    else:
+        errs = [100 * (r.ci95 if r.ci95 is not None else r.se) for r in rows]
     bars = ax.bar([x - shift for x in xs], ours, width, yerr=errs, capsize=4, color="tab:blue",
-                  label=f"this run ({'95% CI over seeds' if several else '± 1 s.e.'})")
-    for bar, value, err in zip(bars, ours, errs):
+                  label=f"this run ({'95% CI over seeds and problems' if boot else '95% CI over seeds' if several else '± 1 s.e.'})")
+    tops = errs[1] if boot else errs
+    for bar, value, err in zip(bars, ours, tops):
         ax.annotate(f"{value:.2f}" if value < 10 else f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value + err),
                     xytext=(0, 3),
                     textcoords="offset points", ha="center", va="bottom", fontsize=10, fontweight="bold")
@@ -668,7 +823,11 @@ def write_report(runs: Mapping[str, Sequence[str | Path]], out_dir: str | Path, 
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(path)
-    (out / "table.md").write_text("\n\n".join([*notes, "\n".join(compact_table(rows, k=k)), headline(rows)]) + "\n")
+    differences = paired_differences(results, rows)
+    (out / "table.md").write_text("\n\n".join([*notes, "\n".join(compact_table(rows, k=k)),
+                                                *(["\n".join(_paired_table(differences))] if differences else []),
+                                                headline(rows, differences)]) + "\n")
     (out / "summary.json").write_text(json.dumps({"title": title, "rows": [r.to_dict() for r in rows],
-                                                  "headline": headline(rows)}, indent=1) + "\n")
+                                                  "differences": differences,
+                                                  "headline": headline(rows, differences)}, indent=1) + "\n")
     return path

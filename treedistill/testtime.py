@@ -158,7 +158,7 @@ class SweepConfig:
     # Progressive widening of the search (SearchConfig.widen_c / widen_alpha; 0 = off, each node
     # expanded once). Chosen once on 100 training problems at ~4,000 tokens per problem: widen_c 1
     # (100 simulations) beat 2 (64 simulations, a third of the paths left incomplete) on the chosen
-    # answers' dense reward, +0.16 vs +0.14; see README.
+    # answers' dense reward, +0.16 vs +0.14; see docs/log.md.
     widen_c: float = 1.0
     widen_alpha: float = 0.5
     mcts_terminal: str = "legal"    # the mcts row's terminal values: "legal" | "value" (never the reward)

@@ -11,8 +11,12 @@ prefill, cache hits, forward calls) and the learner's own forwards and backwards
 `metrics.ComputeCounters`. A run ends at cfg.steps or at the first budget reached
 (budget_generated_tokens, budget_flops), checked after every step. A step that would run past the
 generated-token budget takes fewer problems (`problems_for_step`): so methods whose steps cost very
-different amounts (an MCTS step searches 16 trees, a GRPO step samples 16 x 8 completions) all end
-within about one problem's tokens of the same budget instead of up to one whole step past it.
+different amounts (an MCTS step searches 16 trees, a GRPO step samples 4 x 16 completions) all end
+within about one problem's tokens of the same budget instead of up to one whole step past it. Only the
+final budget cuts a step: an evaluation point (`eval_at_tokens`) is taken after the step that passes
+it, so a run evaluated at k points trains exactly as the same run evaluated only at its end. With a
+budget, warm-up and decay are fractions of the budget (`TrainConfig.lr_multiplier`), so every method
+spends the same share of its compute at each learning rate.
 
 Exact resume. Every random choice of a step is seeded from (cfg.seed, what, step): the problems
 (a seeded shuffle per epoch, the position saved), the engine's samples, the search, the minibatch
@@ -20,21 +24,25 @@ order; evaluation always uses cfg.seed. The engine's prefix cache is emptied bef
 evaluation, so no phase depends on what an earlier one left there (nor on stale keys/values of
 weights that have since changed). A checkpoint holds model, value head, optimizer, all RNG states,
 the data position, the counters and the loop's own state; the learning rate is a pure function of
-the step (`TrainConfig.lr_multiplier`), so there is no scheduler state. A run killed at any moment
+the step and the compute spent (`TrainConfig.lr_multiplier`), so there is no scheduler state. A run killed at any moment
 and resumed from its newest complete checkpoint therefore repeats the same steps with the same
 numbers on CPU (tests/test_resume.py kills real processes between steps and inside a checkpoint write).
 
 Run folder: config.yaml (resolved), metrics.jsonl (one "train" line per step, one "eval" line per
 evaluation, step 0 = before RL), samples.jsonl (a few decoded trajectories at each evaluation),
-checkpoints/, report.md (final evaluation and the learning curve).
+checkpoints/, report.md (final evaluation and the learning curve), final/ (the trained model as a
+Hugging Face folder, exported from the newest checkpoint by `treedistill.export`), and .treedistill-run, which
+marks the folder as a run and is locked (fcntl.flock) while a process runs in it: a second run on the
+folder, a folder of other files, or one that cannot be written is refused before any compute.
 
 Departures from the reference run (../shared/docs/method.md):
 - importance ratios divide by the behaviour log-probs recorded at generation, never by log-probs
   recomputed before the update;
 - dropout stays off (the model is kept in eval mode) so that the trained function is the one that
   sampled;
-- a non-finite loss or gradient norm skips its update instead of corrupting the weights; three such
-  updates in a row stop the run;
+- a non-finite loss or gradient norm skips its update instead of corrupting the weights, and an update
+  that leaves a weight non-finite is rolled back (weights and optimizer state); three such updates in
+  a row stop the run;
 - the frozen reference policy is run only when the loss has a KL term (kl_coef > 0), so a method
   without one is neither slowed nor charged compute for a number it does not use.
 """
@@ -44,12 +52,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
+import fcntl
 import functools
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -67,6 +78,8 @@ from treedistill.envs import get_env
 from treedistill.envs.countdown import generate_problems
 from treedistill.errors import UsageError
 from treedistill.evaluate import evaluate
+from treedistill.export import write_final
+from treedistill.jsonl import writable_folder
 from treedistill.methods import METHODS, RolloutContext
 from treedistill.metrics import ComputeCounters, MetricsLogger, Progress, format_duration, read_metrics
 from treedistill.models.load import load_policy
@@ -75,17 +88,23 @@ from treedistill.rollout.collate import to_batch
 from treedistill.rollout.sample import completion_text
 
 __all__ = ["DivergedError", "Learned", "RESUMABLE_CHANGES", "Shard", "advance_bar", "append_jsonl",
-           "apply_update", "check_same_run", "clear_engine_cache", "derive_seed", "finish_run", "learn", "load_problems",
+           "apply_update", "check_context", "check_same_run", "claim_run_folder", "clear_engine_cache", "derive_seed", "finish_run",
+           "holding_run_folder", "is_run_folder", "learn", "load_problems",
            "load_train_policy", "open_run_logs", "reference_policy", "restore_loop", "resume_point", "sample_records",
-           "take_problems", "train", "truncate_jsonl", "why_stop", "write_report"]
+           "take_problems", "train", "truncate_jsonl", "why_stop", "write_report", "budget_progress", "spent",
+           "passed_eval_point", "eval_stats"]
 
 # Settings that may differ between a run and its resumption: they change when the run stops or how it
 # is logged, not what any step computes (`steps` does move a linear decay that ends at `steps`).
 RESUMABLE_CHANGES = ("steps", "budget_generated_tokens", "budget_flops", "keep_checkpoints", "log_backends",
-                     "wandb_project", "eval_every", "checkpoint_every")
+                     "wandb_project", "eval_every", "checkpoint_every", "eval_at_tokens", "final_eval_problems",
+                     "eval_before_rl")
 # Quantities whose non-finite value skips an update, in the order they are named.
 CHECKED = ("policy_loss", "value_loss", "kl", "loss", "grad_norm")
 MAX_NONFINITE_IN_A_ROW = 3
+# The file that marks a folder as a run's and is locked while a process runs in it; the files a run writes.
+RUN_MARKER = ".treedistill-run"
+RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "report.md")
 
 # Splits an environment can generate from (train_size, test_size, data_seed) when no file is given.
 GENERATORS = {"countdown": lambda cfg: generate_problems(cfg.train_size, cfg.test_size, cfg.data_seed)}
@@ -148,16 +167,45 @@ def forward(policy, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | N
 
 def apply_update(optimizer, params: list, metrics: dict, cfg: TrainConfig) -> dict:
     """Clip the accumulated gradients and step, or skip the step when a loss or the gradient norm is
-    not finite (the gradients are dropped either way). Returns metrics + grad_norm + nonfinite (the
-    names of the non-finite quantities; empty when the step was taken)."""
+    not finite (the gradients are dropped either way). A step that leaves a weight non-finite (finite
+    gradients can still overflow in the update) is rolled back: the weights and the optimizer state
+    return to what they were before it, and "weights" is named as non-finite. Returns metrics +
+    grad_norm + nonfinite (the names of the non-finite quantities; empty when the step was taken).
+
+    The roll-back costs one copy of the trainable weights and of the optimizer state per update."""
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     values = {**metrics, "grad_norm": grad_norm}
     bad = [name for name in CHECKED if name in values and not math.isfinite(values[name])]
     if not bad:
+        weights = [_local(p).detach().clone() for p in params]
+        state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                 for p, s in optimizer.state.items()}
         optimizer.step()
+        if not _all_finite(params):
+            with torch.no_grad():
+                for p, saved in zip(params, weights):
+                    _local(p).copy_(saved)
+            optimizer.state.clear()
+            optimizer.state.update(state)
+            bad = ["weights"]
     optimizer.zero_grad(set_to_none=True)
     return {**values, "nonfinite": bad}
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter: its shard under FSDP (a DTensor), else itself."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def _all_finite(params: list) -> bool:
+    """Whether every weight is finite, in every process when several share the parameters (FSDP: each
+    checks its shards, and all agree on the answer, so all roll back together)."""
+    local = [_local(p) for p in params]
+    flag = torch.stack([torch.isfinite(t).all() for t in local]).all().to(torch.int32)  # scalar
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag)
 
 
 def _mean_metrics(updates: list[dict]) -> dict:
@@ -226,10 +274,13 @@ class Learned:
 
 
 def learn(trajectories: Sequence, *, policy, reference, method, optimizer, params: list, counters: ComputeCounters,
-          cfg: TrainConfig, step: int, nonfinite_streak: int, shard: Shard = Shard()) -> Learned:
+          cfg: TrainConfig, step: int, nonfinite_streak: int, shard: Shard = Shard(),
+          progress: float | None = None) -> Learned:
     """Steps 2 to 4 of the loop on one step's trajectories: rewards -> advantages (with V(s_t) and the
     reference log-probs of these very rows) -> cfg.epochs x minibatches optimizer updates, each
-    accumulated over micro-batches. Counts the learner's compute into `counters`."""
+    accumulated over micro-batches. Counts the learner's compute into `counters`. progress: the
+    share of the run's budget this step stands at (`budget_progress`; None: a step-limited run),
+    which sets the learning rate."""
     # 2. rewards -> 3. advantages, with V(s_t) and the reference log-probs of these very rows
     batch = to_batch(trajectories, pad_id=policy.pad_token_id, device=policy.device)
     # (the reference pass only where the loss has a KL term: a method without one is not charged for it)
@@ -242,8 +293,9 @@ def learn(trajectories: Sequence, *, policy, reference, method, optimizer, param
             if cfg.kl_coef > 0:
                 ref_logprobs.append(reference(micro.input_ids, micro.attention_mask))
     passes = (policy.value_head is not None) + (cfg.kl_coef > 0)
-    counters.add_learning(inference_tokens=passes * int(batch.attention_mask.sum()),
-                          forward_calls=passes * len(micros))
+    tokens = int(batch.attention_mask.sum())
+    counters.add_learning(inference_tokens=passes * tokens, forward_calls=passes * len(micros),
+                          head_inference_tokens=tokens if policy.value_head is not None else 0)
     width = batch.input_ids.shape[1]
     old_values = _pad_cat(old_values, width) if old_values else None  # [B, T]
     advantages, returns = method.advantages(batch.rewards, old_values, batch.loss_mask, cfg)  # [B, T] x2
@@ -251,7 +303,7 @@ def learn(trajectories: Sequence, *, policy, reference, method, optimizer, param
                                 ref_logprobs=_pad_cat(ref_logprobs, width) if ref_logprobs else None)
 
     # 4. loss and optimizer update(s): epochs x minibatches, each accumulated over micro-batches
-    lr = cfg.lr * cfg.lr_multiplier(step - 1)
+    lr = cfg.lr * cfg.lr_multiplier(step - 1, progress)
     for group in optimizer.param_groups:
         group["lr"] = lr
     shuffle = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatches", step))
@@ -267,7 +319,8 @@ def learn(trajectories: Sequence, *, policy, reference, method, optimizer, param
                 loss.backward()
                 parts.append(metrics)
                 trained_tokens += int(micro.attention_mask.sum())
-            counters.add_learning(train_tokens=trained_tokens, forward_calls=len(parts))
+            counters.add_learning(train_tokens=trained_tokens, forward_calls=len(parts),
+                                  head_train_tokens=trained_tokens if policy.value_head is not None else 0)
             update = apply_update(optimizer, params, combine_metrics(shard.gather(parts)), cfg)
             updates.append(update)
             skipped += bool(update["nonfinite"])
@@ -277,6 +330,14 @@ def learn(trajectories: Sequence, *, policy, reference, method, optimizer, param
                                f"step {step}: non-finite {', '.join(update['nonfinite'])} in {nonfinite_streak} "
                                "updates in a row; run stopped (its last checkpoint holds the weights before)")
     return Learned(batch, updates, lr, skipped, nonfinite_streak, None)
+
+
+def eval_stats(result) -> dict:
+    """An evaluation's metrics-line fields: eval_<statistic>, and eval_per_problem [P] (each test
+    problem's mean sparse reward over its k samples, in test-split order), which paired comparisons
+    between runs evaluated on the same problems read (report.py)."""
+    stats = {f"eval_{k}": v for k, v in result.to_dict().items() if k != "seconds"}
+    return {**stats, "eval_per_problem": [round(x, 6) for x in result.per_problem]}
 
 
 def clear_engine_cache(engine) -> None:
@@ -299,19 +360,20 @@ def reference_policy(policy, stack: contextlib.ExitStack):
     return ref
 
 
-def resume_point(run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to continue from: auto = the run folder's newest complete one (None: start),
+def resume_point(run_dir: Path, resume: str) -> tuple[Path | None, dict | None]:
+    """(the checkpoint to continue from, its loaded state), or (None, None) to start: auto = the run
+    folder's newest checkpoint that loads (a newer damaged one is skipped with a warning; none: start),
     never = none (refused if the folder already holds checkpoints), else a checkpoint or run folder."""
     if resume == "auto":
-        return checkpoint.latest_checkpoint(run_dir)
+        return checkpoint.load_latest(run_dir) or (None, None)
     if resume == "never":
         if checkpoint.latest_checkpoint(run_dir) is not None:
             raise UsageError(f"{run_dir} already holds checkpoints; use another --run-dir or --resume auto")
-        return None
+        return None, None
     path = Path(resume).expanduser()
     if (path / checkpoint.MARKER).is_file():
-        return path
-    found = checkpoint.latest_checkpoint(path) if path.is_dir() else None
+        return path, checkpoint.load_checkpoint(path)
+    found = checkpoint.load_latest(path) if path.is_dir() else None
     if found is None:
         raise UsageError(f"--resume {resume}: not a complete checkpoint nor a run folder holding one")
     return found
@@ -329,12 +391,13 @@ def truncate_jsonl(path: Path, step: int | None) -> None:
     """Keep the records of steps <= step (None: none), so a resumed run rewrites what followed."""
     kept = []
     if step is not None and path.exists():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
-                if json.loads(line).get("step", math.inf) <= step:
-                    kept.append(line + "\n")
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                continue  # a line cut short by a kill (or damaged by hand)
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line + "\n")
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
@@ -360,6 +423,108 @@ def restore_loop(saved: dict | None, counters: ComputeCounters) -> tuple[int, in
     return int(loop["step"]), int(loop["skipped_updates"]), int(loop["nonfinite_streak"]), float(loop["wall_s"])
 
 
+def is_run_folder(run_dir: Path) -> bool:
+    """Whether a folder is a treedistill run's: it holds the RUN_MARKER, or (run folders written before
+    the marker existed) a complete checkpoint, a config.yaml of TrainConfig's settings, or a
+    metrics.jsonl whose first line is a metrics record."""
+    if (run_dir / RUN_MARKER).is_file() or checkpoint.list_checkpoints(run_dir):
+        return True
+    if [p.name for p in run_dir.iterdir()] == ["checkpoints"] and not any((run_dir / "checkpoints").iterdir()):
+        return True  # what a refused or failed start leaves in a folder it did not create
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = first = None
+    try:
+        if (run_dir / "config.yaml").is_file():
+            config = yaml.safe_load((run_dir / "config.yaml").read_bytes())
+        if (run_dir / "metrics.jsonl").is_file():
+            with open(run_dir / "metrics.jsonl", "rb") as f:
+                first = json.loads(f.readline(1 << 20) or b"null")
+    except (OSError, ValueError, RecursionError, yaml.YAMLError):  # ValueError: JSON, UTF-8, int digits
+        return False
+    if isinstance(config, dict) and {"method", "model", "env"} <= config.keys():
+        return 4 * len(fields & config.keys()) >= 3 * len(config)  # a few keys of another version may differ
+    return isinstance(first, dict) and {"kind", "step"} <= first.keys()
+
+
+@contextlib.contextmanager
+def claim_run_folder(run_dir: Path):
+    """Hold `run_dir` for one run, or refuse it (UsageError, before any compute): not a folder, holding
+    files that are not a treedistill run's, not writable (itself, checkpoints/ or a run file), or held by
+    another process, whose pid the message gives. Held by an OS lock on RUN_DIR/.treedistill-run
+    (fcntl.flock: released when the block ends or the process dies, however it dies). A folder this
+    call created is removed again when the block fails before writing anything into it. An OSError in
+    the block (a full disk, a folder made read-only) becomes a one-line UsageError: checkpoints are
+    written atomically, so the newest complete one is intact."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir} is a file, not a folder")
+    try:
+        foreign = run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_folder(run_dir)
+        names = sorted(p.name for p in run_dir.iterdir()) if foreign else []
+    except OSError as err:
+        raise UsageError(f"--run-dir {run_dir} cannot be read ({err.strerror})") from None
+    if foreign:
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise UsageError(f"--run-dir {run_dir} holds files that are not a treedistill run's ({shown}): "
+                         "choose an empty or new folder")
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / RUN_MARKER, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise UsageError(f"--run-dir {run_dir} cannot be created or written ({err.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = re.search(r"pid (\d+)", os.pread(fd, 200, 0).decode("utf-8", "replace"))
+            raise UsageError(f"--run-dir {run_dir} is in use by another run (pid {holder[1] if holder else '?'}); "
+                             "wait for it to end or choose another folder") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"treedistill run folder, held while running by pid {os.getpid()}\n".encode(), 0)
+            for folder in (run_dir, run_dir / "checkpoints"):
+                writable_folder(folder)
+            for name in RUN_FILES:
+                if (run_dir / name).exists() and not os.access(run_dir / name, os.W_OK):
+                    raise PermissionError(errno.EACCES, "Permission denied", str(run_dir / name))
+        except OSError as err:
+            raise UsageError(f"--run-dir {run_dir} cannot be written: {_os_error(err)}") from None
+        yield
+    except OSError as err:
+        if created:
+            _remove_unused(run_dir)
+        raise UsageError(f"stopped by an I/O error: {_os_error(err)}") from None
+    except BaseException:
+        if created:
+            _remove_unused(run_dir)
+        raise
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _os_error(err: OSError) -> str:
+    """An OSError as "what: which file" (without Python's "[Errno N]")."""
+    return f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
+
+
+def _remove_unused(run_dir: Path) -> None:
+    """Remove a run folder that holds nothing but what `claim_run_folder` put there."""
+    with contextlib.suppress(OSError):
+        if {p.name for p in run_dir.iterdir()} <= {RUN_MARKER, "checkpoints"}:
+            (run_dir / "checkpoints").rmdir()  # only when empty
+            (run_dir / RUN_MARKER).unlink()
+            run_dir.rmdir()
+
+
+def holding_run_folder(loop):
+    """`loop(cfg, run_dir, ...)` (a training loop) run while this process holds run_dir (`claim_run_folder`)."""
+    @functools.wraps(loop)
+    def run(cfg, run_dir, **options):
+        with claim_run_folder(Path(run_dir)):
+            return loop(cfg, run_dir, **options)
+    return run
+
+
 def open_run_logs(run_dir: Path, cfg: TrainConfig, resumed_at: int | None) -> MetricsLogger:
     """The run folder with its config.yaml, and its metrics logger; metrics.jsonl and samples.jsonl keep
     only the records up to `resumed_at` (None: a new run, both start empty)."""
@@ -380,6 +545,29 @@ def problems_for_step(cfg: TrainConfig, counters: ComputeCounters, problems_seen
         return cfg.problems_per_step
     per_problem = spent / problems_seen
     return max(1, min(cfg.problems_per_step, math.ceil((budget - spent) / per_problem)))
+
+
+def spent(counters: ComputeCounters) -> tuple[int, float]:
+    """(generated tokens, total FLOPs) spent so far: what budgets and evaluation points are measured in."""
+    return counters.rollout_generated_tokens, counters.total_flops
+
+
+def budget_progress(cfg: TrainConfig, before: tuple[int, float], after: tuple[int, float]) -> float | None:
+    """The share of the run's budget at which this step's update stands: the midpoint of the shares
+    spent before and after its rollout (generated tokens when that budget is set, else FLOPs), so an
+    update is scheduled by the compute its data cost. None for a step-limited run."""
+    if cfg.budget_generated_tokens is not None:
+        return (before[0] + after[0]) / 2 / cfg.budget_generated_tokens
+    if cfg.budget_flops is not None:
+        return (before[1] + after[1]) / 2 / cfg.budget_flops
+    return None
+
+
+def passed_eval_point(cfg: TrainConfig, before: int, after: int) -> bool:
+    """Whether the step that took the run's generated tokens from `before` to `after` passed one of
+    cfg.eval_at_tokens: the run is evaluated after that step, which is never cut for it (only the
+    final budget cuts a step, `problems_for_step`), so evaluating changes no step of training."""
+    return any(before < point <= after for point in cfg.eval_at_tokens)
 
 
 def why_stop(step: int, counters: ComputeCounters, cfg: TrainConfig) -> str | None:
@@ -460,6 +648,18 @@ def write_report(run_dir: Path, cfg: TrainConfig, stop_reason: str, wall_s: floa
 # The loop
 
 
+def check_context(cfg: TrainConfig, policy, env, problems: Sequence[dict]) -> None:
+    """Refuse (UsageError, before any compute) a run whose longest prompt plus max_new_tokens does not
+    fit in the model's context. The longest prompts by characters stand for the longest by tokens."""
+    longest = sorted(problems, key=lambda p: len(json.dumps(p)), reverse=True)[:8]
+    prompt = max(len(policy.prompt_ids(env.messages(p, compact=policy.compact_prompt))) for p in longest)
+    if prompt + cfg.max_new_tokens > policy.context_length:
+        raise UsageError(f"max_new_tokens={cfg.max_new_tokens} does not fit: prompts of up to {prompt} tokens "
+                         f"leave room for {policy.context_length - prompt} in {policy.name}'s context of "
+                         f"{policy.context_length} tokens")
+
+
+@holding_run_folder
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine: str = "native",
           progress: bool = True) -> dict:
     """Run (or continue) training as the config says; returns a summary of the run.
@@ -471,15 +671,17 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
     # ---- set-up: everything that can refuse the input comes before any compute
     run_dir = Path(run_dir)
     method = METHODS[cfg.method]
-    start_from = resume_point(run_dir, resume)
-    saved = checkpoint.load_checkpoint(start_from) if start_from is not None else None
+    _, saved = resume_point(run_dir, resume)
     if saved is not None:
         check_same_run(saved["config"], cfg)
     env = get_env(cfg.env)
     train_problems, test_problems = load_problems(cfg, env)
     eval_problems = test_problems[:cfg.eval_problems] if cfg.eval_problems else test_problems
+    final_count = cfg.eval_problems if cfg.final_eval_problems is None else cfg.final_eval_problems
+    final_eval_problems = test_problems[:final_count] if final_count else test_problems
     torch.manual_seed(cfg.seed)
     policy = load_train_policy(cfg)
+    check_context(cfg, policy, env, [*train_problems, *test_problems])
     stack = contextlib.ExitStack()
     # the frozen initial policy, for the KL term: taken BEFORE any checkpoint weights are loaded
     reference = reference_policy(policy, stack) if cfg.kl_coef > 0 else None
@@ -489,7 +691,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
         params += list(policy.value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     head_params = sum(p.numel() for p in policy.value_head.parameters()) if policy.value_head is not None else 0
-    counters = ComputeCounters(params=policy.num_parameters + head_params)
+    counters = ComputeCounters(params=policy.num_parameters, head_params=head_params)
     step, skipped_updates, nonfinite_streak, wall_before = restore_loop(saved, counters)
     position = 0
     if saved is not None:
@@ -505,19 +707,19 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
     def wall() -> float:
         return wall_before + time.perf_counter() - started
 
-    def evaluation(at_step: int, trajectories: Sequence = ()) -> dict:
+    def evaluation(at_step: int, trajectories: Sequence = (), final: bool = False) -> dict:
         t0 = time.perf_counter()
         clear_engine_cache(gen)
-        result = evaluate(gen, policy, env, eval_problems, k=cfg.eval_k, temperature=cfg.eval_temperature,
+        problems = final_eval_problems if final else eval_problems
+        result = evaluate(gen, policy, env, problems, k=cfg.eval_k, temperature=cfg.eval_temperature,
                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        shown = eval_problems[:cfg.eval_samples_logged]
+        shown = problems[:cfg.eval_samples_logged]
         append_jsonl(run_dir / "samples.jsonl",
                       sample_records(ctx, shown, at_step, trajectories[:cfg.eval_samples_logged]))
-        stats = {f"eval_{k}": v for k, v in result.to_dict().items() if k != "seconds"}
-        return logger.log(at_step, {"kind": "eval", **stats, **counters.as_dict(), "eval_s": time.perf_counter() - t0,
-                                    "wall_s": wall()})
+        return logger.log(at_step, {"kind": "eval", **eval_stats(result), **counters.as_dict(),
+                                    "eval_s": time.perf_counter() - t0, "wall_s": wall()})
 
-    if step == 0:
+    if step == 0 and cfg.eval_before_rl:
         evaluation(0)  # before RL
     stop_reason = why_stop(step, counters, cfg)
     bar = Progress(cfg.steps, initial=step, desc=f"train {cfg.method}") if progress and stop_reason is None else None
@@ -529,6 +731,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
 
             # 1. collect trajectories (scored inside: best-of-N and the search choose by reward)
             clear_engine_cache(gen)  # cached keys/values belong to the weights before the last update
+            spent_before = spent(counters)
             problems = take_problems(train_problems, cfg.seed, position, problems_for_step(cfg, counters, position))
             position += len(problems)
             before = gen.counters.snapshot()
@@ -543,7 +746,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
 
             # 2. rewards -> 3. advantages -> 4. loss and optimizer update(s)
             learned = learn(trajectories, policy=policy, reference=reference, method=method, optimizer=optimizer,
-                            params=params, counters=counters, cfg=cfg, step=step, nonfinite_streak=nonfinite_streak)
+                            params=params, counters=counters, cfg=cfg, step=step, nonfinite_streak=nonfinite_streak,
+                            progress=budget_progress(cfg, spent_before, spent(counters)))
             skipped_updates += learned.skipped
             nonfinite_streak = learned.nonfinite_streak
             t_learn = time.perf_counter()
@@ -558,9 +762,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
             if learned.diverged:
                 raise DivergedError(learned.diverged)
 
-            # 6. periodic evaluation (mean@k, sparse reward, no search), and always at the end
-            if (cfg.eval_every and step % cfg.eval_every == 0) or stop_reason:
-                last_eval = evaluation(step, trajectories)
+            # 6. evaluation (mean@k, sparse reward, no search): every eval_every steps, after the step
+            #    that passes an evaluation point, and always at the end
+            if (cfg.eval_every and step % cfg.eval_every == 0) or stop_reason or passed_eval_point(
+                    cfg, spent_before[0], counters.rollout_generated_tokens):
+                last_eval = evaluation(step, trajectories, final=stop_reason is not None)
 
             # 7. checkpoint (atomic; the newest keep_checkpoints kept), and always at the end
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or stop_reason:
@@ -588,16 +794,19 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
 
 def finish_run(run_dir: Path, cfg: TrainConfig, *, step: int, stop_reason: str | None, skipped_updates: int,
                counters: ComputeCounters, wall_s: float, **extra) -> dict:
-    """Write DIR/report.md and return the run's summary: its evaluation curve, compute counters and
-    `extra` fields (the single-process and the distributed loop end the same way)."""
+    """Write DIR/report.md and the trained model DIR/final/ (from the newest checkpoint, so that the
+    distributed loop's, written by whichever process holds the weights, serves as well), and return the
+    run's summary: its evaluation curve, compute counters, the final folder and `extra` fields (the
+    single-process and the distributed loop end the same way)."""
     write_report(run_dir, cfg, stop_reason, wall_s)
+    final = write_final(run_dir)
     evals = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
     return {"run_dir": str(run_dir), "method": cfg.method, "steps": step, "stop_reason": stop_reason,
             "skipped_updates": skipped_updates, "eval_k": cfg.eval_k,
             "curve": [{"step": r["step"], "generated_tokens": r["rollout_generated_tokens"],
                        "total_flops": r["total_flops"], "accuracy": r["eval_accuracy"],
                        "stderr": r["eval_stderr"]} for r in evals],
-            **counters.as_dict(), "wall_s": wall_s, **extra}
+            **counters.as_dict(), "wall_s": wall_s, "final": str(final) if final else None, **extra}
 
 
 def _pad_cat(parts: list[torch.Tensor], width: int) -> torch.Tensor:

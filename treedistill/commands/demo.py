@@ -1,11 +1,13 @@
 """`treedistill demo` (what `make demo` runs): MCTS distillation against best-of-N, CISPO and GRPO at
 the same budget of generated tokens, on the embedded tiny model, in minutes on 2 CPU cores.
 
-Every method starts from the same tiny model, trains to the same generated-token budget and is
-evaluated the same way (mean@16, sparse reward, no search, temperature 0.2) on the same fixed subset
-of the held-out test split: its first EVAL_PROBLEMS problems. The subset, not all 820, is what lets
-five evaluation points per method fit the time limit; its standard errors say what it costs.
-Nothing is tuned toward a winner: the methods run their shipped presets.
+Every method starts from the same tiny model, trains to the same generated-token budget with the
+same update structure (four minibatch updates per rollout batch) and a warm-up that is the same
+share of the budget, and is evaluated the same way (mean@16, sparse reward, no search, temperature
+0.2) on the same fixed subset of the held-out test split: its first EVAL_PROBLEMS problems. The model
+before RL is evaluated once and shared. The subset, not all 820, is what lets the evaluations fit the
+time limit; the intervals say what it costs. Nothing is tuned toward a winner: the methods run their
+shipped presets.
 """
 
 from __future__ import annotations
@@ -90,8 +92,9 @@ def run(args) -> dict:
         f"Made by `treedistill demo --budget-generated-tokens {budget}` on {today}, {_machine()}, "
         f"{_cores()} CPU cores usable. Each method trains from the same embedded tiny model to the same budget of "
         f"{budget:,} generated rollout tokens (the fairness knob) with its shipped preset, nothing tuned; "
-        f"evaluated before RL and at {EVALUATIONS} equally spaced budget points on the first {EVAL_PROBLEMS} "
-        "problems of the held-out test split (the same subset for every method).",
+        f"evaluated when it passes each of {EVALUATIONS} equally spaced budget points (never cutting a step for "
+        f"one) on the first {EVAL_PROBLEMS} problems of the held-out test split (the same subset for every "
+        "method); the model before RL evaluated once, on the same problems, and shared.",
     ]
     _log(f"{len(DEMO_PRESETS)} methods x {budget:,} generated tokens each, evaluations on {EVAL_PROBLEMS} test "
          f"problems x 16 samples, output in {args.run_dir}")

@@ -81,5 +81,6 @@ def run(args) -> dict:
         print(f"{summary['distributed']['generators']} generators: {summary['problems_trained']} problems trained, "
               f"{summary['dropped_stale']} dropped as stale, {summary['requeued_problems']} requeued, "
               f"{summary['generator_restarts']} generator restarts")
-    print(f"run folder: {run_dir} (report.md, metrics.jsonl, samples.jsonl, checkpoints/)")
+    print(f"run folder: {run_dir} (report.md, metrics.jsonl, samples.jsonl, checkpoints/, "
+          f"final/: the trained model)")
     return summary

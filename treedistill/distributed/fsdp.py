@@ -133,15 +133,18 @@ class LearnerRank:
                 set_model_state_dict(head, saved["value_head"], options=StateDictOptions(full_state_dict=True))
             set_optimizer_state_dict(self.container, self.optimizer, optimizer_by_name(saved["optimizer"], self.names),
                                      options=StateDictOptions(full_state_dict=True))
-        return sum(p.numel() for p in self.container.parameters())
+        head_params = sum(p.numel() for p in head.parameters()) if head is not None else 0
+        return sum(p.numel() for p in self.container.parameters()) - head_params, head_params
 
-    def learn(self, trajectories: list, step: int, nonfinite_streak: int, skipped_updates: int) -> dict:
+    def learn(self, trajectories: list, step: int, nonfinite_streak: int, skipped_updates: int,
+              progress: float | None = None) -> dict:
         """train.learn on this rank's share; -> the compute spent here, and on rank 0 the step's
         metrics, skipped updates, non-finite streak and divergence message."""
         counters = ComputeCounters()
         learned = learn(trajectories, policy=self.policy, reference=self.reference, method=self.method,
                         optimizer=self.optimizer, params=self.params, counters=counters, cfg=self.cfg, step=step,
-                        nonfinite_streak=nonfinite_streak, shard=Shard(self.rank, self.world, _gather))
+                        nonfinite_streak=nonfinite_streak, shard=Shard(self.rank, self.world, _gather),
+                        progress=progress)
         out = {"compute": counters.state_dict()}
         if self.rank == 0:
             out.update(metrics=learned.metrics(trajectories, skipped_updates + learned.skipped),
@@ -200,15 +203,18 @@ class FSDPLearner:
                       .remote(cfg, rank, world, device) for rank in range(world)]
         host, port = ray.get(self.ranks[0].address.remote())
         start = None if start_from is None else str(start_from)
-        self.num_params = ray.get([r.setup.remote(host, port, start) for r in self.ranks])[0]
+        self.num_params, self.head_params = ray.get([r.setup.remote(host, port, start) for r in self.ranks])[0]
 
-    def learn(self, trajectories, *, step: int, nonfinite_streak: int, skipped_updates: int, counters):
+    def learn(self, trajectories, *, step: int, nonfinite_streak: int, skipped_updates: int, counters,
+              progress: float | None = None):
         shared = ray.put(list(trajectories))
-        outs = ray.get([r.learn.remote(shared, step, nonfinite_streak, skipped_updates) for r in self.ranks])
+        outs = ray.get([r.learn.remote(shared, step, nonfinite_streak, skipped_updates, progress)
+                        for r in self.ranks])
         for out in outs:
             c = out["compute"]
             counters.add_learning(train_tokens=c["learn_train_tokens"], inference_tokens=c["learn_inference_tokens"],
-                                  forward_calls=c["learn_forward_calls"])
+                                  forward_calls=c["learn_forward_calls"], head_train_tokens=c["learn_head_train_tokens"],
+                                  head_inference_tokens=c["learn_head_inference_tokens"])
         first = outs[0]
         return first["metrics"], first["skipped"], first["nonfinite_streak"], first["diverged"]
 

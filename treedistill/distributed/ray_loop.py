@@ -63,18 +63,23 @@ from treedistill.train import (
     DivergedError,
     advance_bar,
     append_jsonl,
+    budget_progress,
     check_same_run,
     clear_engine_cache,
     derive_seed,
+    eval_stats,
     finish_run,
+    holding_run_folder,
     learn,
     load_problems,
     load_train_policy,
     open_run_logs,
+    passed_eval_point,
     reference_policy,
     restore_loop,
     resume_point,
     sample_records,
+    spent,
     take_problems,
     why_stop,
 )
@@ -205,7 +210,7 @@ class Generator:
         cfg = self.cfg
         result = evaluate(self.engine, self.policy, self.env, problems, k=cfg.eval_k,
                           temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        return result.to_dict(), sample_records(self.ctx, shown, step, trajectories)
+        return eval_stats(result), sample_records(self.ctx, shown, step, trajectories)
 
 
 @dataclass
@@ -350,18 +355,20 @@ class LocalLearner:
             self.params += list(self.policy.value_head.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         head = self.policy.value_head
-        self.num_params = self.policy.num_parameters + (sum(p.numel() for p in head.parameters()) if head else 0)
+        self.num_params = self.policy.num_parameters
+        self.head_params = sum(p.numel() for p in head.parameters()) if head else 0
         if saved is not None:
             self.policy.model.load_state_dict(saved["model"])
             if head is not None:
                 head.load_state_dict(saved["value_head"])
             self.optimizer.load_state_dict(saved["optimizer"])
 
-    def learn(self, trajectories, *, step: int, nonfinite_streak: int, skipped_updates: int, counters):
+    def learn(self, trajectories, *, step: int, nonfinite_streak: int, skipped_updates: int, counters,
+              progress: float | None = None):
         """-> (the step's learning metrics, updates skipped, non-finite streak, why to stop or None)."""
         learned = learn(trajectories, policy=self.policy, reference=self.reference, method=self.method,
                         optimizer=self.optimizer, params=self.params, counters=counters, cfg=self.cfg, step=step,
-                        nonfinite_streak=nonfinite_streak)
+                        nonfinite_streak=nonfinite_streak, progress=progress)
         total = skipped_updates + learned.skipped
         return learned.metrics(trajectories, total), learned.skipped, learned.nonfinite_streak, learned.diverged
 
@@ -444,6 +451,7 @@ def _ledger_from(saved: dict | None, cfg, settings: DistributedSettings) -> tupl
     return Ledger(position=position, counts={"dispatched": position, "trained": position}, **sizes), 0
 
 
+@holding_run_folder
 def train_distributed(cfg, run_dir: str | Path, *, settings: DistributedSettings = DistributedSettings(),
                       resume: str = "auto", engine: str = "native", progress: bool = True,
                       fault: tuple[int, int] | None = None) -> dict:
@@ -453,13 +461,14 @@ def train_distributed(cfg, run_dir: str | Path, *, settings: DistributedSettings
     # ---- set-up: everything that can refuse the input comes before any compute
     settings.check()
     run_dir = Path(run_dir)
-    start_from = resume_point(run_dir, resume)
-    saved = checkpoint.load_checkpoint(start_from) if start_from is not None else None
+    start_from, saved = resume_point(run_dir, resume)
     if saved is not None:
         check_same_run(saved["config"], cfg)
     env = get_env(cfg.env)
     train_problems, test_problems = load_problems(cfg, env)
     eval_problems = test_problems[:cfg.eval_problems] if cfg.eval_problems else test_problems
+    final_count = cfg.eval_problems if cfg.final_eval_problems is None else cfg.final_eval_problems
+    final_eval_problems = test_problems[:final_count] if final_count else test_problems
     started_ray = _connect(settings)
     stack = contextlib.ExitStack()
     pool = learner = None
@@ -472,7 +481,8 @@ def train_distributed(cfg, run_dir: str | Path, *, settings: DistributedSettings
         else:
             learner = LocalLearner(cfg, saved, stack)
         pool = GeneratorPool(cfg, settings, engine, gpus=gpus, fault=fault)
-        return _loop(cfg, run_dir, settings, saved, learner, pool, train_problems, eval_problems, progress)
+        return _loop(cfg, run_dir, settings, saved, learner, pool, train_problems, eval_problems,
+                     final_eval_problems, progress)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -484,11 +494,11 @@ def train_distributed(cfg, run_dir: str | Path, *, settings: DistributedSettings
 
 
 def _loop(cfg, run_dir: Path, settings: DistributedSettings, saved: dict | None, learner, pool: GeneratorPool,
-          train_problems: list, eval_problems: list, progress: bool) -> dict:
+          train_problems: list, eval_problems: list, final_eval_problems: list, progress: bool) -> dict:
     """The loop itself, in the one-process loop's order: collect -> learn -> log -> evaluate ->
     checkpoint, with weights published to the generators every sync_every steps."""
     P = cfg.problems_per_step
-    counters = ComputeCounters(params=learner.num_params)
+    counters = ComputeCounters(params=learner.num_params, head_params=learner.head_params)
     ledger, restarts_before = _ledger_from(saved, cfg, settings)
     step, skipped_updates, nonfinite_streak, wall_before = restore_loop(saved, counters)
     logger = open_run_logs(run_dir, cfg, step if saved is not None else None)
@@ -512,20 +522,20 @@ def _loop(cfg, run_dir: Path, settings: DistributedSettings, saved: dict | None,
                 "problems_dispatched": ledger.dispatched, "problems_trained": ledger.trained,
                 "problems_in_flight": ledger.flying, "problems_buffered": len(ledger.buffered)}
 
-    def evaluation(at_step: int, trajectories=()) -> dict:
+    def evaluation(at_step: int, trajectories=(), final: bool = False) -> dict:
         nonlocal published, weights
         t0 = time.perf_counter()
         if published != at_step:  # evaluate the learner's weights of this very step
             published, weights = at_step, learner.publish()
-        result, records = pool.call(ledger, counters, "evaluate", published, [weights], eval_problems,
-                                    eval_problems[:cfg.eval_samples_logged], at_step,
-                                    list(trajectories[:cfg.eval_samples_logged]))
+        problems = final_eval_problems if final else eval_problems
+        stats, records = pool.call(ledger, counters, "evaluate", published, [weights], problems,
+                                   problems[:cfg.eval_samples_logged], at_step,
+                                   list(trajectories[:cfg.eval_samples_logged]))
         append_jsonl(run_dir / "samples.jsonl", records)
-        stats = {f"eval_{k}": v for k, v in result.items() if k != "seconds"}
         return logger.log(at_step, {"kind": "eval", **stats, **counters.as_dict(), **distributed_counters(),
                                     "eval_s": time.perf_counter() - t0, "wall_s": wall()})
 
-    if step == 0:
+    if step == 0 and cfg.eval_before_rl:
         evaluation(0)  # before RL
     stop_reason = why_stop(step, counters, cfg)
     bar = Progress(cfg.steps, initial=step, desc=f"train {cfg.method} (ray)") if progress and stop_reason is None else None
@@ -534,6 +544,7 @@ def _loop(cfg, run_dir: Path, settings: DistributedSettings, saved: dict | None,
         while stop_reason is None:
             step += 1
             t_step = time.perf_counter()
+            spent_before = spent(counters)
 
             # 1. collect: keep every generator busy (as the staleness bound allows) until P problems
             #    with fresh enough trajectories are back; the learner updates version step - 1
@@ -555,7 +566,7 @@ def _loop(cfg, run_dir: Path, settings: DistributedSettings, saved: dict | None,
             # 2. rewards -> 3. advantages -> 4. loss and optimizer update(s): the one-process loop's own
             metrics, skipped, nonfinite_streak, diverged = learner.learn(
                 trajectories, step=step, nonfinite_streak=nonfinite_streak, skipped_updates=skipped_updates,
-                counters=counters)
+                counters=counters, progress=budget_progress(cfg, spent_before, spent(counters)))
             skipped_updates += skipped
             if step % settings.sync_every == 0:
                 published, weights = step, learner.publish()
@@ -574,8 +585,9 @@ def _loop(cfg, run_dir: Path, settings: DistributedSettings, saved: dict | None,
                 raise DivergedError(diverged)
 
             # 6. periodic evaluation (mean@k, sparse reward, no search) on a generator, and at the end
-            if (cfg.eval_every and step % cfg.eval_every == 0) or stop_reason:
-                last_eval = evaluation(step, trajectories)
+            if (cfg.eval_every and step % cfg.eval_every == 0) or stop_reason or passed_eval_point(
+                    cfg, spent_before[0], counters.rollout_generated_tokens):
+                last_eval = evaluation(step, trajectories, final=stop_reason is not None)
 
             # 7. checkpoint: the learner's state is the run's; unresolved problems are requeued on resume
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or stop_reason:

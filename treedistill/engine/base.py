@@ -47,6 +47,7 @@ class Counters:
     generated_tokens: int = 0      # tokens sampled (finished rows cost nothing more)
     scored_tokens: int = 0         # tokens run through `value` / `logprobs`
     forward_calls: int = 0         # model forward passes
+    values: int = 0                # value-head evaluations (one position each)
 
     def snapshot(self) -> dict:
         return dict(self.__dict__)

@@ -203,6 +203,7 @@ class HFEngine:
         h = hidden[torch.arange(len(prefixes), device=hidden.device), last]          # [B, H]
         self.counters.forward_calls += 1
         self.counters.scored_tokens += int(mask.sum())
+        self.counters.values += len(prefixes)
         return policy.value_head(h).float().tolist()
 
     @torch.no_grad()

@@ -361,6 +361,7 @@ class NativeEngine:
             batch, hidden, _ = self._prefill(part, [len(p) - 1 for p in part], scoring=True)
             self._store_rows(batch, part, range(len(part)))
             values = self.value_head(hidden[:, -1])  # [B]
+            self.counters.values += len(part)
             out.extend(float(v) for v in values.float().cpu())
         return out
 

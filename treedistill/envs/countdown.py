@@ -64,7 +64,9 @@ __all__ = [
 
 NUMBER_RANGE = (1, 13)  # inclusive, as in the reference generator
 REDUCTIONS = 10_000  # random full reductions per problem in the reference generator
+MAX_TEST = 20_000  # of the ~23,000 distinct problems the generator makes (seed 42: 22,912 found in 229 s)
 MAX_NUMBERS = 6  # problems with more numbers are refused (the solver's search grows factorially)
+MAX_VALUE = 10**6  # numbers and targets are below it: a prompt stays a few dozen tokens (generated: <= 13, targets ~2,200)
 OPS = "+-*/"
 
 SYSTEM_PROMPT = (
@@ -87,19 +89,27 @@ def validate_problem(record) -> dict:
     """Return the canonical record `{"numbers": [...], "target": T}` or raise ValueError.
 
     Accepts our format and the reference's `{"input": [...], "target": T}`. Numbers are 1 to
-    MAX_NUMBERS positive integers; the target is a positive integer (the dense reward divides by it).
+    MAX_NUMBERS integers in 1..MAX_VALUE - 1; the target is an integer in the same range (positive:
+    the dense reward divides by it; bounded: a problem's prompt must fit any model's context).
     """
     if not isinstance(record, dict):
         raise ValueError("a record must be a JSON object")
     numbers = record.get("numbers", record.get("input"))
     target = record.get("target")
     if not isinstance(numbers, list) or not 1 <= len(numbers) <= MAX_NUMBERS:
-        raise ValueError(f'"numbers" must be a list of 1 to {MAX_NUMBERS} positive integers, got {numbers!r}')
-    if not all(type(x) is int and x > 0 for x in numbers):
-        raise ValueError(f'"numbers" must hold positive integers, got {numbers!r}')
-    if type(target) is not int or target <= 0:
-        raise ValueError(f'"target" must be a positive integer, got {target!r}')
+        raise ValueError(f'"numbers" must be a list of 1 to {MAX_NUMBERS} positive integers, got {_short(numbers)}')
+    if not all(type(x) is int and 0 < x < MAX_VALUE for x in numbers):
+        raise ValueError(f'"numbers" must hold positive integers below {MAX_VALUE:,}, got {_short(numbers)}')
+    if type(target) is not int or not 0 < target < MAX_VALUE:
+        raise ValueError(f'"target" must be a positive integer below {MAX_VALUE:,}, got {_short(target)}')
     return {"numbers": list(numbers), "target": target}
+
+
+def _short(value) -> str:
+    """repr of a record's field for an error message, cut to 60 characters."""
+    big = isinstance(value, int) and abs(value) >= 10**60
+    text = f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits" if big else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def key(problem: dict) -> tuple:
@@ -250,19 +260,24 @@ def generate_problems(n_train: int, n_test: int, seed: int) -> tuple[list[dict],
     """
     if n_train < 0 or n_test < 0:
         raise ValueError("split sizes must be >= 0")
+    if n_test > MAX_TEST:
+        raise ValueError(f"a test split of more than {MAX_TEST:,} distinct problems cannot be drawn "
+                         f"(the generator makes about 23,000 distinct ones; got {n_test:,})")
     rng = np.random.default_rng(seed)
     test: list[dict] = []
     test_keys: set = set()
-    misses = 0
+    misses = 0  # draws in a row that gave a problem already drawn
     while len(test) < n_test:
         problem = _draw_problem(rng)
         k = key(problem)
         if k in test_keys:
             misses += 1
-            # There are a few thousand distinct problems at most; say so instead of looping forever.
-            if misses > 100 * n_test + 10_000:
-                raise ValueError(f"cannot draw {n_test} distinct test problems")
+            # There are a few thousand distinct problems at most; say so instead of looping for hours.
+            if misses > 10_000:
+                raise ValueError(f"cannot draw {n_test:,} distinct test problems: {len(test):,} distinct ones "
+                                 "were found, then 10,000 draws in a row gave no new one")
             continue
+        misses = 0
         test_keys.add(k)
         test.append(problem)
     train: list[dict] = []

@@ -4,9 +4,13 @@ This file and presets.py are the only places that know Hugging Face model classe
 project talks to `Policy`.
 
 Saving: `Policy.save` writes a folder that `AutoModelForCausalLM.from_pretrained` reads, plus
-tokenizer files, `value_head.safetensors` and `treedistill.json` (name, compact_prompt). A LoRA
-policy is saved with its adapter merged into a copy of the weights, so every checkpoint folder is a
-plain model folder; pass `lora=` again to keep training with a fresh adapter.
+tokenizer files (with the chat template), `value_head/value_head.safetensors` and `treedistill.json`
+(name, compact_prompt, and what the caller adds: a trained model's run and step). A LoRA policy is
+saved with its adapter merged into a copy of the weights, so every such folder is a plain model
+folder; pass `lora=` again to keep training with a fresh adapter.
+
+A training run folder loads as its trained model: `RUN/final/` (FINAL_FOLDER, written at the end of
+every run by `treedistill.export`).
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from treedistill.errors import UsageError
 from treedistill.models.tokenizers import load_tokenizer
 from treedistill.models.value_head import ValueHead, load_value_head, save_value_head
 
-__all__ = ["META_FILE", "Policy", "load_policy", "load_pretrained", "resolve_device", "resolve_dtype",
-           "token_logprobs", "wrap_policy", "write_model_files"]
+__all__ = ["FINAL_FOLDER", "META_FILE", "Policy", "load_policy", "load_pretrained", "resolve_device", "resolve_dtype",
+           "token_logprobs", "trained_model_folder", "wrap_policy", "write_model_files"]
 
 META_FILE = "treedistill.json"
+FINAL_FOLDER = "final"  # a run folder's trained model: RUN/final/
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -169,9 +174,9 @@ class Policy:
 
         yield ref
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, *, meta: dict | None = None) -> Path:
         """Write a folder that `load_policy(folder)` reads back with identical outputs, whole or not
-        at all (`checkpoint.atomic_folder`)."""
+        at all (`checkpoint.atomic_folder`); `meta` adds entries to its META_FILE."""
         from treedistill.checkpoint import atomic_folder
 
         model = self.model
@@ -179,19 +184,19 @@ class Policy:
             model = copy.deepcopy(model).merge_and_unload()
         with atomic_folder(folder) as tmp:
             write_model_files(tmp, model, self.tokenizer, self.value_head, name=self.name,
-                              compact_prompt=self.compact_prompt)
+                              compact_prompt=self.compact_prompt, meta=meta)
         return Path(folder)
 
 
 def write_model_files(folder: Path, model, tokenizer, value_head: ValueHead | None, *, name: str,
-                      compact_prompt: bool) -> None:
+                      compact_prompt: bool, meta: dict | None = None) -> None:
     """The files `load_policy(folder)` reads: the model and tokenizer (save_pretrained), the value head
-    when there is one, and META_FILE (the preset name; whether prompts are the compact messages)."""
+    when there is one, and META_FILE (the preset name; whether prompts are the compact messages; `meta`)."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if value_head is not None:
         save_value_head(value_head, folder)
-    meta = {"name": name, "compact_prompt": compact_prompt}
+    meta = {"name": name, "compact_prompt": compact_prompt, **(meta or {})}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
@@ -218,6 +223,18 @@ def _check_folder(folder: Path) -> None:
     if missing:
         raise UsageError(f"{folder} is not a model folder: missing {', '.join(missing)} "
                          "(expected config.json, model weights and tokenizer.json, as save_pretrained writes)")
+
+
+def trained_model_folder(path: Path) -> Path:
+    """A training run folder (config.yaml + checkpoints/) -> its trained model RUN/final/; any other
+    path unchanged."""
+    if (path / "config.json").is_file() or not ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()):
+        return path
+    if not (path / FINAL_FOLDER / "config.json").is_file():
+        raise UsageError(f"{path} is a run folder without a trained model ({FINAL_FOLDER}/: the run has not "
+                         f"finished, or predates it); write one with `treedistill export {path} "
+                         f"--out {path / FINAL_FOLDER}`")
+    return path / FINAL_FOLDER
 
 
 def load_pretrained(name_or_path: str | Path, *, dtype: torch.dtype):
@@ -301,7 +318,8 @@ def _attach_lora(model, lora: dict):
 def load_policy(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
                 device: str | torch.device | None = None, value_head: bool = True,
                 lora: dict | None = None) -> Policy:
-    """A preset name (see presets.PRESETS), a local model folder or a hub id -> Policy.
+    """A preset name (see presets.PRESETS), a local model folder, a training run folder (its
+    FINAL_FOLDER) or a hub id -> Policy.
 
     dtype: None -> bfloat16 on CUDA, float32 on CPU. device: None -> CUDA when available.
     lora: {"r", "alpha", "target_modules", "dropout"} to train a LoRA adapter; None for full weights.
@@ -320,7 +338,7 @@ def load_policy(name_or_path: str | Path, *, dtype: str | torch.dtype | None = N
     if not path.exists() and not looks_like_hub_id:
         raise UsageError(f"unknown model {key!r}: not a preset (known: {', '.join(sorted(PRESETS))}), "
                          "a model folder, or a hub id like Qwen/Qwen2.5-1.5B-Instruct")
-    model, tokenizer, folder = load_pretrained(key, dtype=dt)
+    model, tokenizer, folder = load_pretrained(trained_model_folder(path) if path.is_dir() else key, dtype=dt)
     meta = {}
     if (folder / META_FILE).is_file():
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
