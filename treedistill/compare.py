@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import json
 import math
 import multiprocessing
 import os
@@ -184,14 +183,14 @@ def evaluate_initial(cfg: TrainConfig, run_dir: str | Path, *, engine: str = "na
     from treedistill.engine import make_engine
     from treedistill.envs import get_env
     from treedistill.evaluate import evaluate
+    from treedistill.jsonl import write_jsonl
     from treedistill.metrics import ComputeCounters
     from treedistill.train import eval_stats, load_problems, load_train_policy
 
     t0 = time.perf_counter()
     env = get_env(cfg.env)
     _, test = load_problems(cfg, env)
-    count = cfg.eval_problems if cfg.final_eval_problems is None else cfg.final_eval_problems
-    problems = test[:count] if count else test
+    problems = test[:cfg.final_eval_count] if cfg.final_eval_count else test
     policy = load_train_policy(cfg)
     result = evaluate(make_engine(policy, engine), policy, env, problems, k=cfg.eval_k,
                       temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
@@ -199,10 +198,10 @@ def evaluate_initial(cfg: TrainConfig, run_dir: str | Path, *, engine: str = "na
               "eval_s": time.perf_counter() - t0, "wall_s": time.perf_counter() - t0}
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("config.yaml", to_yaml(cfg)), ("metrics.jsonl", json.dumps(record) + "\n")):
-        tmp = out / f"{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    tmp = out / "config.yaml.tmp"
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, out / "config.yaml")
+    write_jsonl(out / "metrics.jsonl", [record])
     return record
 
 

@@ -279,6 +279,11 @@ class TrainConfig:
         return self.lr_decay_steps or self.steps
 
     @property
+    def final_eval_count(self) -> int:
+        """Test problems of the run's last evaluation (0 = all): final_eval_problems, else eval_problems."""
+        return self.eval_problems if self.final_eval_problems is None else self.final_eval_problems
+
+    @property
     def uses_value_head(self) -> bool:
         return self.advantage != "group"
 

@@ -677,8 +677,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
     env = get_env(cfg.env)
     train_problems, test_problems = load_problems(cfg, env)
     eval_problems = test_problems[:cfg.eval_problems] if cfg.eval_problems else test_problems
-    final_count = cfg.eval_problems if cfg.final_eval_problems is None else cfg.final_eval_problems
-    final_eval_problems = test_problems[:final_count] if final_count else test_problems
+    final_eval_problems = test_problems[:cfg.final_eval_count] if cfg.final_eval_count else test_problems
     torch.manual_seed(cfg.seed)
     policy = load_train_policy(cfg)
     check_context(cfg, policy, env, [*train_problems, *test_problems])

@@ -467,8 +467,7 @@ def train_distributed(cfg, run_dir: str | Path, *, settings: DistributedSettings
     env = get_env(cfg.env)
     train_problems, test_problems = load_problems(cfg, env)
     eval_problems = test_problems[:cfg.eval_problems] if cfg.eval_problems else test_problems
-    final_count = cfg.eval_problems if cfg.final_eval_problems is None else cfg.final_eval_problems
-    final_eval_problems = test_problems[:final_count] if final_count else test_problems
+    final_eval_problems = test_problems[:cfg.final_eval_count] if cfg.final_eval_count else test_problems
     started_ray = _connect(settings)
     stack = contextlib.ExitStack()
     pool = learner = None
