@@ -38,7 +38,6 @@ RECIPES: dict[str, dict] = {
     "ema_solver20": {**EMA, "solver_share": 0.20},
     "ema_lr2": {**EMA, "lr": 2e-3},
     "ema_b96": {**EMA, "batch": 96, "steps": 1000},
-    "ema_aw2": {**EMA, "answer_weight": 2.0},
     "ema_miss10_solver10": {**EMA, "miss_share": 0.10, "solver_share": 0.10},
     "ema_lr2_miss10": {**EMA, "lr": 2e-3, "miss_share": 0.10},
 }
@@ -76,7 +75,7 @@ def _run(job: dict) -> dict:
     from treedistill.envs import get_env
     from treedistill.evaluate import evaluate
     from treedistill.models.load import load_policy
-    from treedistill.pretrain import PretrainConfig, pretrain, save_checkpoint
+    from treedistill.pretrain import PretrainConfig, pretrain, save_model_folder
 
     overrides = dict(RECIPES[job["recipe"]])
     if job["steps"] is not None:
@@ -87,7 +86,7 @@ def _run(job: dict) -> dict:
     train_s = time.perf_counter() - start
     problems = load_split("countdown", "train")[job["first"]:job["first"] + job["problems"]]
     with tempfile.TemporaryDirectory() as folder:
-        save_checkpoint(result, folder)
+        save_model_folder(result, folder)
         policy = load_policy(folder, device=job["device"], dtype="float32", value_head=False)
         ev = evaluate(make_engine(policy, "native"), policy, get_env("countdown"), problems, k=job["k"],
                       temperature=0.2, max_new_tokens=512, seed=0)

@@ -102,6 +102,41 @@ def test_strict_modes():
     assert get_env("countdown", integer_intermediates=True).integer_intermediates
 
 
+def test_answer_value_follows_the_env_rules():
+    # The old test-time rule (testtime._countdown_value) checked only that the numbers were available,
+    # so under the strict options it gave a value to answers the environment calls invalid.
+    problem = {"numbers": [3, 2, 6, 1]}  # inputs only: answer_value never reads the target
+    assert ENV.answer_value(problem, ans("3/2*6")) == 9           # shipped defaults: unchanged
+    assert ENV.answer_value(problem, ans("3+6")) == 9
+    assert ENV.answer_value(problem, ans("3+3")) is None          # 3 given once
+    strict = CountdownEnv(integer_intermediates=True)
+    assert strict.answer_value(problem, ans("3/2*6")) is None     # 3/2 is not an integer
+    assert strict.answer_value(problem, ans("6/2*3")) == 9
+    all_numbers = CountdownEnv(require_all_numbers=True)
+    assert all_numbers.answer_value(problem, ans("3+6")) is None  # 2 and 1 unused
+    assert all_numbers.answer_value(problem, ans("(3+6)*(2-1)")) == 9
+
+
+@given(st.sampled_from(["3/2*6", "6/2*3", "3+6", "(3+6)*(2-1)", "3+3", "7", "3+", "6/(2-2)", "1-2"]),
+       st.booleans(), st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_answer_value_is_set_exactly_when_score_calls_the_answer_valid(expression, all_numbers, integers):
+    env = CountdownEnv(require_all_numbers=all_numbers, integer_intermediates=integers)
+    problem = {"numbers": [3, 2, 6, 1], "target": 9}
+    value, score = env.answer_value(problem, ans(expression)), env.score(problem, ans(expression))
+    assert (value is not None) == score.well_formed
+    assert value is None or (value == 9) == (score.sparse == 1.0)
+
+
+def test_splits_come_from_the_env_class():
+    from treedistill.datasets import load_split
+    from treedistill.envs import ENVS
+
+    assert ENVS["countdown"].generate_splits(6, 4, 1) == generate_problems(6, 4, 1)
+    assert ENVS["gsm8k"].generate_splits(6, 4, 1) is None
+    assert load_split("countdown", "test")[:3] == CountdownEnv.load_split("test")[:3]
+
+
 def test_get_env_errors():
     with pytest.raises(UsageError, match="countdown, gsm8k"):
         get_env("chess")
@@ -204,17 +239,14 @@ def test_trace_format_worked_example():
         "<step>13-9=4 (4 5 7)</step><step>4*5=20 (7 20)</step><step>20+7=27 (27)</step>"
         "<answer>(13-9)*5+7</answer>"
     )
-    assert format_completion(steps, "expressions") == (
-        "<step>13-9=4 (4 5 7)</step><step>4*5=(13-9)*5=20 (7 20)</step><step>20+7=(13-9)*5+7=27 (27)</step>"
-        "<answer>(13-9)*5+7</answer>"
-    )
     assert format_completion(steps, "substitute") == (
         "<step>13-9=4 (4 5 7)</step><step>4*5=20 (7 20)</step><step>20+7=27 (27)</step>27=4*5+7"
         "<answer>(13-9)*5+7</answer>"
     )
     assert step_expressions(steps) == ["13-9", "(13-9)*5", "(13-9)*5+7"]
-    with pytest.raises(ValueError, match="step_format"):
-        format_completion(steps, "tree")
+    for removed in ("tree", "expressions"):
+        with pytest.raises(ValueError, match="step_format"):
+            format_completion(steps, removed)
 
 
 def test_substitute_expands_one_result_at_a_time_latest_first():

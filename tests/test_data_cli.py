@@ -186,7 +186,7 @@ def test_train_refuses_problems_too_long_for_any_model_before_loading_one(tmp_pa
         raise AssertionError("a model was loaded before the problem files were checked")
 
     monkeypatch.setattr(load, "load_policy", no_loading)
-    monkeypatch.setattr("treedistill.train.load_policy", no_loading)
+    monkeypatch.setattr("treedistill.learner.load_policy", no_loading)
     path = tmp_path / "train.jsonl"
     path.write_text('{"numbers": [1, 2, 3, 4], "target": 24}\n' + json.dumps({"numbers": [10**200, 2], "target": 5}) + "\n")
     code = main(["train", "--preset", "countdown-tiny-grpo", "--set", f"train_path={path}", "--run-dir",

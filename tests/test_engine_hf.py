@@ -5,10 +5,11 @@ import os
 import pytest
 import torch
 
+from treedistill.algorithms.losses import token_logprobs
 from treedistill.engine import make_engine
 from treedistill.engine.hf import HFEngine, _first_stop
 from treedistill.errors import UsageError
-from treedistill.models import load_policy, token_logprobs
+from treedistill.models import load_policy
 
 
 @pytest.fixture(scope="module")
@@ -174,10 +175,11 @@ def test_value_batch_matches_single(policy, prefixes):
 def test_token_logprobs_by_hand():
     # Vocab of 4. Position 0 has logits [0, ln 3, 0, 0] -> softmax [1/6, 3/6, 1/6, 1/6], next token 1:
     # log 0.5 = -0.693147. Position 1 is uniform, next token 3: log 0.25 = -1.386294. Position 2 is last.
+    # Batch alignment: column t is the log-prob of token t, so column 0 (no context) is 0.
     logits = torch.zeros(1, 3, 4)
     logits[0, 0, 1] = torch.log(torch.tensor(3.0))
     ids = torch.tensor([[0, 1, 3]])
-    assert token_logprobs(logits, ids)[0].tolist() == pytest.approx([-0.693147, -1.386294], abs=1e-6)
+    assert token_logprobs(logits, ids)[0].tolist() == pytest.approx([0.0, -0.693147, -1.386294], abs=1e-6)
 
 
 def test_countdown_prompt_sample_parse_reward(policy):

@@ -152,7 +152,7 @@ def test_cli_eval_test_split_smoke(capsys):
 def test_cli_eval_with_search(terminal, selectors, capsys):
     flags = ["--terminal", terminal] if terminal else []
     assert main(["eval", "--model", "tiny", "--split", "test", "--limit", "3", "--k", "2", "--search", "mcts",
-                 "--simulations", "8", "--parallel", "4", "--trees-per-call", "2", *flags, "--json"]) == 0
+                 "--simulations", "8", "--parallel", "4", "--problems-at-once", "2", *flags, "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (out["problems"], out["samples"]) == (3, 6)  # without search: 3 problems x 2 samples
     s = out["search"]

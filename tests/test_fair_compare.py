@@ -14,7 +14,8 @@ from treedistill.compare import plan_runs
 from treedistill.config import load_config
 from treedistill.metrics import ComputeCounters
 from treedistill.report import bootstrap_interval
-from treedistill.train import budget_progress, passed_eval_point, train
+from treedistill.runs import budget_progress, passed_eval_point
+from treedistill.train import train
 
 # Sizes that make a step take well under a second on the tiny model.
 SMALL = [

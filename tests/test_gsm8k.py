@@ -101,3 +101,11 @@ def test_real_data_loads_and_gold_answers_score_correct():
     assert len(test) == 1319
     assert all(ENV.score(p, f"<answer>{final_answer(p['answer'])}</answer>").sparse == 1.0 for p in test)
     assert len(load_gsm8k("train")) == 7473
+
+
+def test_answer_value_is_the_parsed_final_number_without_the_answer_key():
+    env = GSM8KEnv()
+    problem = {"question": "How many?"}  # inputs only: answer_value never reads "answer"
+    assert env.answer_value(problem, "<step>2+2</step><answer>$1,000.50</answer>") == Fraction(2001, 2)
+    assert env.answer_value(problem, "<answer>four</answer>") is None
+    assert env.answer_value(problem, "no tag") is None

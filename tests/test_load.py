@@ -160,7 +160,7 @@ def test_lora_reference_is_the_base_model(policy, tmp_path):
     assert (lora_logits - base_logits).abs().max() > 1e-2
     with lora.reference() as ref:
         ref_lp = ref(ids, mask)
-    from treedistill.models import token_logprobs
+    from treedistill.algorithms.losses import token_logprobs
 
     torch.testing.assert_close(ref_lp, token_logprobs(base_logits, ids), atol=1e-5, rtol=1e-5)
     # Saved with the adapter merged: a plain folder that gives the LoRA policy's outputs.

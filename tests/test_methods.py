@@ -7,16 +7,16 @@ import torch
 from tiny_prompt_policy import TinyPromptPolicy
 
 from treedistill.config import METHODS as CONFIG_METHODS
-from treedistill.config import SearchSettings, TrainConfig
+from treedistill.config import SearchSettings, TrainConfig  # SearchSettings: search/contracts.py
 from treedistill.engine.base import FINISH_EOS, FINISH_LENGTH, Sample
 from treedistill.envs.countdown import CountdownEnv
+from treedistill.errors import UsageError
 from treedistill.methods import (
     METHODS,
     Method,
     RolloutContext,
     best_of_n_rollout,
     group_rollout,
-    search_config,
     search_rollout,
 )
 from treedistill.rollout.collate import to_batch
@@ -171,14 +171,21 @@ def test_search_rollout_renumbers_groups_across_search_calls():
     assert [t.completion_ids for t in again.trajectories] == [t.completion_ids for t in traj]
 
 
-def test_search_settings_reach_the_search_core():
+def test_search_settings_reach_the_search_core(monkeypatch):
+    import treedistill.methods as methods
+
     cfg = TrainConfig(method="mcts", max_new_tokens=40,
                       search=SearchSettings(simulations=32, parallel=4, c_puct=1.5, select="uct", virtual_loss=0.5,
-                                            max_depth=None, widen_c=2.0, widen_alpha=0.25))
-    sc = search_config(cfg, seed=9)
-    assert (sc.simulations, sc.parallel, sc.c, sc.select, sc.virtual_loss) == (32, 4, 1.5, "uct", 0.5)
-    assert (sc.max_depth, sc.widen_c, sc.widen_alpha, sc.seed, sc.pick) == (40, 2.0, 0.25, 9, "visits")
-    assert "search.widen_c must be >= 0" in " ".join(SearchSettings(widen_c=-1).errors())
+                                            max_depth=None, widen_c=2.0, widen_alpha=0.25, problems_at_once=12))
+    seen = []
+    monkeypatch.setattr(methods, "search_problems", lambda *a, search, **kw: seen.append(search) or [])
+    methods.search_rollout(RolloutContext(None, None, CountdownEnv(), cfg), [{"numbers": [1], "target": 1}], seed=9)
+    sc = seen[0]
+    assert (sc.simulations, sc.parallel, sc.c_puct, sc.select, sc.virtual_loss) == (32, 4, 1.5, "uct", 0.5)
+    # max_depth None: the completion's token budget; the Gumbel seed: the step's (seed * 1009 + chunk)
+    assert (sc.max_depth, sc.widen_c, sc.widen_alpha, sc.seed, sc.pick) == (40, 2.0, 0.25, 9 * 1009, "visits")
+    with pytest.raises(UsageError, match="search.widen_c must be >= 0"):
+        SearchSettings(widen_c=-1)
 
 
 def test_sparse_training_reward_is_what_rollouts_score_and_choose_by():

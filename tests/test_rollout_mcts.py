@@ -12,7 +12,7 @@ from treedistill.errors import UsageError
 from treedistill.models.load import wrap_policy
 from treedistill.models.tiny import build_model, build_tokenizer
 from treedistill.rollout import SearchBridge, search_problems
-from treedistill.search import ROOT, Candidate, NodeRequest, SearchConfig, search
+from treedistill.search import ROOT, Candidate, NodeRequest, SearchSettings, search
 
 PROBLEMS = [{"numbers": [3, 7, 9, 12], "target": 24}, {"numbers": [1, 5, 6, 13], "target": 59},
             {"numbers": [2, 2, 8, 11], "target": 30}]
@@ -54,10 +54,10 @@ def env():
 
 def run(policy, env, *, engine=None, simulations=12, parallel=4, max_depth=4, step=8, budget=40, seed=0):
     engine = engine or Spy(make_engine(policy, "native"))
-    cfg = SearchConfig(simulations=simulations, parallel=parallel, max_depth=max_depth, seed=seed)
+    cfg = SearchSettings(simulations=simulations, parallel=parallel, max_depth=max_depth, seed=seed, k_children=3,
+                         temperature=0.8, step_max_tokens=step)
     before = engine.counters.generated_tokens
-    outs = search_problems(engine, policy, env, PROBLEMS, search=cfg, k=3, temperature=0.8,
-                           step_max_tokens=step, max_new_tokens=budget, seed=seed)
+    outs = search_problems(engine, policy, env, PROBLEMS, search=cfg, max_new_tokens=budget, seed=seed)
     return engine, outs, engine.counters.generated_tokens - before
 
 
@@ -182,7 +182,7 @@ def test_candidate_cut_at_the_completion_budget(policy, env):
 def test_context_too_short_is_a_usage_error(policy, env):
     long = {"numbers": [1, 2, 3], "target": 10 ** 600}
     with pytest.raises(UsageError):
-        search_problems(make_engine(policy, "native"), policy, env, [long], search=SearchConfig(simulations=1))
+        search_problems(make_engine(policy, "native"), policy, env, [long], search=SearchSettings(simulations=1))
 
 
 def test_token_logprobs_length_is_checked_by_the_search():
@@ -190,7 +190,7 @@ def test_token_logprobs_length_is_checked_by_the_search():
         return [[Candidate((1, 2), -1.0, token_logprobs=(-1.0,))] for _ in reqs]
 
     with pytest.raises(ValueError, match="token log-probs"):
-        search([(5,)], expand, lambda r: [0.0] * len(r), lambda r: [0.0] * len(r), SearchConfig(simulations=1))
+        search([(5,)], expand, lambda r: [0.0] * len(r), lambda r: [0.0] * len(r), SearchSettings(simulations=1))
 
 
 class CountingEnv:
@@ -214,9 +214,8 @@ class CountingEnv:
 def test_value_head_at_terminal_nodes_never_consults_the_environment(policy, env):
     counting = CountingEnv(env)
     engine = make_engine(policy, "native")
-    cfg = SearchConfig(simulations=12, parallel=4, max_depth=4)
-    outs = search_problems(engine, policy, counting, PROBLEMS, search=cfg, k=3, step_max_tokens=8,
-                           max_new_tokens=16, terminal_value="value")
+    cfg = SearchSettings(simulations=12, parallel=4, max_depth=4, k_children=3, step_max_tokens=8)
+    outs = search_problems(engine, policy, counting, PROBLEMS, search=cfg, max_new_tokens=16, terminal_value="value")
     assert counting.scores == len(PROBLEMS)  # only the final scoring of each returned completion
     terminals = [(o.tree, v) for o in outs for v in range(len(o.tree)) if o.tree.terminal[v]]
     assert terminals  # 16-token budget: depth-2 nodes end there
@@ -247,9 +246,9 @@ def test_legal_terminal_values_use_the_value_head_and_the_inputs_only(policy, en
 
 def test_widening_through_the_bridge_keeps_the_token_account(policy, env):
     engine = Spy(make_engine(policy, "native"))
-    cfg = SearchConfig(simulations=24, parallel=4, max_depth=4, widen_c=2.0)
+    cfg = SearchSettings(simulations=24, parallel=4, max_depth=4, widen_c=2.0, k_children=3, step_max_tokens=8)
     before = engine.counters.generated_tokens
-    outs = search_problems(engine, policy, env, PROBLEMS, search=cfg, k=3, step_max_tokens=8, max_new_tokens=40)
+    outs = search_problems(engine, policy, env, PROBLEMS, search=cfg, max_new_tokens=40)
     assert sum(o.tree.stats.widenings for o in outs) > 0
     assert sum(o.generated_tokens for o in outs) == engine.counters.generated_tokens - before
     for o in outs:  # the root's first expansion only: K samples of at most 8 tokens

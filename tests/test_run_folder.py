@@ -14,7 +14,7 @@ from treedistill import checkpoint
 from treedistill.cli import main
 from treedistill.config import TrainConfig, to_yaml
 from treedistill.metrics import read_metrics
-from treedistill.train import RUN_MARKER, claim_run_folder, is_run_folder
+from treedistill.runs import RUN_MARKER, claim_run_folder, is_run_folder
 
 # A step in well under a second (the preset's own sizes take minutes); checkpoints after every step.
 SMALL = ["train_size=64", "test_size=8", "eval_problems=4", "eval_k=2", "eval_samples_logged=1",
@@ -41,7 +41,7 @@ def no_model(monkeypatch):
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the run folder was checked")
 
-    monkeypatch.setattr("treedistill.train.load_policy", no_loading)
+    monkeypatch.setattr("treedistill.learner.load_policy", no_loading)
 
 
 def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path, capsys, no_model):

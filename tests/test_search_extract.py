@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from treedistill.search import ROOT, Candidate, SearchConfig, Tree, extract, most_visited, search
+from treedistill.search import ROOT, Candidate, SearchSettings, Tree, extract, most_visited, search
 
 EOS, STEP_END = 98, 99
 
@@ -64,9 +64,9 @@ def test_gumbel_extraction_takes_the_sequential_halving_winner():
     t = build([((5, EOS), .5, 4, 2.0), ((6, EOS), .5, 4, 0.8)], terminal=True)
     t.gumbel[2] = 6.0
     assert extract(t).nodes == (0, 1)
-    assert extract(t, SearchConfig(select="gumbel")).nodes == (0, 2)
+    assert extract(t, SearchSettings(select="gumbel")).nodes == (0, 2)
     t.gumbel[2] = 5.0  # 5 - .693 = 4.307 < 4.707
-    assert extract(t, SearchConfig(select="gumbel")).nodes == (0, 1)
+    assert extract(t, SearchSettings(select="gumbel")).nodes == (0, 1)
 
 
 @pytest.mark.parametrize("rule", ["puct", "uct", "gumbel"])
@@ -84,7 +84,7 @@ def test_extraction_is_terminal_or_marked_incomplete(rule, simulations):
     def value(reqs):
         return [math.sin(len(r.completion) + sum(r.completion)) for r in reqs]
 
-    cfg = SearchConfig(simulations=simulations, parallel=2, select=rule, max_depth=4)
+    cfg = SearchSettings(simulations=simulations, parallel=2, select=rule, max_depth=4)
     for tree in search([(1,), (2, 3)], expand, value, value, cfg).trees:
         ex = extract(tree, cfg)
         last = ex.nodes[-1]
@@ -106,13 +106,13 @@ def test_pick_best_takes_the_valued_terminal_of_highest_value():
     a1 = t.add_node(1, (8, EOS), 0.0, 1.0, terminal=True, finish="eos")
     t.visits[a1], t.value_sum[a1], t.value[a1] = 4, 0.8, 0.2
     assert extract(t).nodes == (0, 1, a1)
-    best = extract(t, SearchConfig(pick="best"))
+    best = extract(t, SearchSettings(pick="best"))
     assert best.nodes == (0, 2) and best.complete and best.reward == pytest.approx(0.9)
     # ties on value go to more visits
     t.value[a1] = 0.9
-    assert extract(t, SearchConfig(pick="best")).nodes == (0, 1, a1)
+    assert extract(t, SearchSettings(pick="best")).nodes == (0, 1, a1)
     # no valued terminal: the most-visited path
     t.value[2] = t.value[a1] = None
-    assert extract(t, SearchConfig(pick="best")).nodes == (0, 1, a1)
+    assert extract(t, SearchSettings(pick="best")).nodes == (0, 1, a1)
     with pytest.raises(Exception, match="pick"):
-        SearchConfig(pick="first")
+        SearchSettings(pick="first")

@@ -4,7 +4,7 @@ the principal variation highlighted."""
 import math
 from html.parser import HTMLParser
 
-from treedistill.search import Candidate, SearchConfig, extract, search, tree_to_html
+from treedistill.search import Candidate, SearchSettings, extract, search, tree_to_html
 
 EOS, STEP_END = 98, 99
 WORDS = {0: "<step>a", 1: "b & c", 2: "d", EOS: "</answer>", STEP_END: "</step>"}
@@ -22,7 +22,7 @@ def searched_tree():
     def value(reqs):
         return [math.cos(sum(r.completion)) for r in reqs]
 
-    return search([(7, 8)], expand, value, value, SearchConfig(simulations=20, parallel=2)).trees[0]
+    return search([(7, 8)], expand, value, value, SearchSettings(simulations=20, parallel=2)).trees[0]
 
 
 class Checker(HTMLParser):

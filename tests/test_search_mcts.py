@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from treedistill.errors import UsageError
-from treedistill.search import ROOT, Candidate, SearchConfig, extract, search
+from treedistill.search import ROOT, Candidate, SearchSettings, extract, search
 
 STEP_END, EOS, PROMPT = 99, 98, (100, 101)
 
@@ -56,7 +56,7 @@ class DigitGame:
         return [2 * self.matches(self.digits(r)) / 3 - 1 for r in reqs]
 
     def run(self, n_trees=1, **cfg):
-        return search([PROMPT] * n_trees, self.expand, self.evaluate, self.reward, SearchConfig(**cfg))
+        return search([PROMPT] * n_trees, self.expand, self.evaluate, self.reward, SearchSettings(**cfg))
 
 
 class Bandit:
@@ -106,7 +106,7 @@ def check_invariants(tree, cfg):
 @pytest.mark.parametrize("rule", ["puct", "uct", "gumbel"])
 def test_bandit_best_arm(rule):
     bandit = Bandit()
-    cfg = SearchConfig(simulations=64, parallel=1, select=rule)
+    cfg = SearchSettings(simulations=64, parallel=1, select=rule)
     tree = search([PROMPT], bandit.expand, bandit.evaluate, bandit.reward, cfg).trees[0]
     ex = extract(tree, cfg)
     assert ex.steps == ((3, EOS),) and ex.complete and ex.reward == 0.8
@@ -121,7 +121,7 @@ def test_gumbel_root_picks_best_arm_with_enough_simulations(seed):
     # final action is a sample of the improved policy, by design). With 200 simulations the scale is
     # (50 + 125) * 0.1 = 17.5: edge 7.5 - 1.79 = 5.7, beaten with probability ~e^-5.7 = 0.3%.
     bandit = Bandit(rewards=(0.1, 0.3, -0.5, 0.9), priors=(0.5, 0.3, 0.15, 0.05))
-    cfg = SearchConfig(simulations=200, parallel=4, select="gumbel", seed=seed)
+    cfg = SearchSettings(simulations=200, parallel=4, select="gumbel", seed=seed)
     tree = search([PROMPT], bandit.expand, bandit.evaluate, bandit.reward, cfg).trees[0]
     assert extract(tree, cfg).steps == ((3, EOS),)
     # Sequential Halving's schedule (mctx): 4 arms x int(200 / (2 * 4)) = 25 visits, then the best
@@ -138,7 +138,7 @@ def test_digit_game_finds_the_optimum(rule, parallel, informative):
     # outranks the unvisited ones, completed by a mixed value pulled toward 0, so it never looks aside.
     game = DigitGame(informative=informative)
     res = game.run(simulations=200, parallel=parallel, select=rule, max_depth=3)
-    ex = extract(res.trees[0], SearchConfig(select=rule))
+    ex = extract(res.trees[0], SearchSettings(select=rule))
     assert ex.complete and ex.reward == pytest.approx(1.0)
     assert [s[0] for s in ex.steps] == [2, 0, 1]
 
@@ -171,12 +171,12 @@ def test_counts_add_up_and_nothing_left_in_flight(rule, parallel, virtual_loss):
     game = DigitGame(informative=True)
     cfg = dict(simulations=37, parallel=parallel, select=rule, max_depth=3, virtual_loss=virtual_loss)
     for tree in game.run(n_trees=2, **cfg).trees:
-        check_invariants(tree, SearchConfig(**cfg))
+        check_invariants(tree, SearchSettings(**cfg))
 
 
 def test_max_depth_leaves_are_evaluated_never_expanded():
     game = DigitGame(informative=True)
-    cfg = SearchConfig(simulations=40, parallel=2, max_depth=2)
+    cfg = SearchSettings(simulations=40, parallel=2, max_depth=2)
     tree = search([PROMPT], game.expand, game.evaluate, game.reward, cfg).trees[0]
     check_invariants(tree, cfg)
     assert all(len(digits) < 2 for _, _, digits in game.expanded)
@@ -222,7 +222,7 @@ def test_mean_prior_option_uses_length_normalised_logprobs():
         return [0.0] * len(reqs)
 
     for prior, (p_short, p_long) in {"sum": (-1.0, -2.0), "mean": (-0.5, -0.5)}.items():
-        tree = search([PROMPT], expand, zeros, zeros, SearchConfig(simulations=1, prior=prior)).trees[0]
+        tree = search([PROMPT], expand, zeros, zeros, SearchSettings(simulations=1, prior=prior)).trees[0]
         z = math.exp(p_short) + math.exp(p_long)
         assert [tree.prior[c] for c in tree.children[ROOT]] == pytest.approx(
             [math.exp(p_short) / z, math.exp(p_long) / z])
@@ -239,7 +239,7 @@ def test_first_round_descends_distinct_paths():
         calls.append([r.node for r in reqs])
         return [[Candidate((a, STEP_END), math.log(0.25)) for a in range(4)] for _ in reqs]
 
-    res = search([PROMPT], expand, game.evaluate, game.reward, SearchConfig(simulations=8, parallel=4))
+    res = search([PROMPT], expand, game.evaluate, game.reward, SearchSettings(simulations=8, parallel=4))
     assert calls[0] == [ROOT] and sorted(calls[1]) == sorted(res.trees[0].children[ROOT])
     assert res.trees[0].stats.collisions == 0
 
@@ -256,14 +256,14 @@ def test_virtual_loss_spreads_descents_under_a_peaked_prior():
                     for _ in reqs]
 
         res = search([PROMPT], expand, lambda r: [0.0] * len(r), lambda r: [0.0] * len(r),
-                     SearchConfig(simulations=4, parallel=4, virtual_loss=vl, max_depth=5))
+                     SearchSettings(simulations=4, parallel=4, virtual_loss=vl, max_depth=5))
         return calls, res.trees[0]
 
     calls, tree = run(1.0)
     assert len(calls[1]) == 4 and tree.stats.collisions == 0
     calls, tree = run(0.0)
     assert len(calls[1]) < 4 and tree.stats.collisions > 0
-    check_invariants(tree, SearchConfig(simulations=4, max_depth=5))
+    check_invariants(tree, SearchSettings(simulations=4, max_depth=5))
 
 
 def test_uct_visits_every_root_child_before_going_deeper_puct_does_not():
@@ -337,15 +337,15 @@ def test_budget_exact_and_accounting():
 def test_bad_callables_and_config_fail_clearly():
     game = DigitGame()
     with pytest.raises(ValueError, match="evaluate returned 0 results for 1"):
-        search([PROMPT], game.expand, lambda r: [], game.reward, SearchConfig(simulations=2))
+        search([PROMPT], game.expand, lambda r: [], game.reward, SearchSettings(simulations=2))
     with pytest.raises(ValueError, match="no candidate"):
         search([PROMPT], lambda r: [[] for _ in r], game.evaluate, game.reward)
     with pytest.raises(ValueError, match="non-finite"):
         search([PROMPT], game.expand, lambda r: [float("nan")] * len(r), game.reward)
     with pytest.raises(UsageError, match="select must be one of"):
-        SearchConfig(select="ucb")
+        SearchSettings(select="ucb")
     with pytest.raises(UsageError, match="simulations must be >= 1"):
-        SearchConfig(simulations=0)
+        SearchSettings(simulations=0)
 
 
 def test_search_imports_neither_torch_nor_transformers():
@@ -370,7 +370,7 @@ def bench_cost_per_simulation(simulations, parallel=16, k=4, select="puct"):
     def evaluate(reqs):
         return [((hash(r.prefix) % 2001) - 1000) / 1000 for r in reqs]
 
-    cfg = SearchConfig(simulations=simulations, parallel=parallel, max_depth=64, select=select)
+    cfg = SearchSettings(simulations=simulations, parallel=parallel, max_depth=64, select=select)
     res = search([PROMPT], expand, evaluate, evaluate, cfg)
     book = res.stats.bookkeeping_s
     return book / simulations, book / max(res.trees[0].stats.selections, 1), res
@@ -419,7 +419,7 @@ class Batches:
 def test_widening_is_off_by_default_each_node_expanded_once():
     game = DigitGame(informative=True)
     tree = game.run(simulations=60, parallel=4, max_depth=3).trees[0]
-    assert SearchConfig().widen_c == 0
+    assert SearchSettings().widen_c == 0
     assert set(tree.expansions) <= {0, 1} and tree.stats.widenings == 0
     assert all(tree.sampled[v] == 3 * tree.expansions[v] for v in range(len(tree)))
 
@@ -428,7 +428,7 @@ def test_widening_priors_are_the_mean_of_the_batches_and_merge_repeats():
     # Root batches: (0, 1) at probs .1 .1, then (1, 2) at .1 .4 (softmax .2, .8). widen_c = 2: N(root)
     # = 2 after one simulation, 2 samples < 2 * sqrt(2): widened once; then 4 >= 2 * sqrt(N) until N = 4.
     game = Batches([(0, 1), (1, 2)], rewards=(0.0, 0.0, 0.0), probs=(0.1, 0.1, 0.4))
-    cfg = SearchConfig(simulations=2, parallel=1, widen_c=2.0)
+    cfg = SearchSettings(simulations=2, parallel=1, widen_c=2.0)
     res = search([PROMPT], game.expand, game.evaluate, game.reward, cfg)
     tree = res.trees[0]
     kids = tree.children[ROOT]
@@ -450,7 +450,7 @@ def test_widening_finds_an_arm_the_first_sample_missed(parallel):
 
     def best(widen_c):
         game = Batches(batches, rewards, probs)
-        cfg = SearchConfig(simulations=64, parallel=parallel, widen_c=widen_c)
+        cfg = SearchSettings(simulations=64, parallel=parallel, widen_c=widen_c)
         tree = search([PROMPT], game.expand, game.evaluate, game.reward, cfg).trees[0]
         return tree, tree.tokens[extract(tree, cfg).nodes[1]][0]
 
@@ -480,7 +480,7 @@ def test_widening_keeps_the_counts_and_follows_its_schedule(rule, parallel):
     def value(reqs):
         return [((sum(r.completion) * 7) % 11 - 5) / 5 for r in reqs]
 
-    cfg = SearchConfig(simulations=120, parallel=parallel, select=rule, max_depth=3, widen_c=2.0, widen_alpha=0.5)
+    cfg = SearchSettings(simulations=120, parallel=parallel, select=rule, max_depth=3, widen_c=2.0, widen_alpha=0.5)
     tree = search([PROMPT], expand, value, value, cfg).trees[0]
     check_invariants(tree, cfg)
     assert tree.stats.widenings == sum(max(e - 1, 0) for e in tree.expansions) > 0
@@ -497,9 +497,9 @@ def test_widening_keeps_the_counts_and_follows_its_schedule(rule, parallel):
 
 def test_widening_settings_are_checked():
     with pytest.raises(UsageError, match="widen_c must be >= 0"):
-        SearchConfig(widen_c=-1.0)
+        SearchSettings(widen_c=-1.0)
     with pytest.raises(UsageError, match="widen_alpha must be >= 0"):
-        SearchConfig(widen_alpha=-0.5)
+        SearchSettings(widen_alpha=-0.5)
 
 
 # --- known leaves under parallel descents -------------------------------------------------------
@@ -507,7 +507,7 @@ def test_widening_settings_are_checked():
 def test_a_known_leaf_is_reached_by_one_descent_per_round():
     # Four terminal arms and W = 8: each round backs up each arm at most once; the rest collide.
     bandit = Bandit()
-    cfg = SearchConfig(simulations=40, parallel=8)
+    cfg = SearchSettings(simulations=40, parallel=8)
     tree = search([PROMPT], bandit.expand, bandit.evaluate, bandit.reward, cfg).trees[0]
     check_invariants(tree, cfg)
     assert all(tree.visits[c] <= tree.stats.rounds for c in tree.children[ROOT])
@@ -543,7 +543,7 @@ class BadTerminal:
 def test_parallel_descents_do_not_pile_onto_a_known_bad_terminal(parallel):
     # 16 simulations at W = 8: backing the terminal up at once, it collected 5 of them and was extracted.
     game = BadTerminal()
-    cfg = SearchConfig(simulations=16, parallel=parallel)
+    cfg = SearchSettings(simulations=16, parallel=parallel)
     tree = search([PROMPT], game.expand, game.evaluate, game.reward, cfg).trees[0]
     check_invariants(tree, cfg)
     bad = tree.children[ROOT][0]

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from treedistill.search import ROOT, SELECT_RULES, SearchConfig, Tree, puct_score, uct_score
+from treedistill.search import ROOT, SELECT_RULES, SearchSettings, Tree, puct_score, uct_score
 from treedistill.search.select import completed_q, considered_visits, gumbel_interior, gumbel_root
 
 
@@ -43,11 +43,11 @@ def test_puct_select_by_hand():
     #   A: .3 + .5 * .5 * 2 / 3 = .3 + .16667 = .46667
     #   B: -.2 + .5 * .3 * 2 / 2 = -.2 + .15 = -.05
     #   C: 0 (fpu) + .5 * .2 * 2 / 1 = .2
-    assert SELECT_RULES["puct"](t, ROOT, SearchConfig()) == A
+    assert SELECT_RULES["puct"](t, ROOT, SearchSettings()) == A
     # fpu = .3 lifts C to .3 + .2 = .5 > .46667
-    assert SELECT_RULES["puct"](t, ROOT, SearchConfig(fpu=0.3)) == C
+    assert SELECT_RULES["puct"](t, ROOT, SearchSettings(fpu=0.3)) == C
     # fpu = .26 gives C .46 < .46667: A again
-    assert SELECT_RULES["puct"](t, ROOT, SearchConfig(fpu=0.26)) == A
+    assert SELECT_RULES["puct"](t, ROOT, SearchSettings(fpu=0.26)) == A
 
 
 def test_puct_with_virtual_visits_and_virtual_loss_by_hand():
@@ -56,33 +56,33 @@ def test_puct_with_virtual_visits_and_virtual_loss_by_hand():
     # N_parent = 4 + 2 = 6, sqrt(6) = 2.44949; A counts N = 2 + 2 = 4.
     # virtual_loss 0: A: .3 + .5 * .5 * 2.44949 / 5 = .3 + .12247 = .42247
     #                 C: 0 + .5 * .2 * 2.44949 / 1 = .24495  -> A
-    assert SELECT_RULES["puct"](t, ROOT, SearchConfig(virtual_loss=0.0)) == A
+    assert SELECT_RULES["puct"](t, ROOT, SearchSettings(virtual_loss=0.0)) == A
     # virtual_loss .5: A's Q = .3 - .5 * 2 / (2 + 2) = .05 -> .05 + .12247 = .17247 < .24495 -> C
-    assert SELECT_RULES["puct"](t, ROOT, SearchConfig(virtual_loss=0.5)) == C
+    assert SELECT_RULES["puct"](t, ROOT, SearchSettings(virtual_loss=0.5)) == C
 
 
 def test_puct_with_q_normalisation_by_hand():
     t = hand_tree()
     # Q mapped by the tree's min -.2 and max .3 (span .5): A 1.0, B 0.0, C fpu 0 -> (0 + .2) / .5 = .4
     #   A: 1 + .16667 = 1.16667;  B: 0 + .15 = .15;  C: .4 + .2 = .6  -> A
-    assert SELECT_RULES["puct"](t, ROOT, SearchConfig(q_normalize=True)) == A
+    assert SELECT_RULES["puct"](t, ROOT, SearchSettings(q_normalize=True)) == A
     # with c = 6 the prior terms are 12x: A 1 + 2 = 3, B 1.8, C .4 + 2.4 = 2.8 -> A; c = 8: A 1 + 2.6667 =
     # 3.6667, C .4 + 3.2 = 3.6 -> A; c = 10: A 1 + 3.3333 = 4.3333, C .4 + 4 = 4.4 -> C
-    assert SELECT_RULES["puct"](t, ROOT, SearchConfig(q_normalize=True, c=8.0)) == A
-    assert SELECT_RULES["puct"](t, ROOT, SearchConfig(q_normalize=True, c=10.0)) == C
+    assert SELECT_RULES["puct"](t, ROOT, SearchSettings(q_normalize=True, c_puct=8.0)) == A
+    assert SELECT_RULES["puct"](t, ROOT, SearchSettings(q_normalize=True, c_puct=10.0)) == C
 
 
 def test_uct_select_by_hand():
     t = hand_tree()
-    assert SELECT_RULES["uct"](t, ROOT, SearchConfig()) == C  # the unvisited child first
+    assert SELECT_RULES["uct"](t, ROOT, SearchSettings()) == C  # the unvisited child first
     t.visits[C], t.value_sum[C], t.visits[ROOT] = 1, -0.5, 5
     # ln 5 = 1.60944, c = .5:
     #   A: .3 + .5 * sqrt(1.60944 / 2) = .3 + .5 * .89707 = .74853
     #   B: -.2 + .5 * sqrt(1.60944) = -.2 + .63431 = .43431
     #   C: -.5 + .63431 = .13431  -> A
-    assert SELECT_RULES["uct"](t, ROOT, SearchConfig()) == A
+    assert SELECT_RULES["uct"](t, ROOT, SearchSettings()) == A
     # c = 2: A .3 + 2 * .89707 = 2.09414; B -.2 + 2 * 1.26864 = 2.33728 -> B (UCT ignores the prior)
-    assert SELECT_RULES["uct"](t, ROOT, SearchConfig(c=2.0)) == B
+    assert SELECT_RULES["uct"](t, ROOT, SearchSettings(c_puct=2.0)) == B
 
 
 def test_ties_go_to_the_first_child():
@@ -90,8 +90,8 @@ def test_ties_go_to_the_first_child():
     for tok in (5, 6):
         t.add_node(ROOT, (tok,), math.log(0.5), 0.5, terminal=False, finish="stop")
     t.expanded[ROOT], t.visits[ROOT], t.value[ROOT] = True, 1, 0.0
-    assert SELECT_RULES["puct"](t, ROOT, SearchConfig()) == 1
-    assert SELECT_RULES["uct"](t, ROOT, SearchConfig()) == 1
+    assert SELECT_RULES["puct"](t, ROOT, SearchSettings()) == 1
+    assert SELECT_RULES["uct"](t, ROOT, SearchSettings()) == 1
 
 
 def test_completed_q_by_hand():
@@ -101,7 +101,7 @@ def test_completed_q_by_hand():
     #   mixed = (0 + 3 * .1125) / (3 + 1) = .084375 completes C.
     # Completed [.3, -.2, .084375] -> rescaled by min -.2, max .3: [1, 0, .56875];
     # times (maxvisit_init 50 + max N 2) * value_scale .1 = 5.2: [5.2, 0, 2.9575].
-    assert completed_q(t, ROOT, SearchConfig()) == pytest.approx([5.2, 0.0, 2.9575])
+    assert completed_q(t, ROOT, SearchSettings()) == pytest.approx([5.2, 0.0, 2.9575])
 
 
 def test_gumbel_interior_by_hand():
@@ -109,13 +109,13 @@ def test_gumbel_interior_by_hand():
     # pi' = softmax(log P + completed Q) = softmax(log .5 + 5.2, log .3 + 0, log .2 + 2.9575)
     #     = softmax(4.50685, -1.20397, 1.34806) = (.95637, .00317, .04046)
     # score = pi' - N / (1 + sum N) = (.95637 - 2/4, .00317 - 1/4, .04046 - 0) -> A
-    assert gumbel_interior(t, ROOT, SearchConfig()) == A
+    assert gumbel_interior(t, ROOT, SearchSettings()) == A
     t.value_sum[A] = -1.0  # A's Q drops to -.5
     # prior-weighted Q = (.5 * -.5 + .3 * -.2) / .8 = -.3875; mixed = 3 * -.3875 / 4 = -.290625;
     # completed [-.5, -.2, -.290625] -> rescaled (span .3) [0, 1, .69792] -> x 5.2 [0, 5.2, 3.62917];
     # pi' = softmax(-.69315, 3.99603, 2.01973) = (.00801, .87118, .12081);
     # score = (.00801 - 2/4, .87118 - 1/4, .12081 - 0) = (-.49199, .62118, .12081) -> B
-    assert gumbel_interior(t, ROOT, SearchConfig()) == B
+    assert gumbel_interior(t, ROOT, SearchSettings()) == B
 
 
 def test_sequential_halving_schedule_by_hand():
@@ -132,7 +132,7 @@ def test_gumbel_root_follows_the_schedule():
     for c in (A, B, C):
         t.visits[c], t.value_sum[c] = 0, 0.0
     t.gumbel[A], t.gumbel[B], t.gumbel[C] = 0.0, 2.0, 0.0
-    cfg = SearchConfig(simulations=16)
+    cfg = SearchSettings(simulations=16)
     # no visits: completed Q are all the root value 0 -> rescaled 0; score = g + log P:
     # A log .5 = -.693, B 2 + log .3 = .796, C log .2 = -1.609 -> B first
     assert gumbel_root(t, ROOT, cfg) == B

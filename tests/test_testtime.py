@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from treedistill.engine import make_engine
-from treedistill.envs import get_env
+from treedistill.envs import get_env, inputs_only
 from treedistill.errors import UsageError
 from treedistill.models.load import wrap_policy
 from treedistill.models.tiny import build_model, build_tokenizer
 from treedistill.testtime import (
-    Cell,
+    SWEEP_SEARCH,
+    MethodResult,
     SweepConfig,
     SweepReport,
-    _Cost,
+    _MctsCost,
     _prefix_of_stream,
-    answer_value,
     format_table,
     majority_vote,
     parse_budgets,
@@ -29,7 +29,15 @@ from treedistill.testtime import (
 )
 
 ENV = get_env("countdown")
+
+
+def sweep_search(**fields):
+    return replace(SWEEP_SEARCH, **fields)
 PROBLEM = {"numbers": [3, 7, 9, 12], "target": 24}
+
+
+def answer_value(env, problem, completion):
+    return env.answer_value(inputs_only(problem), completion)
 
 
 def test_answer_value_is_exact_and_legal_only():
@@ -39,6 +47,11 @@ def test_answer_value_is_exact_and_legal_only():
     assert answer_value(ENV, PROBLEM, "<answer>5+3</answer>") is None    # 5 not given
     assert answer_value(ENV, PROBLEM, "<answer>3+</answer>") is None     # does not parse
     assert answer_value(ENV, PROBLEM, "no tag") is None
+
+
+def test_inputs_only_drops_the_ground_truth():
+    assert inputs_only({"numbers": [1, 2], "target": 3}) == {"numbers": [1, 2]}
+    assert inputs_only({"question": "q", "answer": "#### 4"}) == {"question": "q"}
 
 
 def test_majority_vote_by_hand():
@@ -87,9 +100,9 @@ def test_parse_budgets():
 
 def test_table_marks_skipped_cells_and_own_cost():
     report = SweepReport(config=SweepConfig(budgets=(64, 256)), problems=2, cells=[
-        Cell("once T=0.8", None, 0.5, 0.5, 40.0, 1.0),
-        Cell("mcts", 64, None, None, None, None, note="skipped"),
-        Cell("mcts", 256, 0.25, 0.1, 250.0, 2.0, detail={}),
+        MethodResult("once T=0.8", None, 0.5, 0.5, 40.0, 1.0),
+        MethodResult("mcts", 64, None, None, None, None, note="skipped"),
+        MethodResult("mcts", 256, 0.25, 0.1, 250.0, 2.0, detail={}),
     ])
     table = format_table(report).splitlines()
     assert table[0] == "| method | B=64 | B=256 | at its own cost |"
@@ -105,7 +118,7 @@ def policy():
 
 def test_small_sweep_with_a_real_model(policy, tmp_path):
     problems = [PROBLEM, {"numbers": [1, 5, 6, 13], "target": 59}]
-    cfg = SweepConfig(budgets=(40, 400), max_new_tokens=48, step_max_tokens=8, k=2, parallel=2,
+    cfg = SweepConfig(budgets=(40, 400), max_new_tokens=48, search=sweep_search(step_max_tokens=8, k_children=2, parallel=2),
                       pilot_problems=2, pilot_simulations=4, rows="both", budget_tries=1,
                       once_temperatures=(0.8, 0.2), once_samples=1)
     report = run_sweep(make_engine(policy, "native"), policy, ENV, problems, cfg)
@@ -133,7 +146,7 @@ def test_small_sweep_with_a_real_model(policy, tmp_path):
 
 def test_simulation_guess_by_hand():
     # no run yet: the pilot's linear cost, (250 - 100 - 50) // 20 = 5
-    cost = _Cost(root=100, per_simulation=20, completion=50)
+    cost = _MctsCost(root=100, per_simulation=20, completion=50)
     assert cost.guess(250) == 5 and cost.minimum() == 170
     cost.runs.append((10, 1000.0))  # one run: proportional, 10 * 2000 / 1000
     assert cost.guess(2000) == 20
@@ -149,8 +162,9 @@ def test_saturated_search_is_reported_not_stretched(policy):
     # Without widening, 16-token completions cut into steps of at most 8 tokens, K = 2: a tree holds at
     # most 2 + 4 steps (~48 tokens), so a 600-token budget cannot be spent by the search; best-of-N still spends it all.
     problems = [PROBLEM, {"numbers": [1, 5, 6, 13], "target": 59}]
-    cfg = SweepConfig(budgets=(300, 600), max_new_tokens=16, step_max_tokens=8, once_samples=1, k=2, parallel=2,
-                      pilot_problems=2, pilot_simulations=4, once_temperatures=(0.8,), widen_c=0.0)
+    cfg = SweepConfig(budgets=(300, 600), max_new_tokens=16, once_samples=1, pilot_problems=2, pilot_simulations=4,
+                      search=sweep_search(step_max_tokens=8, k_children=2, parallel=2, widen_c=0.0),
+                      once_temperatures=(0.8,))
     report = run_sweep(make_engine(policy, "native"), policy, ENV, problems, cfg)
     cells = {(c.method, c.budget): c for c in report.cells}
     first, second = cells[("mcts", 300)], cells[("mcts", 600)]
@@ -163,8 +177,9 @@ def test_widening_lets_the_search_spend_a_budget_a_finite_tree_cannot(policy):
     # The saturation set-up above, with progressive widening: the trees keep growing, so the search
     # reaches the 300-token budget (within the 10% tolerance) instead of saturating near 48 tokens.
     problems = [PROBLEM, {"numbers": [1, 5, 6, 13], "target": 59}]
-    cfg = SweepConfig(budgets=(300,), max_new_tokens=16, step_max_tokens=8, once_samples=1, k=2, parallel=2,
-                      pilot_problems=2, pilot_simulations=4, once_temperatures=(0.8,), widen_c=2.0)
+    cfg = SweepConfig(budgets=(300,), max_new_tokens=16, once_samples=1, pilot_problems=2, pilot_simulations=4,
+                      search=sweep_search(step_max_tokens=8, k_children=2, parallel=2, widen_c=2.0),
+                      once_temperatures=(0.8,))
     report = run_sweep(make_engine(policy, "native"), policy, ENV, problems, cfg)
     mcts = {(c.method, c.budget): c for c in report.cells}[("mcts", 300)]
     assert not mcts.note and "saturated" not in mcts.detail
@@ -172,7 +187,8 @@ def test_widening_lets_the_search_spend_a_budget_a_finite_tree_cannot(policy):
 
 
 def test_verifier_rows_alone(policy):
-    cfg = SweepConfig(budgets=(300,), max_new_tokens=48, step_max_tokens=8, k=2, parallel=2, pilot_problems=1,
+    cfg = SweepConfig(budgets=(300,), max_new_tokens=48, search=sweep_search(step_max_tokens=8, k_children=2, parallel=2),
+                      pilot_problems=1,
                       pilot_simulations=2, rows="verifier", budget_tries=1, once_temperatures=(0.2,), once_samples=1)
     report = run_sweep(make_engine(policy, "native"), policy, ENV, [PROBLEM], cfg)
     assert report.methods() == ["once T=0.2", "mcts+verifier", "bon+verifier"]

@@ -10,8 +10,9 @@ import torch
 from treedistill.checkpoint import list_checkpoints
 from treedistill.cli import main
 from treedistill.config import TrainConfig, list_presets, load_config
+from treedistill.learner import apply_update
 from treedistill.metrics import read_metrics
-from treedistill.train import apply_update, load_problems, take_problems
+from treedistill.runs import run_problems, take_problems
 
 # Sizes that make a step take well under a second on the tiny model (the presets' own are minutes).
 SMALL = [
@@ -102,7 +103,7 @@ def test_generated_token_budget_ends_the_run_and_says_so(tmp_path, capsys):
 
 def test_problems_for_step_by_hand():
     from treedistill.metrics import ComputeCounters
-    from treedistill.train import problems_for_step
+    from treedistill.runs import problems_for_step
 
     cfg = load_config("countdown-tiny-grpo", overrides=["problems_per_step=16", "budget_generated_tokens=10000"])
     spent = ComputeCounters()
@@ -251,7 +252,7 @@ def test_training_problems_equal_to_a_test_problem_are_dropped(tmp_path):
     test.write_text(json.dumps({"numbers": [2, 3, 5, 7], "target": 22}) + "\n")
     cfg = TrainConfig(method="grpo", advantage="group", policy_loss="ppo", value_coef=0.0,
                       train_path=str(train), test_path=str(test))
-    kept, held_out = load_problems(cfg, CountdownEnv())
+    kept, held_out = run_problems(cfg, CountdownEnv())
     assert kept == [{"numbers": [1, 2, 3, 4], "target": 24}] and len(held_out) == 1
 
 
@@ -273,7 +274,7 @@ def test_engine_never_serves_keys_values_of_weights_before_an_update():
 
 
 def test_fresh_value_head_replaces_the_saved_one_deterministically():
-    from treedistill.train import load_train_policy
+    from treedistill.learner import load_train_policy
 
     def head(**settings):
         cfg = TrainConfig(model="tiny", device="cpu", dtype="float32", **settings)

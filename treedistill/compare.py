@@ -12,7 +12,7 @@ How a comparison runs:
 - Evaluation points: budget/E, 2 budget/E, ..., budget (E = `evaluations`). `eval_every` is 0 and
   `eval_at_tokens` holds the points before the last: a run is evaluated after the step that passes
   each point, never cutting a step for it, so evaluating changes no step of training; only the final
-  budget cuts its step (`train.problems_for_step`), and the run's last evaluation uses
+  budget cuts its step (`runs.problems_for_step`), and the run's last evaluation uses
   `final_eval_problems` test problems (the intermediate ones may use fewer).
 - The model before RL is evaluated ONCE, in OUT/pre-rl/ (the first seed's evaluation seed, the final
   evaluation's problems), and shared by every row (`eval_before_rl` is off in the runs); its
@@ -162,13 +162,12 @@ def run_state(spec: RunSpec) -> RunState:
 def _check_folder(spec: RunSpec) -> None:
     """Refuse a run folder that holds a run of another config (only settings that `train` may change
     on resume are allowed to differ)."""
-    from treedistill.train import RESUMABLE_CHANGES
+    from treedistill.runs import changed_settings  # (runs imports torch: not at the top of this module)
 
     path = Path(spec.run_dir) / "config.yaml"
     if not path.is_file():
         return
-    saved, now = yaml.safe_load(path.read_text()) or {}, yaml.safe_load(to_yaml(spec.config()))
-    changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    changed = changed_settings(yaml.safe_load(path.read_text()) or {}, spec.config())
     if changed:
         raise UsageError(f"{spec.run_dir} holds a run with a different config ({', '.join(changed)} differ); "
                          "give another output folder or remove it")
@@ -178,18 +177,17 @@ def evaluate_initial(cfg: TrainConfig, run_dir: str | Path, *, engine: str = "na
     """Evaluate the model before RL once, as `train` evaluates step 0 (same function, engine and seed)
     but on the final evaluation's problems, into RUN_DIR/config.yaml and a metrics.jsonl holding that
     one eval line (with its per-problem results); returns the line."""
-    import time
-
     from treedistill.engine import make_engine
     from treedistill.envs import get_env
     from treedistill.evaluate import evaluate
     from treedistill.jsonl import write_jsonl
+    from treedistill.learner import load_train_policy
     from treedistill.metrics import ComputeCounters
-    from treedistill.train import eval_stats, load_problems, load_train_policy
+    from treedistill.runs import eval_stats, run_problems
 
     t0 = time.perf_counter()
     env = get_env(cfg.env)
-    _, test = load_problems(cfg, env)
+    _, test = run_problems(cfg, env)
     problems = test[:cfg.final_eval_count] if cfg.final_eval_count else test
     policy = load_train_policy(cfg)
     result = evaluate(make_engine(policy, engine), policy, env, problems, k=cfg.eval_k,

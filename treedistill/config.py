@@ -23,7 +23,9 @@ from pathlib import Path
 import yaml
 
 from treedistill.datasets import resolve_path
+from treedistill.envs import ENVS as ENV_CLASSES
 from treedistill.errors import UsageError
+from treedistill.search.contracts import RENAMED, SearchSettings
 
 __all__ = [
     "LoraSettings",
@@ -37,11 +39,10 @@ __all__ = [
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 METHODS = ("mcts", "bon", "grpo", "cispo", "ppo")
-ENVS = ("countdown", "gsm8k")
+ENVS = tuple(ENV_CLASSES)  # the keys of envs.ENVS
 POLICY_LOSSES = ("cispo", "ppo")  # the keys of algorithms.losses.LOSSES
 ADVANTAGES = ("group", "reward_minus_value", "gae")  # the keys of algorithms.advantages.ADVANTAGES
 LR_SCHEDULES = ("constant", "linear-decay")
-SELECT_RULES = ("puct", "uct", "gumbel")  # the keys of search.select.SELECT_RULES
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_BACKENDS = ("jsonl", "tensorboard", "wandb")
 TRAIN_REWARDS = ("dense", "sparse")  # the keys of methods.REWARDS
@@ -119,44 +120,18 @@ def _limit_errors(settings, prefix: str = "") -> list[str]:
     return out
 
 
-@dataclass(frozen=True)
-class SearchSettings:
-    """Tree search over reasoning steps (method `mcts`); reference values from method.md."""
+# The training run's search defaults (method mcts; reference values from method.md): the settings type
+# and its names are the search's own (search/contracts.py); max_depth None = bounded by max_new_tokens only.
+TRAINING_SEARCH = SearchSettings(simulations=1600, parallel=16, problems_at_once=12, max_depth=None)
 
-    simulations: int = 1600           # simulations per problem (reference: 16 workers x 100 iterations)
-    parallel: int = 16                # in-flight simulations sharing one tree (virtual-loss workers)
-    virtual_loss: float = 1.0         # value subtracted per in-flight visit so parallel paths spread out
-    problems_at_once: int = 12        # problems whose trees are searched together (batched expansions)
-    c_puct: float = 0.5               # exploration constant of the selection rule
-    select: str = "puct"              # selection rule: puct (prior-guided) | uct | gumbel (ablations)
-    k_children: int = 4               # continuations sampled per expansion (K)
-    step_max_tokens: int = 64         # a step ends at </step>, end of sequence, or this many tokens
-    max_depth: int | None = None      # most steps on a path; None = bounded by max_new_tokens only
-    temperature: float = 0.8          # sampling temperature of expansions
-    # Progressive widening (search.SearchConfig): a visited node gets K more steps while the steps
-    # sampled at it are fewer than widen_c * N^widen_alpha; 0 = off (the reference: expanded once).
-    widen_c: float = 0.0
-    widen_alpha: float = 0.5
 
-    def errors(self) -> list[str]:
-        return [
-            *_check(self.simulations >= 1, f"search.simulations must be >= 1 (got {self.simulations})"),
-            *_check(1 <= self.parallel <= self.simulations,
-                    f"search.parallel must be in 1..search.simulations={self.simulations} (got {self.parallel})"),
-            *_check(self.virtual_loss >= 0, f"search.virtual_loss must be >= 0 (got {self.virtual_loss})"),
-            *_check(self.problems_at_once >= 1,
-                    f"search.problems_at_once must be >= 1 (got {self.problems_at_once})"),
-            *_check(self.c_puct > 0, f"search.c_puct must be > 0 (got {self.c_puct})"),
-            *_allowed("search.select", self.select, SELECT_RULES),
-            *_check(self.k_children >= 1, f"search.k_children must be >= 1 (got {self.k_children})"),
-            *_check(self.step_max_tokens >= 1,
-                    f"search.step_max_tokens must be >= 1 (got {self.step_max_tokens})"),
-            *_check(self.max_depth is None or self.max_depth >= 1,
-                    f"search.max_depth must be null or >= 1 (got {self.max_depth})"),
-            *_check(self.temperature > 0, f"search.temperature must be > 0 (got {self.temperature})"),
-            *_check(self.widen_c >= 0, f"search.widen_c must be >= 0 (got {self.widen_c})"),
-            *_check(self.widen_alpha >= 0, f"search.widen_alpha must be >= 0 (got {self.widen_alpha})"),
-        ]
+def _search_errors(s: SearchSettings) -> list[str]:
+    """What training asks of the search beyond the settings' own checks."""
+    return [
+        *_check(s.parallel <= s.simulations,
+                f"search.parallel must be in 1..search.simulations={s.simulations} (got {s.parallel})"),
+        *_check(s.c_puct > 0, f"search.c_puct must be > 0 (got {s.c_puct})"),
+    ]
 
 
 @dataclass(frozen=True)
@@ -195,7 +170,7 @@ class TrainConfig:
     problems_per_step: int = 32                # training problems drawn per step
     group_size: int = 16                       # samples per problem for grpo | cispo | ppo
     bon_n: int = 64                            # samples per problem for bon (the best is kept)
-    search: SearchSettings = field(default_factory=SearchSettings)  # tree search (method mcts)
+    search: SearchSettings = TRAINING_SEARCH   # tree search (method mcts); search/contracts.py
     temperature: float = 1.0                   # sampling temperature of grpo | cispo | ppo | bon rollouts
     reward: str = "dense"                      # reward trained on (and searched with): dense (the reference) | sparse (0/1)
     max_new_tokens: int = 512                  # completion length limit (rollouts and evaluation)
@@ -298,7 +273,7 @@ class TrainConfig:
         of the compute spent), so a resumed run needs no scheduler state.
 
         Runs with a budget (`progress` = the fraction of the budget spent at this update, see
-        train.budget_progress): linear warm-up over the first warmup_fraction of the budget, then 1
+        runs.budget_progress): linear warm-up over the first warmup_fraction of the budget, then 1
         (constant) or a linear decay to 0 at the budget. Every method then spends the same share of its
         compute at each learning rate, however much one of its steps costs: an MCTS step costs ~8 GRPO
         steps of generated tokens, so a warm-up counted in steps would take half of its updates and
@@ -380,7 +355,7 @@ class TrainConfig:
             *_allowed("dtype", self.dtype, DTYPES),
             *[message for backend in self.log_backends for message in
               _allowed("log_backends entry", backend, LOG_BACKENDS)],
-            *self.search.errors(),
+            *_search_errors(self.search),
             *self.lora.errors(),
         ]
         rules = METHOD_RULES.get(self.method)
@@ -472,8 +447,9 @@ def _parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
-def _coerce(value, annotation, key: str):
-    """`value` (from YAML or --set) as the field's declared type, or a UsageError naming the key."""
+def _coerce(value, annotation, key: str, base=None):
+    """`value` (from YAML or --set) as the field's declared type, or a UsageError naming the key; a
+    nested settings mapping overrides `base` (the field's default) where given."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -485,7 +461,7 @@ def _coerce(value, annotation, key: str):
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise UsageError(f"config: {key} must be a mapping of {', '.join(_field_names(annotation))}")
-        return _build(annotation, value, prefix=f"{key}.")
+        return _build(annotation, value, prefix=f"{key}.", base=base)
     if origin is tuple:
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
@@ -528,18 +504,24 @@ def _field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def _build(cls, data: dict, prefix: str = "", base=None):
+    """`cls` from a mapping of its fields (over `base`, an instance, when given)."""
     hints = typing.get_type_hints(cls)
     names = _field_names(cls)
     unknown = [key for key in data if key not in names]
     if unknown:
         key = unknown[0]
+        if prefix == "search." and key in RENAMED:
+            raise UsageError(f"config: {prefix}{key} is now called {prefix}{RENAMED[key]}")
         close = difflib.get_close_matches(str(key), names, n=1)
         hint = f"; did you mean {prefix}{close[0]}?" if close else ""
         shown = key if isinstance(key, str) and key.isprintable() and len(key) <= 60 else _show(key)
         raise UsageError(f"config: unknown key {prefix}{shown}{hint} (known: {', '.join(names)})")
-    values = {key: _coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
-    return cls(**values)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.default)}
+    defaults.update({f.name: f.default_factory() for f in dataclasses.fields(cls)
+                     if f.default_factory is not dataclasses.MISSING})
+    values = {key: _coerce(value, hints[key], f"{prefix}{key}", defaults.get(key)) for key, value in data.items()}
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)
 
 
 def load_config(preset: str | None = None, path: str | Path | None = None,

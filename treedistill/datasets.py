@@ -1,4 +1,4 @@
-"""Named data splits: where each environment's train and test problems come from.
+"""Named data splits: `load_split` asks the environment class (`Env.load_split`) for its problems.
 
 Countdown: the project's own splits, generated once by
 `treedistill data countdown --train 20000 --test 820 --seed 42 --out treedistill/data/countdown`
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from treedistill.envs import ENVS
 from treedistill.errors import UsageError
 
-DATA_DIR = Path(__file__).parent / "data"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "test")
 
@@ -26,25 +26,10 @@ def resolve_path(path: str | Path) -> Path:
     return path
 
 
-def _countdown(split: str, path: str | Path | None) -> list[dict]:
-    from treedistill.envs.countdown import load_problems
-
-    return load_problems(path or DATA_DIR / "countdown" / f"{split}.jsonl")
-
-
-def _gsm8k(split: str, path: str | Path | None) -> list[dict]:
-    from treedistill.envs.gsm8k import load_gsm8k
-
-    return load_gsm8k(split, path=path)
-
-
-LOADERS = {"countdown": _countdown, "gsm8k": _gsm8k}
-
-
 def load_split(env_name: str, split: str = "test", path: str | Path | None = None) -> list[dict]:
     """Problems of `env_name`'s `split`, or of the JSONL file at `path` when given."""
-    if env_name not in LOADERS:
-        raise UsageError(f"unknown env {env_name!r}; known: {', '.join(LOADERS)}")
+    if env_name not in ENVS:
+        raise UsageError(f"unknown env {env_name!r}; known: {', '.join(ENVS)}")
     if path is None and split not in SPLITS:
         raise UsageError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
-    return LOADERS[env_name](split, None if path is None else resolve_path(path))
+    return ENVS[env_name].load_split(split, None if path is None else resolve_path(path))

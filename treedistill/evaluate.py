@@ -19,10 +19,11 @@ search (every sampled step, plus the completion).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+
+from treedistill.metrics import standard_error
 
 __all__ = ["EvalResult", "SearchEvalResult", "evaluate", "evaluate_search", "summarize"]
 
@@ -61,12 +62,7 @@ def summarize(sparse: Sequence[Sequence[float]], well_formed: Sequence[Sequence[
     problems = len(per_problem)
     samples = sum(len(row) for row in sparse)
     accuracy = sum(sum(row) for row in sparse) / samples if samples else 0.0
-    if problems > 1:
-        mean = sum(per_problem) / problems
-        var = sum((x - mean) ** 2 for x in per_problem) / (problems - 1)
-        stderr = math.sqrt(var / problems)
-    else:
-        stderr = 0.0
+    stderr = standard_error(per_problem)
     return EvalResult(
         accuracy=accuracy,
         stderr=stderr,
@@ -169,22 +165,19 @@ class SearchEvalResult:
         return {**self.result.to_dict(), **d}
 
 
-def evaluate_search(engine, policy, env, problems: Sequence[dict], *, search, k: int = 4,
-                    temperature: float = 0.8, step_max_tokens: int = 64, max_new_tokens: int = 512,
-                    seed: int = 0, terminal_value: str = "reward", trees_per_call: int = 32,
+def evaluate_search(engine, policy, env, problems: Sequence[dict], *, search, max_new_tokens: int = 512,
+                    seed: int = 0, terminal_value: str = "reward",
                     progress: Callable[[int], None] | None = None) -> SearchEvalResult:
-    """Search every problem (`search`: a SearchConfig; trees in lock-step, `trees_per_call` at a time,
-    chunk c seeded with `seed + c`) and score each extracted path's completion with `env`."""
+    """Search every problem (`search`: a SearchSettings; trees in lock-step, `search.problems_at_once`
+    at a time, chunk c seeded with `seed + c`) and score each extracted path's completion with `env`."""
     from treedistill.rollout import search_problems
 
-    if trees_per_call < 1:
-        raise ValueError(f"trees_per_call must be >= 1, got {trees_per_call}")
+    trees_per_call, temperature = search.problems_at_once, search.temperature
     start = time.perf_counter()
     outcomes = []
     search_s = bookkeeping_s = 0.0
     for c, first in enumerate(range(0, len(problems), trees_per_call)):
-        part = search_problems(engine, policy, env, problems[first:first + trees_per_call], search=search, k=k,
-                               temperature=temperature, step_max_tokens=step_max_tokens,
+        part = search_problems(engine, policy, env, problems[first:first + trees_per_call], search=search,
                                max_new_tokens=max_new_tokens, seed=seed + c, terminal_value=terminal_value)
         outcomes.extend(part)
         search_s += part[0].batch.search_s

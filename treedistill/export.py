@@ -1,7 +1,7 @@
 """A trained policy as a model folder: from a run's checkpoint (state dicts) to a folder that
 `transformers.AutoModelForCausalLM.from_pretrained`, serving tools and `treedistill eval --model` read.
 
-Every run ends by writing RUN/final/ (`write_final`, called by `train.finish_run`, which both the
+Every run ends by writing RUN/final/ (`write_final`, called by `runs.finish_run`, which both the
 one-process loop and the Ray loop end with); `treedistill export RUN [--step N] --out DIR` writes one
 from any complete checkpoint (`export_checkpoint`).
 
@@ -14,7 +14,7 @@ into the weights (a plain model folder) unless adapter_only: then peft's adapter
 (adapter_config.json + adapter_model.safetensors, read by `peft.PeftModel.from_pretrained(base, DIR)`),
 the tokenizer, the value head and treedistill.json.
 
-The policy is rebuilt from the run's config (model, value head, LoRA: `train.load_train_policy`) on the
+The policy is rebuilt from the run's config (model, value head, LoRA: `learner.load_train_policy`) on the
 CPU, in the dtype of the checkpoint's weights, and the checkpoint's state dicts are loaded into it:
 the folder holds exactly the trained floats, whichever process wrote the checkpoint (the one-process
 loop, the Ray driver's learner, or FSDP rank 0 with the gathered full state dict), and no GPU is needed.
@@ -32,6 +32,7 @@ import torch
 from treedistill import checkpoint
 from treedistill.config import load_config
 from treedistill.errors import UsageError
+from treedistill.learner import load_train_policy
 from treedistill.models.load import FINAL_FOLDER, META_FILE, write_model_files
 
 __all__ = ["checkpoint_at", "export_checkpoint", "write_final"]
@@ -77,8 +78,6 @@ def _run_config(ckpt: Path):
 
 def _trained_policy(ckpt: Path):
     """(policy on the CPU holding the checkpoint's weights, config)."""
-    from treedistill.train import load_train_policy  # train imports this module (finish_run -> write_final)
-
     entries = json.loads((ckpt / checkpoint.MARKER).read_text())["entries"]
     state = _entry(ckpt, "model")
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}

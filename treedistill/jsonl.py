@@ -1,4 +1,5 @@
-"""JSON Lines files: reading with errors that name the file and line, writing atomically."""
+"""JSON Lines files: reading with errors that name the file and line, writing atomically, appending,
+and cutting a run's log back to a resumed step."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from treedistill.errors import UsageError
 
-__all__ = ["read_jsonl", "read_records", "writable_folder", "write_jsonl"]
+__all__ = ["append_jsonl", "read_jsonl", "read_records", "truncate_jsonl", "writable_folder", "write_jsonl"]
 
 
 def read_jsonl(path) -> list[tuple[int, dict]]:
@@ -91,3 +92,25 @@ def write_jsonl(path, records) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def append_jsonl(path: Path, records: list[dict]) -> None:
+    """Append one JSON object per line (a run's samples.jsonl grows at each evaluation)."""
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def truncate_jsonl(path: Path, step: int | None) -> None:
+    """Keep the records of steps <= step (None: none), so a resumed run rewrites what followed."""
+    kept = []
+    if step is not None and path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                continue  # a line cut short by a kill (or damaged by hand)
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)

@@ -40,10 +40,9 @@ from treedistill.envs.base import Score, reward_from_prompt
 from treedistill.rollout.mcts import search_problems
 from treedistill.rollout.sample import best_of_n, sample_problems
 from treedistill.rollout.trajectory import Trajectory
-from treedistill.search import SearchConfig
 
 __all__ = ["METHODS", "REWARDS", "Method", "Rollout", "RolloutContext", "TrainingReward", "best_of_n_rollout",
-           "group_rollout", "search_config", "search_rollout", "value_baseline_advantages"]
+           "group_rollout", "search_rollout", "value_baseline_advantages"]
 
 
 REWARDS: dict[str, Callable[[Score], float]] = {
@@ -77,6 +76,9 @@ class TrainingReward:
 
     def is_terminal(self, completion: str) -> bool:
         return self.env.is_terminal(completion)
+
+    def answer_value(self, problem: dict, completion: str):
+        return self.env.answer_value(problem, completion)
 
     def key(self, problem: dict) -> tuple:
         return self.env.key(problem)
@@ -132,15 +134,6 @@ def best_of_n_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) 
                                        "bon_sample_sparse_mean": _mean([t.sparse for g in groups for t in g])})
 
 
-def search_config(cfg, seed: int) -> SearchConfig:
-    """The search core's options from TrainConfig.search (K, the temperature and the step length go to
-    the engine bridge instead). max_depth None: bounded by the completion's token budget only."""
-    s = cfg.search
-    return SearchConfig(simulations=s.simulations, parallel=s.parallel, select=s.select, c=s.c_puct,
-                        virtual_loss=s.virtual_loss, max_depth=s.max_depth or cfg.max_new_tokens,
-                        widen_c=s.widen_c, widen_alpha=s.widen_alpha, seed=seed)
-
-
 def search_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Rollout:
     """MCTS distillation: one searched tree per problem, search.problems_at_once trees per search call;
     each tree yields its most-visited path (completed by the policy when the search stopped short)."""
@@ -150,8 +143,9 @@ def search_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> 
     for chunk, first in enumerate(range(0, len(problems), s.problems_at_once)):
         part = problems[first:first + s.problems_at_once]
         chunk_seed = seed * 1009 + chunk
-        found = search_problems(ctx.engine, ctx.policy, env, part, search=search_config(cfg, chunk_seed),
-                                k=s.k_children, temperature=s.temperature, step_max_tokens=s.step_max_tokens,
+        # max_depth None: bounded by the completion's token budget only; the Gumbel noise follows the step's seed.
+        settings = dataclasses.replace(s, max_depth=s.max_depth or cfg.max_new_tokens, seed=chunk_seed)
+        found = search_problems(ctx.engine, ctx.policy, env, part, search=settings,
                                 max_new_tokens=cfg.max_new_tokens, seed=chunk_seed)
         outcomes += [dataclasses.replace(o.trajectory, group=first + i) for i, o in enumerate(found)]
     stats = {f"search_{name}": _mean([float(t.stats[name]) for t in outcomes])

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from treedistill.errors import UsageError
+from treedistill.jsonl import truncate_jsonl
 
-__all__ = ["ComputeCounters", "MetricsLogger", "Progress", "format_duration", "read_metrics"]
+__all__ = ["ComputeCounters", "MetricsLogger", "Progress", "counter_delta", "format_duration", "read_metrics",
+           "standard_error"]
 
 BACKENDS = ("jsonl", "tensorboard", "wandb")
 
@@ -58,26 +59,10 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
-        kept = self._lines_up_to(resume_step) if resume_step is not None else []
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        truncate_jsonl(self.path, resume_step)
         self._file = open(self.path, "a")
         self._tensorboard = self._open_tensorboard() if "tensorboard" in backends else None
         self._wandb = self._open_wandb(wandb_project, config, resume_step) if "wandb" in backends else None
-
-    def _lines_up_to(self, step: int) -> list[str]:
-        if not self.path.exists():
-            return []
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by the kill
-            if isinstance(record, dict) and record.get("step", math.inf) <= step:
-                kept.append(line + "\n")
-        return kept
 
     def _open_tensorboard(self):
         try:
@@ -130,6 +115,21 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def counter_delta(before: dict, after: dict) -> dict:
+    """What an engine spent between two `engine.counters.snapshot()`s, counter by counter (a counter
+    missing from `before` counts from 0): the rollout's compute, for `ComputeCounters.add_rollout`."""
+    return {name: after[name] - before.get(name, 0) for name in after}
+
+
+def standard_error(xs) -> float:
+    """Standard error of the mean of `xs`: sqrt(sum (x - mean)^2 / (n - 1) / n) (ddof = 1); 0 for n < 2."""
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mean = sum(xs) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n)
+
+
 @dataclass
 class ComputeCounters:
     """Cumulative compute of a run, separately for rollout and learning.
@@ -155,7 +155,7 @@ class ComputeCounters:
     def add_rollout(self, *, generated_tokens: int = 0, prompt_tokens: int = 0, cached_prompt_tokens: int = 0,
                     scored_tokens: int = 0, forward_calls: int = 0, values: int = 0) -> None:
         """Add a rollout's compute; the keywords match engine `Counters` fields, so the difference of
-        two `engine.counters.snapshot()` dicts can be passed as `**delta`."""
+        two `engine.counters.snapshot()` dicts (`counter_delta`) can be passed as `**delta`."""
         self.rollout_generated_tokens += int(generated_tokens)
         self.rollout_prompt_tokens += int(prompt_tokens)
         self.rollout_cached_tokens += int(cached_prompt_tokens)

@@ -27,8 +27,8 @@ dropped before solver and missed-target traces are drawn, and a random-play trac
 numbers, reached value) equals a test problem's key is redrawn (it would be a test solution).
 
 Prompt: the environment's compact messages through the chat template with the generation prompt;
-completion: trace + <|im_end|>. Loss: next-token cross-entropy on completion tokens only
-(`answer_weight` reweights the answer tokens; 1: plain mean).
+completion: trace + <|im_end|>. Loss: next-token cross-entropy on completion tokens only, the plain
+mean over the batch.
 
 Value head (`value_fit`, on by default; False: an untrained, seeded head, as the reference): with the
 language model frozen, fitted on its final hidden state (no extra norm) to the dense reward each trace
@@ -36,31 +36,19 @@ reaches, at every position from the last prompt token on: the RL value loss's ta
 Its traces are random play (and a solver share) on generator problems, so the rewards spread over
 [-1, 1] as the pre-RL model's own do.
 
-Options off by default, since each changes the data stream or the floats (not the shipped
-checkpoint): `bucket` > 1 draws that many batches at once and groups them by length; `micro` > 1 cuts
-a step's length-sorted rows into that many micro-batches, each padded to its own longest row (see
-`shard`); `processes` > 1 runs the language-model phase in that many CPU ranks (torch.distributed,
-gloo; the others run `python -m treedistill.pretrain`) that draw the same batches, train on their
-rows and sum gradients and loss; the value head is then fitted in this process.
-
-Measurements (the recipes tried, seeds, timings, what did not help): docs/log.md; the shipped
-checkpoint's numbers: docs/results.md.
+Measurements (the recipes tried, seeds, timings, what did not help, and the options that were
+measured and then removed: length bucketing, micro-batches, several processes, weighted answer
+tokens, "expressions" steps): docs/log.md; the shipped checkpoint's numbers: docs/results.md.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +58,11 @@ from treedistill.envs import countdown
 from treedistill.models.tiny import build_model, build_tokenizer
 from treedistill.models.value_head import ValueHead
 
-__all__ = ["Example", "PretrainConfig", "PretrainResult", "TraceSource", "collate", "pretrain", "shard"]
+__all__ = ["Example", "PretrainConfig", "PretrainResult", "TraceSource", "pad_examples", "pretrain",
+           "save_model_folder"]
+
+# The step formats of countdown.format_completion that pretraining writes: "substitute" (the shipped
+# checkpoint's) and "numbers" (the first checkpoint's, bench/pretrain_sweep.py's recipes).
 
 
 @dataclass(frozen=True)
@@ -80,7 +72,6 @@ class PretrainConfig:
     seed: int = 0                    # model init, data order, trace draws
     steps: int = 2000                # optimizer steps of the language model
     batch: int = 48                  # traces per step
-    bucket: int = 1                  # steps whose traces are drawn together and grouped by length
     lr: float = 4e-3                 # peak AdamW learning rate
     warmup: int = 50                 # linear warm-up steps, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.0        # 0: cosine decay to zero
@@ -89,8 +80,7 @@ class PretrainConfig:
     grad_clip: float = 1.0
     solver_share: float = 0.05       # share of solver traces that reach a generator target
     miss_share: float = 0.25         # share of random play aimed at a generator target (usually missed)
-    answer_weight: float = 1.0       # loss weight of the answer tokens (<answer> to eos); 1: plain mean
-    step_format: str = "substitute"  # countdown.format_completion (STEP_FORMATS)
+    step_format: str = "substitute"  # countdown.format_completion, one of countdown.STEP_FORMATS
     problem_seed: int = 1_000_003    # generator seed of the solver problems (not the test split's)
     solver_problems: int = 20_000    # size of that pool before test keys are removed
     value_fit: bool = True           # fit the value head on trace outcomes (False: untrained head)
@@ -100,8 +90,6 @@ class PretrainConfig:
     max_minutes: float | None = None  # stop the language-model phase early at this wall time
     model: dict = field(default_factory=dict)  # overrides of tiny.build_config (e.g. hidden_size)
     device: str = "cpu"              # where both phases run (the shipped checkpoint: CPU)
-    processes: int = 1               # CPU processes of the language-model phase (1 on CUDA)
-    micro: int = 1                   # micro-batches per process and step, of rows of similar lengths
 
 
 @dataclass(frozen=True)
@@ -222,15 +210,12 @@ def encode(tokenizer, env, problem: dict, completion: str, reward: float = 0.0) 
     return Example(tuple(prompt), tuple(completion_ids), reward)
 
 
-def collate(examples: Sequence[Example], pad_id: int, answer_id: int | None = None,
-            answer_weight: float = 1.0) -> dict[str, torch.Tensor]:
+def pad_examples(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch.
 
     input_ids [B, T]; attention_mask [B, T]; target_mask [B, T] (1 where token t is a completion
     token, i.e. predicted from position t-1); value_mask [B, T] (1 from the last prompt token to the
-    last completion token); rewards [B]. With `answer_id` (the <answer> token) also target_weight
-    [B, T]: 1 on completion tokens, `answer_weight` from the completion's last <answer> token to its
-    end, 0 elsewhere.
+    last completion token); rewards [B].
     """
     width = max(len(e.prompt) + len(e.completion) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # [B, T]
@@ -244,22 +229,12 @@ def collate(examples: Sequence[Example], pad_id: int, answer_id: int | None = No
         target[i, p:n] = True
         value[i, p - 1:n] = True
     rewards = torch.tensor([e.reward for e in examples], dtype=torch.float32)  # [B]
-    out = {"input_ids": ids, "attention_mask": attention, "target_mask": target,
-           "value_mask": value, "rewards": rewards}
-    if answer_id is not None:
-        weight = target.float()  # [B, T]
-        for i, e in enumerate(examples):
-            if answer_id in e.completion:
-                first = len(e.prompt) + len(e.completion) - 1 - e.completion[::-1].index(answer_id)
-                weight[i, first:len(e.prompt) + len(e.completion)] = answer_weight
-        out["target_weight"] = weight
-    return out
+    return {"input_ids": ids, "attention_mask": attention, "target_mask": target,
+            "value_mask": value, "rewards": rewards}
 
 
-def lm_loss(model, batch: dict[str, torch.Tensor], total: float | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy over completion tokens (weighted by `target_weight` when the
-    batch has it: sum of weight * CE over the sum of the weights). With `total`, the weighted sum
-    over `total` instead: this batch's share of the mean over a larger batch that sums to `total`.
+def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the completion tokens of the batch.
 
     No attention mask is passed: rows are RIGHT-padded, so under the causal mask no real token ever
     attends to padding, and the plain causal path of scaled-dot-product attention is the fastest.
@@ -267,26 +242,7 @@ def lm_loss(model, batch: dict[str, torch.Tensor], total: float | None = None) -
     logits = model(input_ids=batch["input_ids"]).logits  # [B, T, V]
     targets = batch["input_ids"][:, 1:]  # [B, T-1]
     mask = batch["target_mask"][:, 1:]  # [B, T-1]
-    if "target_weight" not in batch and total is None:
-        return F.cross_entropy(logits[:, :-1][mask], targets[mask])
-    per_token = F.cross_entropy(logits[:, :-1][mask], targets[mask], reduction="none")  # [N]
-    weight = batch["target_weight"][:, 1:][mask] if "target_weight" in batch else torch.ones_like(per_token)  # [N]
-    return (per_token * weight).sum() / (weight.sum() if total is None else total)
-
-
-def length_buckets(source: TraceSource, tokenizer, env, batch: int, bucket: int) -> list[list[Example]]:
-    """`bucket` batches of `batch` language-model traces, each batch of similar lengths, in random order.
-
-    Rows are padded to the longest of their batch; drawing several batches at once and grouping them
-    by length cuts that padding (about 15% of the tokens with batches drawn at random).
-    """
-    examples = [encode(tokenizer, env, *source.lm_trace()) for _ in range(batch * bucket)]
-    if bucket == 1:
-        return [examples]  # drawn order: the data stream of a run without grouping
-    examples.sort(key=lambda e: len(e.prompt) + len(e.completion))
-    batches = [examples[i * batch:(i + 1) * batch] for i in range(bucket)]
-    source.rng.shuffle(batches)
-    return batches
+    return F.cross_entropy(logits[:, :-1][mask], targets[mask])
 
 
 def _lr_factor(step: int, cfg: PretrainConfig) -> float:
@@ -302,51 +258,11 @@ def pretrain(cfg: PretrainConfig, *, exclude: Sequence[dict] = (),
     """Train the tiny model from scratch, then (optionally) fit its value head.
 
     exclude: problems never to train on (the evaluation split). progress(phase, step, metrics) is
-    called after every step ("lm" or "value"). On the CPU the language-model phase runs in
-    `cfg.processes` processes (this one is rank 0), each with its share of the threads; the value
-    head is then fitted here with all of them.
+    called after every step ("lm" or "value").
     """
     if not 0.0 <= cfg.ema < 1.0:
         raise ValueError(f"ema must be in [0, 1), got {cfg.ema}")
-    if cfg.processes < 1 or cfg.micro < 1:
-        raise ValueError(f"processes and micro must be >= 1, got {cfg.processes} and {cfg.micro}")
     cpu_start = time.process_time()
-    world = cfg.processes if cfg.device == "cpu" else 1
-    if world == 1:
-        lm = _train_lm(cfg, exclude, progress)
-        worker_cpu = 0.0
-    else:
-        lm, worker_cpu = _train_lm_parallel(cfg, exclude, world, progress)
-    model, tokenizer, env, source = lm.model, lm.tokenizer, lm.env, lm.source
-    device = torch.device(cfg.device)
-    model.eval()
-
-    torch.manual_seed(cfg.seed)
-    head = ValueHead(model.config.hidden_size).to(device)
-    value_losses: list[float] = []
-    value_variances: list[float] = []
-    start = time.perf_counter()
-    if cfg.value_fit:
-        value_losses, value_variances = fit_value_head(model, head, tokenizer, env, source, cfg, progress)
-    return PretrainResult(model, tokenizer, head, lm.losses, value_losses, value_variances, len(lm.losses),
-                          lm.seconds, time.perf_counter() - start,
-                          time.process_time() - cpu_start + worker_cpu, cfg)
-
-
-@dataclass
-class _LMPhase:
-    model: object
-    tokenizer: object
-    env: object
-    source: TraceSource
-    losses: list[float]
-    seconds: float
-
-
-def _train_lm(cfg: PretrainConfig, exclude: Sequence[dict], progress=None, *, rank: int = 0,
-              world: int = 1) -> _LMPhase:
-    """The language-model phase as rank `rank` of `world` processes (world > 1: a gloo process group
-    is up). Every rank draws the same batches; each trains on its share and the gradients are summed."""
     env = countdown.CountdownEnv()
     tokenizer = build_tokenizer()
     device = torch.device(cfg.device)
@@ -360,190 +276,43 @@ def _train_lm(cfg: PretrainConfig, exclude: Sequence[dict], progress=None, *, ra
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, 0.95))
-    # Weighted answer tokens only when asked: the default keeps the plain mean.
-    answer_id = tokenizer.convert_tokens_to_ids(countdown.ANSWER_OPEN) if cfg.answer_weight != 1.0 else None
-    # torch's AveragedModel keeps the average in a copy; the model takes its weights at the end. The
-    # ranks' weights are the same after every step, so rank 0 alone keeps it.
-    averaged = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema))
-                if cfg.ema > 0 and rank == 0 else None)
+    # torch's AveragedModel keeps the average in a copy; the model takes its weights at the end.
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema > 0 else None
     losses: list[float] = []
-    pending: list[list[Example]] = []
     start = time.perf_counter()
     model.train()
     for step in range(cfg.steps):
-        if cfg.max_minutes is not None and _out_of_time(start, cfg.max_minutes, world):
+        if cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes:
             break
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg)
-        if not pending:
-            pending = length_buckets(source, tokenizer, env, cfg.batch, cfg.bucket)
-        examples = pending.pop()
-        # The loss is the mean over the whole batch's target tokens: each part adds its share (one
-        # part: the batch as drawn and its plain mean, the computation of the shipped checkpoint).
-        parts = shard(examples, rank, world, cfg.micro)
-        total = _target_total(examples, answer_id, cfg.answer_weight) if world * cfg.micro > 1 else None
+        # The batch as drawn, padded to its longest row.
+        examples = [encode(tokenizer, env, *source.lm_trace()) for _ in range(cfg.batch)]
+        batch = pad_examples(examples, tokenizer.pad_token_id)
         optimizer.zero_grad(set_to_none=True)
-        loss = 0.0
-        for part in parts:
-            batch = collate(part, tokenizer.pad_token_id, answer_id, cfg.answer_weight)
-            part_loss = lm_loss(model, {k: v.to(device) for k, v in batch.items()}, total=total)
-            part_loss.backward()
-            loss += part_loss.item()
-        if world > 1:
-            loss = _sum_gradients(model, loss)
+        loss = lm_loss(model, {k: v.to(device) for k, v in batch.items()})
+        loss.backward()
+        losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         if averaged is not None:
             averaged.update_parameters(model)
-        losses.append(loss)
         if progress is not None:
             progress("lm", step, {"loss": losses[-1]})
     if averaged is not None and losses:
         model.load_state_dict(averaged.module.state_dict())
-    return _LMPhase(model, tokenizer, env, source, losses, time.perf_counter() - start)
+    lm_seconds = time.perf_counter() - start
+    model.eval()
 
-
-def shard(examples: Sequence[Example], rank: int, world: int, micro: int) -> list[list[Example]]:
-    """Rank `rank`'s rows of a batch, as up to `micro` micro-batches of similar lengths.
-
-    The batch is sorted by length and dealt round-robin, so every rank gets the same mix of lengths
-    (the ranks wait for the slowest); each rank cuts its rows into consecutive runs, each padded only
-    to its own longest row. Which rows share a micro-batch does not change the loss (a sum over
-    tokens), only the padding: it adds 19% to the real tokens of 48 rows drawn at random, 6% with 3
-    micro-batches (one rank or two).
-    """
-    if world == 1 and micro == 1:
-        return [list(examples)]  # as drawn
-    ordered = sorted(examples, key=lambda e: len(e.prompt) + len(e.completion))[rank::world]
-    size = -(-len(ordered) // micro)
-    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
-
-
-def _target_total(examples: Sequence[Example], answer_id: int | None, answer_weight: float) -> float:
-    """Sum of the target weights of a batch (its completion tokens, when answers are not weighted)."""
-    if answer_id is None:
-        return float(sum(len(e.completion) for e in examples))
-    return float(collate(examples, 0, answer_id, answer_weight)["target_weight"].sum())
-
-
-def _sum_gradients(model, loss: float) -> float:
-    """All-reduce (sum) the gradients and the loss over the process group, in one flat buffer."""
-    import torch.distributed as dist
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([loss], dtype=grads[0].dtype)])
-    dist.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g)
-        offset += g.numel()
-    return flat[-1].item()
-
-
-def _out_of_time(start: float, minutes: float, world: int) -> bool:
-    """Rank 0's clock decides, so that every rank stops at the same step."""
-    late = torch.tensor([float(time.perf_counter() - start > 60 * minutes)])
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.broadcast(late, src=0)
-    return bool(late.item())
-
-
-# A rank that waits this long for the others gives up: a rank that crashes closes its connections,
-# which ends the others' wait at once; this bounds one that hangs or never joins.
-_GROUP_TIMEOUT = timedelta(minutes=2)
-
-
-def _train_lm_parallel(cfg: PretrainConfig, exclude: Sequence[dict], world: int,
-                       progress=None) -> tuple[_LMPhase, float]:
-    """The language-model phase in `world` CPU processes (torch.distributed, gloo): this process is
-    rank 0 and keeps the model; ranks 1.. run `python -m treedistill.pretrain` (a fresh interpreter,
-    so neither a forked torch thread pool nor the caller's main module comes along), train their
-    shares and exit. The threads of this process are shared out among the ranks. Returns the phase
-    and the other ranks' CPU seconds."""
-    import torch.distributed as dist
-
-    threads = torch.get_num_threads()
-    per_rank = max(1, threads // world)
-    with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        init = f"file://{folder / 'rendezvous'}"
-        job = {"config": asdict(cfg), "exclude": list(exclude), "world": world, "init": init, "threads": per_rank}
-        (folder / "job.json").write_text(json.dumps(job), encoding="utf-8")
-        workers = []
-        for rank in range(1, world):
-            with open(folder / f"rank{rank}.log", "wb") as log:
-                workers.append(subprocess.Popen(
-                    [sys.executable, "-m", "treedistill.pretrain", str(folder / "job.json"), str(rank)],
-                    stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(per_rank)}))
-        torch.set_num_threads(per_rank)
-        try:
-            _wait_ready(folder, workers)
-            dist.init_process_group("gloo", init_method=init, rank=0, world_size=world, timeout=_GROUP_TIMEOUT)
-            try:
-                phase = _train_lm(cfg, exclude, progress, rank=0, world=world)
-            finally:
-                dist.destroy_process_group()
-        except BaseException as exc:
-            for worker in workers:
-                _stop(worker, wait=5.0)
-            failed = [_failure(folder, rank, w) for rank, w in enumerate(workers, start=1) if w.returncode]
-            if failed and type(exc) is RuntimeError:  # gloo's error here: this rank only lost its peer
-                raise RuntimeError(f"pretraining failed in another process: {failed[0]}") from exc
-            raise
-        finally:
-            torch.set_num_threads(threads)
-        cpu = 0.0
-        for rank, worker in enumerate(workers, start=1):
-            _stop(worker, wait=120.0)
-            if worker.returncode:
-                raise RuntimeError(f"pretraining failed in another process: {_failure(folder, rank, worker)}")
-            cpu += float((folder / f"rank{rank}.cpu").read_text())
-    return phase, cpu
-
-
-def _wait_ready(folder: Path, workers: list[subprocess.Popen]) -> None:
-    """Wait until every spawned rank is about to join the group, so that one that dies on start-up
-    is reported at once instead of after the group's time-out."""
-    deadline = time.monotonic() + _GROUP_TIMEOUT.total_seconds()
-    for rank, worker in enumerate(workers, start=1):
-        while not (folder / f"rank{rank}.ready").exists():
-            if worker.poll() is not None:
-                raise RuntimeError(f"pretraining failed in another process: {_failure(folder, rank, worker)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"pretraining rank {rank} did not start in {_GROUP_TIMEOUT}")
-            time.sleep(0.05)
-
-
-def _stop(worker: subprocess.Popen, *, wait: float) -> None:
-    try:
-        worker.wait(wait)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.wait()
-
-
-def _failure(folder: Path, rank: int, worker: subprocess.Popen) -> str:
-    log = (folder / f"rank{rank}.log").read_text(encoding="utf-8", errors="replace").strip()
-    return f"rank {rank} exited with code {worker.returncode}: " + (log[-2000:] or "(no output)")
-
-
-def _lm_worker(job_file: str, rank: int) -> None:
-    """Rank `rank` (>= 1) of the language-model phase: `python -m treedistill.pretrain JOB RANK`."""
-    import torch.distributed as dist
-
-    job = json.loads(Path(job_file).read_text(encoding="utf-8"))
-    torch.set_num_threads(job["threads"])
-    (Path(job_file).parent / f"rank{rank}.ready").touch()
-    dist.init_process_group("gloo", init_method=job["init"], rank=rank, world_size=job["world"],
-                            timeout=_GROUP_TIMEOUT)
-    try:
-        _train_lm(PretrainConfig(**job["config"]), job["exclude"], rank=rank, world=job["world"])
-    finally:
-        dist.destroy_process_group()
-    (Path(job_file).parent / f"rank{rank}.cpu").write_text(str(time.process_time()), encoding="utf-8")
+    torch.manual_seed(cfg.seed)
+    head = ValueHead(model.config.hidden_size).to(device)
+    value_losses: list[float] = []
+    value_variances: list[float] = []
+    start = time.perf_counter()
+    if cfg.value_fit:
+        value_losses, value_variances = fit_value_head(model, head, tokenizer, env, source, cfg, progress)
+    return PretrainResult(model, tokenizer, head, losses, value_losses, value_variances, len(losses),
+                          lm_seconds, time.perf_counter() - start, time.process_time() - cpu_start, cfg)
 
 
 def fit_value_head(model, head: ValueHead, tokenizer, env, source: TraceSource, cfg: PretrainConfig,
@@ -563,7 +332,7 @@ def fit_value_head(model, head: ValueHead, tokenizer, env, source: TraceSource, 
         for _ in range(cfg.value_batch):
             problem, completion = source.value_trace()
             examples.append(encode(tokenizer, env, problem, completion, env.score(problem, completion).dense))
-        batch = {k: v.to(model.device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+        batch = {k: v.to(model.device) for k, v in pad_examples(examples, tokenizer.pad_token_id).items()}
         with torch.no_grad():
             # Right padding, so the causal mask alone suffices (see lm_loss).
             hidden = model.model(input_ids=batch["input_ids"]).last_hidden_state  # [B, T, H]
@@ -581,7 +350,7 @@ def fit_value_head(model, head: ValueHead, tokenizer, env, source: TraceSource, 
     return losses, variances
 
 
-def save_checkpoint(result: PretrainResult, folder, info: dict | None = None) -> None:
+def save_model_folder(result: PretrainResult, folder, info: dict | None = None) -> None:
     """Model (safetensors) + tokenizer files + value_head/value_head.safetensors + pretrain.json in `folder`,
     written whole or not at all (`checkpoint.atomic_folder`)."""
     from treedistill.checkpoint import atomic_folder
@@ -593,6 +362,3 @@ def save_checkpoint(result: PretrainResult, folder, info: dict | None = None) ->
         record = {**result.summary(), **(info or {})}
         (tmp / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
-
-if __name__ == "__main__":  # a rank of the parallel language-model phase (see _train_lm_parallel)
-    _lm_worker(sys.argv[1], int(sys.argv[2]))

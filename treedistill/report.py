@@ -2,7 +2,8 @@
 
 Input: run folders written by `treedistill train` (config.yaml + metrics.jsonl), grouped by label
 (one folder per seed). Nothing here trains or loads a model; any finished or running run folder can
-be reported on (`write_report`). No torch import.
+be reported on (`write_report`). A single training run's own RUN/report.md, its final evaluation and
+learning curve, is `write_run_report`. No torch import.
 
 What is compared. Each run's FINAL evaluation (its last "eval" line: mean@k, sparse reward, no
 search) against the compute it used: generated rollout tokens (the fairness knob of an equal-compute
@@ -43,8 +44,9 @@ from pathlib import Path
 
 import yaml
 
+from treedistill.config import TrainConfig, to_yaml
 from treedistill.errors import UsageError
-from treedistill.metrics import format_duration
+from treedistill.metrics import format_duration, read_metrics
 
 __all__ = [
     "REFERENCE",
@@ -69,6 +71,7 @@ __all__ = [
     "table_text",
     "verdict",
     "write_report",
+    "write_run_report",
     "z_score",
 ]
 
@@ -831,3 +834,47 @@ def write_report(runs: Mapping[str, Sequence[str | Path]], out_dir: str | Path, 
                                                   "differences": differences,
                                                   "headline": headline(rows, differences)}, indent=1) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# One training run's report.md (written by the loops at the end of every run)
+
+
+def write_run_report(run_dir: Path, cfg: TrainConfig, stop_reason: str, wall_s: float) -> str:
+    """report.md from metrics.jsonl: the final evaluation, the learning curve as a table, compute."""
+    records = read_metrics(run_dir)
+    evals = [r for r in records if r.get("kind") == "eval"]
+    trains = {r["step"]: r for r in records if r.get("kind") == "train"}
+    k = cfg.eval_k
+    lines = [f"# Training run: {cfg.method} on {cfg.env} with {cfg.model}", "",
+             f"Stopped: {stop_reason}. Steps done: {max(trains, default=0)}. Wall time: {format_duration(wall_s)}.", ""]
+    if evals:
+        first, last = evals[0], evals[-1]
+        lines += ["## Final evaluation (no search, sparse reward)", "",
+                  f"mean@{k} at step {last['step']}: {100 * last['eval_accuracy']:.2f}% "
+                  f"+- {100 * last['eval_stderr']:.2f} ({last['eval_problems']} test problems x {k} samples at "
+                  f"T={cfg.eval_temperature}); at step {first['step']}: {100 * first['eval_accuracy']:.2f}% "
+                  f"+- {100 * first['eval_stderr']:.2f}.", "",
+                  "## Learning curve", "",
+                  f"| step | generated tokens | total FLOPs | mean@{k} % | stderr | pass@{k} % | train reward |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in evals:
+            reward = trains.get(r["step"], {}).get("reward_mean")
+            lines.append(f"| {r['step']} | {r['rollout_generated_tokens']:,} | {r['total_flops']:.3g} | "
+                         f"{100 * r['eval_accuracy']:.2f} | {100 * r['eval_stderr']:.2f} | "
+                         f"{100 * r['eval_pass_at_k']:.1f} | {'' if reward is None else f'{reward:+.3f}'} |")
+        lines.append("")
+    if trains:
+        c = trains[max(trains)]
+        lines += ["## Compute (cumulative)", "", "| quantity | rollout | learning |", "|---|---:|---:|",
+                  f"| tokens | {c['rollout_generated_tokens']:,} generated, {c['rollout_prompt_tokens']:,} prefill, "
+                  f"{c['rollout_cached_tokens']:,} from cache, {c['rollout_scored_tokens']:,} scored | "
+                  f"{c['learn_train_tokens']:,} trained, {c['learn_inference_tokens']:,} no-grad |",
+                  f"| forward calls | {c['rollout_forward_calls']:,} | {c['learn_forward_calls']:,} |",
+                  f"| FLOPs (estimate) | {c['rollout_flops']:.3g} | {c['learn_flops']:.3g} |", ""]
+    lines += ["## Config", "", "```yaml", to_yaml(cfg).rstrip(), "```", ""]
+    text = "\n".join(lines)
+    tmp = run_dir / "report.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(run_dir / "report.md")
+    return text

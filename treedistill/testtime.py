@@ -58,60 +58,15 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from fractions import Fraction
+from dataclasses import asdict, dataclass, field, replace
 
-from treedistill.envs.base import Env
+from treedistill.envs.base import Env, inputs_only
 from treedistill.errors import UsageError
-from treedistill.search import SearchConfig
+from treedistill.metrics import standard_error
+from treedistill.search import SearchSettings
 
-__all__ = ["ANSWER_VALUES", "MCTS_VARIANTS", "SELECTORS", "Cell", "SweepConfig", "SweepReport", "answer_value", "format_table",
+__all__ = ["MCTS_VARIANTS", "SELECTORS", "SWEEP_SEARCH", "MethodResult", "SweepConfig", "SweepReport", "format_table",
            "majority_vote", "parse_budgets", "plot_report", "run_sweep", "value_pick", "write_markdown"]
-
-
-# --- answers without the ground truth --------------------------------------------------------------
-
-def _countdown_value(problem: dict, completion: str) -> Fraction | int | None:
-    from treedistill.envs.countdown import extract_answer
-    from treedistill.envs.expr import evaluate
-
-    answer = extract_answer(completion)
-    if answer is None:
-        return None
-    result = evaluate(answer.strip())
-    if isinstance(result, str):
-        return None
-    have = Counter(problem["numbers"])
-    if any(have[x] < c for x, c in Counter(result.numbers).items()):
-        return None
-    return result.value
-
-
-def _gsm8k_value(problem: dict, completion: str) -> Fraction | None:
-    from treedistill.envs.gsm8k import extract_answer, parse_number
-
-    answer = extract_answer(completion)
-    return None if answer is None else parse_number(answer)
-
-
-# env name -> (problem, completion) -> the answer's exact value, None when there is no legal answer.
-# Reads the problem's inputs only (never its target or answer field).
-ANSWER_VALUES: dict[str, Callable[[dict, str], object]] = {
-    "countdown": _countdown_value,
-    "gsm8k": _gsm8k_value,
-}
-
-
-def _inputs_only(problem: dict) -> dict:
-    """The problem without its ground truth, so a selector cannot read it even by mistake."""
-    return {k: v for k, v in problem.items() if k not in ("target", "answer")}
-
-
-def answer_value(env: Env, problem: dict, completion: str):
-    """Exact value of the completion's legal answer (None if none), computed without the target."""
-    if env.name not in ANSWER_VALUES:
-        raise UsageError(f"no answer parser for environment {env.name!r}; known: {', '.join(ANSWER_VALUES)}")
-    return ANSWER_VALUES[env.name](_inputs_only(problem), completion)
 
 
 # --- best-of-N selectors: one signature, (answer values [N], value-head values [N]) -> index | None ---
@@ -142,27 +97,23 @@ SELECTORS: dict[str, Callable[[Sequence, Sequence[float] | None], int | None]] =
 
 # --- configuration and results ---------------------------------------------------------------------
 
+# The sweep's search defaults (SearchSettings' names; search.seed is set from SweepConfig.seed).
+# Progressive widening: widen_c 1, chosen once on 100 training problems at ~4,000 tokens per problem:
+# it (100 simulations) beat 2 (64 simulations, a third of the paths left incomplete) on the chosen
+# answers' dense reward, +0.16 vs +0.14; see docs/log.md.
+SWEEP_SEARCH = SearchSettings(parallel=8, select="puct", c_puct=0.5, max_depth=16, k_children=4, temperature=0.8,
+                              step_max_tokens=64, widen_c=1.0, widen_alpha=0.5, pick="best")
+
+
 @dataclass(frozen=True)
 class SweepConfig:
-    """Options of one test-time sweep. budgets: generated tokens per problem, increasing."""
+    """Options of one test-time sweep. budgets: generated tokens per problem, increasing. `search`: the
+    tree's options (its temperature is also best-of-N's; simulations are fitted to each budget)."""
 
     budgets: tuple[int, ...]
-    k: int = 4                      # sampled steps per expanded node (reference: 4)
-    temperature: float = 0.8        # search expansions and best-of-N samples (reference: 0.8)
-    step_max_tokens: int = 64
+    search: SearchSettings = SWEEP_SEARCH
     max_new_tokens: int = 512       # per completion (search path or sample)
-    parallel: int = 8               # W descents per tree per round
-    select: str = "puct"
-    c: float = 0.5
-    max_depth: int = 16
-    # Progressive widening of the search (SearchConfig.widen_c / widen_alpha; 0 = off, each node
-    # expanded once). Chosen once on 100 training problems at ~4,000 tokens per problem: widen_c 1
-    # (100 simulations) beat 2 (64 simulations, a third of the paths left incomplete) on the chosen
-    # answers' dense reward, +0.16 vs +0.14; see docs/log.md.
-    widen_c: float = 1.0
-    widen_alpha: float = 0.5
     mcts_terminal: str = "legal"    # the mcts row's terminal values: "legal" | "value" (never the reward)
-    pick: str = "best"              # MCTS answer: the best valued terminal node (as best-of-N) | "visits"
     seed: int = 0
     once_temperatures: tuple[float, ...] = (0.8, 0.2)  # the search temperature and the eval protocol's
     once_samples: int = 16          # samples per problem to estimate one sample's accuracy
@@ -177,7 +128,7 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
-class Cell:
+class MethodResult:
     """One method at one budget (budget None: at its own cost). accuracy / stderr are fractions
     (None when skipped); tokens: mean generated tokens actually used per problem."""
 
@@ -197,7 +148,7 @@ class SweepReport:
 
     config: SweepConfig
     problems: int
-    cells: list[Cell] = field(default_factory=list)
+    cells: list[MethodResult] = field(default_factory=list)
     calibration: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
 
@@ -231,28 +182,18 @@ def parse_budgets(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(values)))
 
 
-def _stderr(xs: Sequence[float]) -> float:
-    n = len(xs)
-    if n < 2:
-        return 0.0
-    mean = sum(xs) / n
-    return math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n)
-
-
 def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
 def _clear(engine) -> None:
     """Empty the engine's prefix cache (if it has one) so each method's wall time starts cold."""
-    clear = getattr(engine, "clear_cache", None)
-    if clear is not None:
-        clear()
+    engine.clear_cache()
 
 
 # --- the methods -------------------------------------------------------------------------------
 
-class _Context:
+class _SweepInputs:
     """What every method needs: engine, policy, env, problems, their prompts and completion budgets."""
 
     def __init__(self, engine, policy, env: Env, problems: Sequence[dict], cfg: SweepConfig,
@@ -273,7 +214,7 @@ class _Context:
         return self.policy.decode(tokens)
 
 
-def run_once(ctx: _Context, temperature: float) -> Cell:
+def run_once(ctx: _SweepInputs, temperature: float) -> MethodResult:
     """The model sampled once: mean sparse reward of `once_samples` single samples per problem."""
     cfg = ctx.cfg
     _clear(ctx.engine)
@@ -296,13 +237,13 @@ def run_once(ctx: _Context, temperature: float) -> Cell:
         per_problem.append(_mean([sc.sparse for sc in scores]))
         dense.extend(sc.dense for sc in scores)
         tokens.extend(len(s.tokens) for s in samples)
-    return Cell(method=f"once T={temperature:g}", budget=None, accuracy=_mean(per_problem),
-                stderr=_stderr(per_problem), tokens=_mean(tokens), wall_s=time.perf_counter() - start,
+    return MethodResult(method=f"once T={temperature:g}", budget=None, accuracy=_mean(per_problem),
+                stderr=standard_error(per_problem), tokens=_mean(tokens), wall_s=time.perf_counter() - start,
                 detail={"samples_per_problem": cfg.once_samples, "temperature": temperature,
                         "dense": _mean(dense)})
 
 
-def sample_streams(ctx: _Context, total: int) -> tuple[list[list[tuple[int, ...]]], dict]:
+def sample_streams(ctx: _SweepInputs, total: int) -> tuple[list[list[tuple[int, ...]]], dict]:
     """Per problem, full samples in order until their tokens reach `total` (the last one crossing it)."""
     cfg = ctx.cfg
     streams: list[list[tuple[int, ...]]] = [[] for _ in ctx.problems]
@@ -328,7 +269,7 @@ def sample_streams(ctx: _Context, total: int) -> tuple[list[list[tuple[int, ...]
                 part = members[lo:lo + per_call]
                 calls += 1
                 out = ctx.engine.sample([ctx.prompts[i] for i in part], n=n, max_new_tokens=room,
-                                        temperature=cfg.temperature, seed=cfg.seed * 104729 + calls)
+                                        temperature=cfg.search.temperature, seed=cfg.seed * 104729 + calls)
                 for i, samples in zip(part, out):
                     for s in samples:
                         drawn += len(s.tokens)
@@ -352,8 +293,8 @@ def _prefix_of_stream(stream: list[tuple[int, ...]], budget: int) -> list[tuple[
     return out
 
 
-def run_best_of_n(ctx: _Context, streams: list[list[tuple[int, ...]]], budget: int,
-                  values_cache: dict) -> list[Cell]:
+def run_best_of_n(ctx: _SweepInputs, streams: list[list[tuple[int, ...]]], budget: int,
+                  values_cache: dict) -> list[MethodResult]:
     """The best-of-N rows of `cfg.rows` at `budget`, on the same samples (a prefix of each stream)."""
     start = time.perf_counter()
     free, checked = "mcts" in ROWS[ctx.cfg.rows], "mcts+verifier" in ROWS[ctx.cfg.rows]
@@ -373,7 +314,7 @@ def run_best_of_n(ctx: _Context, streams: list[list[tuple[int, ...]]], budget: i
     for i, (problem, samples) in enumerate(zip(ctx.problems, batches)):
         texts = [ctx.text(s) for s in samples]
         if free:  # legal answer values and value-head estimates, read by both selectors
-            answers = [answer_value(ctx.env, problem, t) for t in texts]
+            answers = [ctx.env.answer_value(inputs_only(problem), t) for t in texts]
             head = [values_cache[(i, s)] for s in samples]
         for name, select in SELECTORS.items() if free else ():
             pick = select(answers, head)
@@ -388,23 +329,23 @@ def run_best_of_n(ctx: _Context, streams: list[list[tuple[int, ...]]], budget: i
         ns.append(len(samples))
         used.append(sum(len(s) for s in samples))
     wall = time.perf_counter() - start
-    return [Cell(method=name, budget=budget, accuracy=_mean(acc), stderr=_stderr(acc), tokens=_mean(used),
+    return [MethodResult(method=name, budget=budget, accuracy=_mean(acc), stderr=standard_error(acc), tokens=_mean(used),
                  wall_s=None, detail={"n_mean": _mean(ns), "n_min": min(ns), "n_max": max(ns),
                                       "dense": _mean(dense[name]), "selection_s": wall})
             for name, acc in chosen.items()]
 
 
 def best_of_n_at(engine, policy, env: Env, problems: Sequence[dict], budget: int, *, rows: str = "free",
-                 temperature: float = 0.8, max_new_tokens: int = 512, seed: int = 0) -> list[Cell]:
+                 temperature: float = 0.8, max_new_tokens: int = 512, seed: int = 0) -> list[MethodResult]:
     """The best-of-N rows of `rows` ("free": majority vote and value head; "verifier": the best reward;
     "both") at one budget of generated tokens per problem, sampled and cut as in the sweep."""
     if rows not in ROWS:
         raise UsageError(f"rows must be one of {', '.join(ROWS)}, got {rows!r}")
     if budget < 1:
         raise UsageError(f"budget must be positive, got {budget}")
-    cfg = SweepConfig(budgets=(budget,), temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                      rows=rows)
-    ctx = _Context(engine, policy, env, problems, cfg, lambda message: None)
+    cfg = SweepConfig(budgets=(budget,), search=replace(SWEEP_SEARCH, temperature=temperature),
+                      max_new_tokens=max_new_tokens, seed=seed, rows=rows)
+    ctx = _SweepInputs(engine, policy, env, problems, cfg, lambda message: None)
     streams, stream_stats = sample_streams(ctx, budget)
     cells = run_best_of_n(ctx, streams, budget, {})
     for cell in cells:
@@ -426,7 +367,7 @@ def _terminal_value(cfg: SweepConfig, method: str) -> str:
 
 
 @dataclass
-class _Cost:
+class _MctsCost:
     """MCTS cost per problem measured on a pilot, in generated tokens: the root expansion, one more
     simulation, and the completion of an incomplete path; plus every (simulations, mean tokens) run
     measured on the sweep's problems so far (`runs`)."""
@@ -465,26 +406,24 @@ class _Cost:
         return max(1, round(s2 * (budget / max(t2, 1.0)) ** (1 / b)))
 
 
-def _measure(outcomes, simulations: int) -> _Cost:
+def _measure(outcomes, simulations: int) -> _MctsCost:
     root = _mean([o.trajectory.stats["root_tokens"] for o in outcomes])
     completion = _mean([o.trajectory.stats["completion_tokens"] for o in outcomes])
     search = _mean([o.generated_tokens - o.trajectory.stats["completion_tokens"] for o in outcomes])
-    return _Cost(root=root, per_simulation=(search - root) / simulations, completion=completion)
+    return _MctsCost(root=root, per_simulation=(search - root) / simulations, completion=completion)
 
 
-def _search(ctx: _Context, problems: Sequence[dict], simulations: int, terminal_value: str):
+def _search(ctx: _SweepInputs, problems: Sequence[dict], simulations: int, terminal_value: str):
     from treedistill.rollout import search_problems
 
     cfg = ctx.cfg
-    search = SearchConfig(simulations=simulations, parallel=min(cfg.parallel, simulations), select=cfg.select,
-                          c=cfg.c, max_depth=cfg.max_depth, widen_c=cfg.widen_c, widen_alpha=cfg.widen_alpha,
-                          pick=cfg.pick, seed=cfg.seed)
-    return search_problems(ctx.engine, ctx.policy, ctx.env, problems, search=search, k=cfg.k,
-                           temperature=cfg.temperature, step_max_tokens=cfg.step_max_tokens,
+    search = replace(cfg.search, simulations=simulations, parallel=min(cfg.search.parallel, simulations),
+                     seed=cfg.seed)
+    return search_problems(ctx.engine, ctx.policy, ctx.env, problems, search=search,
                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, terminal_value=terminal_value)
 
 
-def run_mcts(ctx: _Context, budget: int, cost: _Cost, method: str = "mcts") -> Cell:
+def run_mcts(ctx: _SweepInputs, budget: int, cost: _MctsCost, method: str = "mcts") -> MethodResult:
     """MCTS at `budget`: the simulations are guessed from the measured cost, the search is run on
     all problems, and while its mean generated tokens miss the budget by more than `budget_tolerance`
     the guess is refitted and the search run again (at most `budget_tries` runs; the kept run is the
@@ -495,13 +434,13 @@ def run_mcts(ctx: _Context, budget: int, cost: _Cost, method: str = "mcts") -> C
         # A larger budget than one the trees already could not fill: rerunning the same simulations
         # would return the same trees.
         sims, used = cost.saturated_at
-        return Cell(method=method, budget=budget, accuracy=None, stderr=None, tokens=None, wall_s=None,
+        return MethodResult(method=method, budget=budget, accuracy=None, stderr=None, tokens=None, wall_s=None,
                     note=f"skipped: the trees saturate at ~{used:.0f} tokens per problem ({sims} simulations), "
                          "see the smaller budget")
     if cost.minimum() > budget:
         note = (f"skipped: below the measured cost of a root expansion, one simulation and a completion "
                 f"(~{cost.minimum():.0f} tokens)")
-        return Cell(method=method, budget=budget, accuracy=None, stderr=None, tokens=None, wall_s=None, note=note)
+        return MethodResult(method=method, budget=budget, accuracy=None, stderr=None, tokens=None, wall_s=None, note=note)
     tried: dict[int, tuple[list, float]] = {}
     saturated = False
     sims = min(max(cost.guess(budget), 1), cfg.max_simulations)
@@ -554,7 +493,7 @@ def run_mcts(ctx: _Context, budget: int, cost: _Cost, method: str = "mcts") -> C
         cost.saturated_at = (kept, _mean(used))
         note = (f"saturated: the trees were exhausted (every line ends in a terminal node) at ~{_mean(used):.0f} "
                 f"tokens per problem, below the budget; shown at its measured cost")
-    return Cell(method=method, budget=budget, accuracy=_mean(acc), stderr=_stderr(acc), tokens=_mean(used),
+    return MethodResult(method=method, budget=budget, accuracy=_mean(acc), stderr=standard_error(acc), tokens=_mean(used),
                 wall_s=wall, detail=detail, note=note)
 
 
@@ -572,7 +511,7 @@ def run_sweep(engine, policy, env: Env, problems: Sequence[dict], cfg: SweepConf
                          f"got {cfg.mcts_terminal!r}")
     say = progress or (lambda msg: None)
     start = time.perf_counter()
-    ctx = _Context(engine, policy, env, problems, cfg, say)
+    ctx = _SweepInputs(engine, policy, env, problems, cfg, say)
     report = SweepReport(config=cfg, problems=len(ctx.problems))
     budgets = sorted(cfg.budgets)
 
@@ -608,13 +547,13 @@ def run_sweep(engine, policy, env: Env, problems: Sequence[dict], cfg: SweepConf
 
 # --- output -----------------------------------------------------------------------------------
 
-def _accuracy_text(c: Cell) -> str:
+def _accuracy_text(c: MethodResult) -> str:
     if c.accuracy is None:
         return "skipped"
     return f"{100 * c.accuracy:5.1f} +- {100 * c.stderr:4.1f} ({c.tokens:.0f} tok)"
 
 
-def _dense_text(c: Cell) -> str:
+def _dense_text(c: MethodResult) -> str:
     return "skipped" if c.accuracy is None else f"{c.detail.get('dense', float('nan')):+.3f}"
 
 
@@ -661,23 +600,23 @@ def write_markdown(report: SweepReport, path, *, header: Sequence[str] = ()) -> 
     """`DIR/testtime.md`: header lines, the table, the per-cell notes and the method."""
     from pathlib import Path
 
-    cfg = report.config
+    cfg, s = report.config, report.config.search
     lines = ["# Test-time compute: search vs best-of-N at equal generated tokens", "", *header, "",
              f"{report.problems} problems; accuracy = sparse reward of the chosen answer, % +- standard error "
              "over problems; (tok) = mean generated tokens actually used per problem.", "",
              format_table(report), "",
              "Mean dense reward of the chosen answers (1 at the target, -0.9 invalid, -1 no answer):", "",
              format_table(report, "dense"), "", "Notes:", *_notes(report), "",
-             f"Settings: K={cfg.k} steps per node, T={cfg.temperature}, steps <= {cfg.step_max_tokens} tokens, "
-             f"completions <= {cfg.max_new_tokens} tokens, {cfg.select} (c={cfg.c}), W={cfg.parallel}, "
-             f"virtual loss {SearchConfig().virtual_loss}, "
-             f"progressive widening " + (f"widen_c={cfg.widen_c:g}, widen_alpha={cfg.widen_alpha:g}" if cfg.widen_c > 0
+             f"Settings: K={s.k_children} steps per node, T={s.temperature}, steps <= {s.step_max_tokens} tokens, "
+             f"completions <= {cfg.max_new_tokens} tokens, {s.select} (c={s.c_puct}), W={s.parallel}, "
+             f"virtual loss {s.virtual_loss}, "
+             f"progressive widening " + (f"widen_c={s.widen_c:g}, widen_alpha={s.widen_alpha:g}" if s.widen_c > 0
                                          else "off") + ", "
              + {"free": f"mcts terminal values: {cfg.mcts_terminal}, ",
                 "verifier": "mcts+verifier terminal values: the environment's dense reward, ",
                 "both": f"mcts terminal values: {cfg.mcts_terminal} (mcts+verifier: the dense reward), "}[cfg.rows]
-             + f"MCTS answer: {cfg.pick}, "
-             f"max depth {cfg.max_depth}, seed {cfg.seed}; sampling once: {cfg.once_samples} samples per "
+             + f"MCTS answer: {s.pick}, "
+             f"max depth {s.max_depth}, seed {cfg.seed}; sampling once: {cfg.once_samples} samples per "
              f"problem at each temperature. Total wall time {report.wall_s:.0f} s.", "",
              "Method: MCTS answers with its best valued terminal node (or its most-visited path with "
              "--pick visits); best-of-N samples until the budget is spent (the last sample cut at it). "

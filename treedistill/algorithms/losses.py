@@ -222,7 +222,9 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
 
     logits [B, T, V] (position t predicts token t+1), input_ids [B, T] -> [B, T] in the Batch
     alignment: out[:, t] = log p(input_ids[:, t] | input_ids[:, :t]), out[:, 0] = 0.
-    Computed in at least float32 as gathered logit - logsumexp (no [B, T, V] log-softmax copy)."""
+    Computed in at least float32 as gathered logit - logsumexp (no [B, T, V] log-softmax copy).
+    The one definition: the learner, the frozen reference (`Policy.reference`) and the HF engine's
+    scoring all use it."""
     head = logits[:, :-1]  # [B, T-1, V]
     targets = input_ids[:, 1:]  # [B, T-1]
     chosen = _wide(head.gather(-1, targets.unsqueeze(-1)).squeeze(-1))  # [B, T-1]

@@ -37,28 +37,28 @@ def check_choice(args, name: str, choices: Iterable[str]) -> None:
 
 
 def add_pick_argument(parser, default: str | None = "best") -> None:
-    """`--pick best|visits`: which path a test-time search answers with (SearchConfig.pick)."""
+    """`--pick best|visits`: which path a test-time search answers with (SearchSettings.pick)."""
     parser.add_argument("--pick", default=default, choices=["best", "visits"],
                         help="the answer: best (the terminal node of highest value, as best-of-N picks; default) "
                              "or visits (the most-visited path, the training target)")
 
 
-def search_config(args, **overrides):
-    """The SearchConfig of the flags `add_tree_arguments` and `add_pick_argument` declare, with
-    --widen-c, --widen-alpha and --seed; `overrides` replace any field."""
-    from treedistill.search import SearchConfig
+def search_settings(args, **fields):
+    """The SearchSettings of the flags named after its fields (`--c-puct` -> c_puct, ...) that `args`
+    holds; `fields` set the others (or replace a flag's value, e.g. eval's --search-temperature)."""
+    from dataclasses import fields as dataclass_fields
 
-    settings = dict(simulations=args.simulations, parallel=args.parallel, select=args.select, c=args.c,
-                    max_depth=args.max_depth, widen_c=args.widen_c, widen_alpha=args.widen_alpha, pick=args.pick,
-                    seed=args.seed)
-    return SearchConfig(**{**settings, **overrides})
+    from treedistill.search import SearchSettings
+
+    flags = {f.name: getattr(args, f.name) for f in dataclass_fields(SearchSettings) if hasattr(args, f.name)}
+    return SearchSettings(**{**flags, **fields})
 
 
 def add_tree_arguments(parser, *, simulations: int) -> None:
-    """The search tree's budget and selection: --simulations, --parallel, --select, --c, --max-depth."""
+    """The search tree's budget and selection: --simulations, --parallel, --select, --c-puct, --max-depth."""
     parser.add_argument("--simulations", type=int, default=simulations,
                         help=f"simulations per problem (default {simulations})")
     parser.add_argument("--parallel", type=int, default=8, help="descents per round, W (default 8)")
     parser.add_argument("--select", default="puct", help="selection rule: puct | uct | gumbel (default puct)")
-    parser.add_argument("--c", type=float, default=0.5, help="exploration constant (default 0.5)")
+    parser.add_argument("--c-puct", type=float, default=0.5, help="exploration constant (default 0.5)")
     parser.add_argument("--max-depth", type=int, default=16, help="steps from the root at most (default 16)")

@@ -22,6 +22,8 @@ from __future__ import annotations
 import random
 import time
 
+from treedistill.metrics import counter_delta
+
 HELP = "benchmark generation: native engine vs HF generate (generate | search)"
 
 GENERATE_DEFAULTS = dict(batch=8, prompt_len=64, new_tokens=64)
@@ -217,8 +219,7 @@ def expansion_workload(engine, root: list[int], *, breadth: int, depth: int, sim
         children[node_key] = kids
         expanded += 1
     seconds = clock() - start
-    after = engine.counters.snapshot()
-    delta = {k: after[k] - before[k] for k in after}
+    delta = counter_delta(before, engine.counters.snapshot())
     processed = delta["prompt_tokens"] + delta["scored_tokens"]
     return {"seconds": round(seconds, 4), "simulations_per_s": round(simulations / seconds, 3),
             "generated_tokens": delta["generated_tokens"], "prompt_tokens": delta["prompt_tokens"],
@@ -253,10 +254,11 @@ def tree_search_workload(engine, policy, problems, *, simulations: int, parallel
     it is sampling, not search."""
     from treedistill.envs import get_env
     from treedistill.rollout import search_problems
-    from treedistill.search import SearchConfig
+    from treedistill.search import SearchSettings
 
-    cfg = SearchConfig(simulations=simulations, parallel=min(parallel, simulations), select="puct", seed=seed)
-    outcomes = search_problems(engine, policy, get_env("countdown"), problems, search=cfg, k=k, seed=seed)
+    cfg = SearchSettings(simulations=simulations, parallel=min(parallel, simulations), select="puct", k_children=k,
+                         seed=seed)
+    outcomes = search_problems(engine, policy, get_env("countdown"), problems, search=cfg, seed=seed)
     batch = outcomes[0].batch
     sims = sum(o.tree.stats.simulations for o in outcomes)
     edges = sum(o.tree.stats.selections for o in outcomes)
@@ -338,8 +340,7 @@ def run_search(args) -> dict:
     rows = {}
     for name, engine in engines.items():
         expansion_workload(engine, root, **{**opts, "simulations": 2})
-        if hasattr(engine, "clear_cache"):
-            engine.clear_cache()
+        engine.clear_cache()
         torch.manual_seed(args.seed)
         rows[name] = expansion_workload(engine, root, **opts)
     base = rows["native_cache"]["seconds"]

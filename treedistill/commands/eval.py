@@ -12,7 +12,7 @@ from treedistill.commands import (
     check_at_least_one,
     check_choice,
     check_non_negative,
-    search_config,
+    search_settings,
 )
 
 HELP = ("evaluate a model: mean@k accuracy (+- stderr), pass@k, format rate; --search mcts adds the accuracy "
@@ -40,7 +40,7 @@ def add_arguments(parser) -> None:
     search.add_argument("--search", default="none", choices=["none", "mcts"],
                         help="mcts: also evaluate the answer of a step-level MCTS per problem (default none)")
     add_tree_arguments(search, simulations=64)
-    search.add_argument("--search-k", type=int, default=4, help="sampled steps per expanded node (default 4)")
+    search.add_argument("--k-children", type=int, default=4, help="sampled steps per expanded node (default 4)")
     search.add_argument("--search-temperature", type=float, default=0.8,
                         help="step sampling temperature of the search and of best-of-N (default 0.8)")
     search.add_argument("--step-max-tokens", type=int, default=64, help="tokens per step at most (default 64)")
@@ -52,7 +52,7 @@ def add_arguments(parser) -> None:
     search.add_argument("--widen-c", type=float, default=0.0,
                         help="progressive widening constant (default 0: each node expanded once)")
     search.add_argument("--widen-alpha", type=float, default=0.5, help="progressive widening exponent (default 0.5)")
-    search.add_argument("--trees-per-call", type=int, default=32,
+    search.add_argument("--problems-at-once", type=int, default=32,
                         help="problems searched in lock-step per batch (default 32)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line last")
 
@@ -68,11 +68,11 @@ def check_arguments(args) -> None:
     if args.search == "mcts":
         from treedistill.search import SELECT_RULES
 
-        check_at_least_one(args, ("simulations", "parallel", "max_depth", "search_k", "step_max_tokens",
-                                  "trees_per_call"))
+        check_at_least_one(args, ("simulations", "parallel", "max_depth", "k_children", "step_max_tokens",
+                                  "problems_at_once"))
         if not args.search_temperature > 0:
             raise UsageError(f"--search-temperature must be > 0, got {args.search_temperature}")
-        check_non_negative(args, ("c", "widen_c", "widen_alpha"))
+        check_non_negative(args, ("c_puct", "widen_c", "widen_alpha"))
         check_choice(args, "select", SELECT_RULES)
 
 
@@ -141,13 +141,12 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
     from treedistill.testtime import best_of_n_at
 
     terminal = args.terminal or ("reward" if reward_from_prompt(env) else "legal")
-    cfg = search_config(args, parallel=min(args.parallel, args.simulations))
+    # --temperature is the samples' (no search): the search's is --search-temperature.
+    cfg = search_settings(args, parallel=min(args.parallel, args.simulations), temperature=args.search_temperature)
     update, close = _progress_bar(len(problems))
     try:
-        found = evaluate_search(engine, policy, env, problems, search=cfg, k=args.search_k,
-                                temperature=args.search_temperature, step_max_tokens=args.step_max_tokens,
-                                max_new_tokens=args.max_new_tokens, seed=args.seed, terminal_value=terminal,
-                                trees_per_call=args.trees_per_call, progress=update)
+        found = evaluate_search(engine, policy, env, problems, search=cfg, max_new_tokens=args.max_new_tokens,
+                                seed=args.seed, terminal_value=terminal, progress=update)
     finally:
         close()
     r = found.result
@@ -155,7 +154,7 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
     rows = "verifier" if terminal == "reward" else "free"
     bon = best_of_n_at(engine, policy, env, problems, budget, rows=rows, temperature=args.search_temperature,
                        max_new_tokens=args.max_new_tokens, seed=args.seed)
-    print(f"with search: MCTS {args.select}, {args.simulations} simulations, W={cfg.parallel}, K={args.search_k}, "
+    print(f"with search: MCTS {args.select}, {args.simulations} simulations, W={cfg.parallel}, K={cfg.k_children}, "
           f"T={args.search_temperature}, answer: {args.pick}, terminal nodes valued by the {TERMINAL_TEXT[terminal]}"
           + ({True: " (the environment's reward reads only the prompt)",
               False: " (the environment's reward reads the reference answer: an oracle, not a test-time method)"}

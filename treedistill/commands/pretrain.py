@@ -42,21 +42,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--miss-share", type=float, default=d.miss_share,
                         help="share of random play aimed at a generator target it usually misses "
                              f"(default {d.miss_share})")
-    parser.add_argument("--answer-weight", type=float, default=d.answer_weight,
-                        help=f"loss weight of the answer tokens (default {d.answer_weight}: plain mean)")
     parser.add_argument("--step-format", default=d.step_format,
-                        help="numbers: a step writes the two numbers it combines; expressions: also what they "
-                             "stand for; substitute: numbers, then the last step's expression expanded one "
-                             f"earlier result at a time before the answer (default {d.step_format})")
-    parser.add_argument("--bucket", type=int, default=d.bucket,
-                        help=f"batches drawn together and grouped by length (default {d.bucket}: no grouping)")
-    parser.add_argument("--processes", type=int, default=d.processes,
-                        help="CPU processes of the language-model phase, each with its share of --threads "
-                             f"(torch.distributed, gloo; default {d.processes}). The same mean loss, other "
-                             "floats: a run with 2 is not the shipped checkpoint")
-    parser.add_argument("--micro", type=int, default=d.micro,
-                        help="micro-batches per process and step, of rows of similar lengths: less padding, "
-                             f"the same mean loss (default {d.micro}: the batch as drawn)")
+                        help="numbers: a step writes the two numbers it combines; substitute: numbers, then "
+                             "the last step's expression expanded one earlier result at a time before the "
+                             f"answer (default {d.step_format})")
     parser.add_argument("--no-value-fit", action="store_true",
                         help="leave the value head untrained (seeded), as in the reference run")
     parser.add_argument("--value-steps", type=int, default=d.value_steps,
@@ -77,7 +66,7 @@ def check_arguments(args) -> None:
     from treedistill.envs.countdown import STEP_FORMATS
     from treedistill.errors import UsageError
 
-    check_at_least_one(args, ("steps", "batch", "value_steps", "bucket", "eval_limit", "processes", "micro"))
+    check_at_least_one(args, ("steps", "batch", "value_steps", "eval_limit"))
     if not args.lr > 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if not 0 <= args.min_lr_ratio <= 1:
@@ -88,8 +77,6 @@ def check_arguments(args) -> None:
         raise UsageError(f"--solver-share must be in [0, 1], got {args.solver_share}")
     if not 0 <= args.miss_share <= 1 - args.solver_share:
         raise UsageError(f"--miss-share must be in [0, 1 - solver share], got {args.miss_share}")
-    if not args.answer_weight > 0:
-        raise UsageError(f"--answer-weight must be > 0, got {args.answer_weight}")
     if args.minutes is not None and not args.minutes > 0:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     check_non_negative(args, ("eval_k",))
@@ -138,14 +125,12 @@ def run(args) -> dict:
     from treedistill.envs import get_env
     from treedistill.evaluate import evaluate
     from treedistill.models.load import load_policy
-    from treedistill.pretrain import PretrainConfig, pretrain, save_checkpoint
+    from treedistill.pretrain import PretrainConfig, pretrain, save_model_folder
 
     cfg = PretrainConfig(seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr,
                          solver_share=args.solver_share, miss_share=args.miss_share, value_fit=not args.no_value_fit,
-                         answer_weight=args.answer_weight, bucket=args.bucket, step_format=args.step_format,
-                         value_steps=args.value_steps, max_minutes=args.minutes,
-                         min_lr_ratio=args.min_lr_ratio, ema=args.ema, device=args.device,
-                         processes=args.processes, micro=args.micro)
+                         step_format=args.step_format, value_steps=args.value_steps, max_minutes=args.minutes,
+                         min_lr_ratio=args.min_lr_ratio, ema=args.ema, device=args.device)
     test = load_split("countdown", "test")
     started = time.perf_counter()
     report, close = _reporter(cfg.steps)
@@ -155,14 +140,14 @@ def run(args) -> dict:
         close()
     train_seconds = time.perf_counter() - started
     info = {"train_seconds": round(train_seconds, 1)}
-    save_checkpoint(result, args.out, info)
+    save_model_folder(result, args.out, info)
     if args.eval_k > 0:
         problems = test[:args.eval_limit] if args.eval_limit else test
         policy = load_policy(args.out, device=args.device, value_head=False)
         ev = evaluate(make_engine(policy, "hf"), policy, get_env("countdown"), problems, k=args.eval_k,
                       temperature=0.2, max_new_tokens=512, seed=0)
         info["eval"] = {"split": "test", **ev.to_dict()}
-        save_checkpoint(result, args.out, info)
+        save_model_folder(result, args.out, info)
     summary = {**result.summary(), **info, "out": str(args.out)}
     print(f"pretrained {summary['parameters']:,} parameters in {train_seconds / 60:.1f} min: "
           f"{summary['steps_done']} steps, final loss {summary['final_loss']:.4f}"

@@ -10,7 +10,7 @@ from treedistill.commands import (
     check_at_least_one,
     check_choice,
     check_non_negative,
-    search_config,
+    search_settings,
 )
 
 HELP = "search one Countdown problem with MCTS: answer, principal variation, tree summary (--html view)"
@@ -22,7 +22,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--numbers", type=int, nargs="+", required=True, help="the input numbers, e.g. 3 7 9 12")
     parser.add_argument("--target", type=int, required=True, help="the target, e.g. 24")
     add_tree_arguments(parser, simulations=200)
-    parser.add_argument("--k", type=int, default=4, help="sampled steps per expanded node (default 4)")
+    parser.add_argument("--k-children", type=int, default=4, help="sampled steps per expanded node (default 4)")
     parser.add_argument("--temperature", type=float, default=0.8, help="step sampling temperature (default 0.8)")
     parser.add_argument("--step-max-tokens", type=int, default=64, help="tokens per step at most (default 64)")
     parser.add_argument("--max-new-tokens", type=int, default=512,
@@ -55,10 +55,10 @@ def check_arguments(args) -> None:
         validate_problem({"numbers": args.numbers, "target": args.target})
     except ValueError as err:
         raise UsageError(str(err)) from None
-    check_at_least_one(args, ("simulations", "parallel", "max_depth", "k", "step_max_tokens", "max_new_tokens"))
+    check_at_least_one(args, ("simulations", "parallel", "max_depth", "k_children", "step_max_tokens", "max_new_tokens"))
     if not args.temperature > 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
-    check_non_negative(args, ("c", "widen_c", "widen_alpha"))
+    check_non_negative(args, ("c_puct", "widen_c", "widen_alpha"))
     check_choice(args, "select", SELECT_RULES)
     check_choice(args, "terminal", TERMINAL_VALUES)
     check_choice(args, "engine", BACKENDS)
@@ -87,9 +87,8 @@ def run(args) -> dict:
     problem = {"numbers": list(args.numbers), "target": args.target}
     policy = load_policy(args.model, device=args.device, value_head=True)
     engine = make_engine(policy, args.engine)
-    cfg = search_config(args)
-    out = search_problems(engine, policy, env, [problem], search=cfg, k=args.k, temperature=args.temperature,
-                          step_max_tokens=args.step_max_tokens, max_new_tokens=args.max_new_tokens,
+    cfg = search_settings(args)
+    out = search_problems(engine, policy, env, [problem], search=cfg, max_new_tokens=args.max_new_tokens,
                           seed=args.seed, terminal_value=args.terminal)[0]
     tree, ex, batch = out.tree, out.extraction, out.batch
 
@@ -112,7 +111,7 @@ def run(args) -> dict:
     }
 
     print(f"problem  {problem['numbers']} -> {problem['target']}   model {args.model}, {args.select}, "
-          f"{args.simulations} simulations, W={args.parallel}, K={args.k}, T={args.temperature}, "
+          f"{args.simulations} simulations, W={args.parallel}, K={args.k_children}, T={args.temperature}, "
           f"terminal nodes valued by the {TERMINAL_TEXT[args.terminal]}")
     print(f"answer   {out.score.answer if out.score.answer is not None else '(none)'}   "
           f"reward {out.score.dense:+.3f} dense, {out.score.sparse:.0f} sparse ({out.score.reason})")
@@ -143,7 +142,7 @@ def run(args) -> dict:
 
     return {
         "model": args.model, "problem": problem, "select": args.select, "simulations": args.simulations,
-        "parallel": args.parallel, "terminal": args.terminal, "k": args.k, "temperature": args.temperature,
+        "parallel": args.parallel, "terminal": args.terminal, "k": args.k_children, "temperature": args.temperature,
         "widen_c": args.widen_c, "widen_alpha": args.widen_alpha, "seed": args.seed,
         "answer": out.score.answer, "reward": out.score.dense, "sparse": out.score.sparse,
         "reason": out.score.reason, "completion": out.text, "search_complete": ex.complete,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from treedistill.commands import add_pick_argument, check_at_least_one, check_choice, check_non_negative
@@ -17,20 +18,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--env", default="countdown", help="environment (default countdown)")
     parser.add_argument("--data", default=None, help="JSONL file of problems (default: the env's test split)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N problems")
-    parser.add_argument("--k", type=int, default=4, help="sampled steps per expanded node (default 4)")
+    parser.add_argument("--k-children", type=int, default=4, help="sampled steps per expanded node (default 4)")
     parser.add_argument("--temperature", type=float, default=0.8,
                         help="temperature of search steps and best-of-N samples (default 0.8)")
     parser.add_argument("--parallel", type=int, default=8, help="search descents per round, W (default 8)")
     parser.add_argument("--select", default="puct", help="search selection rule: puct | uct | gumbel")
     parser.add_argument("--widen-c", type=float, default=None,
                         help="search progressive widening: a node gets K more steps while its samples are fewer "
-                             "than C * N^alpha; 0 = off (default: SweepConfig's, 1.0)")
+                             "than C * N^alpha; 0 = off (default: SWEEP_SEARCH's, 1.0)")
     parser.add_argument("--widen-alpha", type=float, default=None,
-                        help="search progressive widening exponent alpha (default: SweepConfig's, 0.5)")
+                        help="search progressive widening exponent alpha (default: SWEEP_SEARCH's, 0.5)")
     parser.add_argument("--mcts-terminal", default=None, choices=["legal", "value"],
                         help="how the mcts row values terminal nodes without a verifier: legal (value head, -1 "
                              "without a legal answer; default) or value (value head only)")
-    add_pick_argument(parser, default=None)  # None: SweepConfig's ("best")
+    add_pick_argument(parser, default=None)  # None: SWEEP_SEARCH's ("best")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens per completion (default 512)")
     parser.add_argument("--rows", default=None, choices=["free", "verifier", "both"],
                         help="free: no row uses the environment's reward; verifier: only mcts+verifier and "
@@ -53,7 +54,7 @@ def check_arguments(args):
     from treedistill.testtime import parse_budgets
 
     budgets = parse_budgets(args.budgets)
-    check_at_least_one(args, ("k", "parallel", "max_new_tokens", "once_samples", "limit"))
+    check_at_least_one(args, ("k_children", "parallel", "max_new_tokens", "once_samples", "limit"))
     if not args.temperature > 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
     check_non_negative(args, ("widen_c", "widen_alpha"))
@@ -80,7 +81,14 @@ def run(args) -> dict:
     from treedistill.envs.base import reward_from_prompt
     from treedistill.errors import UsageError
     from treedistill.models.load import load_policy
-    from treedistill.testtime import SweepConfig, format_table, plot_report, run_sweep, write_markdown
+    from treedistill.testtime import (
+        SWEEP_SEARCH,
+        SweepConfig,
+        format_table,
+        plot_report,
+        run_sweep,
+        write_markdown,
+    )
 
     env = get_env(args.env)
     problems = load_split(args.env, "test", path=args.data)
@@ -95,11 +103,12 @@ def run(args) -> dict:
         raise UsageError(f"cannot create --out {out_dir}: {err}") from None
     policy = load_policy(args.model, device=args.device, value_head=True)
     engine = make_engine(policy, args.engine)
-    search = {name: getattr(args, name) for name in ("widen_c", "widen_alpha", "mcts_terminal", "pick")
-              if getattr(args, name) is not None}
-    cfg = SweepConfig(budgets=budgets, k=args.k, temperature=args.temperature, parallel=args.parallel,
-                      select=args.select, max_new_tokens=args.max_new_tokens, once_samples=args.once_samples,
-                      seed=args.seed, rows=args.rows or ("both" if reward_from_prompt(env) else "free"), **search)
+    given = {name: getattr(args, name) for name in ("k_children", "temperature", "parallel", "select", "widen_c",
+                                                     "widen_alpha", "pick") if getattr(args, name) is not None}
+    terminal = {} if args.mcts_terminal is None else {"mcts_terminal": args.mcts_terminal}
+    cfg = SweepConfig(budgets=budgets, search=dataclasses.replace(SWEEP_SEARCH, **given),
+                      max_new_tokens=args.max_new_tokens, once_samples=args.once_samples, seed=args.seed,
+                      rows=args.rows or ("both" if reward_from_prompt(env) else "free"), **terminal)
     report = run_sweep(engine, policy, env, problems, cfg, progress=_say)
 
     import torch

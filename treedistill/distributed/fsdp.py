@@ -1,7 +1,7 @@
 """The learner as L processes sharing every update with torch FSDP (fully_shard, FSDP2): Ray actors
 holding one GPU each (NCCL), or one CPU each (gloo, which is how the tests run it).
 
-Every rank runs the one-process loop's `train.learn` on the whole step batch, with `Shard(rank, L)`:
+Every rank runs the one-process loop's `learner.learn` on the whole step batch, with `Shard(rank, L)`:
 the no-grad passes (values, reference log-probs) run on every row on every rank, so all ranks make the
 same forward calls (FSDP's collectives need that), and of each minibatch's micro-batches rank r trains
 those with index i % L == r. Micro-batch losses are normalised by the minibatch's token count, and the
@@ -43,9 +43,9 @@ from torch.distributed.fsdp import fully_shard
 
 from treedistill import checkpoint
 from treedistill.errors import UsageError
+from treedistill.learner import Shard, learn, load_train_policy, reference_policy
 from treedistill.methods import METHODS
 from treedistill.metrics import ComputeCounters
-from treedistill.train import Shard, learn, load_train_policy, reference_policy
 
 __all__ = ["FSDPLearner", "LearnerRank"]
 
@@ -138,7 +138,7 @@ class LearnerRank:
 
     def learn(self, trajectories: list, step: int, nonfinite_streak: int, skipped_updates: int,
               progress: float | None = None) -> dict:
-        """train.learn on this rank's share; -> the compute spent here, and on rank 0 the step's
+        """learner.learn on this rank's share; -> the compute spent here, and on rank 0 the step's
         metrics, skipped updates, non-finite streak and divergence message."""
         counters = ComputeCounters()
         learned = learn(trajectories, policy=self.policy, reference=self.reference, method=self.method,

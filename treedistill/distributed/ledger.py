@@ -1,7 +1,7 @@
 """Where every training problem is, and how fresh its trajectories are: the bookkeeping of the
 distributed loop, pure (no Ray, no torch) so that it can be tested event by event.
 
-Problems are named by their POSITION in the endless training stream (`train.take_problems`), so a
+Problems are named by their POSITION in the endless training stream (`runs.take_problems`), so a
 position is all a checkpoint needs to name one. Every position taken from the stream is, at any
 moment, in exactly one state:
 

@@ -7,7 +7,7 @@ Layout (`treedistill train --distributed ray --generators G [--learner-gpus L]`)
   returns the scored trajectories with their behaviour log-probs and the weights version that made
   them. Evaluation runs on a generator too, with the same `evaluate` and seed as the one-process loop.
 - One learner: the driver process (L = 0, or L = 1 on a cluster without GPUs) or L FSDP processes
-  holding one GPU each (`distributed/fsdp.py`). It runs `train.learn`, the one-process loop's own
+  holding one GPU each (`distributed/fsdp.py`). It runs `learner.learn`, the one-process loop's own
   steps 2 to 4, so both loops share every line of the maths.
 - Weights go to the generators through the Ray object store: every `sync_every` steps the learner
   `ray.put`s its trainable weights as version = its step count, and each task carries a reference to
@@ -57,27 +57,29 @@ from treedistill.engine import make_engine
 from treedistill.envs import get_env
 from treedistill.errors import UsageError
 from treedistill.evaluate import evaluate
-from treedistill.methods import METHODS, RolloutContext
-from treedistill.metrics import ComputeCounters, Progress
-from treedistill.train import (
+from treedistill.jsonl import append_jsonl
+from treedistill.learner import (
     DivergedError,
+    derive_seed,
+    learn,
+    load_train_policy,
+    reference_policy,
+    trainable_params,
+)
+from treedistill.methods import METHODS, RolloutContext
+from treedistill.metrics import ComputeCounters, Progress, counter_delta
+from treedistill.runs import (
     advance_bar,
-    append_jsonl,
     budget_progress,
     check_same_run,
-    clear_engine_cache,
-    derive_seed,
     eval_stats,
     finish_run,
     holding_run_folder,
-    learn,
-    load_problems,
-    load_train_policy,
     open_run_logs,
     passed_eval_point,
-    reference_policy,
     restore_loop,
     resume_point,
+    run_problems,
     sample_records,
     spent,
     take_problems,
@@ -148,7 +150,7 @@ def load_weights(policy, engine, state: dict) -> None:
         assert not unexpected, f"published weights name parameters the generator lacks: {unexpected[:3]}"
         if policy.value_head is not None:
             policy.value_head.load_state_dict(state["value_head"])
-    clear_engine_cache(engine)
+    engine.clear_cache()
 
 
 class Generator:
@@ -185,10 +187,10 @@ class Generator:
         """The method's rollout on these problems -> one `Finished` per problem (its group of
         trajectories, stamped with `version`), the task's rollout stats, and its engine compute."""
         self._sync(version, weights)
-        clear_engine_cache(self.engine)
+        self.engine.clear_cache()
         before = self.engine.counters.snapshot()
         rollout = self.method.rollout(self.ctx, problems, seed)
-        after = self.engine.counters.snapshot()
+        compute = counter_delta(before, self.engine.counters.snapshot())
         groups = [[] for _ in problems]
         for t in rollout.trajectories:
             groups[t.group].append(dataclasses.replace(t, weight_version=version))
@@ -199,14 +201,14 @@ class Generator:
         if self.rollouts == self.exit_at:
             os._exit(1)
         return {"results": [Finished(p, tuple(g), version, rollout.stats) for p, g in zip(positions, groups)],
-                "compute": {name: after[name] - before.get(name, 0) for name in after}}
+                "compute": compute}
 
     def evaluate(self, version: int, weights: list, problems: list, shown: list, step: int,
                  trajectories: list) -> tuple[dict, list[dict]]:
         """mean@k of weights `version` (the one-process loop's evaluation: same function, same seed)
         and the samples.jsonl records of this evaluation."""
         self._sync(version, weights)
-        clear_engine_cache(self.engine)
+        self.engine.clear_cache()
         cfg = self.cfg
         result = evaluate(self.engine, self.policy, self.env, problems, k=cfg.eval_k,
                           temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
@@ -350,9 +352,7 @@ class LocalLearner:
         torch.manual_seed(cfg.seed)
         self.policy = load_train_policy(cfg)
         self.reference = reference_policy(self.policy, stack)  # frozen BEFORE any checkpoint weights are loaded
-        self.params = [p for p in self.policy.model.parameters() if p.requires_grad]
-        if self.policy.value_head is not None:
-            self.params += list(self.policy.value_head.parameters())
+        self.params = trainable_params(self.policy)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         head = self.policy.value_head
         self.num_params = self.policy.num_parameters
@@ -465,7 +465,7 @@ def train_distributed(cfg, run_dir: str | Path, *, settings: DistributedSettings
     if saved is not None:
         check_same_run(saved["config"], cfg)
     env = get_env(cfg.env)
-    train_problems, test_problems = load_problems(cfg, env)
+    train_problems, test_problems = run_problems(cfg, env)
     eval_problems = test_problems[:cfg.eval_problems] if cfg.eval_problems else test_problems
     final_eval_problems = test_problems[:cfg.final_eval_count] if cfg.final_eval_count else test_problems
     started_ray = _connect(settings)

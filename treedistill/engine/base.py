@@ -89,3 +89,8 @@ class Engine(Protocol):
     def logprobs(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
         """Raw-policy log-probs of sequences[i][starts[i]:] given what precedes, one batch."""
         ...
+
+    def clear_cache(self) -> None:
+        """Forget every cached key/value (a backend without a cache has nothing to forget): before a
+        phase that must not depend on an earlier one, and after the weights change."""
+        ...

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 
 import torch
 
+from treedistill.algorithms.losses import token_logprobs
 from treedistill.engine.base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Counters, Sample
 from treedistill.errors import UsageError
-from treedistill.models.load import Policy, token_logprobs
+from treedistill.models.load import Policy
 
 __all__ = ["HFEngine"]
 
@@ -97,6 +98,9 @@ class HFEngine:
         self.counters = Counters()
         self._vocab = int(policy.model.config.vocab_size)
         self._cache_bytes_per_token = _cache_bytes_per_token(policy.model)
+
+    def clear_cache(self) -> None:
+        """Nothing to clear: no key/value survives a call."""
 
     # -- sampling -------------------------------------------------------------------------------
     def sample(
@@ -217,10 +221,10 @@ class HFEngine:
                 raise UsageError(f"starts[{i}] = {st} must be in [1, {len(s)}] (a token needs a context)")
         ids, mask = _pad(sequences, policy.pad_token_id, left=False, device=policy.device)  # [B, T]
         logits, _ = policy.forward(ids, mask)                                        # [B, T, V]
-        lp = token_logprobs(logits, ids)                                             # [B, T-1]
+        lp = token_logprobs(logits, ids)                                             # [B, T]
         self.counters.forward_calls += 1
         self.counters.scored_tokens += int(mask.sum())
-        return [lp[i, st - 1:len(s) - 1].tolist() for i, (s, st) in enumerate(zip(sequences, starts))]
+        return [lp[i, st:len(s)].tolist() for i, (s, st) in enumerate(zip(sequences, starts))]
 
 
 class _StopStrings:

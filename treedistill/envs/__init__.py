@@ -1,16 +1,18 @@
 """Environments: a task is one class implementing `treedistill.envs.base.Env`.
 
-Add a task by writing the class and registering it in `ENVS`.
+Add a task by writing the class (prompt, score, answer_value, load_split, generate_splits) and
+registering it in `ENVS`: `treedistill.datasets`, `treedistill.config` and test-time selection read it
+from here.
 """
 
 from __future__ import annotations
 
-from treedistill.envs.base import Env, Score
+from treedistill.envs.base import Env, Score, inputs_only
 from treedistill.envs.countdown import CountdownEnv
 from treedistill.envs.gsm8k import GSM8KEnv
 from treedistill.errors import UsageError
 
-__all__ = ["ENVS", "CountdownEnv", "Env", "GSM8KEnv", "Score", "get_env"]
+__all__ = ["ENVS", "CountdownEnv", "Env", "GSM8KEnv", "Score", "get_env", "inputs_only"]
 
 ENVS = {"countdown": CountdownEnv, "gsm8k": GSM8KEnv}
 

@@ -6,11 +6,16 @@ completion is finished, and scores a completion. Training reward (dense) and eva
 
 Problems are plain dicts, exactly the JSONL records of the task's data files
 (Countdown: `{"numbers": [a, b, c, d], "target": T}`; GSM8K: `{"question": ..., "answer": ...}`).
+The class also says where its problems come from: `load_split` (named splits or a file) and
+`generate_splits` (None when the task cannot generate problems), so a new task is one class plus
+one line in `treedistill.envs.ENVS`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 STEP_OPEN = "<step>"
@@ -44,6 +49,16 @@ def reward_from_prompt(env) -> bool:
     return bool(getattr(env, "reward_from_prompt", False))
 
 
+# The fields of a problem that hold its ground truth: what a selector without a verifier must not read.
+GROUND_TRUTH = ("target", "answer")
+
+
+def inputs_only(problem: dict) -> dict:
+    """The problem without its ground truth (GROUND_TRUTH), so `Env.answer_value` cannot read it even
+    by mistake: a test-time selector calls `env.answer_value(inputs_only(problem), completion)`."""
+    return {k: v for k, v in problem.items() if k not in GROUND_TRUTH}
+
+
 @runtime_checkable
 class Env(Protocol):
     """What the search, the rollouts and evaluation need from a task."""
@@ -65,4 +80,21 @@ class Env(Protocol):
 
     def key(self, problem: dict) -> tuple:
         """Identity of a problem up to irrelevant order, for disjoint splits."""
+        ...
+
+    def answer_value(self, problem: dict, completion: str) -> Fraction | int | None:
+        """The exact value of the completion's LEGAL answer (the environment's own rules), None when
+        it holds none. Reads only the problem's inputs, never its target or answer: callers pass
+        `inputs_only(problem)`. An environment without such a value raises UsageError."""
+        ...
+
+    @staticmethod
+    def load_split(split: str, path: Path | None = None) -> list[dict]:
+        """The problems of the named `split` ("train" | "test"), or of the file at `path` when given."""
+        ...
+
+    @staticmethod
+    def generate_splits(train_size: int, test_size: int, seed: int) -> tuple[list[dict], list[dict]] | None:
+        """(train, test) problems generated from `seed`, disjoint under `key`; None when the task reads
+        its problems from files instead."""
         ...

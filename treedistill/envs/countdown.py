@@ -34,12 +34,15 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 
 from treedistill.envs.base import ANSWER_CLOSE, ANSWER_OPEN, STEP_CLOSE, STEP_OPEN, Score
 from treedistill.envs.expr import Evaluation, evaluate
 from treedistill.jsonl import read_records, write_jsonl
+
+SHIPPED_SPLITS = Path(__file__).resolve().parents[1] / "data" / "countdown"
 
 __all__ = [
     "STEP_FORMATS",
@@ -302,10 +305,9 @@ class Step:
     result: int
     remaining: tuple[int, ...]
 
-    def text(self, expression: str | None = None) -> str:
-        """'13-9=4 (4 5 7)'; with `expression` (what the result stands for), '4*5=(13-9)*5=20 (7 20)'."""
-        stands_for = f"{expression}=" if expression is not None else ""
-        return f"{self.a}{self.op}{self.b}={stands_for}{self.result} ({' '.join(map(str, self.remaining))})"
+    def text(self) -> str:
+        """'13-9=4 (4 5 7)'."""
+        return f"{self.a}{self.op}{self.b}={self.result} ({' '.join(map(str, self.remaining))})"
 
 
 def _check_numbers(numbers) -> tuple[int, ...]:
@@ -457,7 +459,7 @@ def answer_expression(steps: list[Step]) -> str:
     return step_expressions(steps)[-1]
 
 
-STEP_FORMATS = ("numbers", "expressions", "substitute")
+STEP_FORMATS = ("numbers", "substitute")  # "expressions" was measured and removed: docs/log.md
 
 
 def format_completion(steps: list[Step], step_format: str = "numbers") -> str:
@@ -465,10 +467,6 @@ def format_completion(steps: list[Step], step_format: str = "numbers") -> str:
 
     "numbers": each step combines two numbers and restates the numbers left,
     '<step>13-9=4 (4 5 7)</step><step>4*5=20 (7 20)</step><step>20+7=27 (27)</step><answer>(13-9)*5+7</answer>'.
-    "expressions": a step whose operands were made by earlier steps also writes what it stands for
-    over the starting numbers, so the answer copies the last step's expression,
-    '<step>13-9=4 (4 5 7)</step><step>4*5=(13-9)*5=20 (7 20)</step><step>20+7=(13-9)*5+7=27 (27)</step>'
-    '<answer>(13-9)*5+7</answer>'.
     "substitute": the steps as in "numbers"; then, from the last step's own expression, the results
     of earlier steps are replaced by what they stand for one step at a time, latest first, so each
     expression is the one before it with one number expanded, and the answer is the last of them,
@@ -481,9 +479,7 @@ def format_completion(steps: list[Step], step_format: str = "numbers") -> str:
         raise ValueError(f"step_format must be one of {STEP_FORMATS}, got {step_format!r}")
     trees = _step_trees(steps)
     expressions = [_render(tree)[0] for tree in trees]
-    carried = step_format == "expressions"
-    body = "".join(f"{STEP_OPEN}{s.text(e if carried and e != f'{s.a}{s.op}{s.b}' else None)}{STEP_CLOSE}"
-                   for e, s in zip(expressions, steps))
+    body = "".join(f"{STEP_OPEN}{s.text()}{STEP_CLOSE}" for s in steps)
     n = len(steps)
     if step_format == "substitute" and n > 2:
         body += f"{steps[-1].result}=" + "=".join(_render(trees[-1], set(range(n - j, n)))[0] for j in range(2, n))
@@ -544,6 +540,27 @@ class CountdownEnv:
 
     def key(self, problem: dict) -> tuple:
         return key(problem)
+
+    @staticmethod
+    def load_split(split: str, path: Path | None = None) -> list[dict]:
+        """The shipped split (treedistill/data/countdown/{split}.jsonl), or the file at `path`."""
+        return load_problems(path or SHIPPED_SPLITS / f"{split}.jsonl")
+
+    @staticmethod
+    def generate_splits(train_size: int, test_size: int, seed: int) -> tuple[list[dict], list[dict]]:
+        return generate_problems(train_size, test_size, seed)
+
+    def answer_value(self, problem: dict, completion: str) -> Fraction | int | None:
+        """The exact value of the last answer when `score` would call it valid (parses, uses available
+        numbers, and this env's `require_all_numbers` / `integer_intermediates` rules), else None.
+        Reads `problem["numbers"]` only."""
+        answer = extract_answer(completion) if isinstance(completion, str) else None
+        if answer is None:
+            return None
+        result = evaluate(answer.strip())
+        if isinstance(result, str) or self._violation(problem, result) is not None:
+            return None
+        return result.value
 
     def score(self, problem: dict, completion: str) -> Score:
         """Dense and sparse reward from one parse of the completion's last answer."""

@@ -130,6 +130,21 @@ class GSM8KEnv:
     def key(self, problem: dict) -> tuple:
         return (" ".join(problem["question"].split()),)
 
+    @staticmethod
+    def load_split(split: str, path: Path | None = None) -> list[dict]:
+        return load_gsm8k(split, path=path)
+
+    @staticmethod
+    def generate_splits(train_size: int, test_size: int, seed: int) -> None:
+        """None: GSM8K is read from files, never generated."""
+        return None
+
+    def answer_value(self, problem: dict, completion: str) -> Fraction | None:
+        """The exact number of the last answer (None when there is none or it is not a number); reads
+        nothing of the problem."""
+        answer = extract_answer(completion) if isinstance(completion, str) else None
+        return None if answer is None else parse_number(answer)
+
     def score(self, problem: dict, completion: str) -> Score:
         gold = parse_number(final_answer(problem["answer"]))
         if gold is None:

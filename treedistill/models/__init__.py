@@ -4,7 +4,7 @@
 value head); `load_tokenizer` is the one way tokenizers are loaded.
 """
 
-from treedistill.models.load import Policy, load_policy, token_logprobs
+from treedistill.models.load import Policy, load_policy
 from treedistill.models.presets import PRESETS
 from treedistill.models.tokenizers import build_qwen25_tokenizer, cache_root, load_tokenizer
 from treedistill.models.value_head import ValueHead, load_value_head, save_value_head
@@ -19,5 +19,4 @@ __all__ = [
     "load_tokenizer",
     "load_value_head",
     "save_value_head",
-    "token_logprobs",
 ]

@@ -1,7 +1,7 @@
 """Load a policy (causal LM + tokenizer + value head) from a preset, a local folder or a hub id.
 
-This file and presets.py are the only places that know Hugging Face model classes; the rest of the
-project talks to `Policy`.
+This file, presets.py and pretrained.py are the only places that know Hugging Face model classes;
+the rest of the project talks to `Policy`.
 
 Saving: `Policy.save` writes a folder that `AutoModelForCausalLM.from_pretrained` reads, plus
 tokenizer files (with the chat template), `value_head/value_head.safetensors` and `treedistill.json`
@@ -18,25 +18,23 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from treedistill.algorithms.losses import token_logprobs
 from treedistill.errors import UsageError
-from treedistill.models.tokenizers import load_tokenizer
+from treedistill.models.presets import PRESETS
+from treedistill.models.pretrained import load_pretrained
 from treedistill.models.value_head import ValueHead, load_value_head, save_value_head
 
 __all__ = ["FINAL_FOLDER", "META_FILE", "Policy", "load_policy", "load_pretrained", "resolve_device", "resolve_dtype",
-           "token_logprobs", "trained_model_folder", "wrap_policy", "write_model_files"]
+           "trained_model_folder", "wrap_policy", "write_model_files"]
 
 META_FILE = "treedistill.json"
 FINAL_FOLDER = "final"  # a run folder's trained model: RUN/final/
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 # Names of the token that closes a chat turn in common templates (ChatML, Llama 3, Gemma): generation
@@ -60,16 +58,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in _DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(_DTYPES))}")
     return _DTYPES[dtype]
-
-
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) from logits [B, T, V] -> [B, T-1] (float32).
-
-    gather - logsumexp rather than a full log_softmax: one [B, T] result instead of a second [B, T, V].
-    """
-    logits = logits[:, :-1].float()                                                 # [B, T-1, V]
-    picked = logits.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)          # [B, T-1]
-    return picked - torch.logsumexp(logits, dim=-1)                                 # [B, T-1]
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -161,8 +149,9 @@ class Policy:
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None]:
-        """With LoRA: yields ref(input_ids, attention_mask) -> [B, T-1] token log-probs through the
-        DISABLED adapter (the base model), no gradient. Without LoRA: yields None (keep a frozen copy)."""
+        """With LoRA: yields ref(input_ids, attention_mask) -> [B, T] token log-probs (`token_logprobs`:
+        column 0 is 0) through the DISABLED adapter (the base model), no gradient. Without LoRA: yields
+        None (keep a frozen copy)."""
         if not self.uses_lora:
             yield None
             return
@@ -170,7 +159,7 @@ class Policy:
         def ref(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             with self.model.disable_adapter(), torch.no_grad():
                 logits, _ = self.forward(input_ids, attention_mask)
-            return token_logprobs(logits, input_ids)                                # [B, T-1]
+            return token_logprobs(logits, input_ids)                                # [B, T]
 
         yield ref
 
@@ -200,31 +189,6 @@ def write_model_files(folder: Path, model, tokenizer, value_head: ValueHead | No
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _hub_reachable(timeout: float = 2.0) -> bool:
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _check_folder(folder: Path) -> None:
-    missing = []
-    if not (folder / "config.json").is_file():
-        missing.append("config.json")
-    if not any((folder / f).is_file() for f in _WEIGHT_FILES):
-        missing.append("model weights (model.safetensors)")
-    if not (folder / "tokenizer.json").is_file():
-        missing.append("tokenizer.json")
-    if missing:
-        raise UsageError(f"{folder} is not a model folder: missing {', '.join(missing)} "
-                         "(expected config.json, model weights and tokenizer.json, as save_pretrained writes)")
-
-
 def trained_model_folder(path: Path) -> Path:
     """A training run folder (config.yaml + checkpoints/) -> its trained model RUN/final/; any other
     path unchanged."""
@@ -235,42 +199,6 @@ def trained_model_folder(path: Path) -> Path:
                          f"finished, or predates it); write one with `treedistill export {path} "
                          f"--out {path / FINAL_FOLDER}`")
     return path / FINAL_FOLDER
-
-
-def load_pretrained(name_or_path: str | Path, *, dtype: torch.dtype):
-    """(model, tokenizer, folder) from a local folder or a hub id; the hub only when reachable.
-
-    A hub id is first looked up in the local HF cache (local_files_only=True), so an offline machine
-    fails in milliseconds instead of retrying for ~48 s.
-    """
-    from transformers import AutoModelForCausalLM
-
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        _check_folder(path)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        except (OSError, ValueError, KeyError) as e:
-            raise UsageError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from e
-        return model, load_tokenizer(path), path
-    if path.exists():
-        raise UsageError(f"{path} is a file; pass a model folder (config.json, model weights, tokenizer.json)")
-    hub_id = str(name_or_path)
-    how = (f"cannot reach the Hugging Face hub for {hub_id!r}: download it elsewhere "
-           "(e.g. `huggingface-cli download ID --local-dir DIR`) and pass the local folder path instead")
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(hub_id, local_files_only=True))
-    except (OSError, ValueError) as e:  # not cached (FileNotFoundError) or not a valid repo id (ValueError)
-        if _offline() or not _hub_reachable():
-            raise UsageError(how) from e
-        try:
-            folder = Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
-        except (OSError, ValueError) as e2:  # HfHubHTTPError (not found, auth) and network errors are OSErrors
-            raise UsageError(f"cannot download {hub_id!r}: {str(e2).splitlines()[0]}; "
-                             "pass a local model folder instead") from e2
-    return load_pretrained(folder, dtype=dtype)
 
 
 def wrap_policy(model, tokenizer, *, name: str, device: torch.device, dtype: torch.dtype,
@@ -324,8 +252,6 @@ def load_policy(name_or_path: str | Path, *, dtype: str | torch.dtype | None = N
     dtype: None -> bfloat16 on CUDA, float32 on CPU. device: None -> CUDA when available.
     lora: {"r", "alpha", "target_modules", "dropout"} to train a LoRA adapter; None for full weights.
     """
-    from treedistill.models.presets import PRESETS
-
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     key = str(name_or_path)

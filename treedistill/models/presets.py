@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from treedistill.errors import UsageError
-from treedistill.models.load import load_pretrained
+from treedistill.models.pretrained import load_pretrained
 from treedistill.models.tokenizers import build_qwen25_tokenizer, load_tokenizer
 
 __all__ = ["PRESETS", "QWEN25_1P5B_ARCH", "QWEN25_TINY_ARCH", "Built", "TINY_FOLDER", "random_qwen25"]

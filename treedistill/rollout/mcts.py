@@ -49,10 +49,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from treedistill.envs.base import Env, Score
+from treedistill.envs.base import Env, Score, inputs_only
 from treedistill.errors import UsageError
+from treedistill.metrics import counter_delta
 from treedistill.rollout.trajectory import Trajectory
-from treedistill.search import ROOT, Candidate, Extraction, NodeRequest, SearchConfig, Tree, extract
+from treedistill.search import ROOT, Candidate, Extraction, NodeRequest, SearchSettings, Tree, extract
 from treedistill.search import search as run_search
 
 __all__ = ["TERMINAL_VALUES", "BatchCompute", "SearchBridge", "SearchOutcome", "completion_budget",
@@ -239,10 +240,8 @@ def _value_head(bridge: SearchBridge, requests: list[NodeRequest]) -> list[float
 
 
 def _legal_value(bridge: SearchBridge, requests: list[NodeRequest]) -> list[float]:
-    from treedistill.testtime import answer_value  # reads the problem without its target
-
     values = bridge.engine.value([r.prefix for r in requests])
-    legal = [answer_value(bridge.env, bridge.problems[r.tree], bridge.text(r.completion)) is not None
+    legal = [bridge.env.answer_value(inputs_only(bridge.problems[r.tree]), bridge.text(r.completion)) is not None
              for r in requests]
     return [float(v) if ok else NO_LEGAL_ANSWER for v, ok in zip(values, legal)]
 
@@ -256,16 +255,13 @@ NO_LEGAL_ANSWER = -1.0
 TERMINAL_VALUES = {"reward": _env_reward, "value": _value_head, "legal": _legal_value}
 
 
-def _delta(before: dict, after: dict) -> dict:
-    return {name: after[name] - before.get(name, 0) for name in after}
-
-
-def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, search: SearchConfig | None = None,
-                    k: int = 4, temperature: float = 0.8, step_max_tokens: int = 64, max_new_tokens: int = 512,
-                    seed: int = 0, terminal_value: str = "reward") -> list[SearchOutcome]:
+def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, search: SearchSettings | None = None,
+                    max_new_tokens: int = 512, seed: int = 0, terminal_value: str = "reward") -> list[SearchOutcome]:
     """Search every problem's tree in lock-step (one `search` call), extract each tree's path,
     complete the incomplete ones with the policy, and score them; one SearchOutcome per problem.
 
+    `search`: the tree options and the expansion's (`k_children` steps at `temperature`, at most
+    `step_max_tokens` each); `problems_at_once` is the caller's business (all `problems` form one batch).
     The search's own seed (Gumbel noise) is `search.seed`; `seed` seeds the engine's samples.
     terminal_value: "reward" (environment), "value" (value head) or "legal" (value head, -1 without a
     legal answer) for terminal nodes, see TERMINAL_VALUES; the returned
@@ -273,12 +269,12 @@ def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, searc
     """
     if not problems:
         raise UsageError("no problems to search")
-    cfg = search or SearchConfig()
+    cfg = search or SearchSettings()
     start = time.perf_counter()
     before = engine.counters.snapshot()
     prompts = [policy.prompt_ids(env.messages(p, compact=policy.compact_prompt)) for p in problems]
-    bridge = SearchBridge(engine, policy, env, problems, prompts, k=k, temperature=temperature,
-                          step_max_tokens=step_max_tokens, max_new_tokens=max_new_tokens, seed=seed,
+    bridge = SearchBridge(engine, policy, env, problems, prompts, k=cfg.k_children, temperature=cfg.temperature,
+                          step_max_tokens=cfg.step_max_tokens, max_new_tokens=max_new_tokens, seed=seed,
                           terminal_value=terminal_value)
     result = run_search(prompts, bridge.expand, bridge.evaluate, bridge.reward, cfg)
     extractions = [extract(tree, cfg) for tree in result.trees]
@@ -287,7 +283,7 @@ def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, searc
     completion_s = time.perf_counter() - t0
     stats = result.stats
     batch = BatchCompute(
-        trees=len(problems), engine=_delta(before, engine.counters.snapshot()),
+        trees=len(problems), engine=counter_delta(before, engine.counters.snapshot()),
         wall_s=time.perf_counter() - start, search_s=stats.wall_s, model_s=stats.callback_s,
         bookkeeping_s=stats.bookkeeping_s, completion_s=completion_s, rounds=stats.rounds,
         expand_calls=stats.expand_calls, evaluate_calls=stats.evaluate_calls, reward_calls=stats.reward_calls,

@@ -1,6 +1,7 @@
 """Monte-Carlo tree search over reasoning steps: a pure core that imports neither torch nor
 transformers. The model enters only through the callables handed to `search`."""
 
+from treedistill.search.contracts import Candidate, NodeRequest, SearchSettings, SearchStats, TreeStats
 from treedistill.search.extract import (
     ROOT_CHOICE,
     ChildStats,
@@ -11,16 +12,9 @@ from treedistill.search.extract import (
     principal_variation,
 )
 from treedistill.search.html import tree_to_html
-from treedistill.search.mcts import (
-    PRIOR_LOGITS,
-    SearchConfig,
-    SearchResult,
-    SearchStats,
-    TreeStats,
-    search,
-)
+from treedistill.search.mcts import PRIOR_LOGITS, SearchResult, search
 from treedistill.search.select import SELECT_RULES, gumbel_action, puct_score, uct_score
-from treedistill.search.tree import ROOT, Candidate, NodeRequest, Tree
+from treedistill.search.tree import ROOT, Tree
 
 __all__ = [
     "PRIOR_LOGITS",
@@ -31,7 +25,7 @@ __all__ = [
     "ChildStats",
     "Extraction",
     "NodeRequest",
-    "SearchConfig",
+    "SearchSettings",
     "SearchResult",
     "SearchStats",
     "Tree",

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from treedistill.search.mcts import SearchConfig
+from treedistill.search.contracts import SearchSettings
 from treedistill.search.select import gumbel_action
 from treedistill.search.tree import ROOT, Tree
 
@@ -85,12 +85,12 @@ def most_visited(tree: Tree, node: int) -> int | None:
     return best
 
 
-def _most_visited_root(tree: Tree, cfg: SearchConfig) -> int | None:
+def _most_visited_root(tree: Tree, cfg: SearchSettings) -> int | None:
     return most_visited(tree, ROOT)
 
 
 # How the root step is chosen, by selection rule.
-ROOT_CHOICE: dict[str, Callable[[Tree, SearchConfig], int | None]] = {
+ROOT_CHOICE: dict[str, Callable[[Tree, SearchSettings], int | None]] = {
     "puct": _most_visited_root,
     "uct": _most_visited_root,
     "gumbel": gumbel_action,
@@ -108,9 +108,9 @@ def best_terminal(tree: Tree) -> int | None:
     return best
 
 
-def principal_variation(tree: Tree, cfg: SearchConfig | None = None) -> list[int]:
+def principal_variation(tree: Tree, cfg: SearchSettings | None = None) -> list[int]:
     """Node ids of the extracted path, root first."""
-    cfg = cfg or SearchConfig()
+    cfg = cfg or SearchSettings()
     if cfg.pick == "best":
         node = best_terminal(tree)
         if node is not None:
@@ -135,7 +135,7 @@ def child_stats(tree: Tree, node: int) -> ChildStats:
     )
 
 
-def extract(tree: Tree, cfg: SearchConfig | None = None) -> Extraction:
+def extract(tree: Tree, cfg: SearchSettings | None = None) -> Extraction:
     """The path a searched tree proposes, with the search's statistics at every node of it."""
     nodes = principal_variation(tree, cfg)
     last = nodes[-1]

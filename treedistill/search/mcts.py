@@ -63,9 +63,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from treedistill.errors import UsageError
+from treedistill.search.contracts import (
+    PRIORS,
+    SELECT_NAMES,
+    Candidate,
+    NodeRequest,
+    SearchSettings,
+    SearchStats,
+    TreeStats,
+)
 from treedistill.search.select import SELECT_RULES, SelectFn
-from treedistill.search.tree import ROOT, Candidate, NodeRequest, Tree
+from treedistill.search.tree import ROOT, Tree
 
 ExpandFn = Callable[[list[NodeRequest]], list[list[Candidate]]]
 ValueFn = Callable[[list[NodeRequest]], list[float]]
@@ -76,90 +84,7 @@ PRIOR_LOGITS: dict[str, Callable[[Candidate], float]] = {
     "sum": lambda c: c.logprob,
     "mean": lambda c: c.logprob / max(len(c.tokens), 1),
 }
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Options of one search (the K candidates per node, their temperature and the maximum step
-    length belong to the caller's `expand`)."""
-
-    simulations: int = 64        # simulations per tree (the reference ran ~1,600: 16 workers x 100)
-    parallel: int = 16           # W: descents per tree per round (16 workers in the reference); 1 = sequential
-    select: str = "puct"         # selection rule: "puct" | "uct" | "gumbel" (select.SELECT_RULES)
-    c: float = 0.5               # exploration constant of pUCT / UCT (reference pUCT: 0.5)
-    fpu: float = 0.0             # first-play value: Q of a child with no real visit (reference: 0)
-    q_normalize: bool = False    # map Q (fpu included) to [0, 1] by the tree's min / max node value (pUCT, UCT)
-    # Value lowered per in-flight visit (0: in-flight visits only count). 1.0 as in the reference:
-    # measured at W = 16, 1,600 simulations, 0 gave 1,476 collisions and ~201 rounds, 1.0 gave 25
-    # collisions and ~100 rounds.
-    virtual_loss: float = 1.0
-    max_depth: int = 16          # steps from the root; a node this deep is evaluated, never expanded
-    prior: str = "sum"           # prior logit of a candidate step: "sum" | "mean" log-prob
-    gumbel_k: int = 16           # Gumbel: root children considered by Sequential Halving (mctx: 16)
-    gumbel_scale: float = 1.0    # Gumbel: noise scale (0: deterministic)
-    value_scale: float = 0.1     # Gumbel completed-Q scale (mctx default)
-    maxvisit_init: float = 50.0  # Gumbel completed-Q visit offset (mctx default)
-    # Progressive widening (off at 0, the reference: each node is expanded once, K steps): an expanded
-    # node is expanded again, K more steps, while the candidates sampled at it are fewer than
-    # widen_c * N^widen_alpha. Never at a Gumbel root (Sequential Halving needs a fixed action set).
-    widen_c: float = 0.0
-    widen_alpha: float = 0.5
-    seed: int = 0                # seeds the Gumbel noise; tree i draws from Random(f"{seed}/{i}")
-    # The path a tree answers with (search.extract): "visits", the most-visited path (reference,
-    # training); "best", the valued terminal node of highest value (ties: more visits, then the
-    # earlier node), the way best-of-N picks among its samples; visits when no terminal was valued.
-    pick: str = "visits"
-
-    def __post_init__(self):
-        for name in ("simulations", "parallel", "max_depth", "gumbel_k"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"search {name} must be >= 1, got {getattr(self, name)}")
-        if self.select not in SELECT_RULES:
-            raise UsageError(f"search select must be one of {sorted(SELECT_RULES)}, got {self.select!r}")
-        if self.pick not in ("visits", "best"):
-            raise UsageError(f"search pick must be 'visits' or 'best', got {self.pick!r}")
-        if self.prior not in PRIOR_LOGITS:
-            raise UsageError(f"search prior must be one of {sorted(PRIOR_LOGITS)}, got {self.prior!r}")
-        for name in ("c", "virtual_loss", "gumbel_scale", "value_scale", "maxvisit_init", "widen_c",
-                     "widen_alpha"):
-            if not getattr(self, name) >= 0:
-                raise UsageError(f"search {name} must be >= 0, got {getattr(self, name)}")
-
-
-@dataclass
-class TreeStats:
-    """Compute accounting of one tree (accumulated during the search; the model's token counts are
-    the engine's business)."""
-
-    simulations: int = 0      # finished simulations (values backed up), root evaluation excluded
-    expand_requests: int = 0  # nodes sent to `expand` (root included)
-    eval_requests: int = 0    # nodes sent to `evaluate` (root included)
-    reward_requests: int = 0  # terminal nodes sent to `reward`
-    request_tokens: int = 0   # prefix tokens handed to `expand` and `evaluate` (before any KV cache)
-    step_tokens: int = 0      # tokens of the candidate steps `expand` returned (duplicates included)
-    collisions: int = 0       # descents that ended on a leaf already reached in their round
-    widenings: int = 0        # re-expansions of an expanded node (progressive widening)
-    selections: int = 0       # edges walked by all descents (selection-rule calls)
-    rounds: int = 0           # rounds in which this tree ran descents
-    nodes: int = 1            # nodes in the tree (root included)
-    max_depth: int = 0        # deepest node created, in steps
-
-
-@dataclass
-class SearchStats:
-    """Accounting of one `search` call over all its trees."""
-
-    rounds: int = 0
-    expand_calls: int = 0      # batched `expand` calls (at most one per round, plus the roots')
-    evaluate_calls: int = 0    # batched `evaluate` calls (none in a round that only widens)
-    reward_calls: int = 0
-    wall_s: float = 0.0        # whole search
-    callback_s: float = 0.0    # inside expand / evaluate / reward
-
-    @property
-    def bookkeeping_s(self) -> float:
-        """Time in the search itself: selection, tree updates, backup."""
-        return self.wall_s - self.callback_s
+assert set(PRIOR_LOGITS) == set(PRIORS) and set(SELECT_RULES) == set(SELECT_NAMES), "contracts.py names the rules"
 
 
 @dataclass
@@ -175,10 +100,10 @@ def search(
     expand: ExpandFn,
     evaluate: ValueFn,
     reward: ValueFn,
-    config: SearchConfig | None = None,
+    config: SearchSettings | None = None,
 ) -> SearchResult:
     """Search one tree per prompt (token ids), all trees in lock-step; see the module docstring."""
-    cfg = config or SearchConfig()
+    cfg = config or SearchSettings()
     if any(isinstance(p, (int, str, bytes)) for p in prompts):
         raise ValueError("search: prompts must be a list of token-id sequences, one per tree")
     stats = SearchStats()
@@ -193,7 +118,7 @@ def search(
     for tree in trees:
         tree.add_virtual([ROOT])
         roots.append((tree, [ROOT]))
-    _resolve(roots, expand, evaluate, reward, cfg, rngs, stats)
+    _expand_evaluate_backup(roots, expand, evaluate, reward, cfg, rngs, stats)
 
     active = [t for t in trees if t.stats.simulations < cfg.simulations]
     while active:
@@ -204,7 +129,7 @@ def search(
         collided: list[tuple[Tree, list[int]]] = []
         for tree in active:
             _descents(tree, select, cfg, pending, widened, known, collided)
-        _resolve(pending, expand, evaluate, reward, cfg, rngs, stats, widened)
+        _expand_evaluate_backup(pending, expand, evaluate, reward, cfg, rngs, stats, widened)
         for tree, path in known:
             tree.backup(path, tree.value[path[-1]])
             tree.stats.simulations += 1
@@ -218,7 +143,7 @@ def search(
     return SearchResult(trees, stats)
 
 
-def _descents(tree: Tree, select: SelectFn, cfg: SearchConfig, pending: list, widened: list, known: list,
+def _descents(tree: Tree, select: SelectFn, cfg: SearchSettings, pending: list, widened: list, known: list,
               collided: list) -> None:
     """One round of up to W descents in `tree`, each filed by where it ended. A node is reached by at
     most one counted descent per round, whatever it is (new leaf, node to widen, terminal or evaluated
@@ -250,7 +175,7 @@ def _descents(tree: Tree, select: SelectFn, cfg: SearchConfig, pending: list, wi
             pending.append((tree, path))
 
 
-def widens(tree: Tree, node: int, cfg: SearchConfig) -> bool:
+def widens(tree: Tree, node: int, cfg: SearchSettings) -> bool:
     """Progressive widening (Coulom 2007; Couetoux et al. 2011, for sampled actions): an expanded
     node gets K more sampled steps while its sampled candidates are fewer than widen_c * N^alpha.
     Counting samples, not distinct children, bounds the re-expansions of a node whose samples keep
@@ -260,7 +185,7 @@ def widens(tree: Tree, node: int, cfg: SearchConfig) -> bool:
     return tree.sampled[node] < cfg.widen_c * tree.visits[node] ** cfg.widen_alpha
 
 
-def _descend(tree: Tree, select: SelectFn, cfg: SearchConfig) -> list[int]:
+def _descend(tree: Tree, select: SelectFn, cfg: SearchSettings) -> list[int]:
     """Follow the selection rule from the root while the node is expanded and is not due for
     widening; mark the path in flight. The in-flight visits are added after the walk, so a descent
     does not count itself (as W = 1)."""
@@ -292,7 +217,7 @@ def _finite(values: list, what: str) -> list[float]:
     return out
 
 
-def _resolve(pending, expand, evaluate, reward, cfg: SearchConfig, rngs, stats: SearchStats,
+def _expand_evaluate_backup(pending, expand, evaluate, reward, cfg: SearchSettings, rngs, stats: SearchStats,
              widened=()) -> None:
     """Expand the new leaves and the nodes to widen of a round (one call over all trees), evaluate
     the new leaves (one call), score the new terminal children (one call), then back up each new
@@ -303,7 +228,7 @@ def _resolve(pending, expand, evaluate, reward, cfg: SearchConfig, rngs, stats: 
         return
     requests = [tree.request(path[-1]) for tree, path in pending]
     to_expand = [(pending[i], requests[i]) for i, (tree, path) in enumerate(pending)
-                 if tree.depth[path[-1]] < cfg.max_depth]
+                 if cfg.max_depth is None or tree.depth[path[-1]] < cfg.max_depth]
     to_expand += [(entry, entry[0].request(entry[1][-1])) for entry in widened]
     candidates: list[list[Candidate]] = []
     if to_expand:
@@ -343,7 +268,7 @@ def _resolve(pending, expand, evaluate, reward, cfg: SearchConfig, rngs, stats: 
             tree.stats.simulations += 1
 
 
-def _add_children(tree: Tree, node: int, cands: list[Candidate], cfg: SearchConfig,
+def _add_children(tree: Tree, node: int, cands: list[Candidate], cfg: SearchSettings,
                   rng: random.Random) -> list[int]:
     """Turn `node`'s sampled candidates into children: priors by softmax over their prior logits,
     identical steps merged into one child whose prior is the sum. When the node already has children

@@ -49,9 +49,9 @@ from typing import TYPE_CHECKING
 from treedistill.search.tree import ROOT, Tree
 
 if TYPE_CHECKING:
-    from treedistill.search.mcts import SearchConfig
+    from treedistill.search.contracts import SearchSettings
 
-SelectFn = Callable[[Tree, int, "SearchConfig"], int]
+SelectFn = Callable[[Tree, int, "SearchSettings"], int]
 ScoreFn = Callable[[float, float, int, int, float], float]
 
 
@@ -78,12 +78,12 @@ def child_q(tree: Tree, child: int, virtual_loss: float) -> float | None:
     return q - virtual_loss * nv / (n + nv) if nv else q
 
 
-def select_by_score(tree: Tree, node: int, cfg: SearchConfig, *, score: ScoreFn) -> int:
+def select_by_score(tree: Tree, node: int, cfg: SearchSettings, *, score: ScoreFn) -> int:
     """The child of `node` with the highest `score`; ties go to the first child (lowest id).
     Q is `child_q`'s (fpu, lowered by the in-flight visits, while unvisited), computed inline: this
     loop is most of a simulation's bookkeeping."""
     visits, virtual, value_sum, prior = tree.visits, tree.virtual, tree.value_sum, tree.prior
-    vl, fpu, c, normalize = cfg.virtual_loss, cfg.fpu, cfg.c, cfg.q_normalize
+    vl, fpu, c, normalize = cfg.virtual_loss, cfg.fpu, cfg.c_puct, cfg.q_normalize
     n_parent = visits[node] + virtual[node]
     best, best_score = -1, -math.inf
     for child in tree.children[node]:
@@ -102,7 +102,7 @@ def select_by_score(tree: Tree, node: int, cfg: SearchConfig, *, score: ScoreFn)
     return best
 
 
-def completed_q(tree: Tree, node: int, cfg: SearchConfig) -> list[float]:
+def completed_q(tree: Tree, node: int, cfg: SearchSettings) -> list[float]:
     """mctx `qtransform_completed_by_mix_value` over the children of `node` [C]."""
     children = tree.children[node]
     qs = [child_q(tree, c, cfg.virtual_loss) for c in children]
@@ -144,7 +144,7 @@ def considered_visits(num_considered: int, num_simulations: int) -> tuple[int, .
     return tuple(seq[:num_simulations])
 
 
-def _gumbel_scores(tree: Tree, node: int, cfg: SearchConfig) -> list[float]:
+def _gumbel_scores(tree: Tree, node: int, cfg: SearchSettings) -> list[float]:
     """g(a) + log P(a) + completed_q(a) for the children of `node` [C]."""
     cq = completed_q(tree, node, cfg)
     return [tree.gumbel[c] + math.log(tree.prior[c]) + q for c, q in zip(tree.children[node], cq)]
@@ -159,7 +159,7 @@ def _argmax_at(scores: list[float], counts: list[int], target: int) -> int:
     return best
 
 
-def gumbel_root(tree: Tree, node: int, cfg: SearchConfig) -> int:
+def gumbel_root(tree: Tree, node: int, cfg: SearchSettings) -> int:
     """Sequential Halving with Gumbel at the root (mctx `gumbel_muzero_root_action_selection`)."""
     children = tree.children[node]
     counts = [tree.visits[c] + tree.virtual[c] for c in children]
@@ -172,7 +172,7 @@ def gumbel_root(tree: Tree, node: int, cfg: SearchConfig) -> int:
     return children[i]
 
 
-def gumbel_interior(tree: Tree, node: int, cfg: SearchConfig) -> int:
+def gumbel_interior(tree: Tree, node: int, cfg: SearchSettings) -> int:
     """Deterministic improved-policy selection (mctx `gumbel_muzero_interior_action_selection`):
     argmax_a pi'(a) - N(a) / (1 + sum_b N(b)), pi' = softmax(log P + completed_q), so the visit
     frequencies track pi'."""
@@ -191,13 +191,13 @@ def gumbel_interior(tree: Tree, node: int, cfg: SearchConfig) -> int:
     return best
 
 
-def root_or_interior(tree: Tree, node: int, cfg: SearchConfig, *, root: SelectFn,
+def root_or_interior(tree: Tree, node: int, cfg: SearchSettings, *, root: SelectFn,
                      interior: SelectFn) -> int:
     """`root` at the root, `interior` below it."""
     return (root if node == ROOT else interior)(tree, node, cfg)
 
 
-def gumbel_action(tree: Tree, cfg: SearchConfig) -> int | None:
+def gumbel_action(tree: Tree, cfg: SearchSettings) -> int | None:
     """The root step Gumbel MuZero acts with: among the most-visited root children (the Sequential
     Halving survivors), the highest g + log P + completed_q (mctx `gumbel_muzero_policy`). None when
     no root child was visited."""

@@ -1,4 +1,4 @@
-"""The search tree over reasoning steps, and the data that crosses the search's edge.
+"""The search tree over reasoning steps (the data that crosses the search's edge: contracts.py).
 
 The root is the prompt; every other node is one step: a tuple of token ids that ends at the step
 delimiter (`</step>`), at end-of-sequence (a terminal node) or after the caller's maximum number of
@@ -13,53 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from treedistill.search.contracts import Candidate, NodeRequest
+
+__all__ = ["ROOT", "Candidate", "NodeRequest", "Tree"]
 
 ROOT = 0
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One sampled step proposed by `expand` for a node.
-
-    tokens: the step's token ids [T], delimiter / end-of-sequence included.
-    logprob: summed log-prob of `tokens` under the raw policy (temperature 1): the prior's logit.
-    terminal: the step ended the completion (end-of-sequence): the node is scored by the
-        environment reward and never expanded.
-    finish: why the step ended, the engine's finish reason ("stop" | "eos" | "length").
-    token_logprobs: per-token raw-policy log-probs of `tokens` recorded at generation time [T], or
-        () when the caller does not track them; kept on the node so that an extracted path carries
-        the behaviour log-probs the learner's importance ratios divide by.
-    """
-
-    tokens: tuple[int, ...]
-    logprob: float
-    terminal: bool = False
-    finish: str = "stop"
-    token_logprobs: tuple[float, ...] = ()
-
-
-@dataclass(frozen=True)
-class NodeRequest:
-    """One node handed to `expand`, `evaluate` or `reward`.
-
-    tree: index of the tree (the problem) in the searched batch.
-    node: node id inside that tree.
-    prefix: prompt + every step on the root-to-node path, token ids [P + C].
-    prompt_len: P, so `prefix[prompt_len:]` is the completion so far [C].
-    depth: number of steps from the root (root = 0).
-    """
-
-    tree: int
-    node: int
-    prefix: tuple[int, ...]
-    prompt_len: int
-    depth: int
-
-    @property
-    def completion(self) -> tuple[int, ...]:
-        """The generated part of the prefix: the steps on the path, concatenated [C]."""
-        return self.prefix[self.prompt_len:]
 
 
 class Tree:

@@ -1,0 +1,259 @@
+"""The learner's step, shared by every loop: rewards -> advantages -> loss -> optimizer update(s).
+
+`learn` is steps 2 to 4 of the training loop. The one-process loop (`train.py`), the distributed
+driver (`distributed/ray_loop.py`) and every FSDP rank (`distributed/fsdp.py`, with a `Shard`) call
+it, so all of them share every line of the maths. Here too: the policy to train (`load_train_policy`)
+and the frozen reference for the KL term (`reference_policy`).
+
+Departures from the reference run (../shared/docs/method.md):
+- importance ratios divide by the behaviour log-probs recorded at generation, never by log-probs
+  recomputed before the update;
+- dropout stays off (the model is kept in eval mode) so that the trained function is the one that
+  sampled;
+- a non-finite loss or gradient norm skips its update instead of corrupting the weights, and an update
+  that leaves a weight non-finite is rolled back (weights and optimizer state); three such updates in
+  a row stop the run;
+- the frozen reference policy is run only when the loss has a KL term (kl_coef > 0), so a method
+  without one is neither slowed nor charged compute for a number it does not use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from treedistill.algorithms.batch import shift_right
+from treedistill.algorithms.losses import combine_metrics, token_entropy, token_logprobs
+from treedistill.config import TrainConfig
+from treedistill.errors import UsageError
+from treedistill.metrics import ComputeCounters
+from treedistill.models.load import load_policy
+from treedistill.models.value_head import ValueHead
+from treedistill.rollout.collate import to_batch
+
+__all__ = ["CHECKED", "MAX_NONFINITE_IN_A_ROW", "DivergedError", "LearnStep", "Shard", "apply_update",
+           "derive_seed", "forward", "learn", "load_train_policy", "reference_policy", "trainable_params"]
+
+# Quantities whose non-finite value skips an update, in the order they are named.
+CHECKED = ("policy_loss", "value_loss", "kl", "loss", "grad_norm")
+MAX_NONFINITE_IN_A_ROW = 3
+
+
+class DivergedError(UsageError):
+    """The run stopped: MAX_NONFINITE_IN_A_ROW updates in a row had a non-finite loss or gradient."""
+
+
+def derive_seed(seed: int, what: str, step: int) -> int:
+    """A 31-bit seed for one random choice of one step, independent across (what, step). (Here rather
+    than in runs.py, beside the problem stream: the learner seeds its minibatch order with it, and
+    runs.py imports export.py, which imports this module.)"""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{what}/{step}".encode()).digest()[:4], "little") >> 1
+
+
+def load_train_policy(cfg: TrainConfig):
+    """The policy to train, as the config says (model, dtype, device, value head, LoRA), in eval mode:
+    no dropout, so the trained function is the one that sampled. Generators of a distributed run load
+    theirs with this same function."""
+    lora = None if cfg.lora.r == 0 else {"r": cfg.lora.r, "alpha": cfg.lora.alpha,
+                                         **({"target_modules": list(cfg.lora.target_modules)}
+                                            if cfg.lora.target_modules else {})}
+    policy = load_policy(cfg.model, dtype=None if cfg.dtype == "auto" else cfg.dtype,
+                         device=None if cfg.device == "auto" else cfg.device,
+                         value_head=cfg.uses_value_head, lora=lora)
+    if cfg.fresh_value_head and policy.value_head is not None:
+        # a saved head predicts the reward it was fitted to (the tiny model's: the dense reward); a run on
+        # another reward starts from a new head, as the reference run's did (seeded: every process of a
+        # distributed run builds the same one)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            policy.value_head = ValueHead(policy.hidden_size).to(policy.device)
+    policy.model.eval()
+    return policy
+
+
+def trainable_params(policy) -> list:
+    """The parameters the optimizer steps: the model's trainable ones (LoRA: the adapter's), then the
+    value head's."""
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    if policy.value_head is not None:
+        params += list(policy.value_head.parameters())
+    return params
+
+
+def reference_policy(policy, stack: contextlib.ExitStack):
+    """ref(input_ids, attention_mask) -> log-probs [B, T] (Batch alignment) under the FROZEN initial
+    policy: the disabled LoRA adapter when there is one, else a frozen copy made now."""
+    lora_ref = stack.enter_context(policy.reference())
+    if lora_ref is not None:
+        return lora_ref
+    frozen = dataclasses.replace(policy, model=copy.deepcopy(policy.model).requires_grad_(False), value_head=None)
+
+    def ref(ids, mask):
+        return token_logprobs(frozen.forward(ids, mask)[0], ids)  # [B, T]
+    return ref
+
+
+def forward(policy, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(logits [B, T, V], log-probs of batch.input_ids [B, T], values V(s_t) [B, T] or None), the last
+    two in the Batch alignment (column t: the state that generated token t)."""
+    logits, hidden = policy.forward(batch.input_ids, batch.attention_mask)  # [B, T, V], [B, T, H]
+    logprobs = token_logprobs(logits, batch.input_ids)  # [B, T]
+    values = shift_right(policy.value_head(hidden)) if policy.value_head is not None else None  # [B, T]
+    return logits, logprobs, values
+
+
+def apply_update(optimizer, params: list, metrics: dict, cfg: TrainConfig) -> dict:
+    """Clip the accumulated gradients and step, or skip the step when a loss or the gradient norm is
+    not finite (the gradients are dropped either way). A step that leaves a weight non-finite (finite
+    gradients can still overflow in the update) is rolled back: the weights and the optimizer state
+    return to what they were before it, and "weights" is named as non-finite. Returns metrics +
+    grad_norm + nonfinite (the names of the non-finite quantities; empty when the step was taken).
+
+    The roll-back costs one copy of the trainable weights and of the optimizer state per update."""
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    values = {**metrics, "grad_norm": grad_norm}
+    bad = [name for name in CHECKED if name in values and not math.isfinite(values[name])]
+    if not bad:
+        weights = [_local(p).detach().clone() for p in params]
+        state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                 for p, s in optimizer.state.items()}
+        optimizer.step()
+        if not _all_finite(params):
+            with torch.no_grad():
+                for p, saved in zip(params, weights):
+                    _local(p).copy_(saved)
+            optimizer.state.clear()
+            optimizer.state.update(state)
+            bad = ["weights"]
+    optimizer.zero_grad(set_to_none=True)
+    return {**values, "nonfinite": bad}
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter: its shard under FSDP (a DTensor), else itself."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def _all_finite(params: list) -> bool:
+    """Whether every weight is finite, in every process when several share the parameters (FSDP: each
+    checks its shards, and all agree on the answer, so all roll back together)."""
+    local = [_local(p) for p in params]
+    flag = torch.stack([torch.isfinite(t).all() for t in local]).all().to(torch.int32)  # scalar
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag)
+
+
+def _mean_metrics(updates: list[dict]) -> dict:
+    """Metrics of a step's updates: means, maxima for `*_max` keys."""
+    keys = [k for k in updates[0] if isinstance(updates[0][k], (int, float))]
+    return {k: (max(u[k] for u in updates) if k.endswith("_max") else sum(u[k] for u in updates) / len(updates))
+            for k in keys}
+
+
+def _pad_cat(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Micro-batch results [b_i, T_i] (T_i <= width after `select` trimmed padding) -> [B, width]."""
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts], dim=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Which micro-batches of each minibatch this process trains on when several learner processes
+    share every update (data-parallel / FSDP): micro-batch i belongs to rank i % world, and `gather`
+    returns the metric dicts of all ranks' micro-batches (this process's own when world == 1).
+    Micro-batches are normalised by their minibatch's token count, so the ranks' gradients SUM to the
+    minibatch's gradient."""
+
+    rank: int = 0
+    world: int = 1
+    gather: Callable[[list[dict]], list[dict]] = list
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnStep:
+    """What one step's learning did: the batch [B, T] it built (advantages filled in), its updates'
+    metrics, the learning rate, updates skipped as non-finite in this step, the non-finite streak
+    after it, and why the run must stop (None: it goes on)."""
+
+    batch: object
+    updates: list
+    lr: float
+    skipped: int
+    nonfinite_streak: int
+    diverged: str | None
+
+    def metrics(self, trajectories: Sequence, skipped_updates: int) -> dict:
+        """The learning part of the step's metrics line (skipped_updates: the run's total)."""
+        rewards = self.batch.rewards
+        return {"kind": "train", **_mean_metrics(self.updates), "lr": self.lr,
+                "updates": len(self.updates), "skipped_updates": skipped_updates,
+                "nonfinite": ",".join(sorted({n for u in self.updates for n in u["nonfinite"]})),
+                "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+                "sparse_mean": sum(t.sparse for t in trajectories) / len(trajectories),
+                "completion_tokens_mean": float(self.batch.loss_mask.sum(dim=1).mean())}
+
+
+def learn(trajectories: Sequence, *, policy, reference, method, optimizer, params: list, counters: ComputeCounters,
+          cfg: TrainConfig, step: int, nonfinite_streak: int, shard: Shard = Shard(),
+          progress: float | None = None) -> LearnStep:
+    """Steps 2 to 4 of the loop on one step's trajectories: rewards -> advantages (with V(s_t) and the
+    reference log-probs of these very rows) -> cfg.epochs x minibatches optimizer updates, each
+    accumulated over micro-batches. Counts the learner's compute into `counters`. progress: the
+    share of the run's budget this step stands at (`runs.budget_progress`; None: a step-limited run),
+    which sets the learning rate."""
+    # 2. rewards -> 3. advantages, with V(s_t) and the reference log-probs of these very rows
+    batch = to_batch(trajectories, pad_id=policy.pad_token_id, device=policy.device)
+    # (the reference pass only where the loss has a KL term: a method without one is not charged for it)
+    old_values, ref_logprobs = [], []
+    micros = batch.split(cfg.micro_batch_rows)
+    with torch.no_grad():
+        for micro in micros:
+            if policy.value_head is not None:
+                old_values.append(forward(policy, micro)[2])
+            if cfg.kl_coef > 0:
+                ref_logprobs.append(reference(micro.input_ids, micro.attention_mask))
+    passes = (policy.value_head is not None) + (cfg.kl_coef > 0)
+    tokens = int(batch.attention_mask.sum())
+    counters.add_learning(inference_tokens=passes * tokens, forward_calls=passes * len(micros),
+                          head_inference_tokens=tokens if policy.value_head is not None else 0)
+    width = batch.input_ids.shape[1]
+    old_values = _pad_cat(old_values, width) if old_values else None  # [B, T]
+    advantages, returns = method.advantages(batch.rewards, old_values, batch.loss_mask, cfg)  # [B, T] x2
+    batch = dataclasses.replace(batch, advantages=advantages, returns=returns, old_values=old_values,
+                                ref_logprobs=_pad_cat(ref_logprobs, width) if ref_logprobs else None)
+
+    # 4. loss and optimizer update(s): epochs x minibatches, each accumulated over micro-batches
+    lr = cfg.lr * cfg.lr_multiplier(step - 1, progress)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    shuffle = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatches", step))
+    updates, skipped = [], 0
+    for _ in range(cfg.epochs):
+        for minibatch in batch.minibatches(cfg.minibatch_rows, shuffle):
+            parts, trained_tokens = [], 0
+            for i, micro in enumerate(minibatch.split(cfg.micro_batch_rows)):
+                if i % shard.world != shard.rank:
+                    continue
+                logits, logprobs, values = forward(policy, micro)
+                loss, metrics = method.loss(micro, logprobs, values, cfg, entropy=token_entropy(logits))
+                loss.backward()
+                parts.append(metrics)
+                trained_tokens += int(micro.attention_mask.sum())
+            counters.add_learning(train_tokens=trained_tokens, forward_calls=len(parts),
+                                  head_train_tokens=trained_tokens if policy.value_head is not None else 0)
+            update = apply_update(optimizer, params, combine_metrics(shard.gather(parts)), cfg)
+            updates.append(update)
+            skipped += bool(update["nonfinite"])
+            nonfinite_streak = nonfinite_streak + 1 if update["nonfinite"] else 0
+            if nonfinite_streak >= MAX_NONFINITE_IN_A_ROW:
+                return LearnStep(batch, updates, lr, skipped, nonfinite_streak,
+                                 f"step {step}: non-finite {', '.join(update['nonfinite'])} in {nonfinite_streak} "
+                                 "updates in a row; run stopped (its last checkpoint holds the weights before)")
+    return LearnStep(batch, updates, lr, skipped, nonfinite_streak, None)

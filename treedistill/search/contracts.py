@@ -1,0 +1,176 @@
+"""The search's contracts: its one settings type and the small data that crosses its edge.
+
+`SearchSettings` is THE set of search options, under the same names everywhere: the training config's
+`search:` block (YAML, `--set search.x=`), the CLI flags (`--c-puct`, `--k-children`, ...) of
+`treedistill search`, `eval --search mcts`, `testtime` and `bench search`, and the test-time sweep.
+Each caller may start from its own defaults (training: `TRAINING_SEARCH`); the names are one set.
+The core (`search.mcts`) reads the tree options; `k_children`, `temperature` and `step_max_tokens`
+belong to the caller's `expand` (rollout/mcts.py), `problems_at_once` to the caller's batching.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from treedistill.errors import UsageError
+
+__all__ = ["RENAMED", "Candidate", "NodeRequest", "SearchSettings", "SearchStats", "TreeStats"]
+
+# Names the search options had before they were one type: a config key or field under the old name
+# is refused with the new one.
+RENAMED = {"c": "c_puct", "k": "k_children", "trees_per_call": "problems_at_once"}
+
+SELECT_NAMES = ("puct", "uct", "gumbel")  # the keys of search.select.SELECT_RULES
+PICKS = ("visits", "best")                # the keys of search.extract.ROOT_CHOICE's path rules
+PRIORS = ("sum", "mean")                  # the keys of search.mcts.PRIOR_LOGITS
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Options of one search. Invalid values raise UsageError naming the field (`search.<name>`)."""
+
+    # budget and batching
+    simulations: int = 64        # simulations per tree (the reference ran ~1,600: 16 workers x 100)
+    parallel: int = 16           # W: descents per tree per round (16 workers in the reference); 1 = sequential
+    problems_at_once: int = 12   # trees searched in lock-step per search call (the caller's batching)
+    # selection
+    select: str = "puct"         # selection rule: "puct" | "uct" | "gumbel" (select.SELECT_RULES)
+    c_puct: float = 0.5          # exploration constant of pUCT, and UCT's c (reference pUCT: 0.5)
+    fpu: float = 0.0             # first-play value: Q of a child with no real visit (reference: 0)
+    q_normalize: bool = False    # map Q (fpu included) to [0, 1] by the tree's min / max node value (pUCT, UCT)
+    # Value lowered per in-flight visit (0: in-flight visits only count). 1.0 as in the reference:
+    # measured at W = 16, 1,600 simulations, 0 gave 1,476 collisions and ~201 rounds, 1.0 gave 25
+    # collisions and ~100 rounds.
+    virtual_loss: float = 1.0
+    max_depth: int | None = 16   # steps from the root; a node this deep is evaluated, never expanded; None = no limit
+    prior: str = "sum"           # prior logit of a candidate step: "sum" | "mean" log-prob
+    gumbel_k: int = 16           # Gumbel: root children considered by Sequential Halving (mctx: 16)
+    gumbel_scale: float = 1.0    # Gumbel: noise scale (0: deterministic)
+    value_scale: float = 0.1     # Gumbel completed-Q scale (mctx default)
+    maxvisit_init: float = 50.0  # Gumbel completed-Q visit offset (mctx default)
+    # expansion (the caller's `expand`)
+    k_children: int = 4          # K: steps sampled per expansion (reference: 4)
+    temperature: float = 0.8     # sampling temperature of expansions (reference: 0.8)
+    step_max_tokens: int = 64    # a step ends at </step>, end of sequence, or this many tokens
+    # Progressive widening (off at 0, the reference: each node is expanded once, K steps): an expanded
+    # node is expanded again, K more steps, while the candidates sampled at it are fewer than
+    # widen_c * N^widen_alpha. Never at a Gumbel root (Sequential Halving needs a fixed action set).
+    widen_c: float = 0.0
+    widen_alpha: float = 0.5
+    seed: int = 0                # Gumbel noise: tree i draws from Random(f"{seed}/{i}"); training and testtime set it per call
+    # The path a tree answers with (search.extract): "visits", the most-visited path (reference,
+    # training); "best", the valued terminal node of highest value (ties: more visits, then the
+    # earlier node), the way best-of-N picks among its samples; visits when no terminal was valued.
+    pick: str = "visits"
+
+    def __post_init__(self):
+        problems = self.errors()
+        if problems:
+            raise UsageError("invalid search settings: " + "; ".join(problems))
+
+    def errors(self) -> list[str]:
+        """What is wrong with these settings, one message per field (empty when they are valid)."""
+        out = []
+        for name in ("c_puct", "fpu", "virtual_loss", "gumbel_scale", "value_scale", "maxvisit_init",
+                     "temperature", "widen_c", "widen_alpha"):
+            if not math.isfinite(getattr(self, name)):
+                out.append(f"search.{name} must be a finite number (got {getattr(self, name)})")
+        if out:
+            return out
+        for name in ("simulations", "parallel", "problems_at_once", "gumbel_k", "k_children", "step_max_tokens"):
+            if getattr(self, name) < 1:
+                out.append(f"search.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.max_depth is not None and self.max_depth < 1:
+            out.append(f"search.max_depth must be null or >= 1 (got {self.max_depth})")
+        for name, value, allowed in (("select", self.select, SELECT_NAMES), ("pick", self.pick, PICKS),
+                                     ("prior", self.prior, PRIORS)):
+            if value not in allowed:
+                out.append(f"search.{name} must be one of {', '.join(allowed)} (got {value!r})")
+        for name in ("c_puct", "virtual_loss", "gumbel_scale", "value_scale", "maxvisit_init", "widen_c",
+                     "widen_alpha"):
+            if getattr(self, name) < 0:
+                out.append(f"search.{name} must be >= 0 (got {getattr(self, name)})")
+        if not self.temperature > 0:
+            out.append(f"search.temperature must be > 0 (got {self.temperature})")
+        return out
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One sampled step proposed by `expand` for a node.
+
+    tokens: the step's token ids [T], delimiter / end-of-sequence included.
+    logprob: summed log-prob of `tokens` under the raw policy (temperature 1): the prior's logit.
+    terminal: the step ended the completion (end-of-sequence): the node is scored by the
+        environment reward and never expanded.
+    finish: why the step ended, the engine's finish reason ("stop" | "eos" | "length").
+    token_logprobs: per-token raw-policy log-probs of `tokens` recorded at generation time [T], or
+        () when the caller does not track them; kept on the node so that an extracted path carries
+        the behaviour log-probs the learner's importance ratios divide by.
+    """
+
+    tokens: tuple[int, ...]
+    logprob: float
+    terminal: bool = False
+    finish: str = "stop"
+    token_logprobs: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeRequest:
+    """One node handed to `expand`, `evaluate` or `reward`.
+
+    tree: index of the tree (the problem) in the searched batch.
+    node: node id inside that tree.
+    prefix: prompt + every step on the root-to-node path, token ids [L + C].
+    prompt_len: L, the prompt's tokens, so `prefix[prompt_len:]` is the completion so far [C].
+    depth: number of steps from the root (root = 0).
+    """
+
+    tree: int
+    node: int
+    prefix: tuple[int, ...]
+    prompt_len: int
+    depth: int
+
+    @property
+    def completion(self) -> tuple[int, ...]:
+        """The generated part of the prefix: the steps on the path, concatenated [C]."""
+        return self.prefix[self.prompt_len:]
+
+
+@dataclass
+class TreeStats:
+    """Compute accounting of one tree (accumulated during the search; the model's token counts are
+    the engine's business)."""
+
+    simulations: int = 0      # finished simulations (values backed up), root evaluation excluded
+    expand_requests: int = 0  # nodes sent to `expand` (root included)
+    eval_requests: int = 0    # nodes sent to `evaluate` (root included)
+    reward_requests: int = 0  # terminal nodes sent to `reward`
+    request_tokens: int = 0   # prefix tokens handed to `expand` and `evaluate` (before any KV cache)
+    step_tokens: int = 0      # tokens of the candidate steps `expand` returned (duplicates included)
+    collisions: int = 0       # descents that ended on a leaf already reached in their round
+    widenings: int = 0        # re-expansions of an expanded node (progressive widening)
+    selections: int = 0       # edges walked by all descents (selection-rule calls)
+    rounds: int = 0           # rounds in which this tree ran descents
+    nodes: int = 1            # nodes in the tree (root included)
+    max_depth: int = 0        # deepest node created, in steps
+
+
+@dataclass
+class SearchStats:
+    """Accounting of one `search` call over all its trees."""
+
+    rounds: int = 0
+    expand_calls: int = 0      # batched `expand` calls (at most one per round, plus the roots')
+    evaluate_calls: int = 0    # batched `evaluate` calls (none in a round that only widens)
+    reward_calls: int = 0
+    wall_s: float = 0.0        # whole search
+    callback_s: float = 0.0    # inside expand / evaluate / reward
+
+    @property
+    def bookkeeping_s(self) -> float:
+        """Time in the search itself: selection, tree updates, backup."""
+        return self.wall_s - self.callback_s
