@@ -8,8 +8,8 @@ a model (the shape of mctx's `search`):
 - `reward(requests) -> [float, ...]`: the environment's dense reward for each new terminal node.
 - `rollout(requests) -> [LeafRollout, ...]` (only with `rollout_lambda` > 0): one policy rollout from
   each new non-terminal leaf to a finished line, with its terminal value z. The leaf's value is
-  AlphaGo's mix (Silver et al. 2016, "Mastering the game of Go...", eq. of the leaf evaluation):
-  v = (1 - lambda) * V(leaf) + lambda * z; at lambda = 1 `evaluate` is not called for leaves.
+  AlphaGo's mix (Silver et al. 2016, Nature 529, Methods, leaf evaluation:
+  V(s_L) = (1 - lambda) * v_theta(s_L) + lambda * z_L); at lambda = 1 `evaluate` is not called.
   The rollout is kept on the leaf (`tree.rollout`), so its finished line is an answer candidate.
 - `step_key(tokens) -> hashable` (only with `merge="canonical"`): the canonical form of a step;
   sibling steps with the same (terminal, key) are merged as identical steps are.
