@@ -133,7 +133,9 @@ def run(args) -> dict:
                else "completed by the policy (the search stopped before a terminal node)")
         print(f"  {how}: {completion!r}")
     print(f"tree     {summary['nodes']} nodes, depth {summary['depth']}, {summary['simulations']} simulations, "
-          f"root value {_fmt(summary['root_value'])} (value head {_fmt(summary['root_value_head'])}), "
+          f"root value {_fmt(summary['root_value'])} ("
+          + ("value head" if args.rollout_lambda == 0 else f"leaf value with rollout, lambda={args.rollout_lambda:g}")
+          + f" {_fmt(summary['root_value_head'])}), "
           f"{summary['collisions']} collisions in {summary['rounds']} rounds, {summary['widenings']} widenings")
     print(f"compute  {summary['generated_tokens']} generated tokens, {batch.engine.get('forward_calls', 0)} forward "
           f"calls, wall {batch.wall_s:.2f} s, bookkeeping {100 * batch.bookkeeping_share:.1f}% of the search")
