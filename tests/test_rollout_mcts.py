@@ -210,6 +210,9 @@ class CountingEnv:
         self.scores += 1
         return self.env.score(problem, completion)
 
+    def answer_value(self, problem, completion):
+        return self.env.answer_value(problem, completion)
+
 
 def test_value_head_at_terminal_nodes_never_consults_the_environment(policy, env):
     counting = CountingEnv(env)

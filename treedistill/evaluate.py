@@ -158,6 +158,11 @@ class SearchEvalResult:
     completed_by_policy: float  # share of extracted paths that stopped before a terminal node
     tree_nodes: float           # mean nodes per tree
     bookkeeping_share: float    # share of the searches' wall time spent outside the model
+    rollout_lambda: float = 0.0           # search.rollout_lambda (0: no rollouts)
+    merge: str = "tokens"                 # search.merge
+    finished_answers: float = 0.0         # mean finished lines with an answer per tree (terminal nodes, rollouts)
+    distinct_answers: float = 0.0         # mean distinct answers among them per tree
+    tokens_per_answer: float | None = None  # generated tokens / finished answers, all trees (None: no answer)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -191,9 +196,13 @@ def evaluate_search(engine, policy, env, problems: Sequence[dict], *, search, ma
                        truncated=sum(o.completion_finish == "length" for o in outcomes),
                        seconds=time.perf_counter() - start)
     n = max(1, len(outcomes))
+    answers = sum(o.trajectory.stats["finished_answers"] for o in outcomes)
     return SearchEvalResult(
         result=result, simulations=search.simulations, parallel=search.parallel, select=search.select,
         pick=search.pick, terminal_value=terminal_value, tokens_per_problem=generated / n,
         completed_by_policy=sum(o.completed_by_policy for o in outcomes) / n,
         tree_nodes=sum(len(o.tree) for o in outcomes) / n,
-        bookkeeping_share=bookkeeping_s / search_s if search_s > 0 else 0.0)
+        bookkeeping_share=bookkeeping_s / search_s if search_s > 0 else 0.0,
+        rollout_lambda=search.rollout_lambda, merge=search.merge, finished_answers=answers / n,
+        distinct_answers=sum(o.trajectory.stats["distinct_answers"] for o in outcomes) / n,
+        tokens_per_answer=generated / answers if answers else None)

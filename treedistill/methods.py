@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from treedistill.algorithms.advantages import ADVANTAGES, group_advantages
 from treedistill.algorithms.losses import total_loss
-from treedistill.envs.base import Score, reward_from_prompt
+from treedistill.envs.base import Score, canonical_step, reward_from_prompt
 from treedistill.rollout.mcts import search_problems
 from treedistill.rollout.sample import best_of_n, sample_problems
 from treedistill.rollout.trajectory import Trajectory
@@ -79,6 +79,9 @@ class TrainingReward:
 
     def answer_value(self, problem: dict, completion: str):
         return self.env.answer_value(problem, completion)
+
+    def canonical_step(self, step_text: str) -> str:
+        return canonical_step(self.env, step_text)
 
     def key(self, problem: dict) -> tuple:
         return self.env.key(problem)

@@ -8,7 +8,10 @@ For each per-problem budget B of generated tokens, on the same problems:
   give: the same target-free legality filter the best-of-N selectors apply); `mcts_terminal="value"`
   uses the value head alone. The answer (`pick`): by default ("best") the terminal node of highest
   value the search valued, the rule bon-value applies to its samples; "visits" is the most-visited
-  path, completed by the policy when the search stopped short. The search widens progressively
+  path, completed by the policy when the search stopped short. With `search.rollout_lambda` > 0 a new
+  leaf is also valued by one policy rollout checked by the row's terminal rule (and the rollout's
+  finished line is an answer candidate); its tokens count in the budget like every other generated
+  token. The search widens progressively
   (`widen_c`, `widen_alpha`), so more simulations can keep adding alternatives instead of revisiting
   a finite tree.
 - bon-majority: best-of-N, the answer VALUE that most samples agree on (ties: the value seen first).
@@ -186,6 +189,15 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
+def _answer_cost(tokens: int, finished: Sequence[int], distinct: Sequence[int]) -> dict:
+    """Cost per finished answer of a method at a budget: finished lines with a legal answer and
+    distinct answer values per problem, and generated tokens / finished answers over all
+    problems (None when no line finished with an answer)."""
+    total = sum(finished)
+    return {"finished_answers": _mean(finished), "distinct_answers": _mean(distinct),
+            "tokens_per_answer": tokens / total if total else None}
+
+
 def _clear(engine) -> None:
     """Empty the engine's prefix cache (if it has one) so each method's wall time starts cold."""
     engine.clear_cache()
@@ -301,7 +313,7 @@ def run_best_of_n(ctx: _SweepInputs, streams: list[list[tuple[int, ...]]], budge
     names = [*(SELECTORS if free else ()), *(["bon+verifier"] if checked else [])]
     chosen: dict[str, list[float]] = {name: [] for name in names}
     dense: dict[str, list[float]] = {name: [] for name in names}
-    ns, used = [], []
+    ns, used, finished, distinct = [], [], [], []
     batches = [_prefix_of_stream(s, budget) for s in streams]
     # Value-head estimates at the end of every sample (cut samples computed anew; full ones cached).
     need = [(i, j) for i, b in enumerate(batches) for j in range(len(b))
@@ -313,8 +325,11 @@ def run_best_of_n(ctx: _SweepInputs, streams: list[list[tuple[int, ...]]], budge
             values_cache[(i, batches[i][j])] = v
     for i, (problem, samples) in enumerate(zip(ctx.problems, batches)):
         texts = [ctx.text(s) for s in samples]
-        if free:  # legal answer values and value-head estimates, read by both selectors
-            answers = [ctx.env.answer_value(inputs_only(problem), t) for t in texts]
+        # Legal answer values (inputs only), read by the majority vote and the cost per finished answer.
+        answers = [ctx.env.answer_value(inputs_only(problem), t) for t in texts]
+        finished.append(sum(v is not None for v in answers))
+        distinct.append(len({v for v in answers if v is not None}))
+        if free:  # value-head estimates, read by both selectors with the answer values
             head = [values_cache[(i, s)] for s in samples]
         for name, select in SELECTORS.items() if free else ():
             pick = select(answers, head)
@@ -331,7 +346,8 @@ def run_best_of_n(ctx: _SweepInputs, streams: list[list[tuple[int, ...]]], budge
     wall = time.perf_counter() - start
     return [MethodResult(method=name, budget=budget, accuracy=_mean(acc), stderr=standard_error(acc), tokens=_mean(used),
                  wall_s=None, detail={"n_mean": _mean(ns), "n_min": min(ns), "n_max": max(ns),
-                                      "dense": _mean(dense[name]), "selection_s": wall})
+                                      "dense": _mean(dense[name]), "selection_s": wall,
+                                      **_answer_cost(sum(used), finished, distinct)})
             for name, acc in chosen.items()]
 
 
@@ -486,7 +502,10 @@ def run_mcts(ctx: _SweepInputs, budget: int, cost: _MctsCost, method: str = "mct
               "runs": [(s, _mean([o.generated_tokens for o in tried[s][0]])) for s in tried],
               "calibration_tokens_per_problem": sum(_mean([o.generated_tokens for o in tried[s][0]])
                                                     for s in tried if s != kept),
-              "calibration_wall_s": sum(tried[s][1] for s in tried if s != kept)}
+              "calibration_wall_s": sum(tried[s][1] for s in tried if s != kept),
+              "rollout_tokens": _mean([o.trajectory.stats["rollout_tokens"] for o in outcomes]),
+              **_answer_cost(sum(used), [o.trajectory.stats["finished_answers"] for o in outcomes],
+                             [o.trajectory.stats["distinct_answers"] for o in outcomes])}
     note = ""
     if saturated or (kept >= cfg.max_simulations and _mean(used) < (1 - cfg.budget_tolerance) * budget):
         detail["saturated"] = True
@@ -557,13 +576,22 @@ def _dense_text(c: MethodResult) -> str:
     return "skipped" if c.accuracy is None else f"{c.detail.get('dense', float('nan')):+.3f}"
 
 
-# What a table cell shows: accuracy (+- stderr, tokens) or the mean dense reward of the chosen answers.
-CELL_TEXT = {"accuracy": _accuracy_text, "dense": _dense_text}
+def _answers_text(c: MethodResult) -> str:
+    if c.accuracy is None or "tokens_per_answer" not in c.detail:
+        return "skipped" if c.accuracy is None else ""
+    per = c.detail["tokens_per_answer"]
+    return (f"{per:.0f}" if per is not None else "-") + f" ({c.detail['distinct_answers']:.1f} distinct)"
+
+
+# What a table cell shows: accuracy (+- stderr, tokens), the mean dense reward of the chosen answers,
+# or the generated tokens per finished answer (distinct answers per problem).
+CELL_TEXT = {"accuracy": _accuracy_text, "dense": _dense_text, "answers": _answers_text}
 
 
 def format_table(report: SweepReport, metric: str = "accuracy") -> str:
-    """Markdown table: method x budget, accuracy % +- stderr (mean generated tokens per problem), or
-    with metric="dense" the mean dense reward of the chosen answers."""
+    """Markdown table: method x budget, accuracy % +- stderr (mean generated tokens per problem), with
+    metric="dense" the mean dense reward of the chosen answers, with metric="answers" the generated
+    tokens per finished answer (distinct answers per problem)."""
     _cell_text = CELL_TEXT[metric]
     budgets = sorted(report.config.budgets)
     lines = ["| method | " + " | ".join(f"B={b}" for b in budgets) + " | at its own cost |",
@@ -606,7 +634,11 @@ def write_markdown(report: SweepReport, path, *, header: Sequence[str] = ()) -> 
              "over problems; (tok) = mean generated tokens actually used per problem.", "",
              format_table(report), "",
              "Mean dense reward of the chosen answers (1 at the target, -0.9 invalid, -1 no answer):", "",
-             format_table(report, "dense"), "", "Notes:", *_notes(report), "",
+             format_table(report, "dense"), "",
+             "Generated tokens per finished answer (a line that holds a legal answer: best-of-N's samples; MCTS's "
+             "terminal nodes, rollouts and completion), and in brackets the distinct answer values per problem:",
+             "",
+             format_table(report, "answers"), "", "Notes:", *_notes(report), "",
              f"Settings: K={s.k_children} steps per node, T={s.temperature}, steps <= {s.step_max_tokens} tokens, "
              f"completions <= {cfg.max_new_tokens} tokens, {s.select} (c={s.c_puct}), W={s.parallel}, "
              f"virtual loss {s.virtual_loss}, "
@@ -616,7 +648,9 @@ def write_markdown(report: SweepReport, path, *, header: Sequence[str] = ()) -> 
                 "verifier": "mcts+verifier terminal values: the environment's dense reward, ",
                 "both": f"mcts terminal values: {cfg.mcts_terminal} (mcts+verifier: the dense reward), "}[cfg.rows]
              + f"MCTS answer: {s.pick}, "
-             f"max depth {s.max_depth}, seed {cfg.seed}; sampling once: {cfg.once_samples} samples per "
+             + (f"rollout leaf values lambda={s.rollout_lambda:g}, " if s.rollout_lambda > 0 else "")
+             + ("sibling steps merged by canonical form, " if s.merge == "canonical" else "")
+             + f"max depth {s.max_depth}, seed {cfg.seed}; sampling once: {cfg.once_samples} samples per "
              f"problem at each temperature. Total wall time {report.wall_s:.0f} s.", "",
              "Method: MCTS answers with its best valued terminal node (or its most-visited path with "
              "--pick visits); best-of-N samples until the budget is spent (the last sample cut at it). "

@@ -43,6 +43,27 @@ def add_pick_argument(parser, default: str | None = "best") -> None:
                              "or visits (the most-visited path, the training target)")
 
 
+def add_leaf_arguments(parser, *, defaults: bool = True) -> None:
+    """`--rollout-lambda` and `--merge` (SearchSettings.rollout_lambda / merge); with defaults=False
+    they default to None (the caller's settings decide)."""
+    parser.add_argument("--rollout-lambda", type=float, default=0.0 if defaults else None,
+                        help="leaf value (1 - lambda) * value head + lambda * z, z the checked outcome of ONE "
+                             "policy rollout from the leaf, whose finished line is also an answer candidate "
+                             "(default 0: the value head only, no rollout; 1: rollouts only)")
+    parser.add_argument("--merge", default="tokens" if defaults else None, choices=["tokens", "canonical"],
+                        help="sibling steps merged when their tokens are identical (tokens, default) or their "
+                             "canonical form is (canonical: the environment's canonical_step, e.g. 4*5=20 == 5*4=20)")
+
+
+def check_leaf_arguments(args) -> None:
+    """Refuse --rollout-lambda outside [0, 1] (None: not given, accepted)."""
+    from treedistill.errors import UsageError
+
+    value = args.rollout_lambda
+    if value is not None and not 0 <= value <= 1:
+        raise UsageError(f"--rollout-lambda must be in [0, 1], got {value}")
+
+
 def search_settings(args, **fields):
     """The SearchSettings of the flags named after its fields (`--c-puct` -> c_puct, ...) that `args`
     holds; `fields` set the others (or replace a flag's value, e.g. eval's --search-temperature)."""

@@ -7,10 +7,12 @@ from __future__ import annotations
 import sys
 
 from treedistill.commands import (
+    add_leaf_arguments,
     add_pick_argument,
     add_tree_arguments,
     check_at_least_one,
     check_choice,
+    check_leaf_arguments,
     check_non_negative,
     search_settings,
 )
@@ -49,6 +51,7 @@ def add_arguments(parser) -> None:
                              "it reads only the prompt, as on Countdown), legal (the value head, -1 without a "
                              "legal answer; the default elsewhere) or value (the value head)")
     add_pick_argument(search)
+    add_leaf_arguments(search)
     search.add_argument("--widen-c", type=float, default=0.0,
                         help="progressive widening constant (default 0: each node expanded once)")
     search.add_argument("--widen-alpha", type=float, default=0.5, help="progressive widening exponent (default 0.5)")
@@ -65,6 +68,7 @@ def check_arguments(args) -> None:
     check_at_least_one(args, ("k", "max_new_tokens", "limit", "batch"))
     check_non_negative(args, ("temperature",))  # also refuses nan
     check_choice(args, "engine", BACKENDS)
+    check_leaf_arguments(args)
     if args.search == "mcts":
         from treedistill.search import SELECT_RULES
 
@@ -132,6 +136,10 @@ def run(args) -> dict:
     return out
 
 
+def _per_answer(tokens: float | None) -> str:
+    return "no finished answer" if tokens is None else f"{tokens:.0f} tokens per finished answer"
+
+
 def _run_search(args, engine, policy, env, problems, plain) -> dict:
     """MCTS on the same problems, then best-of-N at the search's mean generated tokens per problem
     (picking by the same information the search's terminal values use); prints and returns both."""
@@ -166,9 +174,16 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
           f"{plain.generated_tokens / plain.samples:.1f} per sample)")
     print(f"  paths completed by the policy {100 * found.completed_by_policy:.0f}%, {found.tree_nodes:.0f} nodes "
           f"per tree, bookkeeping {100 * found.bookkeeping_share:.1f}% of the search, wall {r.seconds:.1f} s")
+    print(f"  finished answers   {found.finished_answers:8.1f} per tree ({found.distinct_answers:.1f} distinct), "
+          + (f"{found.tokens_per_answer:.0f} generated tokens per finished answer" if found.tokens_per_answer
+             else "none"))
     for cell in bon:
         print(f"  {cell.method:<18} {100 * cell.accuracy:6.2f}% +- {100 * cell.stderr:.2f}   at {cell.tokens:.0f} "
-              f"tokens per problem (N = {cell.detail['n_mean']:.1f} samples on average, T={args.search_temperature})")
+              f"tokens per problem (N = {cell.detail['n_mean']:.1f} samples on average, T={args.search_temperature}; "
+              f"{_per_answer(cell.detail['tokens_per_answer'])}, {cell.detail['distinct_answers']:.1f} distinct answers)")
     return {**found.to_dict(), "best_of_n": [{"method": c.method, "accuracy": c.accuracy, "stderr": c.stderr,
-                                              "tokens_per_problem": c.tokens, "n_mean": c.detail["n_mean"]}
+                                              "tokens_per_problem": c.tokens, "n_mean": c.detail["n_mean"],
+                                              "finished_answers": c.detail["finished_answers"],
+                                              "distinct_answers": c.detail["distinct_answers"],
+                                              "tokens_per_answer": c.detail["tokens_per_answer"]}
                                              for c in bon]}

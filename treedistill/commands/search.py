@@ -5,10 +5,12 @@ from __future__ import annotations
 import sys
 
 from treedistill.commands import (
+    add_leaf_arguments,
     add_pick_argument,
     add_tree_arguments,
     check_at_least_one,
     check_choice,
+    check_leaf_arguments,
     check_non_negative,
     search_settings,
 )
@@ -32,6 +34,7 @@ def add_arguments(parser) -> None:
                              "training) | value (the value head: the search never sees the target) | legal "
                              "(the value head, -1 without a legal answer: never sees the target either)")
     add_pick_argument(parser)
+    add_leaf_arguments(parser)
     parser.add_argument("--widen-c", type=float, default=0.0,
                         help="progressive widening: a node gets K more steps while its samples are fewer than "
                              "C * N^alpha (default 0: off, each node expanded once, as the reference)")
@@ -59,6 +62,7 @@ def check_arguments(args) -> None:
     if not args.temperature > 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
     check_non_negative(args, ("c_puct", "widen_c", "widen_alpha"))
+    check_leaf_arguments(args)
     check_choice(args, "select", SELECT_RULES)
     check_choice(args, "terminal", TERMINAL_VALUES)
     check_choice(args, "engine", BACKENDS)
@@ -105,6 +109,11 @@ def run(args) -> dict:
         "root_value": tree.q(ROOT), "root_value_head": tree.value[ROOT],
         "generated_tokens": out.generated_tokens, "collisions": tree.stats.collisions,
         "widenings": tree.stats.widenings,
+        "rollouts": tree.stats.rollout_requests, "rollout_tokens": tree.stats.rollout_tokens,
+        "finished_answers": out.trajectory.stats["finished_answers"],
+        "distinct_answers": out.trajectory.stats["distinct_answers"],
+        "tokens_per_answer": (out.generated_tokens / out.trajectory.stats["finished_answers"]
+                              if out.trajectory.stats["finished_answers"] else None),
         "rounds": batch.rounds, "wall_s": batch.wall_s, "search_s": batch.search_s,
         "bookkeeping_s": batch.bookkeeping_s, "bookkeeping_share": batch.bookkeeping_share,
         "engine": batch.engine,
@@ -120,12 +129,20 @@ def run(args) -> dict:
         mark = f"  terminal, valued {_fmt(s['terminal_value'])}" if s["terminal"] else ""
         print(f"  {i:2d}. N={s['N']:<5d} Q={_fmt(s['Q'])} P={s['P']:.3f}  {s['step']!r}{mark}")
     if completion:
-        print(f"  completed by the policy (the search stopped before a terminal node): {completion!r}")
+        how = ("finished by the rollout of its last node" if out.trajectory.stats["finished_by_rollout"]
+               else "completed by the policy (the search stopped before a terminal node)")
+        print(f"  {how}: {completion!r}")
     print(f"tree     {summary['nodes']} nodes, depth {summary['depth']}, {summary['simulations']} simulations, "
-          f"root value {_fmt(summary['root_value'])} (value head {_fmt(summary['root_value_head'])}), "
+          f"root value {_fmt(summary['root_value'])} ("
+          + ("value head" if args.rollout_lambda == 0 else f"leaf value with rollout, lambda={args.rollout_lambda:g}")
+          + f" {_fmt(summary['root_value_head'])}), "
           f"{summary['collisions']} collisions in {summary['rounds']} rounds, {summary['widenings']} widenings")
     print(f"compute  {summary['generated_tokens']} generated tokens, {batch.engine.get('forward_calls', 0)} forward "
           f"calls, wall {batch.wall_s:.2f} s, bookkeeping {100 * batch.bookkeeping_share:.1f}% of the search")
+    per_answer = summary["tokens_per_answer"]
+    print(f"answers  {summary['finished_answers']} finished lines with an answer ({summary['distinct_answers']} "
+          f"distinct), " + (f"{per_answer:.0f} generated tokens per finished answer" if per_answer else "none")
+          + (f"; {summary['rollouts']} rollouts, {summary['rollout_tokens']} tokens" if summary["rollouts"] else ""))
 
     if args.html:
         title = f"{problem['numbers']} -> {problem['target']}: {args.select}, {args.simulations} simulations"
@@ -144,6 +161,7 @@ def run(args) -> dict:
         "model": args.model, "problem": problem, "select": args.select, "simulations": args.simulations,
         "parallel": args.parallel, "terminal": args.terminal, "k": args.k_children, "temperature": args.temperature,
         "widen_c": args.widen_c, "widen_alpha": args.widen_alpha, "seed": args.seed,
+        "rollout_lambda": args.rollout_lambda, "merge": args.merge,
         "answer": out.score.answer, "reward": out.score.dense, "sparse": out.score.sparse,
         "reason": out.score.reason, "completion": out.text, "search_complete": ex.complete,
         "search_tokens": out.trajectory.search_tokens, "principal_variation": pv,

@@ -5,7 +5,14 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from treedistill.commands import add_pick_argument, check_at_least_one, check_choice, check_non_negative
+from treedistill.commands import (
+    add_leaf_arguments,
+    add_pick_argument,
+    check_at_least_one,
+    check_choice,
+    check_leaf_arguments,
+    check_non_negative,
+)
 
 HELP = "test-time compute: MCTS vs best-of-N (majority vote, value head) vs one sample, per token budget"
 
@@ -32,6 +39,7 @@ def add_arguments(parser) -> None:
                         help="how the mcts row values terminal nodes without a verifier: legal (value head, -1 "
                              "without a legal answer; default) or value (value head only)")
     add_pick_argument(parser, default=None)  # None: SWEEP_SEARCH's ("best")
+    add_leaf_arguments(parser, defaults=False)  # None: SWEEP_SEARCH's (0, "tokens")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens per completion (default 512)")
     parser.add_argument("--rows", default=None, choices=["free", "verifier", "both"],
                         help="free: no row uses the environment's reward; verifier: only mcts+verifier and "
@@ -58,6 +66,7 @@ def check_arguments(args):
     if not args.temperature > 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
     check_non_negative(args, ("widen_c", "widen_alpha"))
+    check_leaf_arguments(args)
     check_choice(args, "select", SELECT_RULES)
     check_choice(args, "engine", BACKENDS)
     return budgets
@@ -104,7 +113,8 @@ def run(args) -> dict:
     policy = load_policy(args.model, device=args.device, value_head=True)
     engine = make_engine(policy, args.engine)
     given = {name: getattr(args, name) for name in ("k_children", "temperature", "parallel", "select", "widen_c",
-                                                     "widen_alpha", "pick") if getattr(args, name) is not None}
+                                                     "widen_alpha", "pick", "rollout_lambda", "merge")
+             if getattr(args, name) is not None}
     terminal = {} if args.mcts_terminal is None else {"mcts_terminal": args.mcts_terminal}
     cfg = SweepConfig(budgets=budgets, search=dataclasses.replace(SWEEP_SEARCH, **given),
                       max_new_tokens=args.max_new_tokens, once_samples=args.once_samples, seed=args.seed,
@@ -125,6 +135,8 @@ def run(args) -> dict:
 
     print(f"test-time compute: model {args.model}, {len(problems)} problems, budgets {','.join(map(str, budgets))}")
     print(format_table(report))
+    print("generated tokens per finished answer (distinct answers per problem):")
+    print(format_table(report, "answers"))
     print(f"wall {report.wall_s:.0f} s; wrote {md_path} and {png_path}")
     return {"model": args.model, "env": args.env, "data": args.data, "machine": machine,
             "markdown": str(md_path), "plot": str(png_path), **report.to_dict()}

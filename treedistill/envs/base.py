@@ -49,6 +49,15 @@ def reward_from_prompt(env) -> bool:
     return bool(getattr(env, "reward_from_prompt", False))
 
 
+def canonical_step(env, step_text: str) -> str:
+    """The environment's canonical form of one reasoning step, by its optional hook
+    `canonical_step(step_text) -> str` (Countdown: operand order of + and *, spacing, the restated
+    numbers sorted); the text itself when the environment has none. The search merges sibling steps
+    with the same canonical form under `search.merge="canonical"`."""
+    hook = getattr(env, "canonical_step", None)
+    return hook(step_text) if hook is not None else step_text
+
+
 # The fields of a problem that hold its ground truth: what a selector without a verifier must not read.
 GROUND_TRUTH = ("target", "answer")
 
@@ -61,7 +70,8 @@ def inputs_only(problem: dict) -> dict:
 
 @runtime_checkable
 class Env(Protocol):
-    """What the search, the rollouts and evaluation need from a task."""
+    """What the search, the rollouts and evaluation need from a task. Optional hook, not part of
+    the protocol: `canonical_step(step_text) -> str` (see `canonical_step` above)."""
 
     name: str
     step_end: str  # text that closes a reasoning step: "</step>"

@@ -30,6 +30,7 @@ where each step restates the numbers still available, sorted ascending.
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -507,6 +508,25 @@ def _is_sub_multiset(used: tuple[int, ...], available) -> bool:
     return all(have[x] >= c for x, c in need.items())
 
 
+# One step of the "numbers" format, spaces anywhere: `<step>4 * 5 = 20 (7 20)</step>`, the tags and
+# the restated numbers optional (a step cut at its token limit has no closing tag).
+_STEP = re.compile(r"\s*(<step>)?\s*(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(\d+)\s*(?:\(([\d\s,]*)\))?\s*(</step>)?\s*")
+
+
+def canonical_step(text: str) -> str:
+    """The canonical form of one step, equal for steps that say the same thing: operands of + and *
+    in ascending order, the restated numbers sorted, no spaces (`4*5=20 (7 20)` == `5 * 4 = 20 (20 7)`).
+    A step that is not one `a op b = r` combination keeps its text, runs of white space made one space."""
+    m = _STEP.fullmatch(text)
+    if m is None:
+        return " ".join(text.split())
+    opened, a, op, b, result, left, closed = m.groups()
+    if op in "+*":
+        a, b = sorted((a, b), key=int)
+    rest = "" if left is None else f" ({' '.join(sorted(left.replace(',', ' ').split(), key=int))})"
+    return f"{opened or ''}{int(a)}{op}{int(b)}={int(result)}{rest}{closed or ''}"
+
+
 class CountdownEnv:
     """Countdown with the reference's rewards.
 
@@ -540,6 +560,10 @@ class CountdownEnv:
 
     def key(self, problem: dict) -> tuple:
         return key(problem)
+
+    def canonical_step(self, step_text: str) -> str:
+        """Steps with the same canonical form are one step to the search (`merge="canonical"`)."""
+        return canonical_step(step_text)
 
     @staticmethod
     def load_split(split: str, path: Path | None = None) -> list[dict]:

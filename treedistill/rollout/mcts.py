@@ -16,6 +16,14 @@ callables, so the search core still never sees a model:
   value scale, the environment's no-answer reward) where it does not: no answer, or one that does not
   parse or uses numbers the problem does not give. Legality reads the problem's inputs only (the
   numbers the prompt states, never the target), the same filter best-of-N's selectors apply.
+- rollout (only with `search.rollout_lambda` > 0): per new non-terminal leaf ONE sample from its
+  prefix to the end of the line (no stop string, at the search temperature, the remaining token
+  budget; one engine call per distinct remaining budget, and the native engine reuses the KV of the
+  shared prefix), whose finished line is valued by the SAME terminal rule as a terminal node (the
+  reward when the verifier is allowed, else "value" / "legal"): that is the rollout's z. Its tokens
+  are generated tokens: they go into the engine's counters and this tree's `generated` account.
+- step_key (only with `search.merge="canonical"`): the environment's `canonical_step` of a decoded
+  step (identity when the environment has none), so equivalent sibling steps merge.
 
 When is a step terminal. At end-of-sequence; or when the completion so far plus the step holds a
 closed answer (`env.is_terminal`), so a line ends at `</answer>` even before the model emits its end
@@ -33,7 +41,8 @@ steps: a node that deep is valued by the value head, never expanded.
 Extraction and completion. The path is `treedistill.search.extract`'s (most visits; Gumbel's root
 action with `select="gumbel"`). A path that stops before a terminal node (too few simulations, or
 `max_depth`) is completed by sampling the policy from its end (no stop string, at the search
-temperature, the remaining token budget) and marked: `Trajectory.search_tokens` is the length of the
+temperature, the remaining token budget), or, when its last node has a rollout, finished by that
+rollout (already generated and counted: no new sample), and marked: `Trajectory.search_tokens` is the length of the
 search's part, so a truncated path is never trained on as if complete. Completions with the same
 remaining budget share one sample call.
 
@@ -41,6 +50,9 @@ Compute accounting. Per tree: tokens generated for it (steps before any cut, plu
 sample) and tokens returned to it. Per batch: the engine's counter deltas (generated tokens,
 prefill, cache hits, forward calls) and the wall time split into search bookkeeping and model calls.
 Sum over trees of the per-tree generated tokens equals the engine's generated-token delta.
+Finished answers: the lines of the tree (terminal nodes, rollouts, and the completion sample) that
+hold a legal answer (`env.answer_value`, inputs only), `finished_answers`, and how many distinct
+answer values they hold, `distinct_answers`, so a caller can report generated tokens per finished answer.
 """
 
 from __future__ import annotations
@@ -49,11 +61,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from treedistill.envs.base import Env, Score, inputs_only
+from treedistill.envs.base import Env, Score, canonical_step, inputs_only
 from treedistill.errors import UsageError
 from treedistill.metrics import counter_delta
 from treedistill.rollout.trajectory import Trajectory
-from treedistill.search import ROOT, Candidate, Extraction, NodeRequest, SearchSettings, Tree, extract
+from treedistill.search import (
+    ROOT,
+    Candidate,
+    Extraction,
+    LeafRollout,
+    NodeRequest,
+    SearchSettings,
+    Tree,
+    extract,
+)
 from treedistill.search import search as run_search
 
 __all__ = ["TERMINAL_VALUES", "BatchCompute", "SearchBridge", "SearchOutcome", "completion_budget",
@@ -73,7 +94,7 @@ class BatchCompute:
     wall_s: the whole call; search_s: inside `search`; model_s: inside the expand / evaluate /
         reward callables; bookkeeping_s = search_s - model_s (selection, tree updates, backup);
         completion_s: sampling the completions of incomplete paths.
-    rounds / expand_calls / evaluate_calls / reward_calls: the search's batched calls;
+    rounds / expand_calls / evaluate_calls / reward_calls / rollout_calls: the search's batched calls;
     completion_calls: engine calls that completed incomplete paths.
     """
 
@@ -89,6 +110,7 @@ class BatchCompute:
     evaluate_calls: int
     reward_calls: int
     completion_calls: int
+    rollout_calls: int = 0
 
     @property
     def bookkeeping_share(self) -> float:
@@ -106,9 +128,10 @@ class SearchOutcome:
     extraction: the path and, for every node of it, the children's visits / Q / priors.
     tree: the searched tree (for display).
     generated_tokens: tokens generated for this tree (every sampled step before any cut at the
-        budget, plus the completion sample); returned_tokens: step tokens handed to the search
-        (duplicates included) plus the completion's tokens.
-    completion_finish: the completion sample's finish reason ("" when the path was complete).
+        budget, every rollout, plus the completion sample); returned_tokens: step and rollout tokens
+        handed to the search (duplicates included) plus the completion's tokens.
+    completion_finish: the completion sample's (or the finishing rollout's) finish reason ("" when
+        the path was complete).
     batch: the compute of the whole batch this tree was searched in (shared by its outcomes).
     """
 
@@ -141,8 +164,8 @@ class SearchBridge:
 
     prompts[i] is problems[i]'s prompt (token ids); budgets[i] its completion token budget.
     `generated[i]` / `returned[i]` accumulate the tokens generated for / returned to tree i;
-    `root_generated[i]` the part spent on its root's first expansion (test-time calibration uses it;
-    widening the root later counts as search).
+    `root_generated[i]` the part spent on its root's first expansion and its root's rollout
+    (test-time calibration uses it; widening the root later counts as search).
     """
 
     def __init__(self, engine, policy, env: Env, problems: Sequence[dict], prompts: Sequence[Sequence[int]],
@@ -209,15 +232,58 @@ class SearchBridge:
     def evaluate(self, requests: list[NodeRequest]) -> list[float]:
         return self.engine.value([r.prefix for r in requests])
 
+    def rollout(self, requests: list[NodeRequest]) -> list[LeafRollout]:
+        """One policy sample from each leaf to the end of its line (one call per distinct remaining
+        budget), valued by the terminal rule in use (`reward`)."""
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(self.budgets[r.tree] - len(r.completion), []).append(i)
+        samples: list = [None] * len(requests)
+        for room, members in sorted(groups.items()):
+            out = self.engine.sample([requests[i].prefix for i in members], n=1, max_new_tokens=room,
+                                     temperature=self.temperature, seed=self.next_seed())
+            for i, s in zip(members, out):
+                samples[i] = s[0]
+        finished = []
+        for r, s in zip(requests, samples):
+            self.generated[r.tree] += len(s.tokens)
+            self.returned[r.tree] += len(s.tokens)
+            if r.node == ROOT:
+                self.root_generated[r.tree] += len(s.tokens)
+            finished.append(NodeRequest(r.tree, r.node, r.prefix + tuple(s.tokens), r.prompt_len, r.depth))
+        values = self.reward(finished)
+        return [LeafRollout(tuple(s.tokens), float(v), tuple(s.policy_logprobs), s.finish)
+                for s, v in zip(samples, values)]
+
+    def step_key(self, tokens: tuple[int, ...]) -> str:
+        """The canonical form of a step (the environment's `canonical_step`; identity without one)."""
+        return canonical_step(self.env, self.policy.decode(list(tokens)))
+
+    def finished_answers(self, tree: Tree, tail: Sequence[int] | None) -> list:
+        """The legal answer values (`env.answer_value`, the problem's inputs only: never the target)
+        of the tree's finished lines: terminal nodes, rollouts, and the extracted path's completion
+        `tail` (None when no completion was sampled); one per line that holds a legal answer."""
+        problem = inputs_only(self.problems[tree.index])
+        lines = []
+        for node in range(len(tree)):
+            if tree.terminal[node]:
+                lines.append(tree.completion(node))
+            elif tree.rollout[node] is not None:
+                lines.append(tree.completion(node) + tree.rollout[node].tokens)
+        if tail is not None:
+            lines.append(tuple(tail))
+        values = [self.env.answer_value(problem, self.text(line)) for line in lines]
+        return [v for v in values if v is not None]
+
     def reward(self, requests: list[NodeRequest]) -> list[float]:
         return TERMINAL_VALUES[self.terminal_value](self, requests)
 
     def complete(self, extractions: Sequence[Extraction]) -> tuple[list, int]:
-        """Sample the rest of every incomplete path (one call per distinct remaining budget).
-        Returns ([Sample or None per extraction], engine calls)."""
+        """Sample the rest of every incomplete path without a rollout (one call per distinct remaining
+        budget). Returns ([Sample or None per extraction], engine calls)."""
         groups: dict[int, list[int]] = {}
         for i, ex in enumerate(extractions):
-            if not ex.complete:
+            if not ex.complete and ex.rollout is None:
                 groups.setdefault(self.budgets[ex.tree] - len(ex.tokens), []).append(i)
         out: list = [None] * len(extractions)
         for room, members in sorted(groups.items()):
@@ -276,7 +342,8 @@ def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, searc
     bridge = SearchBridge(engine, policy, env, problems, prompts, k=cfg.k_children, temperature=cfg.temperature,
                           step_max_tokens=cfg.step_max_tokens, max_new_tokens=max_new_tokens, seed=seed,
                           terminal_value=terminal_value)
-    result = run_search(prompts, bridge.expand, bridge.evaluate, bridge.reward, cfg)
+    result = run_search(prompts, bridge.expand, bridge.evaluate, bridge.reward, cfg, rollout=bridge.rollout,
+                        step_key=bridge.step_key)
     extractions = [extract(tree, cfg) for tree in result.trees]
     t0 = time.perf_counter()
     completions, completion_calls = bridge.complete(extractions)
@@ -287,24 +354,35 @@ def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, searc
         wall_s=time.perf_counter() - start, search_s=stats.wall_s, model_s=stats.callback_s,
         bookkeeping_s=stats.bookkeeping_s, completion_s=completion_s, rounds=stats.rounds,
         expand_calls=stats.expand_calls, evaluate_calls=stats.evaluate_calls, reward_calls=stats.reward_calls,
-        completion_calls=completion_calls,
+        completion_calls=completion_calls, rollout_calls=stats.rollout_calls,
     )
     outcomes = []
     for i, (problem, tree, ex, sample) in enumerate(zip(problems, result.trees, extractions, completions)):
-        tokens = ex.tokens + (tuple(sample.tokens) if sample is not None else ())
-        logprobs = tuple(lp for node in ex.nodes[1:] for lp in tree.token_logprobs[node])
-        logprobs += tuple(sample.policy_logprobs) if sample is not None else ()
+        # The path's tail: a completion sample, or the rollout that finished it (counted when drawn).
+        if sample is not None:
+            tail, tail_logprobs, tail_finish = tuple(sample.tokens), tuple(sample.policy_logprobs), sample.finish
+        elif ex.rollout is not None:
+            tail, tail_logprobs, tail_finish = ex.rollout.tokens, ex.rollout.token_logprobs, ex.rollout.finish
+        else:
+            tail, tail_logprobs, tail_finish = (), (), ""
+        tokens = ex.tokens + tail
+        logprobs = tuple(lp for node in ex.nodes[1:] for lp in tree.token_logprobs[node]) + tail_logprobs
         text = bridge.text(tokens)
         score = env.score(problem, text)
+        answers = bridge.finished_answers(tree, tokens if sample is not None else None)
         ts = tree.stats
         traj_stats = {
             "tree_nodes": len(tree), "tree_depth": ts.max_depth, "path_steps": len(ex.steps),
             "simulations": ts.simulations, "root_value": tree.q(ROOT), "root_value_head": tree.value[ROOT],
             "collisions": ts.collisions, "search_complete": ex.complete,
-            "completion_finish": sample.finish if sample is not None else "",
+            "completion_finish": tail_finish,
             "generated_tokens": bridge.generated[i], "returned_tokens": bridge.returned[i],
             "root_tokens": bridge.root_generated[i],
             "completion_tokens": len(sample.tokens) if sample is not None else 0,
+            "rollouts": ts.rollout_requests, "rollout_tokens": ts.rollout_tokens,
+            "finished_by_rollout": sample is None and ex.rollout is not None,
+            "finished_answers": len(answers),
+            "distinct_answers": len(set(answers)),
         }
         trajectory = Trajectory(prompt_ids=tuple(prompts[i]), completion_ids=tokens, behaviour_logprobs=logprobs,
                                 reward=score.dense, sparse=score.sparse, group=i, search_tokens=len(ex.tokens),

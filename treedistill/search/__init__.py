@@ -1,7 +1,14 @@
 """Monte-Carlo tree search over reasoning steps: a pure core that imports neither torch nor
 transformers. The model enters only through the callables handed to `search`."""
 
-from treedistill.search.contracts import Candidate, NodeRequest, SearchSettings, SearchStats, TreeStats
+from treedistill.search.contracts import (
+    Candidate,
+    LeafRollout,
+    NodeRequest,
+    SearchSettings,
+    SearchStats,
+    TreeStats,
+)
 from treedistill.search.extract import (
     ROOT_CHOICE,
     ChildStats,
@@ -24,6 +31,7 @@ __all__ = [
     "Candidate",
     "ChildStats",
     "Extraction",
+    "LeafRollout",
     "NodeRequest",
     "SearchSettings",
     "SearchResult",

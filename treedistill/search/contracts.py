@@ -5,7 +5,8 @@
 `treedistill search`, `eval --search mcts`, `testtime` and `bench search`, and the test-time sweep.
 Each caller may start from its own defaults (training: `TRAINING_SEARCH`); the names are one set.
 The core (`search.mcts`) reads the tree options; `k_children`, `temperature` and `step_max_tokens`
-belong to the caller's `expand` (rollout/mcts.py), `problems_at_once` to the caller's batching.
+belong to the caller's `expand` (rollout/mcts.py), `problems_at_once` to the caller's batching;
+`rollout_lambda` and `merge` are the core's, and need the caller's `rollout` / `step_key` callables.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from treedistill.errors import UsageError
 
-__all__ = ["RENAMED", "Candidate", "NodeRequest", "SearchSettings", "SearchStats", "TreeStats"]
+__all__ = ["RENAMED", "Candidate", "LeafRollout", "NodeRequest", "SearchSettings", "SearchStats", "TreeStats"]
 
 # Names the search options had before they were one type: a config key or field under the old name
 # is refused with the new one.
@@ -24,6 +25,7 @@ RENAMED = {"c": "c_puct", "k": "k_children", "trees_per_call": "problems_at_once
 SELECT_NAMES = ("puct", "uct", "gumbel")  # the keys of search.select.SELECT_RULES
 PICKS = ("visits", "best")                # the keys of search.extract.ROOT_CHOICE's path rules
 PRIORS = ("sum", "mean")                  # the keys of search.mcts.PRIOR_LOGITS
+MERGES = ("tokens", "canonical")          # how identical sibling steps are recognised
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,16 @@ class SearchSettings:
     # training); "best", the valued terminal node of highest value (ties: more visits, then the
     # earlier node), the way best-of-N picks among its samples; visits when no terminal was valued.
     pick: str = "visits"
+    # Leaf evaluation (AlphaGo, Silver et al. 2016): a new non-terminal leaf is valued
+    # v = (1 - rollout_lambda) * V(leaf) + rollout_lambda * z, where z is the terminal value of ONE
+    # policy rollout from the leaf to a finished line (the caller's `rollout`). 0 (default): the value
+    # head alone, no rollout; 1: the rollout alone, the value head is not called for leaves. Every
+    # rollout's finished line is an answer candidate of `pick` (search.extract).
+    rollout_lambda: float = 0.0
+    # Sibling steps merged into one child: "tokens" (default), identical token ids; "canonical", the
+    # same canonical form under the caller's `step_key` (the environment's `canonical_step`, e.g.
+    # Countdown's `4*5=20` == `5*4=20` == `4 * 5 = 20`).
+    merge: str = "tokens"
 
     def __post_init__(self):
         problems = self.errors()
@@ -73,7 +85,7 @@ class SearchSettings:
         """What is wrong with these settings, one message per field (empty when they are valid)."""
         out = []
         for name in ("c_puct", "fpu", "virtual_loss", "gumbel_scale", "value_scale", "maxvisit_init",
-                     "temperature", "widen_c", "widen_alpha"):
+                     "temperature", "widen_c", "widen_alpha", "rollout_lambda"):
             if not math.isfinite(getattr(self, name)):
                 out.append(f"search.{name} must be a finite number (got {getattr(self, name)})")
         if out:
@@ -84,7 +96,7 @@ class SearchSettings:
         if self.max_depth is not None and self.max_depth < 1:
             out.append(f"search.max_depth must be null or >= 1 (got {self.max_depth})")
         for name, value, allowed in (("select", self.select, SELECT_NAMES), ("pick", self.pick, PICKS),
-                                     ("prior", self.prior, PRIORS)):
+                                     ("prior", self.prior, PRIORS), ("merge", self.merge, MERGES)):
             if value not in allowed:
                 out.append(f"search.{name} must be one of {', '.join(allowed)} (got {value!r})")
         for name in ("c_puct", "virtual_loss", "gumbel_scale", "value_scale", "maxvisit_init", "widen_c",
@@ -93,6 +105,8 @@ class SearchSettings:
                 out.append(f"search.{name} must be >= 0 (got {getattr(self, name)})")
         if not self.temperature > 0:
             out.append(f"search.temperature must be > 0 (got {self.temperature})")
+        if not 0 <= self.rollout_lambda <= 1:
+            out.append(f"search.rollout_lambda must be in [0, 1] (got {self.rollout_lambda})")
         return out
 
 
@@ -115,6 +129,23 @@ class Candidate:
     terminal: bool = False
     finish: str = "stop"
     token_logprobs: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class LeafRollout:
+    """One policy rollout from a non-terminal leaf to a finished line, returned by `rollout`.
+
+    tokens: the rollout's token ids after the leaf's prefix [R] (end-of-sequence included).
+    value: z, the finished line's terminal value (the caller's terminal rule: the environment's
+        reward, or a verifier-free rule), mixed into the leaf value by `rollout_lambda`.
+    token_logprobs: per-token raw-policy log-probs of `tokens` [R], or ().
+    finish: the engine's finish reason ("eos" | "length" | "stop").
+    """
+
+    tokens: tuple[int, ...]
+    value: float
+    token_logprobs: tuple[float, ...] = ()
+    finish: str = "eos"
 
 
 @dataclass(frozen=True)
@@ -149,7 +180,9 @@ class TreeStats:
     expand_requests: int = 0  # nodes sent to `expand` (root included)
     eval_requests: int = 0    # nodes sent to `evaluate` (root included)
     reward_requests: int = 0  # terminal nodes sent to `reward`
-    request_tokens: int = 0   # prefix tokens handed to `expand` and `evaluate` (before any KV cache)
+    rollout_requests: int = 0 # leaves sent to `rollout` (rollout_lambda > 0)
+    rollout_tokens: int = 0   # tokens of the rollouts `rollout` returned
+    request_tokens: int = 0   # prefix tokens handed to `expand`, `evaluate`, `rollout` (before any KV cache)
     step_tokens: int = 0      # tokens of the candidate steps `expand` returned (duplicates included)
     collisions: int = 0       # descents that ended on a leaf already reached in their round
     widenings: int = 0        # re-expansions of an expanded node (progressive widening)
@@ -167,8 +200,9 @@ class SearchStats:
     expand_calls: int = 0      # batched `expand` calls (at most one per round, plus the roots')
     evaluate_calls: int = 0    # batched `evaluate` calls (none in a round that only widens)
     reward_calls: int = 0
+    rollout_calls: int = 0
     wall_s: float = 0.0        # whole search
-    callback_s: float = 0.0    # inside expand / evaluate / reward
+    callback_s: float = 0.0    # inside expand / evaluate / reward / rollout
 
     @property
     def bookkeeping_s(self) -> float:

@@ -8,7 +8,15 @@ path continues by most visits below it.
 With `pick="best"` (test time) the path instead ends at the terminal node of highest value among
 those the search valued (the environment's reward or the value head, by the caller's terminal rule;
 ties to more visits, then to the earlier node): best-of-N's rule applied to the tree's finished lines.
-It falls back to most visits when no terminal node was valued.
+It falls back to most visits when no terminal node was valued. With rollouts (`rollout_lambda` > 0)
+every rollout's finished line is a candidate too, valued by its z (the same terminal rule as the
+terminal nodes): the pick is the highest value among valued terminal nodes and rollouts (ties: more
+visits of the node, then the earlier node), and a path chosen for its rollout ends at the rollout's
+leaf, finished by that rollout.
+
+A path that ends on a non-terminal node with a rollout (either pick rule: every evaluated leaf has
+one) carries it as `Extraction.rollout`: the caller finishes the path with those tokens, already
+generated and counted, instead of sampling a completion.
 
 A path can stop before a terminal node (the search ran out of simulations or reached `max_depth`).
 It is then returned marked incomplete: the caller completes it by sampling the policy from its end
@@ -21,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from treedistill.search.contracts import SearchSettings
+from treedistill.search.contracts import LeafRollout, SearchSettings
 from treedistill.search.select import gumbel_action
 from treedistill.search.tree import ROOT, Tree
 
@@ -56,6 +64,8 @@ class Extraction:
     tokens: the steps concatenated: the completion the search produced [T].
     complete: the last node is terminal; `reward` is then its environment reward (else None).
     targets: ChildStats of every node of `nodes` [L + 1] (a leaf's has no children).
+    rollout: the policy rollout that finished the line from the last node when it is not terminal
+        and was evaluated with one (rollout_lambda > 0); None otherwise.
     """
 
     tree: int
@@ -65,6 +75,7 @@ class Extraction:
     complete: bool
     reward: float | None
     targets: tuple[ChildStats, ...]
+    rollout: LeafRollout | None = None
 
     @property
     def search_end(self) -> int:
@@ -97,12 +108,24 @@ ROOT_CHOICE: dict[str, Callable[[Tree, SearchSettings], int | None]] = {
 }
 
 
+def finished_value(tree: Tree, node: int) -> float | None:
+    """The value of the finished line a node stands for: a valued terminal node's own value, a
+    non-terminal node's rollout's z; None when the node has neither."""
+    if tree.terminal[node]:
+        return tree.value[node]
+    roll = tree.rollout[node]
+    return None if roll is None else roll.value
+
+
 def best_terminal(tree: Tree) -> int | None:
-    """The valued terminal node of highest value (ties: more visits, then lower id); None if none."""
+    """The node of the finished line of highest value: valued terminal nodes and, with rollouts,
+    the nodes whose rollout finished a line (`finished_value`); ties: more visits, then lower id;
+    None if none."""
     best, best_key = None, None
     for node in range(len(tree)):
-        if tree.terminal[node] and tree.value[node] is not None:
-            key = (tree.value[node], tree.visits[node])
+        value = finished_value(tree, node)
+        if value is not None:
+            key = (value, tree.visits[node])
             if best_key is None or key > best_key:
                 best, best_key = node, key
     return best
@@ -148,4 +171,5 @@ def extract(tree: Tree, cfg: SearchSettings | None = None) -> Extraction:
         complete=tree.terminal[last],
         reward=tree.reward(last),
         targets=tuple(child_stats(tree, n) for n in nodes),
+        rollout=None if tree.terminal[last] else tree.rollout[last],
     )

@@ -1,10 +1,18 @@
-"""Batched, parallel Monte-Carlo tree search over reasoning steps (AlphaZero-style, no rollouts).
+"""Batched, parallel Monte-Carlo tree search over reasoning steps (AlphaZero-style; optional rollouts).
 
-The search is handed three batched callables and never sees a model (the shape of mctx's `search`):
+The search is handed three batched callables (five with the options that need them) and never sees
+a model (the shape of mctx's `search`):
 - `expand(requests) -> [[Candidate, ...], ...]`: K sampled steps for each node (the caller samples
   from the policy at its temperature, 0.8 in the reference, with its own maximum step length).
 - `evaluate(requests) -> [float, ...]`: the value head on each new NON-terminal leaf's prefix.
 - `reward(requests) -> [float, ...]`: the environment's dense reward for each new terminal node.
+- `rollout(requests) -> [LeafRollout, ...]` (only with `rollout_lambda` > 0): one policy rollout from
+  each new non-terminal leaf to a finished line, with its terminal value z. The leaf's value is
+  AlphaGo's mix (Silver et al. 2016, Nature 529, Methods, leaf evaluation:
+  V(s_L) = (1 - lambda) * v_theta(s_L) + lambda * z_L); at lambda = 1 `evaluate` is not called.
+  The rollout is kept on the leaf (`tree.rollout`), so its finished line is an answer candidate.
+- `step_key(tokens) -> hashable` (only with `merge="canonical"`): the canonical form of a step;
+  sibling steps with the same (terminal, key) are merged as identical steps are.
 Terminal nodes go to `reward`, never to `evaluate`, never to `expand`: keeping the environment and
 the value head apart means no request carries a flag that changes its meaning. A terminal node's
 reward is asked for once, when the node is created, and cached: every later visit backs it up.
@@ -26,7 +34,7 @@ Where this departs from the reference and why:
   the value head on first visit; here the leaf value is backed up once and terminal nodes always
   carry the environment reward;
 - identical sibling steps are merged into one child whose prior is the sum (the reference kept
-  duplicate children, splitting their visits);
+  duplicate children, splitting their visits); with `merge="canonical"`, so are equivalent ones;
 - parallel search is lock-step rounds instead of asynchronous workers, so it is deterministic.
 
 Parallel search. Each round, up to `parallel` (W) descents run per tree before any callable is
@@ -60,13 +68,14 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 from treedistill.search.contracts import (
     PRIORS,
     SELECT_NAMES,
     Candidate,
+    LeafRollout,
     NodeRequest,
     SearchSettings,
     SearchStats,
@@ -77,6 +86,8 @@ from treedistill.search.tree import ROOT, Tree
 
 ExpandFn = Callable[[list[NodeRequest]], list[list[Candidate]]]
 ValueFn = Callable[[list[NodeRequest]], list[float]]
+RolloutFn = Callable[[list[NodeRequest]], list[LeafRollout]]
+StepKeyFn = Callable[[tuple[int, ...]], Hashable]
 
 # A candidate step's prior logit: the summed log-prob (reference) or the mean per token, which does
 # not favour short steps just for being short.
@@ -85,6 +96,17 @@ PRIOR_LOGITS: dict[str, Callable[[Candidate], float]] = {
     "mean": lambda c: c.logprob / max(len(c.tokens), 1),
 }
 assert set(PRIOR_LOGITS) == set(PRIORS) and set(SELECT_RULES) == set(SELECT_NAMES), "contracts.py names the rules"
+
+
+@dataclass(frozen=True)
+class _Callables:
+    """The caller's callables of one search (rollout / step_key None when their option is off)."""
+
+    expand: ExpandFn
+    evaluate: ValueFn
+    reward: ValueFn
+    rollout: RolloutFn | None
+    step_key: StepKeyFn | None
 
 
 @dataclass
@@ -101,11 +123,22 @@ def search(
     evaluate: ValueFn,
     reward: ValueFn,
     config: SearchSettings | None = None,
+    *,
+    rollout: RolloutFn | None = None,
+    step_key: StepKeyFn | None = None,
 ) -> SearchResult:
-    """Search one tree per prompt (token ids), all trees in lock-step; see the module docstring."""
+    """Search one tree per prompt (token ids), all trees in lock-step; see the module docstring.
+    `rollout` is required when `config.rollout_lambda` > 0, `step_key` when `config.merge` is
+    "canonical"; both are ignored otherwise."""
     cfg = config or SearchSettings()
     if any(isinstance(p, (int, str, bytes)) for p in prompts):
         raise ValueError("search: prompts must be a list of token-id sequences, one per tree")
+    if cfg.rollout_lambda > 0 and rollout is None:
+        raise ValueError(f"search: rollout_lambda={cfg.rollout_lambda} needs a `rollout` callable")
+    if cfg.merge == "canonical" and step_key is None:
+        raise ValueError("search: merge='canonical' needs a `step_key` callable")
+    callables = _Callables(expand, evaluate, reward, rollout if cfg.rollout_lambda > 0 else None,
+                           step_key if cfg.merge == "canonical" else None)
     stats = SearchStats()
     start = time.perf_counter()
     trees = [Tree(p, index=i) for i, p in enumerate(prompts)]
@@ -118,7 +151,7 @@ def search(
     for tree in trees:
         tree.add_virtual([ROOT])
         roots.append((tree, [ROOT]))
-    _expand_evaluate_backup(roots, expand, evaluate, reward, cfg, rngs, stats)
+    _expand_evaluate_backup(roots, callables, cfg, rngs, stats)
 
     active = [t for t in trees if t.stats.simulations < cfg.simulations]
     while active:
@@ -129,7 +162,7 @@ def search(
         collided: list[tuple[Tree, list[int]]] = []
         for tree in active:
             _descents(tree, select, cfg, pending, widened, known, collided)
-        _expand_evaluate_backup(pending, expand, evaluate, reward, cfg, rngs, stats, widened)
+        _expand_evaluate_backup(pending, callables, cfg, rngs, stats, widened)
         for tree, path in known:
             tree.backup(path, tree.value[path[-1]])
             tree.stats.simulations += 1
@@ -217,11 +250,35 @@ def _finite(values: list, what: str) -> list[float]:
     return out
 
 
-def _expand_evaluate_backup(pending, expand, evaluate, reward, cfg: SearchSettings, rngs, stats: SearchStats,
-             widened=()) -> None:
-    """Expand the new leaves and the nodes to widen of a round (one call over all trees), evaluate
-    the new leaves (one call), score the new terminal children (one call), then back up each new
-    leaf's value-head value along its path. A widening backs nothing up: it is not a simulation (its
+def _leaf_values(requests: list[NodeRequest], fns: _Callables, cfg: SearchSettings,
+                 stats: SearchStats) -> tuple[list[float], list[LeafRollout | None]]:
+    """The new leaves' values and rollouts: the value head V (one `evaluate` call, skipped at
+    lambda = 1), the rollouts' z (one `rollout` call, skipped at lambda = 0), mixed as AlphaGo's
+    v = (1 - lambda) * V + lambda * z. At lambda = 0 the values are the value head's, unchanged."""
+    lam = cfg.rollout_lambda
+    head: list[float] = []
+    rollouts: list[LeafRollout | None] = [None] * len(requests)
+    if lam < 1:
+        stats.evaluate_calls += 1
+        head = _finite(_timed(fns.evaluate, requests, stats, "evaluate"), "evaluate")
+    if lam == 0:
+        return head, rollouts
+    stats.rollout_calls += 1
+    rollouts = _timed(fns.rollout, requests, stats, "rollout")
+    for r in rollouts:
+        if not isinstance(r, LeafRollout):
+            raise ValueError(f"search: rollout must return LeafRollout objects, got {type(r).__name__}")
+    z = _finite([r.value for r in rollouts], "rollout")
+    if lam == 1:
+        return z, rollouts
+    return [(1 - lam) * v + lam * zi for v, zi in zip(head, z)], rollouts
+
+
+def _expand_evaluate_backup(pending, fns: _Callables, cfg: SearchSettings, rngs, stats: SearchStats,
+                            widened=()) -> None:
+    """Expand the new leaves and the nodes to widen of a round (one call over all trees), value
+    the new leaves (one `evaluate` call and / or one `rollout` call), score the new terminal children
+    (one call), then back up each new leaf's value along its path. A widening backs nothing up: it is not a simulation (its
     node's N does not grow, and its new children are valued when a later descent reaches them);
     its in-flight visits are removed."""
     if not pending and not widened:
@@ -233,18 +290,18 @@ def _expand_evaluate_backup(pending, expand, evaluate, reward, cfg: SearchSettin
     candidates: list[list[Candidate]] = []
     if to_expand:
         stats.expand_calls += 1
-        candidates = _timed(expand, [r for _, r in to_expand], stats, "expand")
+        candidates = _timed(fns.expand, [r for _, r in to_expand], stats, "expand")
     values: list[float] = []
+    rollouts: list[LeafRollout | None] = []
     if requests:
-        stats.evaluate_calls += 1
-        values = _finite(_timed(evaluate, requests, stats, "evaluate"), "evaluate")
+        values, rollouts = _leaf_values(requests, fns, cfg, stats)
 
     new_terminal: list[tuple[Tree, int]] = []
     for ((tree, path), request), cands in zip(to_expand, candidates):
         tree.stats.expand_requests += 1
         tree.stats.request_tokens += len(request.prefix)
         tree.stats.step_tokens += sum(len(c.tokens) for c in cands)
-        for child in _add_children(tree, path[-1], cands, cfg, rngs[tree.index]):
+        for child in _add_children(tree, path[-1], cands, cfg, rngs[tree.index], fns.step_key):
             if tree.terminal[child]:
                 new_terminal.append((tree, child))
     for tree, path in widened:
@@ -252,26 +309,33 @@ def _expand_evaluate_backup(pending, expand, evaluate, reward, cfg: SearchSettin
         tree.stats.widenings += 1
     if new_terminal:
         stats.reward_calls += 1
-        rewards = _finite(_timed(reward, [t.request(n) for t, n in new_terminal], stats, "reward"),
+        rewards = _finite(_timed(fns.reward, [t.request(n) for t, n in new_terminal], stats, "reward"),
                           "reward")
         for (tree, node), r in zip(new_terminal, rewards):
             tree.value[node] = r
             tree.stats.reward_requests += 1
 
-    for (tree, path), request, v in zip(pending, requests, values):
+    for (tree, path), request, v, roll in zip(pending, requests, values, rollouts):
         leaf = path[-1]
         tree.value[leaf] = v
-        tree.stats.eval_requests += 1
-        tree.stats.request_tokens += len(request.prefix)
+        if cfg.rollout_lambda < 1:
+            tree.stats.eval_requests += 1
+            tree.stats.request_tokens += len(request.prefix)
+        if roll is not None:
+            tree.rollout[leaf] = roll
+            tree.stats.rollout_requests += 1
+            tree.stats.rollout_tokens += len(roll.tokens)
+            tree.stats.request_tokens += len(request.prefix)
         tree.backup(path, v)
         if leaf != ROOT:
             tree.stats.simulations += 1
 
 
 def _add_children(tree: Tree, node: int, cands: list[Candidate], cfg: SearchSettings,
-                  rng: random.Random) -> list[int]:
+                  rng: random.Random, step_key: StepKeyFn | None = None) -> list[int]:
     """Turn `node`'s sampled candidates into children: priors by softmax over their prior logits,
-    identical steps merged into one child whose prior is the sum. When the node already has children
+    identical steps merged into one child whose prior is the sum (identical: the same tokens; with
+    `step_key`, the same terminal flag and key, the child keeping the first sample's tokens). When the node already has children
     (widening: its e-th expansion, e > 1), the prior is the mean over the e batches of each batch's
     softmax (old priors times (e - 1) / e, the new batch's shares times 1 / e), so it still sums to 1;
     a new sample identical to an existing child merges into it. Returns the NEW child ids."""
@@ -295,19 +359,23 @@ def _add_children(tree: Tree, node: int, cands: list[Candidate], cfg: SearchSett
     old = tree.children[node]
     for child in old:
         tree.prior[child] *= (batch - 1) / batch
-    by_tokens: dict[tuple[int, ...], int] = {tree.tokens[child]: child for child in old}
+    def key(tokens: tuple[int, ...], terminal: bool) -> Hashable:
+        return tokens if step_key is None else (terminal, step_key(tokens))
+
+    by_key: dict[Hashable, int] = {key(tree.tokens[child], tree.terminal[child]): child for child in old}
     new: list[int] = []
     for c, e in zip(cands, exp):
         tokens = tuple(int(t) for t in c.tokens)
-        if tokens in by_tokens:
-            child = by_tokens[tokens]
+        k = key(tokens, bool(c.terminal))
+        if k in by_key:
+            child = by_key[k]
             tree.prior[child] += e / z
             tree.count[child] += 1
         else:
-            by_tokens[tokens] = tree.add_node(node, tokens, float(c.logprob), e / z,
-                                              terminal=bool(c.terminal), finish=c.finish,
-                                              token_logprobs=tuple(float(x) for x in c.token_logprobs))
-            new.append(by_tokens[tokens])
+            by_key[k] = tree.add_node(node, tokens, float(c.logprob), e / z,
+                                      terminal=bool(c.terminal), finish=c.finish,
+                                      token_logprobs=tuple(float(x) for x in c.token_logprobs))
+            new.append(by_key[k])
     tree.expanded[node] = True
     tree.expansions[node] = batch
     tree.sampled[node] += len(cands)

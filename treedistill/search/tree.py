@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from treedistill.search.contracts import Candidate, NodeRequest
+from treedistill.search.contracts import Candidate, LeafRollout, NodeRequest
 
 __all__ = ["ROOT", "Candidate", "NodeRequest", "Tree"]
 
@@ -33,7 +33,9 @@ class Tree:
     node's steps: 1, or more under progressive widening), `sampled` (candidates those calls returned,
     duplicates included), `value` (the leaf value backed up when a simulation ends here: the value
     head for a non-terminal node once evaluated, the environment reward for a terminal node, set at creation;
-    None before), `visits` N, `value_sum` W, `virtual` (in-flight visits of the current round) and
+    None before; with rollout_lambda > 0 a non-terminal node's is the mixed value), `rollout` (the
+    policy rollout that finished the line from this non-terminal node when it was evaluated, None
+    without one), `visits` N, `value_sum` W, `virtual` (in-flight visits of the current round) and
     `gumbel` (the root children's Gumbel noise; 0 elsewhere).
 
     `q_min` / `q_max` are the extreme node values Q = W / N seen so far (MuZero's min-max
@@ -57,6 +59,7 @@ class Tree:
         self.expansions: list[int] = []
         self.sampled: list[int] = []
         self.value: list[float | None] = []
+        self.rollout: list[LeafRollout | None] = []
         self.visits: list[int] = []
         self.value_sum: list[float] = []
         self.virtual: list[int] = []
@@ -96,6 +99,7 @@ class Tree:
         self.expansions.append(0)
         self.sampled.append(0)
         self.value.append(None)
+        self.rollout.append(None)
         self.visits.append(0)
         self.value_sum.append(0.0)
         self.virtual.append(0)

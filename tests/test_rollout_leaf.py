@@ -1,0 +1,90 @@
+"""Rollout leaves and canonical merging through the search bridge, with a randomly initialised tiny
+model: rollout tokens are generated tokens (the engine's counter and the per-tree account agree), a
+path finished by a rollout is not sampled again, and the test-time sweep reports tokens per finished
+answer, with rollouts, merging and the Gumbel root at every budget."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from treedistill.engine import make_engine
+from treedistill.envs import get_env
+from treedistill.models.load import wrap_policy
+from treedistill.models.tiny import build_model, build_tokenizer
+from treedistill.rollout import SearchBridge, search_problems
+from treedistill.search import SearchSettings
+from treedistill.testtime import SWEEP_SEARCH, SweepConfig, format_table, run_sweep
+
+PROBLEMS = [{"numbers": [3, 7, 9, 12], "target": 24}, {"numbers": [1, 5, 6, 13], "target": 59}]
+ENV = get_env("countdown")
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return wrap_policy(build_model(0), build_tokenizer(), name="tiny-random", device=torch.device("cpu"),
+                       dtype=torch.float32, compact_prompt=True)
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+def test_rollout_tokens_are_counted_and_finish_the_path(policy, lam):
+    engine = make_engine(policy, "native")
+    cfg = SearchSettings(simulations=6, parallel=2, max_depth=3, k_children=2, step_max_tokens=8, rollout_lambda=lam)
+    before = engine.counters.generated_tokens
+    outs = search_problems(engine, policy, ENV, PROBLEMS, search=cfg, max_new_tokens=40, terminal_value="reward")
+    assert sum(o.generated_tokens for o in outs) == engine.counters.generated_tokens - before
+    for o in outs:
+        stats, ex = o.trajectory.stats, o.extraction
+        assert stats["rollouts"] >= 1 and stats["rollout_tokens"] >= 1
+        assert o.batch.rollout_calls >= 1
+        if not ex.complete:  # every evaluated leaf has a rollout: it finishes the path, no new sample
+            assert ex.rollout is not None and stats["finished_by_rollout"] and stats["completion_tokens"] == 0
+            assert o.trajectory.completion_ids == ex.tokens + ex.rollout.tokens
+            assert len(o.trajectory.behaviour_logprobs) == len(o.trajectory.completion_ids)
+        assert len(o.trajectory.completion_ids) <= 40
+        assert 0 <= stats["distinct_answers"] <= stats["finished_answers"]
+
+
+def test_without_the_options_nothing_is_rolled_out(policy):
+    engine = make_engine(policy, "native")
+    cfg = SearchSettings(simulations=6, parallel=2, max_depth=3, k_children=2, step_max_tokens=8)
+    for o in search_problems(engine, policy, ENV, PROBLEMS, search=cfg, max_new_tokens=40):
+        assert o.trajectory.stats["rollouts"] == 0 and not o.trajectory.stats["finished_by_rollout"]
+        assert o.batch.rollout_calls == 0
+
+
+def test_step_key_is_the_environments_canonical_step(policy):
+    prompt = policy.prompt_ids(ENV.messages(PROBLEMS[0], compact=True))
+    bridge = SearchBridge(make_engine(policy, "native"), policy, ENV, PROBLEMS[:1], [prompt])
+    ids = policy.tokenizer.encode
+    a = bridge.step_key(tuple(ids("<step>5 * 4 = 20 (20 7)</step>", add_special_tokens=False)))
+    b = bridge.step_key(tuple(ids("<step>4*5=20 (7 20)</step>", add_special_tokens=False)))
+    assert a == b == "<step>4*5=20 (7 20)</step>"
+    engine = make_engine(policy, "native")
+    cfg = SearchSettings(simulations=6, parallel=2, max_depth=3, k_children=4, step_max_tokens=8, merge="canonical")
+    outs = search_problems(engine, policy, ENV, PROBLEMS, search=cfg, max_new_tokens=40)
+    for o in outs:  # no two siblings share a canonical form
+        tree = o.tree
+        for node in range(len(tree)):
+            keys = [(tree.terminal[c], bridge.step_key(tree.tokens[c])) for c in tree.children[node]]
+            assert len(keys) == len(set(keys))
+
+
+def test_sweep_reports_cost_per_answer_with_rollouts_merge_and_gumbel(policy):
+    search = replace(SWEEP_SEARCH, step_max_tokens=8, k_children=2, parallel=2, select="gumbel", widen_c=0.0,
+                     rollout_lambda=1.0, merge="canonical")
+    cfg = SweepConfig(budgets=(200, 400), max_new_tokens=32, search=search, pilot_problems=2, pilot_simulations=2,
+                      rows="verifier", budget_tries=1, once_temperatures=(0.8,), once_samples=1)
+    report = run_sweep(make_engine(policy, "native"), policy, ENV, PROBLEMS, cfg)
+    cells = {(c.method, c.budget): c for c in report.cells}
+    for b in (200, 400):
+        for method in ("mcts+verifier", "bon+verifier"):
+            c = cells[(method, b)]
+            if c.accuracy is None:
+                continue
+            assert {"finished_answers", "distinct_answers", "tokens_per_answer"} <= set(c.detail)
+            if c.detail["finished_answers"]:
+                assert c.detail["tokens_per_answer"] == pytest.approx(
+                    c.tokens / c.detail["finished_answers"])
+    assert cells[("mcts+verifier", 400)].accuracy is not None  # Gumbel at the larger budget
+    assert "distinct)" in format_table(report, "answers")
