@@ -42,6 +42,7 @@ creates it needs the `if __name__ == "__main__":` guard.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -116,6 +117,8 @@ class VLLMEngine:
         if policy.uses_lora:
             raise UsageError("the vLLM engine serves full models: merge the LoRA adapter (treedistill export) "
                              "or use --engine native")
+        # vLLM logs to stdout by default; commands print their JSON result as stdout's last line
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         try:
             import vllm
         except ImportError as err:
