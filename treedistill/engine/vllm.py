@@ -35,9 +35,10 @@ one distribution per engine. How each part of the interface is served:
   is reset. No restart. `push_seconds` records each push. (On GPUs a NCCL / CUDA-IPC transfer would
   avoid the serialisation; not done here.)
 
-What it refuses: a LoRA (peft) policy (export a merged model instead). vLLM starts in ~40-50 s on CPU
-(model load, KV cache allocation) and runs in a child process (its engine core), so a script that
-creates it needs the `if __name__ == "__main__":` guard.
+What it refuses: a LoRA (peft) policy (export a merged model instead). vLLM starts in 1.5-2 minutes on
+this project's 2-core CPU (its torch.compile warm-up; 36-47 s with `enforce_eager=True`) and runs in
+child processes (engine core, worker), so a script that creates it needs the `if __name__ == "__main__":`
+guard. Measurements: docs/log.md, 2026-12-03.
 """
 
 from __future__ import annotations
@@ -110,10 +111,13 @@ class VLLMEngine:
     eos_token_ids: ids that end a sample (None = the policy's; () turns end-of-sequence off).
     block_size: tokens per KV block, the prefix cache's granularity (None: 32 on CPU, vLLM's choice on GPUs).
     seed: vLLM's global seed (requests without a seed draw from it).
+    enforce_eager: skip vLLM's torch.compile warm-up (on this project's 2-core CPU: start-up ~36-47 s instead
+        of ~88 s, decode 25% slower: docs/log.md 2026-12-03).
     """
 
     def __init__(self, policy, *, kv_cache_bytes: int = 512 << 20, max_model_len: int | None = None,
-                 eos_token_ids: Sequence[int] | None = None, block_size: int | None = None, seed: int = 0):
+                 eos_token_ids: Sequence[int] | None = None, block_size: int | None = None, seed: int = 0,
+                 enforce_eager: bool = False):
         if policy.uses_lora:
             raise UsageError("the vLLM engine serves full models: merge the LoRA adapter (treedistill export) "
                              "or use --engine native")
@@ -158,7 +162,8 @@ class VLLMEngine:
             model=str(model_dir), tokenizer=str(tok_dir), dtype=dtype, seed=seed, max_model_len=self.max_model_len,
             enable_prefix_caching=True, logprobs_mode="raw_logprobs", kv_cache_memory_bytes=int(kv_cache_bytes),
             generation_config="vllm",  # no sampling defaults from the checkpoint (e.g. Qwen's top_k=20)
-            worker_extension_cls=f"{__name__}.WeightLoader", disable_log_stats=False, **opts)
+            worker_extension_cls=f"{__name__}.WeightLoader", disable_log_stats=False, enforce_eager=enforce_eager,
+            **opts)
         self.startup_seconds = time.perf_counter() - t0
         self._vllm = vllm
         self._stop_ids: dict[tuple[str, ...], tuple[tuple[int, ...], tuple[str, ...]]] = {}
