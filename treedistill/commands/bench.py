@@ -1,4 +1,4 @@
-"""`treedistill bench`: the native engine against HF generate, side by side, as ratios.
+"""`treedistill bench`: the native engine against HF generate (and, with `--vllm`, vLLM), side by side, as ratios.
 
 - `bench generate`: decode throughput at one batch size, lengths forced (no end-of-sequence):
   ours vs HF `generate` with its dynamic cache and with `cache_implementation="static"`.
@@ -15,6 +15,9 @@
   share of the search's wall time spent in tree bookkeeping (selection, tree updates, backup) vs in
   the model calls, and the cost per simulation, total and bookkeeping only, per tree size. The
   bookkeeping per simulation must not grow with the tree: a simulation walks one root-to-leaf path.
+- `--vllm` (both): a row for the vLLM engine (engine/vllm.py; needs the treedistill[vllm] extra). Its
+  start-up (~40 s or more on CPU) is reported apart and not timed; in `generate` its prefix cache is
+  emptied before every timed call, so each call encodes fresh prompts as the others do.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def add_arguments(parser) -> None:
                       help="real search: sampled steps per expansion, K (default 4)")
     srch.add_argument("--json", action="store_true", help="print the result dict as JSON on the last line")
     for p in (gen, srch):
+        p.add_argument("--vllm", action="store_true", help="add a row for the vLLM engine (treedistill[vllm] extra)")
         p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
         p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
         p.add_argument("--seed", type=int, default=0, help="seed of prompts and sampling")
@@ -152,6 +156,9 @@ def run_generate(args) -> dict:
 
     rows = {}
     runners = {"native": native_fn(ours)}
+    startup = {}
+    if args.vllm:
+        runners["vllm"] = _vllm_generate_fn(policy, prompts, args, startup)
     if ours.decode != "eager":  # on CUDA: the same loop without CUDA graphs, to show what they buy
         runners["native_eager"] = native_fn(NativeEngine(policy, cache_tokens=0, eos_token_ids=(), decode="eager"))
     runners["hf_dynamic"] = _hf_generate_fn(policy, prompts, args.new_tokens, None)
@@ -175,6 +182,8 @@ def run_generate(args) -> dict:
     print(f"bench generate: model={args.model} device={policy.device} batch={args.batch} decode={ours.decode} "
           f"prompt={args.prompt_len} new={args.new_tokens} (sampling, lengths forced; "
           f"ms/step = whole call / new tokens, prefill included)")
+    if startup:
+        print(f"vllm start-up (not timed below): {startup['vllm_startup_s']:.1f} s")
     print(f"{'engine':<14}{'tok/s':>12}{'ms/step':>10}{'first call s':>14}{'ours is x faster':>18}")
     for name, row in rows.items():
         if "error" in row:
@@ -184,7 +193,22 @@ def run_generate(args) -> dict:
                   f"{row['native_speedup']:>18.2f}")
     return {"bench": "generate", "model": args.model, "device": str(policy.device), "batch": args.batch,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
-            "decode": ours.decode, "cuda_graphs": ours.use_graphs, "engines": rows}
+            "decode": ours.decode, "cuda_graphs": ours.use_graphs, "engines": rows, **startup}
+
+
+def _vllm_generate_fn(policy, prompts, args, startup: dict):
+    """The vLLM engine on the same forced-length work (eos off); its prefix cache emptied before every
+    call. Records its start-up seconds in `startup`."""
+    from treedistill.engine import make_engine
+
+    engine = make_engine(policy, "vllm", eos_token_ids=())
+    startup["vllm_startup_s"] = round(engine.startup_seconds, 1)
+
+    def go():
+        engine.clear_cache()
+        engine.sample(prompts, 1, max_new_tokens=args.new_tokens, temperature=1.0, seed=args.seed)
+
+    return go
 
 
 # ------------------------------------------------------------------------------------------ search
@@ -333,6 +357,8 @@ def run_search(args) -> dict:
                "native_no_cache": make_engine(policy, "native", cache_tokens=0)}
     if not args.no_hf:
         engines["hf_generate"] = make_engine(policy, "hf")
+    if args.vllm:
+        engines["vllm"] = make_engine(policy, "vllm")
     opts = dict(breadth=args.breadth, depth=args.depth, simulations=args.simulations,
                 step_tokens=args.step_tokens, seed=args.seed, stop=("</step>",),
                 use_value=policy.value_head is not None, clock=clock)
@@ -353,11 +379,18 @@ def run_search(args) -> dict:
               "value_head": policy.value_head is not None, "threads": torch.get_num_threads(),
               "engines": rows,
               "speedup": rows["native_no_cache"]["native_cache_speedup"]}
+    if args.vllm:
+        result["vllm_startup_s"] = round(engines["vllm"].startup_seconds, 1)
+        # one push of the weights as they are: the time is the copy (serialise, send, reload, cache reset)
+        result["vllm_weight_push_s"] = round(engines["vllm"].push_weights(), 4)
     if "hf_generate" in rows:
         result["speedup_vs_hf_generate"] = rows["hf_generate"]["native_cache_speedup"]
     print(f"bench search: model={args.model} device={policy.device} prompt={args.prompt_len} K={args.breadth} "
           f"depth<={args.depth} simulations={args.simulations} step<={args.step_tokens} tokens "
           f"(synthetic expansion workload; value head {'on' if result['value_head'] else 'off'})")
+    if args.vllm:
+        print(f"vllm start-up (not timed): {result['vllm_startup_s']} s; one weight push: "
+              f"{result['vllm_weight_push_s']} s")
     print(f"{'engine':<16}{'sims/s':>10}{'prompt tok/gen tok':>20}{'cached tok':>12}{'cache is x faster':>19}")
     for name, row in rows.items():
         print(f"{name:<16}{row['simulations_per_s']:>10.2f}{row['prompt_tokens_per_generated_token']:>20.3f}"

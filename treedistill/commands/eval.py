@@ -36,7 +36,7 @@ def add_arguments(parser) -> None:
                         help="sequences per engine call (problems per call = batch // k; default 256)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--engine", default=None,
-                        help="generation backend: hf | native (default hf, native with --search)")
+                        help="generation backend: hf | native | vllm (default hf, native with --search)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     search = parser.add_argument_group("search at test time (--search mcts)")
     search.add_argument("--search", default="none", choices=["none", "mcts"],

@@ -39,7 +39,7 @@ def add_arguments(parser) -> None:
                         help="progressive widening: a node gets K more steps while its samples are fewer than "
                              "C * N^alpha (default 0: off, each node expanded once, as the reference)")
     parser.add_argument("--widen-alpha", type=float, default=0.5, help="progressive widening exponent (default 0.5)")
-    parser.add_argument("--engine", default="native", help="generation backend: native | hf (default native)")
+    parser.add_argument("--engine", default="native", help="generation backend: native | hf | vllm (default native; vllm: the treedistill[vllm] extra)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples and of the search (default 0)")
     parser.add_argument("--html", default=None, metavar="FILE", help="write the tree as one self-contained HTML page")

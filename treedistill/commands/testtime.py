@@ -47,7 +47,7 @@ def add_arguments(parser) -> None:
                              "as on Countdown; else free)")
     parser.add_argument("--once-samples", type=int, default=16,
                         help="samples per problem to estimate one sample's accuracy (default 16)")
-    parser.add_argument("--engine", default="native", help="generation backend: native | hf (default native)")
+    parser.add_argument("--engine", default="native", help="generation backend: native | hf | vllm (default native; vllm: the treedistill[vllm] extra)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     parser.add_argument("--out", default="runs/testtime", help="folder for testtime.md and testtime.png")

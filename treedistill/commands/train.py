@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", default="auto",
                         help="auto (continue from the run folder's newest checkpoint, else start; default), "
                              "never, or a checkpoint / run folder to continue from")
-    parser.add_argument("--engine", default="native", help="generation backend: native (default) | hf")
+    parser.add_argument("--engine", default="native", help="generation backend: native (default) | hf | vllm (the treedistill[vllm] extra)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last")
     ray = parser.add_argument_group("distributed (Ray; pip install 'treedistill[ray]')")
     ray.add_argument("--distributed", choices=["ray"], default=None,

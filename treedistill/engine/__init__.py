@@ -14,10 +14,12 @@ from treedistill.errors import UsageError
 __all__ = ["BACKENDS", "FINISH_EOS", "FINISH_LENGTH", "FINISH_STOP", "Counters", "Engine", "Sample",
            "make_engine"]
 
-# kind -> (module, class): the reference backend on HF generate, and the fast native path.
+# kind -> (module, class): the reference backend on HF generate, the fast native path, and vLLM (the
+# optional extra `treedistill[vllm]`; value head and scoring in torch, see engine/vllm.py).
 BACKENDS: dict[str, tuple[str, str]] = {
     "hf": ("treedistill.engine.hf", "HFEngine"),
     "native": ("treedistill.engine.native", "NativeEngine"),
+    "vllm": ("treedistill.engine.vllm", "VLLMEngine"),
 }
 
 
