@@ -2,7 +2,7 @@
 
 Each step, in file order: take problems -> rollout (search or sampling, scored by the environment) ->
 learn (rewards, advantages, loss and optimizer update(s): `learner.learn`) -> log -> periodic
-evaluation -> checkpoint. The method (mcts | bon | grpo | cispo | ppo) is looked up ONCE in
+evaluation -> checkpoint. The method (mcts | mcts-tree | bon | grpo | cispo | ppo) is looked up ONCE in
 `methods.METHODS`; the loop only calls its rollout, advantages and loss. The distributed loop
 (`distributed/ray_loop.py`) calls the same `learn` and the same run bookkeeping (`runs.py`), so both
 loops share every line of the maths.
@@ -157,7 +157,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
             rollout = method.rollout(ctx, problems, derive_seed(cfg.seed, "rollout", step))
             counters.add_rollout(**counter_delta(before, gen.counters.snapshot()))
             trajectories = rollout.trajectories
-            assert len(trajectories) == len(problems) * cfg.samples_per_problem, (
+            assert len({t.group for t in trajectories}) == len(problems) and (
+                cfg.rows_per_problem is None or len(trajectories) == len(problems) * cfg.rows_per_problem), (
                 f"{cfg.method} rollout returned {len(trajectories)} trajectories, expected "
                 f"{len(problems) * cfg.samples_per_problem} (problems x samples per problem)")
             t_rollout = time.perf_counter()
