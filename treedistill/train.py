@@ -29,6 +29,9 @@ the step and the compute spent (`TrainConfig.lr_multiplier`), so there is no sch
 and resumed from its newest complete checkpoint therefore repeats the same steps with the same
 numbers on CPU (tests/test_resume.py kills real processes between steps and inside a checkpoint write).
 
+Every evaluation of a method with a value head also measures the head against Monte Carlo truth
+(`value_probe.py`: value_spearman, value_mse, value_mse_const on the eval line), on its own seeds.
+
 The run folder (what it holds, its lock) is described in `runs.py`; where the learner departs from
 the reference run, in `learner.py`.
 """
@@ -56,7 +59,7 @@ from treedistill.learner import (
     reference_policy,
     trainable_params,
 )
-from treedistill.methods import METHODS, RolloutContext
+from treedistill.methods import METHODS, RolloutContext, TrainingReward
 from treedistill.metrics import ComputeCounters, Progress, counter_delta
 from treedistill.runs import (
     advance_bar,
@@ -77,6 +80,7 @@ from treedistill.runs import (
     take_problems,
     why_stop,
 )
+from treedistill.value_probe import probe_value
 
 __all__ = ["train"]
 
@@ -135,7 +139,18 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
         shown = problems[:cfg.eval_samples_logged]
         append_jsonl(run_dir / "samples.jsonl",
                       sample_records(ctx, shown, at_step, trajectories[:cfg.eval_samples_logged]))
-        return logger.log(at_step, {"kind": "eval", **eval_stats(result), **counters.as_dict(),
+        probe = {}
+        if policy.value_head is not None and cfg.value_probe_prefixes:
+            # the value head against Monte Carlo truth (value_probe.py), on its own seeds; the global
+            # random state is restored so that training after it draws what it would have drawn without
+            gen.clear_cache()
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+                probe = probe_value(gen, policy, TrainingReward(env, cfg.reward),
+                                    test_problems[:cfg.value_probe_prefixes], k=cfg.value_probe_k,
+                                    temperature=cfg.value_probe_temperature, max_new_tokens=cfg.max_new_tokens,
+                                    step_max_tokens=cfg.search.step_max_tokens,
+                                    seed=derive_seed(cfg.seed, "value-probe", 0)).to_dict()
+        return logger.log(at_step, {"kind": "eval", **eval_stats(result), **probe, **counters.as_dict(),
                                     "eval_s": time.perf_counter() - t0, "wall_s": wall()})
 
     if step == 0 and cfg.eval_before_rl:
