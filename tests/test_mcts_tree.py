@@ -13,7 +13,8 @@ from treedistill.envs.base import Score
 from treedistill.errors import UsageError
 from treedistill.methods import METHODS, tree_advantages
 from treedistill.rollout.collate import to_batch
-from treedistill.rollout.tree_lines import tree_rows
+from treedistill.rollout.trajectory import Trajectory
+from treedistill.rollout.tree_lines import tree_rows, with_completion
 from treedistill.search.credit import step_credits, subtree_values
 from treedistill.search.tree import ROOT, Tree
 from treedistill.value_probe import mse, probe_value, spearman
@@ -98,6 +99,25 @@ def test_tree_rows_learn_each_step_once_with_its_prefix_and_recorded_logprobs():
     assert bool((advantages[mask == 0] == 0).all()) and bool((returns[mask == 0] == 0).all())
     with pytest.raises(AssertionError, match="every trajectory carries its advantage or none"):
         to_batch([rows[0], SimpleNamespace(**{**rows[1].__dict__, "advantage": None})], pad_id=0)
+
+
+def test_the_policy_completion_of_an_unfinished_path_is_one_more_line():
+    tree = _toy_tree()
+    # the extracted path stopped at b1 (node 6, never expanded); the policy completed it with "w!"
+    b, b1 = tuple(map(ord, "b|")), tuple(map(ord, "c|"))
+    path = Trajectory((ord("P"),), b + b1 + (ord("w"), ord("!")), (-0.1,) * 6, 1.0, 1.0, 0, search_tokens=4)
+    outcome = SimpleNamespace(tree=tree, trajectory=path, completed_by_policy=True,
+                              extraction=SimpleNamespace(nodes=(0, 2, 6)), completion_finish="eos")
+    assert with_completion(outcome) is tree and len(tree) == 8
+    assert (tree.parent[7], tree.tokens[7], tree.terminal[7], tree.token_logprobs[7]) == (6, (119, 33), True,
+                                                                                          (-0.1, -0.1))
+    rows = tree_rows(tree, {}, _Env(), _POLICY, group=0).rows
+    # b and b1 now lie on a line (V^ = 1): five old rows' worth plus b, b1 and the completion
+    assert [_POLICY.decode(r.prompt_ids) + "+" + _POLICY.decode(r.completion_ids) for r in rows] == [
+        "P+a|", "P+b|", "P+y!", "Pa|+w!", "Pa|+x!", "Pb|+c|", "Pb|c|+w!"]
+    # a finished path adds nothing
+    done = SimpleNamespace(tree=_toy_tree(), trajectory=path, completed_by_policy=False)
+    assert len(with_completion(done)) == 7
 
 
 def _batch(groups: list[int]) -> Batch:

@@ -46,7 +46,7 @@ from treedistill.envs.base import Score, reward_from_prompt
 from treedistill.rollout.mcts import SearchOutcome, search_problems
 from treedistill.rollout.sample import best_of_n, sample_problems
 from treedistill.rollout.trajectory import Trajectory
-from treedistill.rollout.tree_lines import tree_rows
+from treedistill.rollout.tree_lines import tree_rows, with_completion
 
 __all__ = ["METHODS", "REWARDS", "Method", "Rollout", "RolloutContext", "TrainingReward", "best_of_n_rollout",
            "group_baseline_advantages", "group_rollout", "search_rollout", "tree_advantages", "tree_rollout",
@@ -184,21 +184,21 @@ def search_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> 
 
 def tree_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Rollout:
     """mcts-tree: mcts's search; every step on a finished line of each tree becomes one row, learned
-    once, with the tree's advantage and value target (`rollout.tree_lines`, `search.credit`). The
-    trees' terminal nodes are re-scored with the learner's reward."""
+    once, with the tree's advantage and value target (`rollout.tree_lines`, `search.credit`); the
+    policy's completion of a path the search left unfinished is one more line. The trees' terminal
+    nodes are re-scored with the learner's reward."""
     cfg = ctx.cfg
     found = _search(ctx, problems, seed)
     env = TrainingReward(ctx.env, cfg.reward)
     rows, lines, line_rewards, learned = [], [], [], []
     for i, (problem, outcome) in enumerate(zip(problems, found)):
-        tree_part = tree_rows(outcome.tree, problem, env, ctx.policy, group=i, mode=cfg.tree_advantage)
+        tree_part = tree_rows(with_completion(outcome), problem, env, ctx.policy, group=i, mode=cfg.tree_advantage)
         rows += tree_part.rows
         lines.append(len(tree_part.line_rewards))
         line_rewards += tree_part.line_rewards
         learned.append(sum(len(t.completion_ids) for t in tree_part.rows))
     assert {t.group for t in rows} == set(range(len(problems))), (
-        "mcts-tree: a searched tree has no finished line to learn from (every tree's root is expanded, "
-        "so this needs a search that never reached a terminal node)")
+        "mcts-tree: a searched tree has no step to learn from (its extracted path is finished or completed)")
     paths = [o.trajectory for o in found]
     stats = {**_search_stats(paths),
              "tree_rows": len(rows) / len(problems), "tree_lines": _mean(lines),

@@ -6,6 +6,11 @@ tokens (the only tokens carrying loss), behaviour_logprobs = the raw-policy log-
 recorded when it sampled the step (`Tree.token_logprobs`, from the engine at expansion), reward =
 V^ of the step's node (its value target), advantage = the step's credit from the tree.
 
+Where the search stopped short of a terminal node on its extracted path, the caller completed that
+path by sampling the policy (`rollout.mcts`: generated, and counted, for mcts as well); that completion
+is a finished line too, so `with_completion` hangs it under the path's last node as one terminal step
+(prior 0: the search never chose it). Every tree then holds at least one line.
+
 Each terminal node is re-scored here with the environment the caller gives (the learner's reward), so
 the credit never depends on what the search scored terminals with (`search_reward`). The prefix tokens
 of a row are recomputed by the learner's forward: they count as trained tokens (`learn_train_tokens`)
@@ -16,12 +21,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from treedistill.rollout.mcts import SearchOutcome
 from treedistill.rollout.sample import completion_text
 from treedistill.rollout.trajectory import Trajectory
 from treedistill.search.credit import step_credits
 from treedistill.search.tree import Tree
 
-__all__ = ["TreeRows", "tree_rows"]
+__all__ = ["TreeRows", "tree_rows", "with_completion"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,18 @@ class TreeRows:
 
     rows: list[Trajectory]
     line_rewards: list[float]
+
+
+def with_completion(outcome: SearchOutcome) -> Tree:
+    """The outcome's tree, with the policy's completion of its extracted path (if the search stopped
+    short) added IN PLACE as a terminal child of the path's last node."""
+    tree, path = outcome.tree, outcome.trajectory
+    rest = path.completion_ids[path.search_tokens:]
+    if outcome.completed_by_policy and rest:
+        logprobs = path.behaviour_logprobs[path.search_tokens:]
+        tree.add_node(outcome.extraction.nodes[-1], tuple(rest), float(sum(logprobs)), 0.0, terminal=True,
+                      finish=outcome.completion_finish, token_logprobs=tuple(logprobs))
+    return tree
 
 
 def tree_rows(tree: Tree, problem: dict, env, policy, *, group: int, mode: str = "local") -> TreeRows:

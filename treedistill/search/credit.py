@@ -36,6 +36,8 @@ Sources and where we depart:
 - SPO (2025): segment advantages V(s') - V(s) from Monte Carlo estimates; ours are the tree's own.
 - Lines that stop short (a node at max_depth, a leaf the search never expanded) carry no terminal
   reward and are not learned: no bootstrap from the value head, so the advantage never depends on it.
+  (The rollout adds the policy's completion of an unfinished extracted path as one terminal step,
+  `rollout/tree_lines.py`, so every tree has at least one line.)
 """
 
 from __future__ import annotations
