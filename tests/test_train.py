@@ -76,6 +76,7 @@ def test_tiny_preset_two_steps_then_resume_auto_continues(preset, tmp_path, caps
     for r in _lines(run, "eval"):
         has_head = method in ("mcts", "mcts-tree", "bon", "ppo")
         assert ("value_mse" in r and "value_mse_const" in r and "value_spearman" in r) == has_head, (preset, r)
+    assert ("## Value head" in (run / "report.md").read_text()) == has_head
     assert "mean@2" in (run / "report.md").read_text()
     kinds = {json.loads(line)["kind"] for line in (run / "samples.jsonl").read_text().splitlines()}
     assert kinds == {"eval", "train"}

@@ -864,6 +864,19 @@ def write_run_report(run_dir: Path, cfg: TrainConfig, stop_reason: str, wall_s: 
                          f"{100 * r['eval_accuracy']:.2f} | {100 * r['eval_stderr']:.2f} | "
                          f"{100 * r['eval_pass_at_k']:.1f} | {'' if reward is None else f'{reward:+.3f}'} |")
         lines.append("")
+        probed = [r for r in evals if "value_mse" in r]
+        if probed:
+            lines += ["## Value head (value_probe.py)", "",
+                      f"V(prefix) against the mean {cfg.reward} reward of {cfg.value_probe_k} policy completions "
+                      f"(T={cfg.value_probe_temperature}) from step prefixes of test problems: a useful head has "
+                      "Spearman > 0 and an MSE under the best constant's.", "",
+                      "| step | prefixes | Spearman | MSE | best constant's MSE | mean target |",
+                      "|---:|---:|---:|---:|---:|---:|"]
+            for r in probed:
+                rho = r.get("value_spearman")
+                lines.append(f"| {r['step']} | {r['value_probe_prefixes']} | {'n/a' if rho is None else f'{rho:+.3f}'} | "
+                             f"{r['value_mse']:.4f} | {r['value_mse_const']:.4f} | {r['value_probe_target_mean']:.3f} |")
+            lines.append("")
     if trains:
         c = trains[max(trains)]
         lines += ["## Compute (cumulative)", "", "| quantity | rollout | learning |", "|---|---:|---:|",

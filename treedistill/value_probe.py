@@ -20,7 +20,10 @@ value_mse < value_mse_const and value_spearman > 0. y is itself an estimate (k s
 include its variance, y(1 - y) / k on average for a 0/1 reward; the comparison between them does not.
 
 Cost: P lines (~P x 70 tokens on the tiny model) plus P x k completions of the rest of a line, and one
-value call: with P = 64, k = 8 about a fifth of a 100-problem x 16-sample evaluation. Every engine call
+value call: with P = 64, k = 6 about a quarter of the time of a 100-problem x 16-sample evaluation on
+the tiny model (the probe's calls are smaller batches). Lines and completions are sampled at one
+temperature for every method (default 0.8, the search's expansion temperature), so the probe is the
+same measurement whichever method trained the head. Every engine call
 is seeded from the given seed, so the probe of one run is the same at every evaluation but for the
 weights, and it never draws from the training's random streams.
 """
@@ -108,7 +111,7 @@ def mse(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def probe_value(engine, policy, env, problems: Sequence[dict], *, k: int, temperature: float,
-                max_new_tokens: int, step_max_tokens: int, seed: int) -> ValueProbe:
+                max_new_tokens: int, step_max_tokens: int, seed: int, batch: int = 256) -> ValueProbe:
     """The probe over `problems` (one prefix each); env.score(...).dense is the reward y averages."""
     assert problems and k >= 1, f"value probe: need problems and k >= 1 (got {len(problems)}, {k})"
     start = time.perf_counter()
@@ -140,18 +143,20 @@ def probe_value(engine, policy, env, problems: Sequence[dict], *, k: int, temper
     rng = random.Random(f"value-probe/{seed}")
     cuts = [rng.choice(b) for b in boundaries]
     prefixes = [prompts[i] + lines[i][:cut] for i, cut in enumerate(cuts)]
-    # 2. k completions from each prefix (one call per distinct remaining budget)
-    targets = [0.0] * len(problems)
-    groups: dict[int, list[int]] = {}
-    for i, cut in enumerate(cuts):
-        groups.setdefault(budgets[i] - cut, []).append(i)
-    for room, members in sorted(groups.items()):
-        outputs = engine.sample([prefixes[i] for i in members], n=k, max_new_tokens=room, temperature=temperature,
-                                seed=next_seed())
-        for i, samples in zip(members, outputs):
-            done = lines[i][:cuts[i]]
-            targets[i] = sum(env.score(problems[i], completion_text(policy, done + tuple(s.tokens))).dense
-                             for s in samples) / len(samples)
+    # 2. k completions from each prefix, about `batch` sequences per call (evaluate's batching): each is cut
+    #    at its own remaining budget (the first `room` tokens of a longer sample are distributed as a
+    #    sample of at most `room` tokens)
+    rooms = [budgets[i] - cut for i, cut in enumerate(cuts)]
+    per_call = max(1, batch // k)
+    outputs = []
+    for first in range(0, len(prefixes), per_call):
+        outputs += engine.sample(prefixes[first:first + per_call], n=k, max_new_tokens=max(rooms[first:first + per_call]),
+                                 temperature=temperature, seed=next_seed())
+    targets = []
+    for i, samples in enumerate(outputs):
+        done = lines[i][:cuts[i]]
+        targets.append(sum(env.score(problems[i], completion_text(policy, done + tuple(s.tokens)[:rooms[i]])).dense
+                           for s in samples) / len(samples))
     # 3. the value head at each prefix
     values = [float(v) for v in engine.value(prefixes)]
     depths = [b.index(cut) for b, cut in zip(boundaries, cuts)]
