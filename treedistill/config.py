@@ -215,8 +215,8 @@ class TrainConfig:
     eval_samples_logged: int = 4               # trajectories written to samples.jsonl per evaluation
     # value quality at every evaluation (methods with a value head; value_probe.py): V(prefix) against the
     # mean training reward of value_probe_k policy completions from it, on step prefixes of test problems
-    value_probe_prefixes: int = 64             # step prefixes (one per test problem); 0 = off
-    value_probe_k: int = 6                     # policy completions per prefix (64 x 6: eval time +~25% on the tiny presets)
+    value_probe_prefixes: int = 48             # step prefixes (one per test problem); 0 = off
+    value_probe_k: int = 6                     # policy completions per prefix (48 x 6: tiny presets' eval time +~20-25%)
     value_probe_temperature: float = 0.8       # temperature of the prefixes' lines and of the completions (the search's)
     # run
     checkpoint_every: int = 50                 # checkpoint every this many steps (and at the end); 0 = end only
