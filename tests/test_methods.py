@@ -2,6 +2,8 @@
 best-of-N's choice, the trajectory -> batch masks, advantages worked by hand, and the search rollout on a
 small real model."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from tiny_prompt_policy import TinyPromptPolicy
@@ -132,12 +134,13 @@ def test_advantage_slots_by_hand():
     values = torch.tensor([[0.0, 0.25, -0.5], [0.0, 0.5, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     # mcts / bon / ppo: A_t = R - V(s_t) on every generated token, value target R
     cfg = TrainConfig(method="mcts")
-    adv, ret = METHODS["mcts"].advantages(rewards, values, mask, cfg)
+    batch = SimpleNamespace(rewards=rewards, loss_mask=mask)
+    adv, ret = METHODS["mcts"].advantages(batch, values, cfg)
     assert torch.allclose(adv, torch.tensor([[0, 0.75, 1.5], [0, -0.5, 0], [0, 0.5, 0.5], [0, 0.5, 0.5]]))
     assert torch.allclose(ret, torch.tensor([[0, 1, 1], [0, 0, 0], [0, 0.5, 0.5], [0, 0.5, 0.5]]))
     # grpo: groups of 2: (1, 0) -> mean 0.5, unbiased std sqrt(0.5) -> +-0.7071; (0.5, 0.5) -> flat -> 0
     cfg = TrainConfig(**{**GRPO, "group_size": 2})
-    adv, _ = METHODS["grpo"].advantages(rewards, None, mask, cfg)
+    adv, _ = METHODS["grpo"].advantages(batch, None, cfg)
     s = 0.5 / 0.5 ** 0.5
     assert torch.allclose(adv, torch.tensor([[0, s, s], [0, -s, 0], [0, 0, 0], [0, 0, 0]]))
 

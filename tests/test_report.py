@@ -60,7 +60,7 @@ def test_z_score_and_verdict_by_hand():
 # ---- synthetic run folders in the real format
 
 def make_run(path, preset, *, seed=0, evals, tokens_per_step=1000, step_s=2.0, overrides=(),
-             budget=3000, finished=True):
+             budget=3000, finished=True, eval_extra=None):
     """A run folder as `train` writes it. evals: {step: (accuracy, stderr)}; a train line per step
     1..max(evals) with counters growing by tokens_per_step generated tokens."""
     cfg = load_config(preset=preset, overrides=[f"seed={seed}", f"budget_generated_tokens={budget}",
@@ -80,7 +80,8 @@ def make_run(path, preset, *, seed=0, evals, tokens_per_step=1000, step_s=2.0, o
                 accuracy, stderr = evals[step]
                 logger.log(step, {"kind": "eval", "eval_accuracy": accuracy, "eval_stderr": stderr,
                                   "eval_pass_at_k": min(1.0, 3 * accuracy), "eval_problems": 200, "eval_k": 16,
-                                  **counters.as_dict(), "eval_s": 5.0, "wall_s": step * step_s + 5.0})
+                                  **(eval_extra or {}), **counters.as_dict(), "eval_s": 5.0,
+                                  "wall_s": step * step_s + 5.0})
     return path
 
 
@@ -89,10 +90,15 @@ def test_report_from_one_seed_per_method(tmp_path):
         "GRPO": [make_run(tmp_path / "grpo", "countdown-tiny-grpo",
                           evals={0: (0.05, 0.01), 2: (0.10, 0.015), 3: (0.20, 0.03)})],
         "MCTS distillation": [make_run(tmp_path / "mcts", "countdown-tiny-mcts", tokens_per_step=1500,
-                                       evals={0: (0.05, 0.01), 1: (0.12, 0.02), 2: (0.30, 0.04)})],
+                                       evals={0: (0.05, 0.01), 1: (0.12, 0.02), 2: (0.30, 0.04)},
+                                       eval_extra={"value_spearman": 0.25, "value_mse": 0.02,
+                                                   "value_mse_const": 0.03})],
     }
     path = write_report(runs, tmp_path / "out", reference=REFERENCE, title="Test comparison")
     text = path.read_text()
+    # the value heads at the final evaluation: mcts has one, GRPO none
+    assert "## Value head" in text and "| MCTS distillation | 1 | +0.250 | 0.0200 | 0.0300 |" in text
+    assert "| GRPO | 1 |" not in text
     for name in ("curves.png", "final.png"):
         data = (tmp_path / "out" / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000

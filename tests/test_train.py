@@ -40,13 +40,15 @@ def _without_wall_clock(record):
 
 
 def test_every_method_has_a_tiny_preset():
-    assert sorted(TINY_PRESETS) == sorted(f"countdown-tiny-{m}" for m in ("mcts", "grpo", "cispo", "bon", "ppo"))
+    assert sorted(TINY_PRESETS) == sorted(f"countdown-tiny-{m}" for m in ("mcts", "mcts-tree", "grpo", "cispo", "bon",
+                                                                        "ppo"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_tiny_preset_two_steps_then_resume_auto_continues(preset, tmp_path, capsys):
     run = tmp_path / "run"
+    method = preset.removeprefix("countdown-tiny-")
     code, out = _train("--preset", preset, "--steps", "2", "--run-dir", str(run), capsys=capsys)
     assert code == 0, out.err
     summary = json.loads(out.out.strip().splitlines()[-1])
@@ -63,13 +65,18 @@ def test_tiny_preset_two_steps_then_resume_auto_continues(preset, tmp_path, caps
                     "learn_train_tokens", "learn_forward_calls", "rollout_flops", "learn_flops", "wall_s"):
             assert key in r, (preset, key)
         # the KL to the frozen initial policy is computed (and paid for) where the loss has the term
-        assert ("kl" in r) == (preset.split("-")[-1] in ("mcts", "bon", "ppo")), preset
+        assert ("kl" in r) == (method in ("mcts", "mcts-tree", "bon", "ppo")), preset
     # compute only grows, and the learner trained on what the rollouts generated
     assert 0 < train[0]["rollout_generated_tokens"] < train[1]["rollout_generated_tokens"]
     assert 0 < train[0]["learn_flops"] < train[1]["learn_flops"]
-    if preset.endswith("mcts"):
+    if method.startswith("mcts"):
         for key in ("search_simulations", "search_tree_nodes", "search_tree_depth", "search_root_value"):
             assert key in train[0], key
+    # the value head is measured at every evaluation where there is one (value_probe.py)
+    for r in _lines(run, "eval"):
+        has_head = method in ("mcts", "mcts-tree", "bon", "ppo")
+        assert ("value_mse" in r and "value_mse_const" in r and "value_spearman" in r) == has_head, (preset, r)
+    assert ("## Value head" in (run / "report.md").read_text()) == has_head
     assert "mean@2" in (run / "report.md").read_text()
     kinds = {json.loads(line)["kind"] for line in (run / "samples.jsonl").read_text().splitlines()}
     assert kinds == {"eval", "train"}

@@ -26,6 +26,7 @@ from treedistill.datasets import resolve_path
 from treedistill.envs import ENVS as ENV_CLASSES
 from treedistill.errors import UsageError
 from treedistill.search.contracts import RENAMED, SearchSettings
+from treedistill.search.credit import TREE_ADVANTAGES
 
 __all__ = [
     "LoraSettings",
@@ -38,7 +39,7 @@ __all__ = [
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
-METHODS = ("mcts", "bon", "grpo", "cispo", "ppo")
+METHODS = ("mcts", "mcts-tree", "bon", "grpo", "cispo", "ppo")
 ENVS = tuple(ENV_CLASSES)  # the keys of envs.ENVS
 POLICY_LOSSES = ("cispo", "ppo")  # the keys of algorithms.losses.LOSSES
 ADVANTAGES = ("group", "reward_minus_value", "gae")  # the keys of algorithms.advantages.ADVANTAGES
@@ -52,6 +53,9 @@ TRAIN_REWARDS = ("dense", "sparse")  # the keys of methods.REWARDS
 GROUP_METHODS = ("grpo", "cispo")
 METHOD_RULES = {
     "mcts": {"advantage": ("reward_minus_value", "gae"), "policy_loss": POLICY_LOSSES},
+    # mcts-tree's advantage is its tree's (tree_advantage); reward_minus_value only keeps the value head
+    # that guides the search (and is trained on the tree's value targets)
+    "mcts-tree": {"advantage": ("reward_minus_value",), "policy_loss": POLICY_LOSSES},
     "bon": {"advantage": ("reward_minus_value", "gae"), "policy_loss": POLICY_LOSSES},
     "ppo": {"advantage": ("reward_minus_value", "gae"), "policy_loss": POLICY_LOSSES},
     "grpo": {"advantage": ("group",), "policy_loss": ("ppo",)},
@@ -81,11 +85,13 @@ LIMITS = {
     **dict.fromkeys(("train_size", "test_size", "steps", "problems_per_step", "group_size", "bon_n",
                      "warmup_steps", "lr_decay_steps", "epochs", "minibatch_size", "micro_batch_size",
                      "eval_every", "eval_problems", "final_eval_problems", "eval_k", "eval_samples_logged",
-                     "checkpoint_every", "keep_checkpoints", "search.simulations", "search.parallel",
+                     "checkpoint_every", "keep_checkpoints", "value_probe_prefixes", "value_probe_k",
+                     "search.simulations", "search.parallel",
                      "search.problems_at_once", "search.k_children", "search.max_depth", "lora.r"), MAX_COUNT),
     **dict.fromkeys(("max_new_tokens", "search.step_max_tokens"), MAX_TOKENS),
     **dict.fromkeys(("seed", "data_seed"), MAX_SEED),
-    **dict.fromkeys(("temperature", "eval_temperature", "search.temperature"), MAX_TEMPERATURE),
+    **dict.fromkeys(("temperature", "eval_temperature", "value_probe_temperature", "search.temperature"),
+                    MAX_TEMPERATURE),
     "lr": 1.0,
     "weight_decay": 1.0,
     "budget_flops": 1e30,
@@ -156,7 +162,7 @@ class TrainConfig:
     """Everything `treedistill train` needs; every field has a default (the reference run's)."""
 
     # what to train
-    method: str = "mcts"                       # mcts | bon | grpo | cispo | ppo
+    method: str = "mcts"                       # mcts | mcts-tree | bon | grpo | cispo | ppo
     model: str = "qwen2.5-1.5b-instruct"       # model preset name or local path (see models/load.py)
     env: str = "countdown"                     # countdown | gsm8k
     # data
@@ -173,6 +179,8 @@ class TrainConfig:
     search: SearchSettings = TRAINING_SEARCH   # tree search (method mcts); search/contracts.py
     temperature: float = 1.0                   # sampling temperature of grpo | cispo | ppo | bon rollouts
     reward: str = "dense"                      # reward trained on (and searched with): dense (the reference) | sparse (0/1)
+    search_reward: str | None = None           # mcts, mcts-tree: reward the search scores terminal nodes with (dense | sparse); None = reward
+    tree_advantage: str = "local"              # mcts-tree: a step's credit, local V^(s')-V^(s) | local+global (+ V^(s')-V^(root)); search/credit.py
     max_new_tokens: int = 512                  # completion length limit (rollouts and evaluation)
     # optimiser
     lr: float = 5e-6                           # AdamW peak learning rate
@@ -205,6 +213,11 @@ class TrainConfig:
     eval_k: int = 16                           # samples per test problem
     eval_temperature: float = 0.2              # evaluation sampling temperature
     eval_samples_logged: int = 4               # trajectories written to samples.jsonl per evaluation
+    # value quality at every evaluation (methods with a value head; value_probe.py): V(prefix) against the
+    # mean training reward of value_probe_k policy completions from it, on step prefixes of test problems
+    value_probe_prefixes: int = 48             # step prefixes (one per test problem); 0 = off
+    value_probe_k: int = 6                     # policy completions per prefix (48 x 6: tiny presets' eval time +~20-25%)
+    value_probe_temperature: float = 0.8       # temperature of the prefixes' lines and of the completions (the search's)
     # run
     checkpoint_every: int = 50                 # checkpoint every this many steps (and at the end); 0 = end only
     keep_checkpoints: int = 2                  # complete checkpoints kept (the newest ones)
@@ -222,14 +235,21 @@ class TrainConfig:
         if problems:
             raise UsageError("invalid config: " + "; ".join(problems))
         # derived sizes, computed once here and asserted
-        assert self.minibatch_rows % self.micro_batch_rows == 0
+        assert self.rows_per_problem is None or self.minibatch_rows % self.micro_batch_rows == 0
 
     # ---- derived sizes ----
     @property
     def samples_per_problem(self) -> int:
-        """Trajectories one problem yields: 1 for mcts and bon (one extracted or best sample),
-        group_size for the sampling methods."""
-        return {"mcts": 1, "bon": 1}.get(self.method, self.group_size)
+        """Trajectories one problem yields: 1 for mcts and bon (one extracted or best sample) and for
+        mcts-tree (one tree, whose rows vary: `rows_per_problem`), group_size for the sampling methods."""
+        return {"mcts": 1, "mcts-tree": 1, "bon": 1}.get(self.method, self.group_size)
+
+    @property
+    def rows_per_problem(self) -> int | None:
+        """Learner rows one problem yields: samples_per_problem, or None for mcts-tree (one row per step
+        on its tree's finished lines: it varies). With None, minibatch_size counts problems (trees) and
+        micro_batch_size rows."""
+        return None if self.method == "mcts-tree" else self.samples_per_problem
 
     @property
     def trajectories_per_step(self) -> int:
@@ -239,6 +259,11 @@ class TrainConfig:
     def minibatch_rows(self) -> int:
         """Rows per optimizer update: minibatch_size (at most the batch), else the whole batch."""
         return min(self.minibatch_size, self.trajectories_per_step) if self.minibatch_size else self.trajectories_per_step
+
+    @property
+    def minibatch_problems(self) -> int:
+        """Problems (whole groups of rows) per optimizer update."""
+        return self.minibatch_rows // self.samples_per_problem
 
     @property
     def micro_batch_rows(self) -> int:
@@ -318,11 +343,11 @@ class TrainConfig:
             problems += _check(path is None or resolve_path(path).is_file(),
                                f"{name}: no such file {path!r} (null = generate the split)")
         for name in ("train_size", "test_size", "steps", "problems_per_step", "bon_n", "max_new_tokens",
-                     "epochs", "eval_k", "keep_checkpoints"):
+                     "epochs", "eval_k", "keep_checkpoints", "value_probe_k"):
             problems += _check(getattr(self, name) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
         for name in ("warmup_steps", "minibatch_size", "micro_batch_size", "eval_every", "eval_problems",
                      "eval_samples_logged", "checkpoint_every", "weight_decay", "grad_clip", "value_coef",
-                     "kl_coef", "eval_temperature"):
+                     "kl_coef", "eval_temperature", "value_probe_prefixes"):
             problems += _check(getattr(self, name) >= 0, f"{name} must be >= 0 (got {getattr(self, name)})")
         problems += _check(0 <= self.warmup_fraction < 1,
                            f"warmup_fraction must be in [0, 1) (got {self.warmup_fraction})")
@@ -340,6 +365,10 @@ class TrainConfig:
                     f"(got {self.trajectories_per_step})"),
             *_allowed("lr_schedule", self.lr_schedule, LR_SCHEDULES),
             *_allowed("reward", self.reward, TRAIN_REWARDS),
+            *_allowed("search_reward", self.search_reward, (None, *TRAIN_REWARDS)),
+            *_allowed("tree_advantage", self.tree_advantage, TREE_ADVANTAGES),
+            *_check(self.value_probe_temperature > 0,
+                    f"value_probe_temperature must be > 0 (got {self.value_probe_temperature})"),
             *_check(self.temperature > 0, f"temperature must be > 0 (got {self.temperature})"),
             *_allowed("policy_loss", self.policy_loss, POLICY_LOSSES),
             *_check(self.eps_low is None or 0 < self.eps_low <= 1,
@@ -380,7 +409,11 @@ class TrainConfig:
         if self.method in GROUP_METHODS and self.minibatch_rows % self.group_size:
             problems.append(f"minibatch_size={self.minibatch_rows} is not divisible by "
                             f"group_size={self.group_size}: a minibatch must hold whole groups")
-        if self.micro_batch_size and self.minibatch_rows % self.micro_batch_size:
+        if self.rows_per_problem is None:
+            problems += _check(self.micro_batch_size >= 1,
+                               f"method {self.method} needs micro_batch_size >= 1: rows per forward/backward "
+                               "(a tree yields a varying number of rows; minibatch_size counts trees)")
+        elif self.micro_batch_size and self.minibatch_rows % self.micro_batch_size:
             problems.append(f"micro_batch_size={self.micro_batch_size} must divide "
                             f"minibatch_size={self.minibatch_rows}")
         return problems

@@ -225,7 +225,7 @@ def learn(trajectories: Sequence, *, policy, reference, method, optimizer, param
                           head_inference_tokens=tokens if policy.value_head is not None else 0)
     width = batch.input_ids.shape[1]
     old_values = _pad_cat(old_values, width) if old_values else None  # [B, T]
-    advantages, returns = method.advantages(batch.rewards, old_values, batch.loss_mask, cfg)  # [B, T] x2
+    advantages, returns = method.advantages(batch, old_values, cfg)  # [B, T] x2
     batch = dataclasses.replace(batch, advantages=advantages, returns=returns, old_values=old_values,
                                 ref_logprobs=_pad_cat(ref_logprobs, width) if ref_logprobs else None)
 
@@ -236,7 +236,7 @@ def learn(trajectories: Sequence, *, policy, reference, method, optimizer, param
     shuffle = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatches", step))
     updates, skipped = [], 0
     for _ in range(cfg.epochs):
-        for minibatch in batch.minibatches(cfg.minibatch_rows, shuffle):
+        for minibatch in batch.group_minibatches(cfg.minibatch_problems, shuffle):
             parts, trained_tokens = [], 0
             for i, micro in enumerate(minibatch.split(cfg.micro_batch_rows)):
                 if i % shard.world != shard.rank:

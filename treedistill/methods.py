@@ -4,8 +4,8 @@ The loop in `train.py` calls `method.rollout`, `method.advantages` and `method.l
 which method it runs. All of them share one signature per slot:
 - rollout(ctx, problems, seed) -> Rollout: trajectories to learn from (scored by the environment),
   groups contiguous and numbered 0.. in problem order, plus scalar statistics for the log;
-- advantages(rewards [B], values [B, T] | None, loss_mask [B, T], cfg) -> (advantages, returns) [B, T]
-  (`algorithms.advantages`);
+- advantages(batch, values [B, T] | None, cfg) -> (advantages, returns) [B, T]: from the batch's
+  rewards [B] and loss mask (`algorithms.advantages`), or the rollout's own (mcts-tree);
 - loss(batch, logprobs [B, T], values [B, T] | None, cfg, *, entropy) -> (scalar, metrics)
   (`algorithms.losses.total_loss`: the policy loss named by cfg.policy_loss, + c_v value MSE,
   + beta k3 KL to the frozen initial policy).
@@ -13,6 +13,7 @@ which method it runs. All of them share one signature per slot:
 | method | rollout | trajectories per problem | advantage | policy loss |
 |---|---|---|---|---|
 | mcts  | tree search, most-visited path (completed by the policy if it stops short) | 1 | R - V(s_t) (or GAE) | CISPO or PPO-clip |
+| mcts-tree | the same search; every step on the tree's finished lines, once | 1 tree, a row per step | V^(s') - V^(s) from the tree (`search/credit.py`) | as mcts |
 | bon   | N samples, the best by dense reward kept | 1 | R - V(s_t) (or GAE) | as mcts |
 | ppo   | G samples | G | R - V(s_t) (or GAE) | as mcts |
 | grpo  | G samples | G | group-normalised | PPO-clip |
@@ -25,7 +26,12 @@ allow, so the slots below stay single functions.
 The reward trained on is cfg.reward, one of the environment's two (`REWARDS`): dense (the reference's,
 method.md) or sparse (1 iff correct: the evaluation reward). Every rollout sees the environment through
 `TrainingReward`, whose `score(...).dense` is that reward, so the search scores its terminal nodes, and
-best-of-N chooses, with the same reward the learner is given.
+best-of-N chooses, with the same reward the learner is given. mcts and mcts-tree may search with the
+other one instead (cfg.search_reward, e.g. dense while learning sparse: under the sparse reward a wrong
+answer, a missing one and an unvisited child all read 0); what they learn from is then re-scored with
+cfg.reward, so the learner always gets its own reward. The value head is trained on cfg.reward either
+way, so the search then mixes two scales (the head's values at leaves, the other reward at terminals):
+an option to measure, not a tuned setting.
 """
 
 from __future__ import annotations
@@ -37,12 +43,14 @@ from dataclasses import dataclass, field
 from treedistill.algorithms.advantages import ADVANTAGES, group_advantages
 from treedistill.algorithms.losses import total_loss
 from treedistill.envs.base import Score, canonical_step, reward_from_prompt
-from treedistill.rollout.mcts import search_problems
+from treedistill.rollout.mcts import SearchOutcome, search_problems
 from treedistill.rollout.sample import best_of_n, sample_problems
 from treedistill.rollout.trajectory import Trajectory
+from treedistill.rollout.tree_lines import tree_rows, with_completion
 
 __all__ = ["METHODS", "REWARDS", "Method", "Rollout", "RolloutContext", "TrainingReward", "best_of_n_rollout",
-           "group_rollout", "search_rollout", "value_baseline_advantages"]
+           "group_baseline_advantages", "group_rollout", "search_rollout", "tree_advantages", "tree_rollout",
+           "value_baseline_advantages"]
 
 
 REWARDS: dict[str, Callable[[Score], float]] = {
@@ -137,31 +145,89 @@ def best_of_n_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) 
                                        "bon_sample_sparse_mean": _mean([t.sparse for g in groups for t in g])})
 
 
-def search_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Rollout:
-    """MCTS distillation: one searched tree per problem, search.problems_at_once trees per search call;
-    each tree yields its most-visited path (completed by the policy when the search stopped short)."""
+def _search(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> list[SearchOutcome]:
+    """One searched tree per problem, search.problems_at_once trees per search call, terminal nodes
+    scored with cfg.search_reward (None: cfg.reward)."""
     cfg, s = ctx.cfg, ctx.cfg.search
-    env = TrainingReward(ctx.env, cfg.reward)
+    env = TrainingReward(ctx.env, cfg.search_reward or cfg.reward)
     outcomes = []
     for chunk, first in enumerate(range(0, len(problems), s.problems_at_once)):
         part = problems[first:first + s.problems_at_once]
         chunk_seed = seed * 1009 + chunk
         # max_depth None: bounded by the completion's token budget only; the Gumbel noise follows the step's seed.
         settings = dataclasses.replace(s, max_depth=s.max_depth or cfg.max_new_tokens, seed=chunk_seed)
-        found = search_problems(ctx.engine, ctx.policy, env, part, search=settings,
-                                max_new_tokens=cfg.max_new_tokens, seed=chunk_seed)
-        outcomes += [dataclasses.replace(o.trajectory, group=first + i) for i, o in enumerate(found)]
-    stats = {f"search_{name}": _mean([float(t.stats[name]) for t in outcomes])
+        outcomes += search_problems(ctx.engine, ctx.policy, env, part, search=settings,
+                                    max_new_tokens=cfg.max_new_tokens, seed=chunk_seed)
+    return outcomes
+
+
+def _search_stats(paths: Sequence[Trajectory]) -> dict:
+    """The searches' statistics for the log, from each tree's extracted path."""
+    stats = {f"search_{name}": _mean([float(t.stats[name]) for t in paths])
              for name in ("simulations", "tree_nodes", "tree_depth", "path_steps", "root_value", "collisions")}
-    stats["search_complete_frac"] = _mean([float(t.stats["search_complete"]) for t in outcomes])
-    stats["search_token_frac"] = (sum(t.search_tokens for t in outcomes)
-                                  / max(1, sum(len(t.completion_ids) for t in outcomes)))
-    return Rollout(outcomes, stats)
+    stats["search_complete_frac"] = _mean([float(t.stats["search_complete"]) for t in paths])
+    stats["search_token_frac"] = (sum(t.search_tokens for t in paths)
+                                  / max(1, sum(len(t.completion_ids) for t in paths)))
+    return stats
 
 
-def value_baseline_advantages(rewards, values, mask, cfg):
+def search_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Rollout:
+    """MCTS distillation: one searched tree per problem, search.problems_at_once trees per search call;
+    each tree yields its most-visited path (completed by the policy when the search stopped short),
+    scored with the learner's reward."""
+    cfg = ctx.cfg
+    found = _search(ctx, problems, seed)
+    outcomes = [dataclasses.replace(o.trajectory, group=i) for i, o in enumerate(found)]
+    if cfg.search_reward not in (None, cfg.reward):
+        env = TrainingReward(ctx.env, cfg.reward)
+        outcomes = [dataclasses.replace(t, reward=env.score(p, o.text).dense)
+                    for t, p, o in zip(outcomes, problems, found)]
+    return Rollout(outcomes, _search_stats(outcomes))
+
+
+def tree_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Rollout:
+    """mcts-tree: mcts's search; every step on a finished line of each tree becomes one row, learned
+    once, with the tree's advantage and value target (`rollout.tree_lines`, `search.credit`); the
+    policy's completion of a path the search left unfinished is one more line. The trees' terminal
+    nodes are re-scored with the learner's reward."""
+    cfg = ctx.cfg
+    found = _search(ctx, problems, seed)
+    env = TrainingReward(ctx.env, cfg.reward)
+    rows, lines, line_rewards, learned = [], [], [], []
+    for i, (problem, outcome) in enumerate(zip(problems, found)):
+        tree_part = tree_rows(with_completion(outcome), problem, env, ctx.policy, group=i, mode=cfg.tree_advantage)
+        rows += tree_part.rows
+        lines.append(len(tree_part.line_rewards))
+        line_rewards += tree_part.line_rewards
+        learned.append(sum(len(t.completion_ids) for t in tree_part.rows))
+    assert {t.group for t in rows} == set(range(len(problems))), (
+        "mcts-tree: a searched tree has no step to learn from (its extracted path is finished or completed)")
+    paths = [o.trajectory for o in found]
+    stats = {**_search_stats(paths),
+             "tree_rows": len(rows) / len(problems), "tree_lines": _mean(lines),
+             "tree_line_reward_mean": _mean(line_rewards),
+             "tree_learned_tokens": _mean(learned),
+             "tree_advantage_abs_mean": _mean([abs(t.advantage) for t in rows]),
+             "tree_path_reward": _mean([env.score(p, o.text).dense for p, o in zip(problems, found)])}
+    return Rollout(rows, stats)
+
+
+def value_baseline_advantages(batch, values, cfg):
     """The value head's baseline: A_t = R - V(s_t) (the reference) or GAE, as cfg.advantage says."""
-    return ADVANTAGES[cfg.advantage](rewards, values, mask, cfg)
+    return ADVANTAGES[cfg.advantage](batch.rewards, values, batch.loss_mask, cfg)
+
+
+def group_baseline_advantages(batch, values, cfg):
+    """GRPO / CISPO: group-normalised rewards."""
+    return group_advantages(batch.rewards, values, batch.loss_mask, cfg)
+
+
+def tree_advantages(batch, values, cfg):
+    """mcts-tree: each row's advantage is its step's, computed by the rollout from its tree (`to_batch`
+    put it on the row's loss mask); the value target of every step token is the row's reward, V^ of
+    the step's node (`search.credit`). The value head's estimates are not used."""
+    mask = batch.loss_mask.float()  # [B, T]
+    return batch.advantages * mask, batch.rewards.float()[:, None] * mask  # [B, T], [B, T]
 
 
 @dataclass(frozen=True)
@@ -175,8 +241,9 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "mcts": Method(search_rollout, value_baseline_advantages, total_loss),
+    "mcts-tree": Method(tree_rollout, tree_advantages, total_loss),
     "bon": Method(best_of_n_rollout, value_baseline_advantages, total_loss),
     "ppo": Method(group_rollout, value_baseline_advantages, total_loss),
-    "grpo": Method(group_rollout, group_advantages, total_loss),
-    "cispo": Method(group_rollout, group_advantages, total_loss),
+    "grpo": Method(group_rollout, group_baseline_advantages, total_loss),
+    "cispo": Method(group_rollout, group_baseline_advantages, total_loss),
 }

@@ -198,6 +198,7 @@ class RunResult:
     finished: bool                # the last evaluation is at the last logged training step
     under_budget: bool            # stopped (finished) short of its generated-token budget
     final_per_problem: tuple[float, ...] = ()  # [P] the final evaluation's per-problem mean@k; () if not logged
+    final_value: dict = field(default_factory=dict)  # the final evaluation's value_spearman / value_mse / value_mse_const
 
     @property
     def final(self) -> CurvePoint:
@@ -206,6 +207,9 @@ class RunResult:
     @property
     def initial(self) -> CurvePoint | None:
         return self.curve[0] if self.curve and self.curve[0].step == 0 else None
+
+
+VALUE_KEYS = ("value_spearman", "value_mse", "value_mse_const")  # value_probe.py's, on eval lines
 
 
 def read_records(run_dir: str | Path, *, missing_ok: bool = False) -> list[dict]:
@@ -252,7 +256,8 @@ def read_run(run_dir: str | Path) -> RunResult:
         train_s=sum(float(r.get("rollout_s", 0.0)) + float(r.get("learn_s", 0.0)) for r in trains),
         wall_s=max(float(r.get("wall_s") or 0.0) for r in records), finished=finished,
         under_budget=finished and budget is not None and generated < int(budget),
-        final_per_problem=tuple(float(x) for x in evals[-1].get("eval_per_problem") or ()))
+        final_per_problem=tuple(float(x) for x in evals[-1].get("eval_per_problem") or ()),
+        final_value={key: evals[-1][key] for key in VALUE_KEYS if key in evals[-1]})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -668,6 +673,7 @@ def markdown(rows: Sequence[Row], results: Mapping[str, Sequence[RunResult]], *,
         lines += ["## Differences", "", "In combined standard errors, z = (a - b) / sqrt(se_a^2 + se_b^2) "
                   "(unpaired; |z| >= 2 is roughly a 95% difference).", "", *_differences(rows), ""]
     lines += ["## Compute", "", *[f"- {n}" for n in _compute_notes(rows, results)], ""]
+    lines += _value_table(results)
     for plot in plots:
         lines += [f"![{Path(plot).stem}]({Path(plot).name})", ""]
     lines += ["## Learning curves", "", *_curve_table(results, k), ""]
@@ -679,6 +685,25 @@ def markdown(rows: Sequence[Row], results: Mapping[str, Sequence[RunResult]], *,
         for r in runs:
             lines.append(f"- {label}, seed {r.seed}: `{r.run_dir}` ({r.steps} steps)")
     return "\n".join(lines) + "\n"
+
+
+def _value_table(results: Mapping[str, Sequence[RunResult]]) -> list[str]:
+    """The value heads at the final evaluation (value_probe.py), means over seeds; [] when no run has one."""
+    out = []
+    for label, runs in results.items():
+        probed = [r.final_value for r in runs if "value_mse" in r.final_value]
+        if not probed:
+            continue
+        rhos = [v["value_spearman"] for v in probed if v.get("value_spearman") is not None]
+        rho = f"{statistics.fmean(rhos):+.3f}" if rhos else "n/a"
+        out.append(f"| {label} | {len(probed)} | {rho} | {statistics.fmean(v['value_mse'] for v in probed):.4f} | "
+                   f"{statistics.fmean(v['value_mse_const'] for v in probed):.4f} |")
+    if not out:
+        return []
+    return ["## Value head", "", "At the final evaluation: V(prefix) against the mean reward of policy completions "
+            "from step prefixes of test problems (value_probe.py); a useful head has Spearman > 0 and an MSE under "
+            "the best constant's. Means over seeds.", "",
+            "| method | seeds | Spearman | MSE | best constant's MSE |", "|---|---:|---:|---:|---:|", *out, ""]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -864,6 +889,19 @@ def write_run_report(run_dir: Path, cfg: TrainConfig, stop_reason: str, wall_s: 
                          f"{100 * r['eval_accuracy']:.2f} | {100 * r['eval_stderr']:.2f} | "
                          f"{100 * r['eval_pass_at_k']:.1f} | {'' if reward is None else f'{reward:+.3f}'} |")
         lines.append("")
+        probed = [r for r in evals if "value_mse" in r]
+        if probed:
+            lines += ["## Value head (value_probe.py)", "",
+                      f"V(prefix) against the mean {cfg.reward} reward of {cfg.value_probe_k} policy completions "
+                      f"(T={cfg.value_probe_temperature}) from step prefixes of test problems: a useful head has "
+                      "Spearman > 0 and an MSE under the best constant's.", "",
+                      "| step | prefixes | Spearman | MSE | best constant's MSE | mean target |",
+                      "|---:|---:|---:|---:|---:|---:|"]
+            for r in probed:
+                rho = r.get("value_spearman")
+                lines.append(f"| {r['step']} | {r['value_probe_prefixes']} | {'n/a' if rho is None else f'{rho:+.3f}'} | "
+                             f"{r['value_mse']:.4f} | {r['value_mse_const']:.4f} | {r['value_probe_target_mean']:.3f} |")
+            lines.append("")
     if trains:
         c = trains[max(trains)]
         lines += ["## Compute (cumulative)", "", "| quantity | rollout | learning |", "|---|---:|---:|",

@@ -2,7 +2,7 @@
 
 Each step, in file order: take problems -> rollout (search or sampling, scored by the environment) ->
 learn (rewards, advantages, loss and optimizer update(s): `learner.learn`) -> log -> periodic
-evaluation -> checkpoint. The method (mcts | bon | grpo | cispo | ppo) is looked up ONCE in
+evaluation -> checkpoint. The method (mcts | mcts-tree | bon | grpo | cispo | ppo) is looked up ONCE in
 `methods.METHODS`; the loop only calls its rollout, advantages and loss. The distributed loop
 (`distributed/ray_loop.py`) calls the same `learn` and the same run bookkeeping (`runs.py`), so both
 loops share every line of the maths.
@@ -28,6 +28,9 @@ the data position, the counters and the loop's own state; the learning rate is a
 the step and the compute spent (`TrainConfig.lr_multiplier`), so there is no scheduler state. A run killed at any moment
 and resumed from its newest complete checkpoint therefore repeats the same steps with the same
 numbers on CPU (tests/test_resume.py kills real processes between steps and inside a checkpoint write).
+
+Every evaluation of a method with a value head also measures the head against Monte Carlo truth
+(`value_probe.py`: value_spearman, value_mse, value_mse_const on the eval line), on its own seeds.
 
 The run folder (what it holds, its lock) is described in `runs.py`; where the learner departs from
 the reference run, in `learner.py`.
@@ -56,7 +59,7 @@ from treedistill.learner import (
     reference_policy,
     trainable_params,
 )
-from treedistill.methods import METHODS, RolloutContext
+from treedistill.methods import METHODS, RolloutContext, TrainingReward
 from treedistill.metrics import ComputeCounters, Progress, counter_delta
 from treedistill.runs import (
     advance_bar,
@@ -77,6 +80,7 @@ from treedistill.runs import (
     take_problems,
     why_stop,
 )
+from treedistill.value_probe import probe_value
 
 __all__ = ["train"]
 
@@ -135,7 +139,18 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
         shown = problems[:cfg.eval_samples_logged]
         append_jsonl(run_dir / "samples.jsonl",
                       sample_records(ctx, shown, at_step, trajectories[:cfg.eval_samples_logged]))
-        return logger.log(at_step, {"kind": "eval", **eval_stats(result), **counters.as_dict(),
+        probe = {}
+        if policy.value_head is not None and cfg.value_probe_prefixes:
+            # the value head against Monte Carlo truth (value_probe.py), on its own seeds; the global
+            # random state is restored so that training after it draws what it would have drawn without
+            gen.clear_cache()
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+                probe = probe_value(gen, policy, TrainingReward(env, cfg.reward),
+                                    test_problems[:cfg.value_probe_prefixes], k=cfg.value_probe_k,
+                                    temperature=cfg.value_probe_temperature, max_new_tokens=cfg.max_new_tokens,
+                                    step_max_tokens=cfg.search.step_max_tokens,
+                                    seed=derive_seed(cfg.seed, "value-probe", 0)).to_dict()
+        return logger.log(at_step, {"kind": "eval", **eval_stats(result), **probe, **counters.as_dict(),
                                     "eval_s": time.perf_counter() - t0, "wall_s": wall()})
 
     if step == 0 and cfg.eval_before_rl:
@@ -157,7 +172,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
             rollout = method.rollout(ctx, problems, derive_seed(cfg.seed, "rollout", step))
             counters.add_rollout(**counter_delta(before, gen.counters.snapshot()))
             trajectories = rollout.trajectories
-            assert len(trajectories) == len(problems) * cfg.samples_per_problem, (
+            assert len({t.group for t in trajectories}) == len(problems) and (
+                cfg.rows_per_problem is None or len(trajectories) == len(problems) * cfg.rows_per_problem), (
                 f"{cfg.method} rollout returned {len(trajectories)} trajectories, expected "
                 f"{len(problems) * cfg.samples_per_problem} (problems x samples per problem)")
             t_rollout = time.perf_counter()

@@ -111,16 +111,31 @@ class Batch:
     def minibatches(self, size: int, generator: torch.Generator | None = None) -> list[Batch]:
         """A shuffled partition into minibatches of `size` rows (one optimizer step each; the last one
         smaller where `size` does not divide the batch, as in a step cut short by the budget), whole
-        groups kept together when `group_ids` is set (rows of a group must be contiguous)."""
+        groups kept together when `group_ids` is set (rows of a group must be contiguous, all groups
+        of one size). `group_minibatches(size // G)` is the same partition."""
         assert size > 0, f"minibatch size must be > 0, got {size}"
         group = 1
         if self.group_ids is not None:
             group = int(torch.unique_consecutive(self.group_ids, return_counts=True)[1][0].item())
             assert size % group == 0, f"minibatch size {size} must hold whole groups of {group}"
             assert self.size % group == 0, f"{self.size} rows do not make whole groups of {group}"
-        order = torch.randperm(self.size // group, generator=generator)  # [B / G]
-        rows = (order[:, None] * group + torch.arange(group)[None, :]).reshape(-1)  # [B]
-        return [self.select(rows[i:i + size]) for i in range(0, self.size, size)]
+        return self.group_minibatches(size // group, generator)
+
+    def group_minibatches(self, groups: int, generator: torch.Generator | None = None) -> list[Batch]:
+        """A shuffled partition into minibatches of `groups` whole groups each (the last one smaller
+        where `groups` does not divide their number). Groups are the runs of equal `group_ids` (each
+        row its own group when None) and may differ in size (mcts-tree: a tree's rows). The groups'
+        order is one `randperm` over them, so groups of equal size G give exactly the partition of
+        `minibatches(groups * G)`."""
+        assert groups > 0, f"groups per minibatch must be > 0, got {groups}"
+        if self.group_ids is None:
+            counts = torch.ones(self.size, dtype=torch.long)  # [B]
+        else:
+            counts = torch.unique_consecutive(self.group_ids, return_counts=True)[1].cpu()  # [n]
+        starts = torch.cumsum(counts, 0) - counts  # [n]
+        order = torch.randperm(len(counts), generator=generator)  # [n]
+        rows = [torch.arange(int(starts[g]), int(starts[g] + counts[g])) for g in order.tolist()]
+        return [self.select(torch.cat(rows[i:i + groups])) for i in range(0, len(rows), groups)]
 
 
 def shift_right(x: torch.Tensor) -> torch.Tensor:

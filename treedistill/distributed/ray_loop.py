@@ -460,6 +460,9 @@ def train_distributed(cfg, run_dir: str | Path, *, settings: DistributedSettings
     rollout (fault-injection tests)."""
     # ---- set-up: everything that can refuse the input comes before any compute
     settings.check()
+    if cfg.rows_per_problem is None:
+        raise UsageError(f"method {cfg.method} runs in the one-process loop only (`treedistill train`): "
+                         "its rows per problem vary, which the distributed ledger does not handle yet")
     run_dir = Path(run_dir)
     start_from, saved = resume_point(run_dir, resume)
     if saved is not None:

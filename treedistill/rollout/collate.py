@@ -1,7 +1,9 @@
 """Trajectories -> the learner's `Batch`: right-padded rows, loss on generated tokens only.
 
 The batch leaves here with zero advantages and returns: they need the value head's estimates on
-these very rows, which the loop computes next (`dataclasses.replace` fills them in).
+these very rows, which the loop computes next (`dataclasses.replace` fills them in). Rows whose
+rollout computed their advantage (`Trajectory.advantage`, mcts-tree) leave with it on their loss
+mask instead, for the method's advantage slot to pass on.
 """
 
 from __future__ import annotations
@@ -33,10 +35,15 @@ def to_batch(trajectories: Sequence[Trajectory], *, pad_id: int, device: torch.d
                       [t.behaviour_logprobs for t in trajectories], pad_id=pad_id)
     B, T = tensors["input_ids"].shape
     zeros = torch.zeros((B, T), dtype=torch.float32)  # [B, T]
+    given = [t.advantage is not None for t in trajectories]
+    assert all(given) or not any(given), "to_batch: either every trajectory carries its advantage or none does"
+    advantages = zeros
+    if all(given):
+        advantages = torch.tensor([t.advantage for t in trajectories], dtype=torch.float32)[:, None] * tensors["loss_mask"]
     return Batch(
         **{name: value.to(device) for name, value in tensors.items()},
         rewards=torch.tensor([t.reward for t in trajectories], dtype=torch.float32, device=device),  # [B]
-        advantages=zeros.to(device),
+        advantages=advantages.to(device),  # [B, T]
         returns=zeros.to(device),
         group_ids=torch.tensor(groups, dtype=torch.long, device=device),  # [B]
     )

@@ -19,6 +19,9 @@ class Trajectory:
     search_tokens: how many leading completion tokens came from the search's extracted path; the rest
         were sampled by the policy to finish an incomplete path (0 for sampling methods).
     weight_version: version of the weights that generated it (for bounded staleness).
+    advantage: the advantage of every completion token, computed by the rollout itself (mcts-tree: a
+        step's credit from its searched tree, `search.credit`); None (every other method): the
+        learner's advantage estimator computes it from the reward and the value head.
     stats: scalar statistics of the rollout (e.g. search tree size), for logging.
     """
 
@@ -30,6 +33,7 @@ class Trajectory:
     group: int
     search_tokens: int = 0
     weight_version: int = 0
+    advantage: float | None = None
     stats: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):

@@ -1,0 +1,164 @@
+"""How good the value head is, measured at every evaluation of a method that has one.
+
+VinePPO (2024) found learned value networks "barely outperform a random baseline" at ranking
+alternative steps; the search (mcts, mcts-tree) ranks its children by exactly these values. So each
+evaluation also measures them against Monte Carlo ground truth from the current policy:
+
+1. Prefixes. For each of P held-out (test) problems, one line is sampled from the current policy step
+   by step, as the search's expansion samples (stop at the environment's step delimiter, at most
+   `step_max_tokens` per step; a step is terminal at end-of-sequence, at a closed answer or at the
+   completion's token budget), and ONE of its non-terminal states (the prompt, or the prompt and its
+   first j steps, before the final step) is drawn uniformly: a step prefix s.
+2. Truth. k policy completions from s (no stop, the remaining token budget); y(s) = the mean training
+   reward (`env.score(...).dense`, cfg.reward: under reward sparse, the success rate) of the k lines.
+3. Value. V(s): the value head at the last token of s (`engine.value`, what the search reads).
+
+Reported: the Spearman rank correlation of V against y over the P prefixes (average ranks for ties;
+None when either side is constant, e.g. every y = 0), the MSE of V against y, and the MSE of the best
+constant (the mean of y, in hindsight: the variance of y): a head worth its compute has
+value_mse < value_mse_const and value_spearman > 0. y is itself an estimate (k samples), so both MSEs
+include its variance, y(1 - y) / k on average for a 0/1 reward; the comparison between them does not.
+
+Cost: P lines (~P x 70 tokens on the tiny model) plus P x k completions of the rest of a line, and one
+value call. Measured on the tiny preset (100-problem x 16-sample evaluation, ~112,000 tokens, 13-28 s
+on shared cores): P = 64, k = 6 generated ~22,000 tokens and added 27-36% to the evaluation time (the
+probe's calls are smaller batches), hence the default P = 48 (~16,000 tokens, ~+20-27%). Lines and completions are sampled at one
+temperature for every method (default 0.8, the search's expansion temperature), so the probe is the
+same measurement whichever method trained the head. Every engine call
+is seeded from the given seed, so the probe of one run is the same at every evaluation but for the
+weights, and it never draws from the training's random streams.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from treedistill.rollout.mcts import completion_budget
+from treedistill.rollout.sample import completion_text
+
+__all__ = ["ValueProbe", "mse", "probe_value", "spearman"]
+
+_SEED_STRIDE = 1_000_003
+
+
+@dataclass(frozen=True)
+class ValueProbe:
+    """values / targets: V(s) and y(s) for each prefix [P]; depths: steps in each prefix [P]."""
+
+    values: tuple[float, ...]
+    targets: tuple[float, ...]
+    depths: tuple[int, ...]
+    seconds: float
+
+    @property
+    def spearman(self) -> float | None:
+        return spearman(self.values, self.targets)
+
+    @property
+    def mse(self) -> float:
+        return mse(self.values, self.targets)
+
+    @property
+    def mse_const(self) -> float:
+        mean = sum(self.targets) / len(self.targets)
+        return mse([mean] * len(self.targets), self.targets)
+
+    def to_dict(self) -> dict:
+        """The evaluation line's keys."""
+        return {"value_spearman": self.spearman, "value_mse": self.mse, "value_mse_const": self.mse_const,
+                "value_probe_prefixes": len(self.values),
+                "value_probe_target_mean": sum(self.targets) / len(self.targets),
+                "value_probe_value_mean": sum(self.values) / len(self.values),
+                "value_probe_s": self.seconds}
+
+
+def _ranks(xs: Sequence[float]) -> list[float]:
+    """1-based ranks, ties given their average rank."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for m in range(i, j + 1):
+            ranks[order[m]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rank correlation: Pearson's of the (tie-averaged) ranks; None when a side is constant
+    or there are fewer than 2 pairs."""
+    assert len(a) == len(b), f"spearman: {len(a)} and {len(b)} values"
+    if len(a) < 2:
+        return None
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    if va == 0 or vb == 0:
+        return None
+    return cov / (va * vb) ** 0.5
+
+
+def mse(a: Sequence[float], b: Sequence[float]) -> float:
+    assert len(a) == len(b) and a, f"mse: {len(a)} and {len(b)} values"
+    return sum((x - y) ** 2 for x, y in zip(a, b)) / len(a)
+
+
+def probe_value(engine, policy, env, problems: Sequence[dict], *, k: int, temperature: float,
+                max_new_tokens: int, step_max_tokens: int, seed: int, batch: int = 256) -> ValueProbe:
+    """The probe over `problems` (one prefix each); env.score(...).dense is the reward y averages."""
+    assert problems and k >= 1, f"value probe: need problems and k >= 1 (got {len(problems)}, {k})"
+    start = time.perf_counter()
+    calls = iter(range(1, 1 << 30))
+
+    def next_seed() -> int:
+        return (seed * _SEED_STRIDE + next(calls)) % (1 << 62)
+
+    prompts = [tuple(policy.prompt_ids(env.messages(p, compact=policy.compact_prompt))) for p in problems]
+    budgets = [completion_budget(policy, len(p), max_new_tokens) for p in prompts]
+    eos = frozenset(policy.eos_token_ids)
+    # 1. one line per problem, step by step; boundaries[i]: completion lengths of its non-terminal states
+    lines: list[tuple[int, ...]] = [() for _ in problems]
+    boundaries: list[list[int]] = [[0] for _ in problems]
+    going = list(range(len(problems)))
+    while going:
+        outputs = engine.sample([prompts[i] + lines[i] for i in going], n=1, max_new_tokens=step_max_tokens,
+                                temperature=temperature, stop=[env.step_end], seed=next_seed())
+        still = []
+        for i, (sample,) in zip(going, outputs):
+            step = tuple(sample.tokens)[:budgets[i] - len(lines[i])]
+            lines[i] += step
+            ended = (not step or step[-1] in eos or len(lines[i]) >= budgets[i]
+                     or env.is_terminal(completion_text(policy, lines[i])))
+            if not ended:
+                boundaries[i].append(len(lines[i]))
+                still.append(i)
+        going = still
+    rng = random.Random(f"value-probe/{seed}")
+    cuts = [rng.choice(b) for b in boundaries]
+    prefixes = [prompts[i] + lines[i][:cut] for i, cut in enumerate(cuts)]
+    # 2. k completions from each prefix, about `batch` sequences per call (evaluate's batching): each is cut
+    #    at its own remaining budget (the first `room` tokens of a longer sample are distributed as a
+    #    sample of at most `room` tokens)
+    rooms = [budgets[i] - cut for i, cut in enumerate(cuts)]
+    per_call = max(1, batch // k)
+    outputs = []
+    for first in range(0, len(prefixes), per_call):
+        outputs += engine.sample(prefixes[first:first + per_call], n=k, max_new_tokens=max(rooms[first:first + per_call]),
+                                 temperature=temperature, seed=next_seed())
+    targets = []
+    for i, samples in enumerate(outputs):
+        done = lines[i][:cuts[i]]
+        targets.append(sum(env.score(problems[i], completion_text(policy, done + tuple(s.tokens)[:rooms[i]])).dense
+                           for s in samples) / len(samples))
+    # 3. the value head at each prefix
+    values = [float(v) for v in engine.value(prefixes)]
+    depths = [b.index(cut) for b, cut in zip(boundaries, cuts)]
+    return ValueProbe(tuple(values), tuple(targets), tuple(depths), time.perf_counter() - start)
