@@ -221,9 +221,9 @@ def test_ten_thousand_adversarial_completions_are_fast():
             completions.append(ans("(" * 64 + "+".join(["13"] * 100) + ")" * 64))  # near the size limits
         else:
             completions.append(bytes(rng.getrandbits(8) for _ in range(200)).decode("latin-1"))
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: other jobs on the machine do not count
     scores = [ENV.score(PROBLEM, c) for c in completions]
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     print(f"scored 10,000 adversarial completions in {elapsed:.3f} s")
     assert len(scores) == 10_000 and all(-1.0 <= s.dense <= 1.0 for s in scores)
     assert elapsed < 2.0
