@@ -148,7 +148,7 @@ def test_the_step_that_reaches_the_budget_takes_only_the_problems_it_has_room_fo
     (["--preset", "countdown-tiny-grpo", "--budget-generated-tokens", "-5"], "budget_generated_tokens"),
     (["--preset", "countdown-tiny-grpo", "--set", "model=./no/such/model"], "no such path"),
     (["--preset", "no-such-preset"], "unknown preset"),
-    (["--preset", "countdown-tiny-grpo", "--engine", "vllm"], "unknown --engine"),
+    (["--preset", "countdown-tiny-grpo", "--engine", "sglang"], "unknown --engine"),
     (["--preset", "countdown-tiny-grpo", "--set", "lr=inf"], "lr must be a finite number"),
     (["--preset", "countdown-tiny-grpo", "--set", "lr=1e400"], "lr must be a finite number"),
 ])

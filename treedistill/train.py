@@ -59,7 +59,7 @@ from treedistill.learner import (
     reference_policy,
     trainable_params,
 )
-from treedistill.methods import METHODS, RolloutContext, TrainingReward
+from treedistill.methods import METHODS, RolloutContext
 from treedistill.metrics import ComputeCounters, Progress, counter_delta
 from treedistill.runs import (
     advance_bar,
@@ -80,7 +80,7 @@ from treedistill.runs import (
     take_problems,
     why_stop,
 )
-from treedistill.value_probe import probe_value
+from treedistill.value_probe import value_quality
 
 __all__ = ["train"]
 
@@ -139,17 +139,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
         shown = problems[:cfg.eval_samples_logged]
         append_jsonl(run_dir / "samples.jsonl",
                       sample_records(ctx, shown, at_step, trajectories[:cfg.eval_samples_logged]))
-        probe = {}
-        if policy.value_head is not None and cfg.value_probe_prefixes:
-            # the value head against Monte Carlo truth (value_probe.py), on its own seeds; the global
-            # random state is restored so that training after it draws what it would have drawn without
-            gen.clear_cache()
-            with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-                probe = probe_value(gen, policy, TrainingReward(env, cfg.reward),
-                                    test_problems[:cfg.value_probe_prefixes], k=cfg.value_probe_k,
-                                    temperature=cfg.value_probe_temperature, max_new_tokens=cfg.max_new_tokens,
-                                    step_max_tokens=cfg.search.step_max_tokens,
-                                    seed=derive_seed(cfg.seed, "value-probe", 0)).to_dict()
+        probe = value_quality(gen, policy, env, problems, cfg)  # the value head against Monte Carlo truth
         return logger.log(at_step, {"kind": "eval", **eval_stats(result), **probe, **counters.as_dict(),
                                     "eval_s": time.perf_counter() - t0, "wall_s": wall()})
 

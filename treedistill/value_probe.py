@@ -162,3 +162,23 @@ def probe_value(engine, policy, env, problems: Sequence[dict], *, k: int, temper
     values = [float(v) for v in engine.value(prefixes)]
     depths = [b.index(cut) for b, cut in zip(boundaries, cuts)]
     return ValueProbe(tuple(values), tuple(targets), tuple(depths), time.perf_counter() - start)
+
+
+def value_quality(engine, policy, env, problems: Sequence[dict], cfg) -> dict:
+    """The eval line's value-head keys (`probe_value` on the first cfg.value_probe_prefixes of the
+    evaluation's problems; {} without a value head or with the probe off), on its own seeds; the global
+    random state is restored, so training after it draws what it would have drawn without it. Both
+    loops (train.py, distributed/ray_loop.py) call this, so their eval lines agree."""
+    import torch
+
+    from treedistill.learner import derive_seed
+    from treedistill.methods import TrainingReward
+
+    if policy.value_head is None or not cfg.value_probe_prefixes:
+        return {}
+    engine.clear_cache()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        return probe_value(engine, policy, TrainingReward(env, cfg.reward), problems[:cfg.value_probe_prefixes],
+                           k=cfg.value_probe_k, temperature=cfg.value_probe_temperature,
+                           max_new_tokens=cfg.max_new_tokens, step_max_tokens=cfg.search.step_max_tokens,
+                           seed=derive_seed(cfg.seed, "value-probe", 0)).to_dict()

@@ -91,7 +91,7 @@ def run(args) -> dict:
     notes = [
         f"Made by `treedistill demo --budget-generated-tokens {budget}` on {today}, {_machine()}, "
         f"{_cores()} CPU cores usable. Each method trains from the same embedded tiny model to the same budget of "
-        f"{budget:,} generated rollout tokens (the fairness knob) with its shipped preset, nothing tuned; "
+        f"{budget:,} generated rollout tokens (the fairness knob) with its shipped preset (learning rates chosen on training problems, docs/log.md); "
         f"evaluated when it passes each of {EVALUATIONS} equally spaced budget points (never cutting a step for "
         f"one) on the first {EVAL_PROBLEMS} problems of the held-out test split (the same subset for every "
         "method); the model before RL evaluated once, on the same problems, and shared.",

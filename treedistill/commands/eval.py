@@ -62,12 +62,14 @@ def add_arguments(parser) -> None:
 
 def check_arguments(args) -> None:
     """Refuse bad values before anything is loaded."""
-    from treedistill.engine import BACKENDS
+    from treedistill.engine import BACKENDS, check_available
     from treedistill.errors import UsageError
 
     check_at_least_one(args, ("k", "max_new_tokens", "limit", "batch"))
     check_non_negative(args, ("temperature",))  # also refuses nan
     check_choice(args, "engine", BACKENDS)
+    if args.engine:
+        check_available(args.engine)
     check_leaf_arguments(args)
     if args.search == "mcts":
         from treedistill.search import SELECT_RULES

@@ -48,7 +48,7 @@ def add_arguments(parser) -> None:
 
 def check_arguments(args) -> None:
     """Refuse bad values before anything is loaded."""
-    from treedistill.engine import BACKENDS
+    from treedistill.engine import BACKENDS, check_available
     from treedistill.envs.countdown import validate_problem
     from treedistill.errors import UsageError
     from treedistill.rollout.mcts import TERMINAL_VALUES
@@ -66,6 +66,8 @@ def check_arguments(args) -> None:
     check_choice(args, "select", SELECT_RULES)
     check_choice(args, "terminal", TERMINAL_VALUES)
     check_choice(args, "engine", BACKENDS)
+    if args.engine:
+        check_available(args.engine)
 
 
 # How the summary names each terminal-value rule (rollout.mcts.TERMINAL_VALUES).

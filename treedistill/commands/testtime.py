@@ -56,7 +56,7 @@ def add_arguments(parser) -> None:
 
 def check_arguments(args):
     """Refuse bad values before anything is loaded; returns the parsed budgets."""
-    from treedistill.engine import BACKENDS
+    from treedistill.engine import BACKENDS, check_available
     from treedistill.errors import UsageError
     from treedistill.search import SELECT_RULES
     from treedistill.testtime import parse_budgets
@@ -69,6 +69,8 @@ def check_arguments(args):
     check_leaf_arguments(args)
     check_choice(args, "select", SELECT_RULES)
     check_choice(args, "engine", BACKENDS)
+    if args.engine:
+        check_available(args.engine)
     return budgets
 
 

@@ -40,7 +40,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> dict:
     from treedistill.config import load_config
-    from treedistill.engine import BACKENDS
+    from treedistill.engine import BACKENDS, check_available
     from treedistill.errors import UsageError
 
     overrides = list(args.overrides)
@@ -52,6 +52,7 @@ def run(args) -> dict:
     cfg = load_config(preset=args.preset, path=args.config, overrides=overrides)  # validates, before any compute
     if args.engine not in BACKENDS:
         raise UsageError(f"unknown --engine {args.engine!r}: choose one of {', '.join(BACKENDS)}")
+    check_available(args.engine)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (args.preset or Path(args.config).stem)
     layout = {name: getattr(args, name) for name in ("generators", "learner_gpus", "max_staleness", "sync_every",
                                                       "address") if getattr(args, name) is not None}

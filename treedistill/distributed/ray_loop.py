@@ -85,6 +85,7 @@ from treedistill.runs import (
     take_problems,
     why_stop,
 )
+from treedistill.value_probe import value_quality
 
 __all__ = ["ClusterError", "DistributedSettings", "Generator", "LocalLearner", "load_weights", "train_distributed"]
 
@@ -212,7 +213,8 @@ class Generator:
         cfg = self.cfg
         result = evaluate(self.engine, self.policy, self.env, problems, k=cfg.eval_k,
                           temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        return eval_stats(result), sample_records(self.ctx, shown, step, trajectories)
+        records = sample_records(self.ctx, shown, step, trajectories)
+        return {**eval_stats(result), **value_quality(self.engine, self.policy, self.env, problems, cfg)}, records
 
 
 @dataclass
