@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from treedistill.errors import UsageError
+
 FINISH_STOP = "stop"      # a stop string (e.g. "</step>") was generated
 FINISH_EOS = "eos"        # end-of-sequence token (or the chat end token) was generated
 FINISH_LENGTH = "length"  # max_new_tokens reached
@@ -61,6 +63,16 @@ class SampleRequest:
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = field(default_factory=tuple)
+
+
+def checked_sample_args(n: int, max_new_tokens: int, temperature: float, top_p: float,
+                        stop: Sequence[str] | str) -> tuple[str, ...]:
+    """Refuse sampling settings no engine can honour; the stop strings as a tuple (one string allowed)."""
+    if n < 1 or max_new_tokens < 1:
+        raise UsageError(f"need n >= 1 and max_new_tokens >= 1, got n={n}, max_new_tokens={max_new_tokens}")
+    if not temperature >= 0 or not 0 < top_p <= 1:
+        raise UsageError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
 class Engine(Protocol):

@@ -53,7 +53,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from treedistill.engine.base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Counters, Sample
+from treedistill.engine.base import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Counters,
+    Sample,
+    checked_sample_args,
+)
 from treedistill.engine.prefix_cache import PrefixCache
 from treedistill.errors import UsageError
 
@@ -312,12 +319,7 @@ class NativeEngine:
         seed: int | None = None,
     ) -> list[list[Sample]]:
         """n samples for each prefix: result[i][j] is sample j of prefixes[i]."""
-        if n < 1 or max_new_tokens < 1:
-            raise UsageError(f"need n >= 1 and max_new_tokens >= 1, got n={n}, max_new_tokens={max_new_tokens}")
-        if not temperature >= 0 or not 0 < top_p <= 1:
-            raise UsageError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        if isinstance(stop, str):
-            stop = (stop,)
+        stop = checked_sample_args(n, max_new_tokens, temperature, top_p, stop)
         self._check_prefixes(prefixes)
         self._check_weights()
         generator = None

@@ -49,7 +49,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from treedistill.engine.base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Counters, Sample
+from treedistill.engine.base import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Counters,
+    Sample,
+    checked_sample_args,
+)
 from treedistill.errors import UsageError
 
 __all__ = ["VLLMEngine", "WeightLoader"]
@@ -237,12 +244,7 @@ class VLLMEngine:
         seed: int | None = None,
     ) -> list[list[Sample]]:
         """n samples for each prefix: result[i][j] is sample j of prefixes[i]."""
-        if n < 1 or max_new_tokens < 1:
-            raise UsageError(f"need n >= 1 and max_new_tokens >= 1, got n={n}, max_new_tokens={max_new_tokens}")
-        if not temperature >= 0 or not 0 < top_p <= 1:
-            raise UsageError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        if isinstance(stop, str):
-            stop = (stop,)
+        stop = checked_sample_args(n, max_new_tokens, temperature, top_p, stop)
         self._check(prefixes, extra=1)
         self._sync_weights()
         stop_ids, stop_texts = self._stops(tuple(stop))
