@@ -106,6 +106,8 @@ def test_evaluate_refuses_bad_settings():
     (["--search", "mcts", "--search-temperature", "0"], "--search-temperature must be > 0"),
     (["--search", "mcts", "--widen-c", "-1"], "--widen-c must be >= 0"),
     (["--search", "mcts", "--select", "best"], "unknown --select"),
+    (["--value-probe", "-1"], "--value-probe must be >= 0"),
+    (["--value-probe", "4", "--value-probe-k", "0"], "--value-probe-k must be >= 1"),
 ])
 def test_cli_refuses_bad_input_before_any_compute(flags, message, capsys, monkeypatch):
     import treedistill.models.load as load
@@ -170,6 +172,19 @@ def test_cli_eval_with_search(terminal, selectors, capsys):
         assert b["tokens_per_problem"] == round(s["tokens_per_problem"]) and b["n_mean"] > 1
 
 
+def test_eval_search_defaults_are_the_test_time_search():
+    import argparse
+
+    from treedistill.commands import eval as eval_command
+    from treedistill.testtime import SWEEP_SEARCH
+
+    parser = argparse.ArgumentParser()
+    eval_command.add_arguments(parser)
+    args = parser.parse_args(["--split", "test"])
+    for name in ("c_puct", "rollout_lambda", "widen_c", "widen_alpha", "k_children", "select", "parallel", "pick"):
+        assert getattr(args, name) == getattr(SWEEP_SEARCH, name), name
+
+
 def test_evaluate_spreads_a_large_k_over_calls_of_at_most_batch():
     """k > batch: one problem's samples over several engine calls (a call for 100,000 rows took all
     the memory of the machine); k <= batch: batch // k problems per call, as before."""
@@ -195,3 +210,36 @@ def test_evaluate_spreads_a_large_k_over_calls_of_at_most_batch():
     assert rows == [2, 2, 1, 2, 2, 1]
     assert r.samples == 10 and len(r.per_problem) == 2 and r.k == 5
     assert 0 < r.generated_tokens <= 10 * 48
+
+
+@pytest.mark.slow
+def test_cli_eval_value_probe_measures_the_saved_head(capsys):
+    """--value-probe P: the probe training logs, on the first P problems, with the model's own head."""
+    from treedistill.datasets import load_split
+    from treedistill.engine import make_engine
+    from treedistill.envs import get_env
+    from treedistill.learner import derive_seed
+    from treedistill.methods import TrainingReward
+    from treedistill.models.load import load_policy
+    from treedistill.value_probe import probe_value
+
+    assert main(["eval", "--model", "tiny", "--split", "test", "--limit", "4", "--k", "1", "--value-probe", "3",
+                 "--value-probe-k", "2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["value_probe"]
+    assert got["value_probe_prefixes"] == 3 and got["value_mse"] >= 0 and got["value_mse_const"] >= 0
+    policy = load_policy("tiny", device="cpu")
+    env = get_env("countdown")
+    want = probe_value(make_engine(policy, "native"), policy, TrainingReward(env, "sparse"),
+                       load_split("countdown", "test")[:3], k=2, temperature=0.8, max_new_tokens=512,
+                       step_max_tokens=40, seed=derive_seed(0, "value-probe", 0)).to_dict()
+    for key in ("value_mse", "value_mse_const", "value_probe_target_mean", "value_probe_value_mean"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+
+
+def test_cli_eval_value_probe_refuses_a_model_without_a_saved_head(tmp_path, capsys):
+    from treedistill.models.load import load_policy, write_model_files
+
+    policy = load_policy("tiny", device="cpu", value_head=False)
+    write_model_files(tmp_path, policy.model, policy.tokenizer, None, name="tiny", compact_prompt=True)
+    assert main(["eval", "--model", str(tmp_path), "--split", "test", "--limit", "2", "--value-probe", "2"]) == 2
+    assert "has no saved value head" in capsys.readouterr().err

@@ -265,3 +265,16 @@ def test_search_reward_searches_with_one_reward_and_trains_on_the_other(monkeypa
     cfg = TrainConfig(method="mcts", reward="sparse", max_new_tokens=40)
     methods.search_rollout(methods.RolloutContext(None, None, CountdownEnv(), cfg), problems, seed=1)
     assert seen == ["dense", "sparse"]
+
+
+def test_scaled_advantages_by_hand():
+    from treedistill.search.credit import scaled_advantages
+
+    assert scaled_advantages([0.5, -0.5, 0.0, 0.0], "none") == [0.5, -0.5, 0.0, 0.0]
+    # population std of [0.5, -0.5, 0, 0] = sqrt(0.5 / 4); divided, not centred
+    s = (0.5 / 4) ** 0.5
+    assert scaled_advantages([0.5, -0.5, 0.0, 0.0], "std") == pytest.approx([0.5 / s, -0.5 / s, 0.0, 0.0])
+    assert scaled_advantages([0.0, 0.0], "std") == [0.0, 0.0]      # nothing to scale: left as is
+    assert scaled_advantages([0.3, 0.3], "std") == [0.3, 0.3]      # std 0: left as is
+    with pytest.raises(UsageError, match="tree_advantage_norm must be one of none, std"):
+        TrainConfig(method="mcts-tree", micro_batch_size=8, tree_advantage_norm="max")

@@ -42,6 +42,8 @@ def test_testtime_refuses_bad_budgets(capsys):
     assert "--budgets" in capsys.readouterr().err
     assert main(["testtime", "--model", "tiny", "--widen-alpha", "-0.5"]) == 2
     assert "--widen-alpha" in capsys.readouterr().err
+    assert main(["testtime", "--model", "tiny", "--c-puct", "-1"]) == 2
+    assert "--c-puct must be >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow

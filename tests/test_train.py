@@ -176,6 +176,22 @@ def test_resume_refuses_a_changed_config_and_never_refuses_an_existing_run(tmp_p
     assert code == 2 and "already holds checkpoints" in out.err
 
 
+def test_a_setting_added_after_a_run_was_saved_reads_as_its_default():
+    """A run folder written before a setting existed is the same run as one with that setting at its
+    default (top level and inside search), and a different one when the setting is not at its default."""
+    import yaml
+
+    from treedistill.config import to_yaml
+    from treedistill.runs import changed_settings
+
+    cfg = load_config(preset="countdown-tiny-mcts")
+    saved = yaml.safe_load(to_yaml(cfg))
+    del saved["tree_advantage_norm"], saved["search"]["merge"]
+    assert changed_settings(saved, cfg) == []
+    assert changed_settings(saved, load_config(preset="countdown-tiny-mcts", overrides=["search.merge=canonical"])) == ["search"]
+    assert changed_settings(saved, load_config(preset="countdown-tiny-mcts", overrides=["lr=0.1"])) == ["lr"]
+
+
 def test_a_nonfinite_update_is_skipped_and_a_finite_one_is_taken():
     layer = torch.nn.Linear(2, 1)
     params = list(layer.parameters())

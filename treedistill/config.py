@@ -26,7 +26,7 @@ from treedistill.datasets import resolve_path
 from treedistill.envs import ENVS as ENV_CLASSES
 from treedistill.errors import UsageError
 from treedistill.search.contracts import RENAMED, SearchSettings
-from treedistill.search.credit import TREE_ADVANTAGES
+from treedistill.search.credit import TREE_ADVANTAGE_NORMS, TREE_ADVANTAGES
 
 __all__ = [
     "LoraSettings",
@@ -181,6 +181,7 @@ class TrainConfig:
     reward: str = "dense"                      # reward trained on (and searched with): dense (the reference) | sparse (0/1)
     search_reward: str | None = None           # mcts, mcts-tree: reward the search scores terminal nodes with (dense | sparse); None = reward
     tree_advantage: str = "local"              # mcts-tree: a step's credit, local V^(s')-V^(s) | local+global (+ V^(s')-V^(root)); search/credit.py
+    tree_advantage_norm: str = "none"          # mcts-tree: none | std (a rollout batch's step advantages divided by their std)
     max_new_tokens: int = 512                  # completion length limit (rollouts and evaluation)
     # optimiser
     lr: float = 5e-6                           # AdamW peak learning rate
@@ -367,6 +368,7 @@ class TrainConfig:
             *_allowed("reward", self.reward, TRAIN_REWARDS),
             *_allowed("search_reward", self.search_reward, (None, *TRAIN_REWARDS)),
             *_allowed("tree_advantage", self.tree_advantage, TREE_ADVANTAGES),
+            *_allowed("tree_advantage_norm", self.tree_advantage_norm, TREE_ADVANTAGE_NORMS),
             *_check(self.value_probe_temperature > 0,
                     f"value_probe_temperature must be > 0 (got {self.value_probe_temperature})"),
             *_check(self.temperature > 0, f"temperature must be > 0 (got {self.temperature})"),

@@ -47,6 +47,7 @@ from treedistill.rollout.mcts import SearchOutcome, search_problems
 from treedistill.rollout.sample import best_of_n, sample_problems
 from treedistill.rollout.trajectory import Trajectory
 from treedistill.rollout.tree_lines import tree_rows, with_completion
+from treedistill.search.credit import scaled_advantages
 
 __all__ = ["METHODS", "REWARDS", "Method", "Rollout", "RolloutContext", "TrainingReward", "best_of_n_rollout",
            "group_baseline_advantages", "group_rollout", "search_rollout", "tree_advantages", "tree_rollout",
@@ -202,12 +203,15 @@ def tree_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Ro
         learned.append(sum(len(t.completion_ids) for t in tree_part.rows))
     assert {t.group for t in rows} == set(range(len(problems))), (
         "mcts-tree: a searched tree has no step to learn from (its extracted path is finished or completed)")
+    raw = [t.advantage for t in rows]
+    rows = [dataclasses.replace(t, advantage=a)
+            for t, a in zip(rows, scaled_advantages(raw, cfg.tree_advantage_norm))]
     paths = [o.trajectory for o in found]
     stats = {**_search_stats(paths),
              "tree_rows": len(rows) / len(problems), "tree_lines": _mean(lines),
              "tree_line_reward_mean": _mean(line_rewards),
              "tree_learned_tokens": _mean(learned),
-             "tree_advantage_abs_mean": _mean([abs(t.advantage) for t in rows]),
+             "tree_advantage_abs_mean": _mean([abs(a) for a in raw]),
              "tree_path_reward": _mean([env.score(p, o.text).dense for p, o in zip(problems, found)])}
     return Rollout(rows, stats)
 

@@ -217,9 +217,19 @@ def resume_point(run_dir: Path, resume: str) -> tuple[Path | None, dict | None]:
 
 def changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
     """The settings, in order, where a run's saved config (its YAML, loaded) and `cfg` differ in a way
-    a resumption may not (RESUMABLE_CHANGES may differ)."""
+    a resumption may not (RESUMABLE_CHANGES may differ). A setting the saved config lacks (it was added
+    to TrainConfig after the run was written; new settings default to the earlier behaviour) reads as
+    its default, in nested sections (search) too."""
     now = yaml.safe_load(to_yaml(cfg))
-    return sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    defaults = yaml.safe_load(to_yaml(TrainConfig()))
+
+    def as_saved(key: str):
+        value = saved.get(key, defaults.get(key))
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            return {**defaults[key], **value}
+        return value
+
+    return sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and as_saved(k) != now.get(k))
 
 
 def check_same_run(saved_yaml: str, cfg: TrainConfig) -> None:

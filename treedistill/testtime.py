@@ -104,8 +104,13 @@ SELECTORS: dict[str, Callable[[Sequence, Sequence[float] | None], int | None]] =
 # Progressive widening: widen_c 1, chosen once on 100 training problems at ~4,000 tokens per problem:
 # it (100 simulations) beat 2 (64 simulations, a third of the paths left incomplete) on the chosen
 # answers' dense reward, +0.16 vs +0.14; see docs/log.md.
-SWEEP_SEARCH = SearchSettings(parallel=8, select="puct", c_puct=0.5, max_depth=16, k_children=4, temperature=0.8,
-                              step_max_tokens=64, widen_c=1.0, widen_alpha=0.5, pick="best")
+# Rollout leaves (rollout_lambda 1) and c_puct 2, chosen on 200 held-out TRAINING problems in two stages
+# (docs/log.md, 2026-12-03): problems solved by MCTS with the checker on the last 100 at 256 / 1,024 /
+# 4,096 tokens: rollouts + c 2: 2 / 7 / 14; rollouts (c 0.5): 2 / 4 / 14; + canonical merging + Gumbel:
+# 3 / 5 / 12; + widening c 2: 2 / 8 / 10; + K 2: 2 / 4 / 9 (best-of-N with the checker: 0 / 5 / 23); on the
+# first 100 at 512 / 2,048, without rollouts 0 / 2, with 1 / 9. Canonical merging and Gumbel stay options.
+SWEEP_SEARCH = SearchSettings(parallel=8, select="puct", c_puct=2.0, max_depth=16, k_children=4, temperature=0.8,
+                              step_max_tokens=64, widen_c=1.0, widen_alpha=0.5, pick="best", rollout_lambda=1.0)
 
 
 @dataclass(frozen=True)

@@ -43,13 +43,16 @@ def add_pick_argument(parser, default: str | None = "best") -> None:
                              "or visits (the most-visited path, the training target)")
 
 
-def add_leaf_arguments(parser, *, defaults: bool = True) -> None:
+def add_leaf_arguments(parser, *, defaults: bool = True, rollout_lambda: float = 0.0) -> None:
     """`--rollout-lambda` and `--merge` (SearchSettings.rollout_lambda / merge); with defaults=False
     they default to None (the caller's settings decide)."""
-    parser.add_argument("--rollout-lambda", type=float, default=0.0 if defaults else None,
+    parser.add_argument("--rollout-lambda", type=float, default=rollout_lambda if defaults else None,
                         help="leaf value (1 - lambda) * value head + lambda * z, z the checked outcome of ONE "
                              "policy rollout from the leaf, whose finished line is also an answer candidate "
-                             "(default 0: the value head only, no rollout; 1: rollouts only)")
+                             + (f"(0: the value head only, no rollout; 1: rollouts only; default {rollout_lambda:g})"
+                                if defaults else
+                                "(0: the value head only, no rollout; 1: rollouts only; default: the command's search "
+                                "settings)"))
     parser.add_argument("--merge", default="tokens" if defaults else None, choices=["tokens", "canonical"],
                         help="sibling steps merged when their tokens are identical (tokens, default) or their "
                              "canonical form is (canonical: the environment's canonical_step, e.g. 4*5=20 == 5*4=20)")
@@ -75,11 +78,11 @@ def search_settings(args, **fields):
     return SearchSettings(**{**flags, **fields})
 
 
-def add_tree_arguments(parser, *, simulations: int) -> None:
+def add_tree_arguments(parser, *, simulations: int, c_puct: float = 0.5) -> None:
     """The search tree's budget and selection: --simulations, --parallel, --select, --c-puct, --max-depth."""
     parser.add_argument("--simulations", type=int, default=simulations,
                         help=f"simulations per problem (default {simulations})")
     parser.add_argument("--parallel", type=int, default=8, help="descents per round, W (default 8)")
     parser.add_argument("--select", default="puct", help="selection rule: puct | uct | gumbel (default puct)")
-    parser.add_argument("--c-puct", type=float, default=0.5, help="exploration constant (default 0.5)")
+    parser.add_argument("--c-puct", type=float, default=c_puct, help=f"exploration constant (default {c_puct:g})")
     parser.add_argument("--max-depth", type=int, default=16, help="steps from the root at most (default 16)")

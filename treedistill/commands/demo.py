@@ -1,5 +1,5 @@
-"""`treedistill demo` (what `make demo` runs): MCTS distillation against best-of-N, CISPO and GRPO at
-the same budget of generated tokens, on the embedded tiny model, in minutes on 2 CPU cores.
+"""`treedistill demo` (what `make demo` runs): MCTS distillation (from the extracted path, and from the
+whole searched tree) against best-of-N, CISPO and GRPO at the same budget of generated tokens, on the embedded tiny model, in minutes on 2 CPU cores.
 
 Every method starts from the same tiny model, trains to the same generated-token budget with the
 same update structure (four minibatch updates per rollout batch) and a warm-up that is the same
@@ -19,7 +19,8 @@ import sys
 
 from treedistill.errors import UsageError
 
-HELP = "the demo: MCTS distillation vs best-of-N, CISPO and GRPO at equal generated tokens (tiny model, CPU)"
+HELP = ("the demo: MCTS distillation (path and whole tree) vs best-of-N, CISPO and GRPO at equal generated tokens "
+        "(tiny model, CPU)")
 
 # Report rows in the reference's order; label -> preset.
 DEMO_PRESETS = {
@@ -27,6 +28,7 @@ DEMO_PRESETS = {
     "CISPO": "countdown-tiny-cispo",
     "GRPO": "countdown-tiny-grpo",
     "MCTS distillation": "countdown-tiny-mcts",
+    "MCTS whole tree": "countdown-tiny-mcts-tree",
 }
 # Time model of the demo on 2 CPU cores, 2 jobs: wall = FIXED_S + SECONDS_PER_TOKEN x budget, i.e. half
 # the CPU seconds of the 4 runs. From runs of the shipped presets on the 2-core machine (2026-11-26,
@@ -42,7 +44,7 @@ EVAL_PROBLEMS = 200           # the first 200 problems of the test split, for ev
 EVALUATIONS = 2               # evaluation points along the budget (plus the one before RL)
 # Start the methods that cost the most time per generated token first, so 2 parallel jobs end together
 # (measured per generated token: GRPO, CISPO > MCTS > best-of-N).
-RUN_FIRST = ("GRPO", "CISPO", "MCTS distillation", "best-of-N")
+RUN_FIRST = ("MCTS whole tree", "GRPO", "CISPO", "MCTS distillation", "best-of-N")
 
 
 def add_arguments(parser) -> None:
@@ -101,7 +103,7 @@ def run(args) -> dict:
     summary = run_comparison(DEMO_PRESETS, seeds=[0], budget=budget, out_dir=args.run_dir,
                              overrides=[f"eval_problems={EVAL_PROBLEMS}"], evaluations=EVALUATIONS,
                              jobs=args.jobs, log=_log, reference=REFERENCE, notes=notes, run_first=RUN_FIRST,
-                             title="MCTS distillation vs best-of-N, CISPO and GRPO at equal generated tokens")
+                             title="MCTS distillation (path, whole tree) vs best-of-N, CISPO and GRPO at equal generated tokens")
     print(summary["table"])
     print()
     print(summary["headline"].replace("**", ""))

@@ -1,6 +1,7 @@
 """`treedistill eval`: mean@k accuracy of a model without search, with its standard error; with
 `--search mcts`, also the accuracy of the answers MCTS extracts on the same problems, and best-of-N at
-the search's generated tokens per problem, each with its tokens per problem."""
+the search's generated tokens per problem, each with its tokens per problem; with `--value-probe P`, how
+well the model's saved value head predicts success (value_probe.py) on the first P problems."""
 
 from __future__ import annotations
 
@@ -16,6 +17,13 @@ from treedistill.commands import (
     check_non_negative,
     search_settings,
 )
+
+# The value probe's sampling, the tiny presets' search settings (config.SearchSettings; value_probe.py).
+PROBE_TEMPERATURE = 0.8
+PROBE_STEP_TOKENS = 40
+# --search's settings where testtime.SWEEP_SEARCH chose them (a test checks they agree; that module is
+# not imported to build the parser).
+TEST_TIME_SEARCH = {"c_puct": 2.0, "rollout_lambda": 1.0, "widen_c": 1.0}
 
 HELP = ("evaluate a model: mean@k accuracy (+- stderr), pass@k, format rate; --search mcts adds the accuracy "
         "with search and best-of-N at the same tokens")
@@ -41,7 +49,9 @@ def add_arguments(parser) -> None:
     search = parser.add_argument_group("search at test time (--search mcts)")
     search.add_argument("--search", default="none", choices=["none", "mcts"],
                         help="mcts: also evaluate the answer of a step-level MCTS per problem (default none)")
-    add_tree_arguments(search, simulations=64)
+    # The search's defaults are the test-time search's (testtime.SWEEP_SEARCH: rollout leaves, c 2,
+    # widening 1), chosen on training problems; the training presets keep theirs.
+    add_tree_arguments(search, simulations=64, c_puct=TEST_TIME_SEARCH["c_puct"])
     search.add_argument("--k-children", type=int, default=4, help="sampled steps per expanded node (default 4)")
     search.add_argument("--search-temperature", type=float, default=0.8,
                         help="step sampling temperature of the search and of best-of-N (default 0.8)")
@@ -51,12 +61,22 @@ def add_arguments(parser) -> None:
                              "it reads only the prompt, as on Countdown), legal (the value head, -1 without a "
                              "legal answer; the default elsewhere) or value (the value head)")
     add_pick_argument(search)
-    add_leaf_arguments(search)
-    search.add_argument("--widen-c", type=float, default=0.0,
-                        help="progressive widening constant (default 0: each node expanded once)")
+    add_leaf_arguments(search, rollout_lambda=TEST_TIME_SEARCH["rollout_lambda"])
+    search.add_argument("--widen-c", type=float, default=TEST_TIME_SEARCH["widen_c"],
+                        help="progressive widening: a node gets K more steps while its samples are fewer than "
+                             f"C * N^alpha (default {TEST_TIME_SEARCH['widen_c']:g}; 0: each node expanded once)")
     search.add_argument("--widen-alpha", type=float, default=0.5, help="progressive widening exponent (default 0.5)")
     search.add_argument("--problems-at-once", type=int, default=32,
                         help="problems searched in lock-step per batch (default 32)")
+    probe = parser.add_argument_group("value head (--value-probe P)")
+    probe.add_argument("--value-probe", type=int, default=0, metavar="P",
+                       help="also measure the saved value head on step prefixes of the first P problems: Spearman "
+                            "of V against the success rate of policy completions, MSE against the best constant's "
+                            "(what training logs at every evaluation; default 0 = off)")
+    probe.add_argument("--value-probe-k", type=int, default=6, help="policy completions per prefix (default 6)")
+    probe.add_argument("--value-reward", default="sparse", choices=["sparse", "dense"],
+                       help="the reward the completions are scored with, the one the head was trained on "
+                            "(default sparse, as the tiny presets)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line last")
 
 
@@ -66,7 +86,8 @@ def check_arguments(args) -> None:
     from treedistill.errors import UsageError
 
     check_at_least_one(args, ("k", "max_new_tokens", "limit", "batch"))
-    check_non_negative(args, ("temperature",))  # also refuses nan
+    check_non_negative(args, ("temperature", "value_probe"))  # also refuses nan
+    check_at_least_one(args, ("value_probe_k",))
     check_choice(args, "engine", BACKENDS)
     if args.engine:
         check_available(args.engine)
@@ -113,8 +134,13 @@ def run(args) -> dict:
 
         raise UsageError(f"no problems to evaluate in {args.data or args.split}")
     searching = args.search == "mcts"
-    policy = load_policy(args.model, device=args.device, value_head=searching)
-    engine = make_engine(policy, args.engine or ("native" if searching else "hf"))
+    policy = load_policy(args.model, device=args.device, value_head=searching or args.value_probe > 0)
+    if args.value_probe and not policy.value_head_saved:
+        from treedistill.errors import UsageError
+
+        raise UsageError(f"--value-probe: model {args.model} has no saved value head (a method without one, "
+                         "e.g. grpo or cispo, trained it); nothing to measure")
+    engine = make_engine(policy, args.engine or ("native" if searching or args.value_probe else "hf"))
     update, close = _progress_bar(len(problems))
     try:
         result = evaluate(engine, policy, env, problems, k=args.k, temperature=args.temperature,
@@ -135,7 +161,29 @@ def run(args) -> dict:
     print(f"  wall seconds       {result.seconds:.1f}")
     if searching:
         out["search"] = _run_search(args, engine, policy, env, problems, result)
+    if args.value_probe:
+        out["value_probe"] = _run_value_probe(args, engine, policy, env, problems)
     return out
+
+
+def _run_value_probe(args, engine, policy, env, problems) -> dict:
+    """value_probe.probe_value on the first --value-probe problems, as training's evaluations measure it
+    (temperature 0.8, steps of at most 40 tokens: the tiny presets' search settings)."""
+    from treedistill.learner import derive_seed
+    from treedistill.methods import TrainingReward
+    from treedistill.value_probe import probe_value
+
+    found = probe_value(engine, policy, TrainingReward(env, args.value_reward), problems[:args.value_probe],
+                        k=args.value_probe_k, temperature=PROBE_TEMPERATURE, max_new_tokens=args.max_new_tokens,
+                        step_max_tokens=PROBE_STEP_TOKENS, seed=derive_seed(args.seed, "value-probe", 0)).to_dict()
+    rho = found["value_spearman"]
+    print(f"value head on {found['value_probe_prefixes']} step prefixes x {args.value_probe_k} completions "
+          f"({args.value_reward} reward; success rate {found['value_probe_target_mean']:.3f}, mean V "
+          f"{found['value_probe_value_mean']:+.3f})")
+    print(f"  Spearman(V, success) {'undefined (a constant side)' if rho is None else f'{rho:+.3f}'}")
+    print(f"  MSE {found['value_mse']:.4f}  (best constant {found['value_mse_const']:.4f}), wall "
+          f"{found['value_probe_s']:.1f} s")
+    return found
 
 
 def _per_answer(tokens: float | None) -> str:

@@ -25,11 +25,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--env", default="countdown", help="environment (default countdown)")
     parser.add_argument("--data", default=None, help="JSONL file of problems (default: the env's test split)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N problems")
-    parser.add_argument("--k-children", type=int, default=4, help="sampled steps per expanded node (default 4)")
+    parser.add_argument("--k-children", type=int, default=None,
+                        help="sampled steps per expanded node (default: SWEEP_SEARCH's, 4)")
     parser.add_argument("--temperature", type=float, default=0.8,
                         help="temperature of search steps and best-of-N samples (default 0.8)")
-    parser.add_argument("--parallel", type=int, default=8, help="search descents per round, W (default 8)")
-    parser.add_argument("--select", default="puct", help="search selection rule: puct | uct | gumbel")
+    parser.add_argument("--parallel", type=int, default=None,
+                        help="search descents per round, W (default: SWEEP_SEARCH's, 8)")
+    parser.add_argument("--select", default=None,
+                        help="search selection rule: puct | uct | gumbel (default: SWEEP_SEARCH's, puct)")
+    parser.add_argument("--c-puct", type=float, default=None,
+                        help="search exploration constant c (default: SWEEP_SEARCH's, 2)")
     parser.add_argument("--widen-c", type=float, default=None,
                         help="search progressive widening: a node gets K more steps while its samples are fewer "
                              "than C * N^alpha; 0 = off (default: SWEEP_SEARCH's, 1.0)")
@@ -39,7 +44,7 @@ def add_arguments(parser) -> None:
                         help="how the mcts row values terminal nodes without a verifier: legal (value head, -1 "
                              "without a legal answer; default) or value (value head only)")
     add_pick_argument(parser, default=None)  # None: SWEEP_SEARCH's ("best")
-    add_leaf_arguments(parser, defaults=False)  # None: SWEEP_SEARCH's (0, "tokens")
+    add_leaf_arguments(parser, defaults=False)  # None: SWEEP_SEARCH's (rollout_lambda 1, merge "tokens")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens per completion (default 512)")
     parser.add_argument("--rows", default=None, choices=["free", "verifier", "both"],
                         help="free: no row uses the environment's reward; verifier: only mcts+verifier and "
@@ -65,7 +70,7 @@ def check_arguments(args):
     check_at_least_one(args, ("k_children", "parallel", "max_new_tokens", "once_samples", "limit"))
     if not args.temperature > 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
-    check_non_negative(args, ("widen_c", "widen_alpha"))
+    check_non_negative(args, ("c_puct", "widen_c", "widen_alpha"))
     check_leaf_arguments(args)
     check_choice(args, "select", SELECT_RULES)
     check_choice(args, "engine", BACKENDS)
@@ -114,7 +119,7 @@ def run(args) -> dict:
         raise UsageError(f"cannot create --out {out_dir}: {err}") from None
     policy = load_policy(args.model, device=args.device, value_head=True)
     engine = make_engine(policy, args.engine)
-    given = {name: getattr(args, name) for name in ("k_children", "temperature", "parallel", "select", "widen_c",
+    given = {name: getattr(args, name) for name in ("k_children", "temperature", "parallel", "select", "c_puct", "widen_c",
                                                      "widen_alpha", "pick", "rollout_lambda", "merge")
              if getattr(args, name) is not None}
     terminal = {} if args.mcts_terminal is None else {"mcts_terminal": args.mcts_terminal}

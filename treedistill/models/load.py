@@ -73,6 +73,7 @@ class Policy:
     model: HF causal LM (possibly a peft model with a LoRA adapter).
     value_head: reads the final hidden state [B, T, H] -> [B, T]; None when not requested.
     compact_prompt: use the environment's compact prompt (the embedded tiny model).
+    value_head_saved: the value head was read from the model folder (False: a fresh, untrained one).
     """
 
     model: torch.nn.Module
@@ -80,6 +81,7 @@ class Policy:
     value_head: ValueHead | None
     name: str
     compact_prompt: bool = False
+    value_head_saved: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -208,9 +210,11 @@ def wrap_policy(model, tokenizer, *, name: str, device: torch.device, dtype: tor
     model = model.to(device=device, dtype=dtype)
     model.eval()
     head = None
+    saved = False
     if value_head:
         hidden = int(model.config.hidden_size)
         head = load_value_head(folder, hidden) if folder is not None else None
+        saved = head is not None
         if head is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -218,7 +222,8 @@ def wrap_policy(model, tokenizer, *, name: str, device: torch.device, dtype: tor
         head = head.to(device)
     if lora is not None:
         model = _attach_lora(model, lora)
-    return Policy(model=model, tokenizer=tokenizer, value_head=head, name=name, compact_prompt=compact_prompt)
+    return Policy(model=model, tokenizer=tokenizer, value_head=head, name=name, compact_prompt=compact_prompt,
+                  value_head_saved=saved)
 
 
 _LORA_KEYS = {"r", "alpha", "target_modules", "dropout"}

@@ -34,6 +34,13 @@ Sources and where we depart:
 - Tree-GRPO (ICLR 2026): intra-tree advantages (a node against its siblings, = step-level
   preference) and inter-tree (across trees of a prompt); ours is intra-tree only (one tree per problem).
 - SPO (2025): segment advantages V(s') - V(s) from Monte Carlo estimates; ours are the tree's own.
+- Scale (`tree_advantage_norm`). Under a 0/1 reward most steps of a tree have A = 0 (no success
+  below them, or the same rate as their parent's) and the rest are small (|A| ~0.005 on average on the
+  tiny preset), while the loss is a mean over every learned token: ~50 rows per tree dilute the few
+  informative steps that mcts's single path would carry at full weight. `std` divides every advantage
+  of a rollout batch (all its trees) by their standard deviation over the batch's rows (GRPO's scale,
+  without its centring: the tree's baseline V^(parent) is already subtracted; TreeRL normalises the
+  leaf rewards instead); `none` keeps them as computed.
 - Lines that stop short (a node at max_depth, a leaf the search never expanded) carry no terminal
   reward and are not learned: no bootstrap from the value head, so the advantage never depends on it.
   (The rollout adds the policy's completion of an unfinished extracted path as one terminal step,
@@ -42,14 +49,16 @@ Sources and where we depart:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from treedistill.search.tree import ROOT, Tree
 
-__all__ = ["TREE_ADVANTAGES", "StepCredit", "step_credits", "subtree_values"]
+__all__ = ["TREE_ADVANTAGES", "TREE_ADVANTAGE_NORMS", "StepCredit", "scaled_advantages", "step_credits",
+           "subtree_values"]
 
 TREE_ADVANTAGES = ("local", "local+global")
+TREE_ADVANTAGE_NORMS = ("none", "std")
 
 
 @dataclass(frozen=True)
@@ -100,3 +109,15 @@ def step_credits(tree: Tree, rewards: Mapping[int, float], mode: str = "local") 
             advantage += value - root       # global: V^(n) - V^(root)
         out.append(StepCredit(node=node, parent=parent, value=value, advantage=advantage, leaves=leaves[node]))
     return out
+
+
+def scaled_advantages(advantages: Sequence[float], norm: str) -> list[float]:
+    """A rollout batch's step advantages under `norm` (see the module docstring): "none" as given, "std"
+    divided by their population standard deviation (unchanged when it is 0: every step's A is 0)."""
+    assert norm in TREE_ADVANTAGE_NORMS, f"tree advantage norm must be one of {TREE_ADVANTAGE_NORMS}, got {norm!r}"
+    values = [float(a) for a in advantages]
+    if norm == "none" or not values:
+        return values
+    mean = sum(values) / len(values)
+    std = (sum((a - mean) ** 2 for a in values) / len(values)) ** 0.5
+    return values if std <= 1e-12 else [a / std for a in values]
