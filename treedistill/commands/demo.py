@@ -1,5 +1,6 @@
 """`treedistill demo` (what `make demo` runs): MCTS distillation (from the extracted path, and from the
-whole searched tree) against best-of-N, CISPO and GRPO at the same budget of generated tokens, on the embedded tiny model, in minutes on 2 CPU cores.
+whole searched tree) against best-of-N, CISPO and GRPO at the same budget of generated tokens, on the
+embedded tiny model, in minutes on 2 CPU cores.
 
 Every method starts from the same tiny model, trains to the same generated-token budget with the
 same update structure (four minibatch updates per rollout batch) and a warm-up that is the same
@@ -30,12 +31,13 @@ DEMO_PRESETS = {
     "MCTS distillation": "countdown-tiny-mcts",
     "MCTS whole tree": "countdown-tiny-mcts-tree",
 }
-# Time model of the demo on 2 CPU cores, 2 jobs: wall = FIXED_S + SECONDS_PER_TOKEN x budget, i.e. half
-# the CPU seconds of the 4 runs. From runs of the shipped presets on the 2-core machine (2026-11-26,
-# one torch thread per run, corrected for a third process sharing the cores): an evaluation of 200 x 16
-# samples ~50 s, 3 per run (before RL and at 2 budget points) and ~10 s of start-up per run -> 640
-# CPU seconds; training ~0.9 ms per generated token for GRPO and CISPO (64 samples per step), ~0.38
-# for MCTS distillation, ~0.3 for best-of-N -> 2.48 ms per token for the 4 runs together.
+# Time model of the demo on 2 CPU cores, 2 jobs: wall = FIXED_S + SECONDS_PER_TOKEN x budget. The
+# constants were fitted on 2026-11-26 to 4 methods on shared cores (~50 s per evaluation of 200 x 16
+# samples, 0.3-0.9 ms of training per generated token) and are kept as a margin: on the idle 2-core
+# machine (2026-12-03, `make demo` from a clean clone) the 5 methods at the default 280,000 tokens
+# took 5m57s wall and 10.4 min of CPU (training per generated token: mcts-tree 0.59 ms, CISPO 0.30,
+# GRPO 0.26, best-of-N 0.14, mcts 0.11; ~40 s of evaluations and start-up per run), where the model
+# predicts 11.1 min.
 DEFAULT_MINUTES = 15.0
 FIXED_S = 320.0
 SECONDS_PER_TOKEN = 1.24e-3
@@ -43,7 +45,7 @@ MARGIN = 0.75                 # plan for 75% of the time limit
 EVAL_PROBLEMS = 200           # the first 200 problems of the test split, for every method
 EVALUATIONS = 2               # evaluation points along the budget (plus the one before RL)
 # Start the methods that cost the most time per generated token first, so 2 parallel jobs end together
-# (measured per generated token: GRPO, CISPO > MCTS > best-of-N).
+# (measured per generated token: mcts-tree > CISPO, GRPO > best-of-N, mcts).
 RUN_FIRST = ("MCTS whole tree", "GRPO", "CISPO", "MCTS distillation", "best-of-N")
 
 
@@ -103,7 +105,8 @@ def run(args) -> dict:
     summary = run_comparison(DEMO_PRESETS, seeds=[0], budget=budget, out_dir=args.run_dir,
                              overrides=[f"eval_problems={EVAL_PROBLEMS}"], evaluations=EVALUATIONS,
                              jobs=args.jobs, log=_log, reference=REFERENCE, notes=notes, run_first=RUN_FIRST,
-                             title="MCTS distillation (path, whole tree) vs best-of-N, CISPO and GRPO at equal generated tokens")
+                             title="MCTS distillation (path, whole tree) vs best-of-N, CISPO and GRPO at equal "
+                                   "generated tokens")
     print(summary["table"])
     print()
     print(summary["headline"].replace("**", ""))
