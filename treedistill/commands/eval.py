@@ -18,9 +18,9 @@ from treedistill.commands import (
     search_settings,
 )
 
-# The value probe's sampling, the tiny presets' search settings (config.SearchSettings; value_probe.py).
-PROBE_TEMPERATURE = 0.8
-PROBE_STEP_TOKENS = 40
+# The value probe's settings (sampling temperature, step length) are this preset's, as its training
+# evaluations use them (value_probe.value_quality).
+PROBE_PRESET = "countdown-tiny-mcts"
 # --search's settings where testtime.SWEEP_SEARCH chose them (a test checks they agree; that module is
 # not imported to build the parser).
 TEST_TIME_SEARCH = {"c_puct": 2.0, "rollout_lambda": 1.0, "widen_c": 1.0}
@@ -167,15 +167,15 @@ def run(args) -> dict:
 
 
 def _run_value_probe(args, engine, policy, env, problems) -> dict:
-    """value_probe.probe_value on the first --value-probe problems, as training's evaluations measure it
-    (temperature 0.8, steps of at most 40 tokens: the tiny presets' search settings)."""
-    from treedistill.learner import derive_seed
-    from treedistill.methods import TrainingReward
-    from treedistill.value_probe import probe_value
+    """value_probe.value_quality on the first --value-probe problems, as training's evaluations measure
+    it (PROBE_PRESET's temperature and step length; the reward, k, seed and completion length given)."""
+    from treedistill.config import load_config
+    from treedistill.value_probe import value_quality
 
-    found = probe_value(engine, policy, TrainingReward(env, args.value_reward), problems[:args.value_probe],
-                        k=args.value_probe_k, temperature=PROBE_TEMPERATURE, max_new_tokens=args.max_new_tokens,
-                        step_max_tokens=PROBE_STEP_TOKENS, seed=derive_seed(args.seed, "value-probe", 0)).to_dict()
+    cfg = load_config(PROBE_PRESET, overrides=[f"reward={args.value_reward}", f"value_probe_prefixes={args.value_probe}",
+                                                f"value_probe_k={args.value_probe_k}", f"seed={args.seed}",
+                                                f"max_new_tokens={args.max_new_tokens}"])
+    found = value_quality(engine, policy, env, problems, cfg)
     rho = found["value_spearman"]
     print(f"value head on {found['value_probe_prefixes']} step prefixes x {args.value_probe_k} completions "
           f"({args.value_reward} reward; success rate {found['value_probe_target_mean']:.3f}, mean V "
