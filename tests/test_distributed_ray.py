@@ -13,7 +13,7 @@ import torch
 from treedistill.checkpoint import latest_checkpoint, load_checkpoint
 from treedistill.cli import main
 from treedistill.config import load_config
-from treedistill.distributed import DistributedSettings, Finished, Ledger, load_weights, train_distributed
+from treedistill.distributed import DistributedSettings, Finished, Ledger, load_weights
 from treedistill.metrics import read_metrics
 from treedistill.models.presets import TINY_FOLDER
 from treedistill.train import train
@@ -131,8 +131,8 @@ def test_distributed_ledger_random_events_never_lose_a_problem():
 
 
 def test_distributed_generator_loading_new_weights_never_reuses_stale_keys_values():
-    from treedistill.distributed.ray_loop import trainable_state
     from treedistill.engine.native import NativeEngine
+    from treedistill.learner import trainable_state
     from treedistill.models.load import wrap_policy
     from treedistill.models.tiny import build_model, build_tokenizer
 
@@ -212,8 +212,8 @@ def runs(tmp_path_factory, model, cluster):
     cfg = _config("countdown-tiny-mcts", model, "steps=2", "checkpoint_every=1", "eval_every=2")
     single, spread = tmp_path_factory.mktemp("single") / "run", tmp_path_factory.mktemp("ray") / "run"
     train(cfg, single, progress=False)
-    summary = train_distributed(dataclasses.replace(cfg, steps=3), spread, settings=DistributedSettings(generators=2),
-                                fault=(0, 1), progress=False)
+    summary = train(dataclasses.replace(cfg, steps=3), spread, distributed=DistributedSettings(generators=2),
+                    fault=(0, 1), progress=False)
     return cfg, single, spread, summary
 
 
@@ -273,15 +273,16 @@ def test_distributed_generator_killed_mid_run_is_restarted_and_no_problem_is_los
 @pytest.mark.slow
 def test_distributed_fsdp_learner_on_two_cpu_ranks_matches_the_one_process_update(tmp_path, model, cluster):
     from treedistill.distributed.fsdp import FSDPLearner
-    from treedistill.distributed.ray_loop import LocalLearner
     from treedistill.engine import make_engine
     from treedistill.envs import get_env
+    from treedistill.learner import Learner
+    from treedistill.methods import METHODS
     from treedistill.metrics import ComputeCounters
     from treedistill.rollout.sample import sample_problems
 
     # 4 trajectories, 4 micro-batches of 1: rank r trains micro-batches r and r + 2
     cfg = _config("countdown-tiny-ppo", model, "micro_batch_size=1", "lr=1e-3")
-    local = LocalLearner(cfg, None, __import__("contextlib").ExitStack())
+    local = Learner(cfg, None, __import__("contextlib").ExitStack())
     env = get_env("countdown")
     problems = [{"numbers": [3, 5, 7], "target": 22}, {"numbers": [2, 4, 9], "target": 17}]
     groups = sample_problems(make_engine(local.policy, "native"), local.policy, env, problems, n=2,
@@ -289,10 +290,11 @@ def test_distributed_fsdp_learner_on_two_cpu_ranks_matches_the_one_process_updat
     trajectories = [t for g in groups for t in g]
     fsdp = FSDPLearner(cfg, 2, device="cpu")
     try:
-        want = local.learn(trajectories, step=1, nonfinite_streak=0, skipped_updates=0, counters=ComputeCounters())
-        got = fsdp.learn(trajectories, step=1, nonfinite_streak=0, skipped_updates=0, counters=ComputeCounters())
+        advantages = METHODS[cfg.method].advantages
+        want = local.learn(trajectories, advantages=advantages, step=1, nonfinite_streak=0, counters=ComputeCounters())
+        got = fsdp.learn(trajectories, advantages=advantages, step=1, nonfinite_streak=0, counters=ComputeCounters())
         for key in ("loss", "policy_loss", "value_loss", "kl", "grad_norm", "reward_mean"):
-            assert got[0][key] == pytest.approx(want[0][key], rel=1e-4, abs=1e-6), key
+            assert got.metrics[key] == pytest.approx(want.metrics[key], rel=1e-4, abs=1e-6), key
         # the weights it publishes are the one-process learner's after the same update
         published = ray.get(fsdp.publish())
         for name, value in local.policy.model.named_parameters():

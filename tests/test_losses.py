@@ -9,7 +9,6 @@ import torch
 from treedistill.algorithms import (
     ADVANTAGES,
     Batch,
-    LossConfig,
     collate,
     combine_metrics,
     k3_kl,
@@ -19,8 +18,14 @@ from treedistill.algorithms import (
     total_loss,
 )
 from treedistill.algorithms.losses import cispo_policy_loss, kl_penalty, ppo_clip_policy_loss, value_loss
+from treedistill.config import TrainConfig
 
 ln = math.log
+
+
+def loss_cfg(**fields):
+    """The loss settings as the learner passes them: a TrainConfig (its defaults are the reference's)."""
+    return TrainConfig(**fields)
 
 
 def one_row(current, behaviour, advantages, *, returns=None, ref=None):
@@ -42,7 +47,7 @@ def one_row(current, behaviour, advantages, *, returns=None, ref=None):
 
 
 def test_ppo_clip_both_clipped_regimes_and_unclipped():
-    cfg = LossConfig(policy_loss="ppo", ppo_clip=0.2)
+    cfg = loss_cfg(policy_loss="ppo", ppo_clip=0.2)
     # token 1: A=+2, r=0.75/0.5=1.5 > 1.2 -> min(3.0, 1.2*2=2.4) = 2.4, clipped, grad 0
     # token 2: A=-1, r=0.25/0.5=0.5 < 0.8 -> min(-0.5, 0.8*-1=-0.8) = -0.8, clipped, grad 0
     # token 3: A=+1, r=1.1 inside [0.8,1.2] -> min(1.1, 1.1) = 1.1, d(-rA)/dlogp = -rA = -1.1
@@ -65,7 +70,7 @@ def test_ppo_clip_both_clipped_regimes_and_unclipped():
 
 def test_cispo_capped_and_uncapped_gradient_only_through_logpi():
     # eps_high=4.0 -> weight cap 1+4 = 5.0 (the reference's min(r, 5.0)); eps_low=None: no floor.
-    cfg = LossConfig(policy_loss="cispo", eps_low=None, eps_high=4.0)
+    cfg = loss_cfg(policy_loss="cispo", eps_low=None, eps_high=4.0)
     # token 1: r = 0.8/0.1 = 8 -> w = 5 (capped); A=+1: -5*1*ln(0.8) = +1.115718; grad -w*A = -5
     # token 2: r = 0.2/0.4 = 0.5 -> w = 0.5 (no floor); A=-2: -0.5*-2*ln(0.2) = -1.609438; grad +1
     # token 3: r = 1 -> w = 1; A=0.5: -1*0.5*ln(0.5) = +0.346574; grad -0.5
@@ -87,7 +92,7 @@ def test_cispo_capped_and_uncapped_gradient_only_through_logpi():
     batch, logprobs = one_row(
         current=[ln(0.8), ln(0.2), ln(0.5)], behaviour=[ln(0.1), ln(0.4), ln(0.5)], advantages=[1.0, -2.0, 0.5]
     )
-    loss, metrics = cispo_policy_loss(batch, logprobs, None, LossConfig(eps_low=0.2, eps_high=4.0))
+    loss, metrics = cispo_policy_loss(batch, logprobs, None, loss_cfg(eps_low=0.2, eps_high=4.0))
     loss.backward()
     assert logprobs.grad[0, 2].item() == pytest.approx(1.6 / 3, abs=1e-9)
     assert metrics["clip_frac"] == pytest.approx(2 / 3)
@@ -131,7 +136,7 @@ def paper_cispo_objective(prompts, completions, logprobs, behaviour, advantages,
 def test_cispo_equals_paper_formula(eps_low, eps_high):
     batch, prompts, completions, current = random_ragged_batch(seed=1)
     ours = current.clone().requires_grad_(True)
-    loss, _ = cispo_policy_loss(batch, ours, None, LossConfig(eps_low=eps_low, eps_high=eps_high))
+    loss, _ = cispo_policy_loss(batch, ours, None, loss_cfg(eps_low=eps_low, eps_high=eps_high))
     loss.backward()
     theirs = current.clone().requires_grad_(True)
     floor = 1e9 if eps_low is None else eps_low  # the paper: "a large value" = no lower bound
@@ -153,11 +158,11 @@ def test_cispo_maps_to_trl_and_verl_clamps():
 
     # TRL loss_type="cispo": clamp(ratio, max=epsilon_high) with epsilon_high the absolute cap 5.0
     trl = reference_loss(torch.clamp(ratio, max=5.0))
-    ours, _ = cispo_policy_loss(batch, current, None, LossConfig(eps_low=None, eps_high=4.0))
+    ours, _ = cispo_policy_loss(batch, current, None, loss_cfg(eps_low=None, eps_high=4.0))
     assert ours.item() == pytest.approx(trl.item(), abs=1e-12)
     # veRL loss_mode="cispo": clamp(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high), defaults 0.2
     verl = reference_loss(torch.clamp(ratio, 1 - 0.2, 1 + 0.2))
-    ours, _ = cispo_policy_loss(batch, current, None, LossConfig(eps_low=0.2, eps_high=0.2))
+    ours, _ = cispo_policy_loss(batch, current, None, loss_cfg(eps_low=0.2, eps_high=0.2))
     assert ours.item() == pytest.approx(verl.item(), abs=1e-12)
 
 
@@ -168,7 +173,7 @@ def test_k3_kl_hand_values():
     assert k3_kl(torch.tensor(-1.0), torch.tensor(-1.0)).item() == 0.0
     batch, logprobs = one_row(current=[ln(0.2), ln(0.4), ln(0.3)], behaviour=[0.0] * 3,
                               advantages=[0.0] * 3, ref=[ln(0.4), ln(0.2), ln(0.3)])
-    loss, metrics = kl_penalty(batch, logprobs, None, LossConfig())
+    loss, metrics = kl_penalty(batch, logprobs, None, loss_cfg())
     loss.backward()
     assert loss.item() == pytest.approx(0.5 / 3, abs=1e-12)
     assert metrics["kl"] == pytest.approx(0.5 / 3)
@@ -180,7 +185,7 @@ def test_value_loss_hand_values():
     # d/dV = 2 (V - R) / 2 = [-0.5, -1.2]
     batch, _ = one_row(current=[0.0, 0.0], behaviour=[0.0, 0.0], advantages=[0.0, 0.0], returns=[1.0, 1.0])
     values = torch.tensor([[0.9, 0.5, -0.2]], dtype=torch.float64, requires_grad=True)  # col 0: prompt
-    loss, metrics = value_loss(batch, None, values, LossConfig())
+    loss, metrics = value_loss(batch, None, values, loss_cfg())
     loss.backward()
     assert loss.item() == pytest.approx(0.845, abs=1e-12)
     assert values.grad[0].tolist() == pytest.approx([0.0, -0.5, -1.2], abs=1e-12)
@@ -193,7 +198,7 @@ def test_total_loss_adds_weighted_terms():
     batch, logprobs = one_row(current=[ln(0.5)] * 2, behaviour=[ln(0.5)] * 2, advantages=[1.0] * 2,
                               returns=[1.0] * 2, ref=[ln(0.5)] * 2)
     values = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)
-    cfg = LossConfig(policy_loss="cispo", value_coef=0.5, kl_coef=0.1)
+    cfg = loss_cfg(policy_loss="cispo", value_coef=0.5, kl_coef=0.1)
     entropy = torch.tensor([[0.0, 2.0, 4.0]])
     loss, metrics = total_loss(batch, logprobs, values, cfg, entropy=entropy)
     assert loss.item() == pytest.approx(ln(2) + 0.5, abs=1e-12)
@@ -205,7 +210,7 @@ def test_total_loss_adds_weighted_terms():
     with pytest.raises(AssertionError, match="ref_logprobs"):
         total_loss(replace(batch, ref_logprobs=None), logprobs, values, cfg)
     with pytest.raises(ValueError, match="policy_loss must be one of"):
-        total_loss(batch, logprobs, values, LossConfig(policy_loss="reinforce"))
+        total_loss(batch, logprobs, values, loss_cfg(policy_loss="reinforce"))
 
 
 @pytest.mark.parametrize("policy_loss", ["cispo", "ppo"])
@@ -217,7 +222,7 @@ def test_prompt_and_padding_carry_no_gradient(policy_loss):
     behaviour = torch.where(off, torch.full_like(current, -1e9), batch.behaviour_logprobs.double())
     batch = replace(batch, behaviour_logprobs=behaviour)
     values = torch.where(off, torch.full_like(current, 1e6), torch.zeros_like(current)).requires_grad_(True)
-    cfg = LossConfig(policy_loss=policy_loss, value_coef=1.0, kl_coef=0.05)
+    cfg = loss_cfg(policy_loss=policy_loss, value_coef=1.0, kl_coef=0.05)
     loss, metrics = total_loss(batch, poisoned, values, cfg)
     loss.backward()
     assert math.isfinite(loss.item()) and all(math.isfinite(v) for v in metrics.values())
@@ -274,7 +279,7 @@ def test_one_batch_of_8_equals_8_accumulated_batches_of_1(policy_loss):
                     ref_logprobs=current + noise.flip(0))
     advantages, returns = ADVANTAGES["reward_minus_value"](batch.rewards, old_values, batch.loss_mask, None)
     batch = replace(batch, advantages=advantages, returns=returns)
-    cfg = LossConfig(policy_loss=policy_loss, eps_low=0.2, eps_high=0.3, value_coef=1.0, kl_coef=0.05)
+    cfg = loss_cfg(policy_loss=policy_loss, eps_low=0.2, eps_high=0.3, value_coef=1.0, kl_coef=0.05)
     params = list(model.parameters()) + list(head.parameters())
 
     logprobs, values = forward(model, head, batch)

@@ -8,7 +8,6 @@ import pytest
 import torch
 from tiny_prompt_policy import TinyPromptPolicy
 
-from treedistill.config import METHODS as CONFIG_METHODS
 from treedistill.config import SearchSettings, TrainConfig  # SearchSettings: search/contracts.py
 from treedistill.engine.base import FINISH_EOS, FINISH_LENGTH, Sample
 from treedistill.envs.countdown import CountdownEnv
@@ -67,17 +66,24 @@ def _context(**settings):
 GRPO = dict(method="grpo", advantage="group", policy_loss="ppo", value_coef=0.0, group_size=3, temperature=0.7)
 
 
-def test_methods_dict_covers_every_config_method_with_three_callables():
-    assert set(METHODS) == set(CONFIG_METHODS)
+def test_method_table_is_what_the_config_checks_and_derives_from():
     for name, method in METHODS.items():
         assert isinstance(method, Method), name
-        assert callable(method.rollout) and callable(method.advantages) and callable(method.loss), name
+        assert callable(method.rollout) and callable(method.advantages), name
+    with pytest.raises(UsageError, match="method must be one of " + ", ".join(METHODS)):
+        TrainConfig(method="nope")
+    # rows per problem, allowed advantages / losses and the group minimum come from the table
+    assert [TrainConfig(**GRPO).samples_per_problem, TrainConfig(method="bon").samples_per_problem] == [3, 1]
+    assert TrainConfig(method="mcts-tree", micro_batch_size=4).rows_per_problem is None
+    with pytest.raises(UsageError, match="method grpo needs policy_loss in ppo"):
+        TrainConfig(**{**GRPO, "policy_loss": "cispo"})
+    with pytest.raises(UsageError, match="group_size must be >= 2 for method grpo"):
+        TrainConfig(**{**GRPO, "group_size": 1})
     # the baselines that sample groups share one rollout; mcts and bon have their own
     assert METHODS["grpo"].rollout is METHODS["cispo"].rollout is METHODS["ppo"].rollout is group_rollout
     assert METHODS["bon"].rollout is best_of_n_rollout and METHODS["mcts"].rollout is search_rollout
     # bon is trained exactly like mcts (method.md: "same trainer and loss")
     assert METHODS["bon"].advantages is METHODS["mcts"].advantages
-    assert METHODS["bon"].loss is METHODS["mcts"].loss
 
 
 def test_group_rollout_keeps_every_sample_in_contiguous_groups_with_behaviour_logprobs():

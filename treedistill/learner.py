@@ -1,8 +1,8 @@
 """The learner's step, shared by every loop: rewards -> advantages -> loss -> optimizer update(s).
 
-`learn` is steps 2 to 4 of the training loop. The one-process loop (`train.py`), the distributed
-driver (`distributed/ray_loop.py`) and every FSDP rank (`distributed/fsdp.py`, with a `Shard`) call
-it, so all of them share every line of the maths. Here too: the policy to train (`load_train_policy`)
+`learn` is steps 2 to 4 of the training loop (`train.py`), whichever collector fed it: `Learner`
+runs it in the loop's process, every FSDP rank (`distributed/fsdp.py`, with a `Shard`) on its share,
+so all of them share every line of the maths. Here too: the policy to train (`load_train_policy`)
 and the frozen reference for the KL term (`reference_policy`).
 
 Departures from the reference run (../shared/docs/method.md):
@@ -28,8 +28,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from treedistill import checkpoint
 from treedistill.algorithms.batch import shift_right
-from treedistill.algorithms.losses import combine_metrics, token_entropy, token_logprobs
+from treedistill.algorithms.losses import combine_metrics, token_entropy, token_logprobs, total_loss
 from treedistill.config import TrainConfig
 from treedistill.errors import UsageError
 from treedistill.metrics import ComputeCounters
@@ -37,8 +38,9 @@ from treedistill.models.load import load_policy
 from treedistill.models.value_head import ValueHead
 from treedistill.rollout.collate import to_batch
 
-__all__ = ["CHECKED", "MAX_NONFINITE_IN_A_ROW", "DivergedError", "LearnStep", "Shard", "apply_update",
-           "derive_seed", "forward", "learn", "load_train_policy", "reference_policy", "trainable_params"]
+__all__ = ["CHECKED", "MAX_NONFINITE_IN_A_ROW", "DivergedError", "LearnStep", "Learner", "Shard", "apply_update",
+           "derive_seed", "forward", "learn", "load_train_policy", "reference_policy", "trainable_params",
+           "trainable_state"]
 
 # Quantities whose non-finite value skips an update, in the order they are named.
 CHECKED = ("policy_loss", "value_loss", "kl", "loss", "grad_norm")
@@ -178,30 +180,28 @@ class Shard:
 
 @dataclasses.dataclass(frozen=True)
 class LearnStep:
-    """What one step's learning did: the batch [B, T] it built (advantages filled in), its updates'
-    metrics, the learning rate, updates skipped as non-finite in this step, the non-finite streak
-    after it, and why the run must stop (None: it goes on)."""
+    """What one step's learning did: the learning part of the step's metrics line (its updates' means,
+    the learning rate, rewards and completion lengths of the batch it built), updates skipped as
+    non-finite in this step, the non-finite streak after it, and why the run must stop (None: it
+    goes on)."""
 
-    batch: object
-    updates: list
-    lr: float
+    metrics: dict
     skipped: int
     nonfinite_streak: int
     diverged: str | None
 
-    def metrics(self, trajectories: Sequence, skipped_updates: int) -> dict:
-        """The learning part of the step's metrics line (skipped_updates: the run's total)."""
-        rewards = self.batch.rewards
-        return {"kind": "train", **_mean_metrics(self.updates), "lr": self.lr,
-                "updates": len(self.updates), "skipped_updates": skipped_updates,
-                "nonfinite": ",".join(sorted({n for u in self.updates for n in u["nonfinite"]})),
-                "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
-                "sparse_mean": sum(t.sparse for t in trajectories) / len(trajectories),
-                "completion_tokens_mean": float(self.batch.loss_mask.sum(dim=1).mean())}
+
+def _step_metrics(batch, updates: list[dict], lr: float, trajectories: Sequence) -> dict:
+    rewards = batch.rewards
+    return {"kind": "train", **_mean_metrics(updates), "lr": lr, "updates": len(updates),
+            "nonfinite": ",".join(sorted({n for u in updates for n in u["nonfinite"]})),
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+            "sparse_mean": sum(t.sparse for t in trajectories) / len(trajectories),
+            "completion_tokens_mean": float(batch.loss_mask.sum(dim=1).mean())}
 
 
-def learn(trajectories: Sequence, *, policy, reference, method, optimizer, params: list, counters: ComputeCounters,
-          cfg: TrainConfig, step: int, nonfinite_streak: int, shard: Shard = Shard(),
+def learn(trajectories: Sequence, *, policy, reference, advantages: Callable, optimizer, params: list,
+          counters: ComputeCounters, cfg: TrainConfig, step: int, nonfinite_streak: int, shard: Shard = Shard(),
           progress: float | None = None) -> LearnStep:
     """Steps 2 to 4 of the loop on one step's trajectories: rewards -> advantages (with V(s_t) and the
     reference log-probs of these very rows) -> cfg.epochs x minibatches optimizer updates, each
@@ -225,8 +225,8 @@ def learn(trajectories: Sequence, *, policy, reference, method, optimizer, param
                           head_inference_tokens=tokens if policy.value_head is not None else 0)
     width = batch.input_ids.shape[1]
     old_values = _pad_cat(old_values, width) if old_values else None  # [B, T]
-    advantages, returns = method.advantages(batch, old_values, cfg)  # [B, T] x2
-    batch = dataclasses.replace(batch, advantages=advantages, returns=returns, old_values=old_values,
+    step_advantages, returns = advantages(batch, old_values, cfg)  # [B, T] x2
+    batch = dataclasses.replace(batch, advantages=step_advantages, returns=returns, old_values=old_values,
                                 ref_logprobs=_pad_cat(ref_logprobs, width) if ref_logprobs else None)
 
     # 4. loss and optimizer update(s): epochs x minibatches, each accumulated over micro-batches
@@ -242,7 +242,7 @@ def learn(trajectories: Sequence, *, policy, reference, method, optimizer, param
                 if i % shard.world != shard.rank:
                     continue
                 logits, logprobs, values = forward(policy, micro)
-                loss, metrics = method.loss(micro, logprobs, values, cfg, entropy=token_entropy(logits))
+                loss, metrics = total_loss(micro, logprobs, values, cfg, entropy=token_entropy(logits))
                 loss.backward()
                 parts.append(metrics)
                 trained_tokens += int(micro.attention_mask.sum())
@@ -253,7 +253,67 @@ def learn(trajectories: Sequence, *, policy, reference, method, optimizer, param
             skipped += bool(update["nonfinite"])
             nonfinite_streak = nonfinite_streak + 1 if update["nonfinite"] else 0
             if nonfinite_streak >= MAX_NONFINITE_IN_A_ROW:
-                return LearnStep(batch, updates, lr, skipped, nonfinite_streak,
+                return LearnStep(_step_metrics(batch, updates, lr, trajectories), skipped, nonfinite_streak,
                                  f"step {step}: non-finite {', '.join(update['nonfinite'])} in {nonfinite_streak} "
                                  "updates in a row; run stopped (its last checkpoint holds the weights before)")
-    return LearnStep(batch, updates, lr, skipped, nonfinite_streak, None)
+    return LearnStep(_step_metrics(batch, updates, lr, trajectories), skipped, nonfinite_streak, None)
+
+
+class Learner:
+    """The policy being trained, in this process: its optimizer, the frozen reference policy for the KL
+    term (built only when kl_coef > 0), checkpoint restore and save, and the weights it publishes to
+    generators. `distributed/fsdp.py`'s FSDPLearner has the same methods over L processes.
+
+    saved: a checkpoint's state to continue from (None: a new run). The reference is taken BEFORE the
+    checkpoint's weights are loaded: it is the initial policy.
+    """
+
+    def __init__(self, cfg: TrainConfig, saved: dict | None, stack: contextlib.ExitStack):
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.policy = policy = load_train_policy(cfg)
+        self.reference = reference_policy(policy, stack) if cfg.kl_coef > 0 else None
+        self.params = trainable_params(policy)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.num_params = policy.num_parameters
+        self.head_params = sum(p.numel() for p in policy.value_head.parameters()) if policy.value_head else 0
+        if saved is not None:
+            policy.model.load_state_dict(saved["model"])
+            if policy.value_head is not None:
+                policy.value_head.load_state_dict(saved["value_head"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+
+    def learn(self, trajectories: Sequence, *, advantages: Callable, step: int, nonfinite_streak: int,
+              counters: ComputeCounters, progress: float | None = None) -> LearnStep:
+        """`learn` on this process's policy and optimizer."""
+        return learn(trajectories, policy=self.policy, reference=self.reference, advantages=advantages,
+                     optimizer=self.optimizer, params=self.params, counters=counters, cfg=self.cfg, step=step,
+                     nonfinite_streak=nonfinite_streak, progress=progress)
+
+    def publish(self) -> dict:
+        """What generators need of the weights (`trainable_state`)."""
+        return trainable_state(self.policy)
+
+    def save(self, run_dir, step: int, entries: dict, keep: int) -> None:
+        """An atomic checkpoint: model, value head, optimizer and the loop's `entries`."""
+        head = self.policy.value_head
+        checkpoint.save_checkpoint(run_dir, step, {
+            "model": self.policy.model.state_dict(),
+            **({"value_head": head.state_dict()} if head is not None else {}),
+            "optimizer": self.optimizer.state_dict(), **entries,
+        }, keep=keep)
+
+    def close(self) -> None:
+        """Nothing to release: this process's own objects go with it."""
+
+
+def trainable_state(policy, model_state: dict | None = None) -> dict:
+    """What generators need of the learner's weights: the trainable parameters (all of them, or
+    the LoRA adapters) and the value head, as CPU tensors. model_state: a full state dict to take them
+    from (FSDP gathers one), else the policy's own parameters."""
+    names = [n for n, p in policy.model.named_parameters() if p.requires_grad]
+    source = model_state if model_state is not None else dict(policy.model.named_parameters())
+    head = policy.value_head
+    return {"model": {n: source[n].detach().to("cpu", copy=True) for n in names},
+            "value_head": ({k: v.detach().to("cpu", copy=True) for k, v in head.state_dict().items()}
+                           if head is not None else None)}

@@ -1,14 +1,14 @@
 """The training methods: each is a (rollout, advantages, loss) triple, looked up once in `METHODS`.
 
-The loop in `train.py` calls `method.rollout`, `method.advantages` and `method.loss` and never asks
-which method it runs. All of them share one signature per slot:
+The loop in `train.py` calls `method.rollout` and `method.advantages` and never asks which method it
+runs; `Method` also says what a method may be combined with (config.py checks it) and how its rollouts
+are batched. All of them share one signature per slot:
 - rollout(ctx, problems, seed) -> Rollout: trajectories to learn from (scored by the environment),
   groups contiguous and numbered 0.. in problem order, plus scalar statistics for the log;
 - advantages(batch, values [B, T] | None, cfg) -> (advantages, returns) [B, T]: from the batch's
   rewards [B] and loss mask (`algorithms.advantages`), or the rollout's own (mcts-tree);
-- loss(batch, logprobs [B, T], values [B, T] | None, cfg, *, entropy) -> (scalar, metrics)
-  (`algorithms.losses.total_loss`: the policy loss named by cfg.policy_loss, + c_v value MSE,
-  + beta k3 KL to the frozen initial policy).
+and every method learns through one loss, `algorithms.losses.total_loss` (the policy loss named by
+cfg.policy_loss, + c_v value MSE, + beta k3 KL to the frozen initial policy).
 
 | method | rollout | trajectories per problem | advantage | policy loss |
 |---|---|---|---|---|
@@ -21,7 +21,7 @@ which method it runs. All of them share one signature per slot:
 
 Where a config field picks a variant inside a slot (cfg.advantage: reward_minus_value | gae;
 cfg.policy_loss: cispo | ppo), config.py has already refused the combinations a method does not
-allow, so the slots below stay single functions.
+allow (`Method.advantages_allowed`, `Method.policy_losses`), so the slots stay single functions.
 
 The reward trained on is cfg.reward, one of the environment's two (`REWARDS`): dense (the reference's,
 method.md) or sparse (1 iff correct: the evaluation reward). Every rollout sees the environment through
@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from treedistill.algorithms.advantages import ADVANTAGES, group_advantages
-from treedistill.algorithms.losses import total_loss
+from treedistill.algorithms.losses import LOSSES
 from treedistill.envs.base import Score, canonical_step, reward_from_prompt
 from treedistill.rollout.mcts import SearchOutcome, search_problems
 from treedistill.rollout.sample import best_of_n, sample_problems
@@ -234,20 +234,54 @@ def tree_advantages(batch, values, cfg):
     return batch.advantages * mask, batch.rewards.float()[:, None] * mask  # [B, T], [B, T]
 
 
+POLICY_LOSSES = tuple(LOSSES)
+VALUE_BASELINES = ("reward_minus_value", "gae")  # advantages whose baseline is the value head
+
+
 @dataclass(frozen=True)
 class Method:
-    """One training method: how trajectories are collected, credited and learned from."""
+    """One training method: how trajectories are collected and credited, and what it may be combined
+    with. Every method learns through the same loss (`algorithms.losses.total_loss`: the policy loss
+    named by cfg.policy_loss, + c_v value MSE, + beta k3 KL).
+
+    rollout(ctx, problems, seed) -> Rollout; advantages(batch, values [B, T] | None, cfg) -> [B, T] x2.
+    samples: trajectories one problem yields, from the config (mcts-tree: one tree, whose rows vary).
+    rows_vary: the learner rows of one problem vary (mcts-tree: a row per step on the tree's finished
+        lines); minibatch_size then counts problems and micro_batch_size rows.
+    advantages_allowed / policy_losses: the cfg.advantage / cfg.policy_loss values it runs with.
+    min_group: the smallest cfg.group_size it accepts (0: group_size is not read).
+    task_limit: most problems one rollout call batches well (the trees one search call grows
+        together), or None: all of a task's problems in one engine call (the distributed loop's tasks).
+    """
 
     rollout: Callable[[RolloutContext, Sequence[dict], int], Rollout]
     advantages: Callable
-    loss: Callable
+    samples: Callable = lambda cfg: 1
+    rows_vary: bool = False
+    advantages_allowed: tuple[str, ...] = VALUE_BASELINES
+    policy_losses: tuple[str, ...] = POLICY_LOSSES
+    min_group: int = 0
+    task_limit: Callable | None = None
+
+
+def _group(cfg) -> int:
+    return cfg.group_size
+
+
+def _trees_per_call(cfg) -> int:
+    return cfg.search.problems_at_once
 
 
 METHODS: dict[str, Method] = {
-    "mcts": Method(search_rollout, value_baseline_advantages, total_loss),
-    "mcts-tree": Method(tree_rollout, tree_advantages, total_loss),
-    "bon": Method(best_of_n_rollout, value_baseline_advantages, total_loss),
-    "ppo": Method(group_rollout, value_baseline_advantages, total_loss),
-    "grpo": Method(group_rollout, group_baseline_advantages, total_loss),
-    "cispo": Method(group_rollout, group_baseline_advantages, total_loss),
+    "mcts": Method(search_rollout, value_baseline_advantages, task_limit=_trees_per_call),
+    # mcts-tree's advantage is its tree's (tree_advantage); reward_minus_value only keeps the value head
+    # that guides the search (and is trained on the tree's value targets)
+    "mcts-tree": Method(tree_rollout, tree_advantages, rows_vary=True, advantages_allowed=("reward_minus_value",),
+                        task_limit=_trees_per_call),
+    "bon": Method(best_of_n_rollout, value_baseline_advantages),
+    "grpo": Method(group_rollout, group_baseline_advantages, samples=_group, advantages_allowed=("group",),
+                   policy_losses=("ppo",), min_group=2),
+    "cispo": Method(group_rollout, group_baseline_advantages, samples=_group, advantages_allowed=("group",),
+                    policy_losses=("cispo",), min_group=2),
+    "ppo": Method(group_rollout, value_baseline_advantages, samples=_group, min_group=1),
 }

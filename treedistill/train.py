@@ -1,11 +1,14 @@
 """The online training loop: one function, `train`, read top to bottom.
 
-Each step, in file order: take problems -> rollout (search or sampling, scored by the environment) ->
-learn (rewards, advantages, loss and optimizer update(s): `learner.learn`) -> log -> periodic
-evaluation -> checkpoint. The method (mcts | mcts-tree | bon | grpo | cispo | ppo) is looked up ONCE in
-`methods.METHODS`; the loop only calls its rollout, advantages and loss. The distributed loop
-(`distributed/ray_loop.py`) calls the same `learn` and the same run bookkeeping (`runs.py`), so both
-loops share every line of the maths.
+Each step, in file order: collect (the method's rollout on the next problems: search or sampling,
+scored by the environment) -> learn (rewards, advantages, loss and optimizer update(s):
+`learner.learn`) -> log -> periodic evaluation -> checkpoint. The method (mcts | mcts-tree | bon |
+grpo | cispo | ppo) is looked up ONCE in `methods.METHODS`; the loop only passes its advantages on.
+
+One loop, two collectors (`collect.py`): in one process (`LocalCollector`), or generator actors on a
+Ray cluster (`distributed.RayCollector`, `distributed=DistributedSettings(...)`), where the learner is
+this process (`learner.Learner`) or L FSDP processes (`distributed/fsdp.py`). Every method runs in both;
+the context check, the budgets and the last step's cut hold in both.
 
 Compute is counted as it is spent: the engine's counters around every rollout (generated tokens,
 prefill, cache hits, forward calls) and the learner's own forwards and backwards, into
@@ -40,33 +43,20 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from treedistill import checkpoint
+from treedistill.collect import LocalCollector
 from treedistill.config import TrainConfig, to_yaml
-from treedistill.engine import make_engine
 from treedistill.envs import get_env
-from treedistill.evaluate import evaluate
 from treedistill.jsonl import append_jsonl
-from treedistill.learner import (
-    DivergedError,
-    derive_seed,
-    learn,
-    load_train_policy,
-    reference_policy,
-    trainable_params,
-)
-from treedistill.methods import METHODS, RolloutContext
-from treedistill.metrics import ComputeCounters, Progress, counter_delta
+from treedistill.learner import DivergedError, Learner
+from treedistill.methods import METHODS
+from treedistill.metrics import ComputeCounters, Progress
 from treedistill.runs import (
     advance_bar,
     budget_progress,
-    check_context,
     check_same_run,
-    eval_stats,
     finish_run,
     holding_run_folder,
     open_run_logs,
@@ -75,112 +65,100 @@ from treedistill.runs import (
     restore_loop,
     resume_point,
     run_problems,
-    sample_records,
     spent,
-    take_problems,
     why_stop,
 )
-from treedistill.value_probe import value_quality
 
 __all__ = ["train"]
 
 
 @holding_run_folder
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine: str = "native",
-          progress: bool = True) -> dict:
+          progress: bool = True, distributed=None, fault: tuple[int, int] | None = None) -> dict:
     """Run (or continue) training as the config says; returns a summary of the run.
 
     resume: "auto" (continue from the run folder's newest complete checkpoint, else start), "never"
     (start; refused if the folder holds checkpoints) or a checkpoint / run folder path.
-    engine: generation backend, "native" (KV cache shared across the search tree) or "hf".
+    engine: generation backend, "native" (KV cache shared across the search tree), "hf" or "vllm".
+    distributed: a `distributed.DistributedSettings` to collect on a Ray cluster (None: this process).
+    fault = (generator, n): that generator's process exits after its n-th rollout (fault-injection tests).
     """
-    # ---- set-up: everything that can refuse the input comes before any compute
+    # ---- set-up: everything that can refuse the input comes before any training compute
     run_dir = Path(run_dir)
     method = METHODS[cfg.method]
-    _, saved = resume_point(run_dir, resume)
+    if distributed is not None:
+        distributed.check()
+    start_from, saved = resume_point(run_dir, resume)
     if saved is not None:
         check_same_run(saved["config"], cfg)
     env = get_env(cfg.env)
     train_problems, test_problems = run_problems(cfg, env)
     eval_problems = test_problems[:cfg.eval_problems] if cfg.eval_problems else test_problems
     final_eval_problems = test_problems[:cfg.final_eval_count] if cfg.final_eval_count else test_problems
-    torch.manual_seed(cfg.seed)
-    policy = load_train_policy(cfg)
-    check_context(cfg, policy, env, [*train_problems, *test_problems])
     stack = contextlib.ExitStack()
-    # the frozen initial policy, for the KL term: taken BEFORE any checkpoint weights are loaded
-    reference = reference_policy(policy, stack) if cfg.kl_coef > 0 else None
-    gen = make_engine(policy, engine)
-    params = trainable_params(policy)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    head_params = sum(p.numel() for p in policy.value_head.parameters()) if policy.value_head is not None else 0
-    counters = ComputeCounters(params=policy.num_parameters, head_params=head_params)
-    step, skipped_updates, nonfinite_streak, wall_before = restore_loop(saved, counters)
-    position = 0
-    if saved is not None:
-        policy.model.load_state_dict(saved["model"])
-        if policy.value_head is not None:
-            policy.value_head.load_state_dict(saved["value_head"])
-        optimizer.load_state_dict(saved["optimizer"])
-        position = int(saved["loop"]["position"])
-    logger = open_run_logs(run_dir, cfg, step if saved is not None else None)
-    ctx = RolloutContext(engine=gen, policy=policy, env=env, cfg=cfg)
-    started = time.perf_counter()
+    with stack:
+        if distributed is None:
+            learner = Learner(cfg, saved, stack)
+            collector = LocalCollector(cfg, learner, env, train_problems, engine=engine, saved=saved)
+        else:
+            from treedistill.distributed.ray_loop import start_cluster
 
-    def wall() -> float:
-        return wall_before + time.perf_counter() - started
+            learner, collector = start_cluster(cfg, distributed, stack, env=env, train_problems=train_problems,
+                                               saved=saved, start_from=start_from, engine=engine, fault=fault)
+        collector.check_context([*train_problems, *test_problems])
+        counters = ComputeCounters(params=learner.num_params, head_params=learner.head_params)
+        step, skipped_updates, nonfinite_streak, wall_before = restore_loop(saved, counters)
+        logger = stack.enter_context(contextlib.closing(open_run_logs(run_dir, cfg, step if saved is not None else None)))
+        started = time.perf_counter()
 
-    def evaluation(at_step: int, trajectories: Sequence = (), final: bool = False) -> dict:
-        t0 = time.perf_counter()
-        gen.clear_cache()
-        problems = final_eval_problems if final else eval_problems
-        result = evaluate(gen, policy, env, problems, k=cfg.eval_k, temperature=cfg.eval_temperature,
-                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        shown = problems[:cfg.eval_samples_logged]
-        append_jsonl(run_dir / "samples.jsonl",
-                      sample_records(ctx, shown, at_step, trajectories[:cfg.eval_samples_logged]))
-        probe = value_quality(gen, policy, env, problems, cfg)  # the value head against Monte Carlo truth
-        return logger.log(at_step, {"kind": "eval", **eval_stats(result), **probe, **counters.as_dict(),
-                                    "eval_s": time.perf_counter() - t0, "wall_s": wall()})
+        def wall() -> float:
+            return wall_before + time.perf_counter() - started
 
-    if step == 0 and cfg.eval_before_rl:
-        evaluation(0)  # before RL
-    stop_reason = why_stop(step, counters, cfg)
-    bar = Progress(cfg.steps, initial=step, desc=f"train {cfg.method}") if progress and stop_reason is None else None
-    last_eval = None
-    try:
+        def evaluation(at_step: int, trajectories=(), final: bool = False) -> dict:
+            t0 = time.perf_counter()
+            stats, records = collector.evaluate(at_step, learner, final_eval_problems if final else eval_problems,
+                                                list(trajectories))
+            append_jsonl(run_dir / "samples.jsonl", records)
+            return logger.log(at_step, {"kind": "eval", **stats, **counters.as_dict(), **collector.log_fields(),
+                                        "eval_s": time.perf_counter() - t0, "wall_s": wall()})
+
+        if step == 0 and cfg.eval_before_rl:
+            evaluation(0)  # before RL
+        stop_reason = why_stop(step, counters, cfg)
+        bar = (Progress(cfg.steps, initial=step, desc=f"{collector.name} {cfg.method}")
+               if progress and stop_reason is None else None)
+        if bar is not None:
+            stack.callback(bar.close)
+        last_eval = None
         while stop_reason is None:
             step += 1
             t_step = time.perf_counter()
 
-            # 1. collect trajectories (scored inside: best-of-N and the search choose by reward)
-            gen.clear_cache()  # cached keys/values belong to the weights before the last update
+            # 1. collect trajectories (scored inside: best-of-N and the search choose by reward); a step
+            #    that would run past the generated-token budget takes fewer problems
             spent_before = spent(counters)
-            problems = take_problems(train_problems, cfg.seed, position, problems_for_step(cfg, counters, position))
-            position += len(problems)
-            before = gen.counters.snapshot()
-            rollout = method.rollout(ctx, problems, derive_seed(cfg.seed, "rollout", step))
-            counters.add_rollout(**counter_delta(before, gen.counters.snapshot()))
-            trajectories = rollout.trajectories
-            assert len({t.group for t in trajectories}) == len(problems) and (
-                cfg.rows_per_problem is None or len(trajectories) == len(problems) * cfg.rows_per_problem), (
+            collected = collector.collect(step, problems_for_step(cfg, counters, collector.problems_seen), counters)
+            trajectories = collected.trajectories
+            assert len({t.group for t in trajectories}) == collected.problems and (
+                cfg.rows_per_problem is None or len(trajectories) == collected.problems * cfg.rows_per_problem), (
                 f"{cfg.method} rollout returned {len(trajectories)} trajectories, expected "
-                f"{len(problems) * cfg.samples_per_problem} (problems x samples per problem)")
+                f"{collected.problems * cfg.samples_per_problem} (problems x samples per problem)")
             t_rollout = time.perf_counter()
 
             # 2. rewards -> 3. advantages -> 4. loss and optimizer update(s)
-            learned = learn(trajectories, policy=policy, reference=reference, method=method, optimizer=optimizer,
-                            params=params, counters=counters, cfg=cfg, step=step, nonfinite_streak=nonfinite_streak,
-                            progress=budget_progress(cfg, spent_before, spent(counters)))
+            learned = learner.learn(trajectories, advantages=method.advantages, step=step,
+                                    nonfinite_streak=nonfinite_streak, counters=counters,
+                                    progress=budget_progress(cfg, spent_before, spent(counters)))
             skipped_updates += learned.skipped
             nonfinite_streak = learned.nonfinite_streak
+            collector.learned(step, learner)  # the generators' weights, where they are not the learner's
             t_learn = time.perf_counter()
 
             # 5. log
             stop_reason = why_stop(step, counters, cfg)
             record = logger.log(step, {
-                **learned.metrics(trajectories, skipped_updates),
-                **rollout.stats, **counters.as_dict(), "problems_seen": position,
+                **learned.metrics, "skipped_updates": skipped_updates, **collected.stats, **counters.as_dict(),
+                **collector.log_fields(),
                 "rollout_s": t_rollout - t_step, "learn_s": t_learn - t_rollout, "wall_s": wall(),
             })
             if learned.diverged:
@@ -194,23 +172,16 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
 
             # 7. checkpoint (atomic; the newest keep_checkpoints kept), and always at the end
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or stop_reason:
-                checkpoint.save_checkpoint(run_dir, step, {
-                    "model": policy.model.state_dict(),
-                    **({"value_head": policy.value_head.state_dict()} if policy.value_head is not None else {}),
-                    "optimizer": optimizer.state_dict(),
+                learner.save(run_dir, step, {
                     "rng": checkpoint.rng_state(),
                     "counters": counters.state_dict(),
-                    "loop": {"step": step, "position": position, "skipped_updates": skipped_updates,
+                    "loop": {"step": step, **collector.state(), "skipped_updates": skipped_updates,
                              "nonfinite_streak": nonfinite_streak, "wall_s": wall()},
                     "config": to_yaml(cfg),
-                }, keep=cfg.keep_checkpoints)
+                }, cfg.keep_checkpoints)
             advance_bar(bar, record, last_eval)
-    finally:
-        if bar is not None:
-            bar.close()
-        logger.close()
-        stack.close()
+        extra = collector.summary()
 
     # ---- the end: report.md and a summary
     return finish_run(run_dir, cfg, step=step, stop_reason=stop_reason, skipped_updates=skipped_updates,
-                      counters=counters, wall_s=wall())
+                      counters=counters, wall_s=wall(), **extra)

@@ -10,7 +10,6 @@ from treedistill.algorithms.advantages import (
 from treedistill.algorithms.batch import Batch, collate, shift_right
 from treedistill.algorithms.losses import (
     LOSSES,
-    LossConfig,
     cispo_policy_loss,
     combine_metrics,
     k3_kl,
@@ -26,7 +25,6 @@ __all__ = [
     "ADVANTAGES",
     "LOSSES",
     "Batch",
-    "LossConfig",
     "cispo_policy_loss",
     "collate",
     "combine_metrics",

@@ -3,7 +3,8 @@
 Every loss has ONE signature, `(batch, logprobs [B, T], values [B, T] | None, cfg) -> (loss, metrics)`:
 `logprobs` are the current policy's log-probs of `batch.input_ids` and `values` the value head's
 V(s_t), both in the Batch alignment (`batch.py`: column t = the token at position t), and `cfg` is
-any object with the `LossConfig` fields (TrainConfig has them under the same names).
+any object with the loss fields of `config.TrainConfig` (policy_loss, eps_low, eps_high, ppo_clip,
+value_coef, kl_coef).
 
 Token aggregation ("token-mean"): every loss is  sum over generated tokens / batch.num_tokens, where
 num_tokens is the generated-token count of the whole optimizer batch (CISPO's 1 / sum_i |o_i|, also
@@ -45,7 +46,6 @@ Where we depart from the papers / the reference:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 
@@ -53,7 +53,6 @@ from treedistill.algorithms.batch import Batch
 
 __all__ = [
     "LOSSES",
-    "LossConfig",
     "cispo_policy_loss",
     "combine_metrics",
     "k3_kl",
@@ -66,18 +65,6 @@ __all__ = [
 ]
 
 LOG_RATIO_LIMIT = 20.0
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """The loss settings (TrainConfig carries the same fields under the same names)."""
-
-    policy_loss: str = "cispo"     # key of LOSSES: "cispo" | "ppo"
-    eps_low: float | None = None   # CISPO weight lower bound 1 - eps_low; None = no lower bound
-    eps_high: float = 4.0          # CISPO weight upper bound 1 + eps_high (4.0 -> the reference cap 5.0)
-    ppo_clip: float = 0.2          # PPO-clip epsilon: ratio clipped to [1 - eps, 1 + eps]
-    value_coef: float = 1.0        # c_v, weight of the value MSE (0 = no value head)
-    kl_coef: float = 0.05          # beta, weight of the k3 KL to the frozen initial policy
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:

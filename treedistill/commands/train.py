@@ -59,18 +59,17 @@ def run(args) -> dict:
     if layout and args.distributed is None:
         raise UsageError(f"--{next(iter(layout)).replace('_', '-')} needs --distributed ray")
 
+    settings = None
     if args.distributed == "ray":
         try:
-            from treedistill.distributed import DistributedSettings, train_distributed
+            from treedistill.distributed import DistributedSettings
         except ImportError as e:
             raise UsageError(f"--distributed ray needs Ray: pip install 'treedistill[ray]' ({e})") from e
         settings = DistributedSettings(**layout)
         settings.check()  # before any compute
-        summary = train_distributed(cfg, run_dir, settings=settings, resume=args.resume, engine=args.engine)
-    else:
-        from treedistill.train import train
+    from treedistill.train import train
 
-        summary = train(cfg, run_dir, resume=args.resume, engine=args.engine)
+    summary = train(cfg, run_dir, resume=args.resume, engine=args.engine, distributed=settings)
     k = summary["eval_k"]
     print(f"{cfg.method} on {cfg.env} with {cfg.model}: {summary['stop_reason']} "
           f"(step {summary['steps']}, {summary['wall_s'] / 60:.1f} min, {summary['skipped_updates']} skipped updates)")

@@ -1,7 +1,7 @@
 """The learner as L processes sharing every update with torch FSDP (fully_shard, FSDP2): Ray actors
 holding one GPU each (NCCL), or one CPU each (gloo, which is how the tests run it).
 
-Every rank runs the one-process loop's `learner.learn` on the whole step batch, with `Shard(rank, L)`:
+Every rank runs the training loop's `learner.learn` on the whole step batch, with `Shard(rank, L)`:
 the no-grad passes (values, reference log-probs) run on every row on every rank, so all ranks make the
 same forward calls (FSDP's collectives need that), and of each minibatch's micro-batches rank r trains
 those with index i % L == r. Micro-batch losses are normalised by the minibatch's token count, and the
@@ -103,9 +103,9 @@ class LearnerRank:
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo", rank=self.rank,
                                 world_size=self.world)
         torch.manual_seed(cfg.seed)
-        self.method = METHODS[cfg.method]
         self.policy = policy = load_train_policy(cfg)
-        self.reference = reference_policy(policy, self.stack)  # frozen BEFORE sharding and checkpoint weights
+        # frozen BEFORE sharding and checkpoint weights; only where the loss has a KL term
+        self.reference = reference_policy(policy, self.stack) if cfg.kl_coef > 0 else None
         sharded = [*_decoder_layers(policy.model), policy.model]
         for module in sharded:
             fully_shard(module)
@@ -136,20 +136,14 @@ class LearnerRank:
         head_params = sum(p.numel() for p in head.parameters()) if head is not None else 0
         return sum(p.numel() for p in self.container.parameters()) - head_params, head_params
 
-    def learn(self, trajectories: list, step: int, nonfinite_streak: int, skipped_updates: int,
-              progress: float | None = None) -> dict:
-        """learner.learn on this rank's share; -> the compute spent here, and on rank 0 the step's
-        metrics, skipped updates, non-finite streak and divergence message."""
+    def learn(self, trajectories: list, step: int, nonfinite_streak: int, progress: float | None = None) -> dict:
+        """learner.learn on this rank's share; -> the compute spent here, and on rank 0 the LearnStep."""
         counters = ComputeCounters()
-        learned = learn(trajectories, policy=self.policy, reference=self.reference, method=self.method,
-                        optimizer=self.optimizer, params=self.params, counters=counters, cfg=self.cfg, step=step,
-                        nonfinite_streak=nonfinite_streak, shard=Shard(self.rank, self.world, _gather),
-                        progress=progress)
-        out = {"compute": counters.state_dict()}
-        if self.rank == 0:
-            out.update(metrics=learned.metrics(trajectories, skipped_updates + learned.skipped),
-                       skipped=learned.skipped, nonfinite_streak=learned.nonfinite_streak, diverged=learned.diverged)
-        return out
+        learned = learn(trajectories, policy=self.policy, reference=self.reference,
+                        advantages=METHODS[self.cfg.method].advantages, optimizer=self.optimizer, params=self.params,
+                        counters=counters, cfg=self.cfg, step=step, nonfinite_streak=nonfinite_streak,
+                        shard=Shard(self.rank, self.world, _gather), progress=progress)
+        return {"compute": counters.state_dict(), **({"learned": learned} if self.rank == 0 else {})}
 
     def _full_states(self) -> tuple[dict, dict | None]:
         head = self.policy.value_head
@@ -185,7 +179,7 @@ class LearnerRank:
 
 
 class FSDPLearner:
-    """The driver's handle on L `LearnerRank` actors; the same methods as `ray_loop.LocalLearner`."""
+    """The driver's handle on L `LearnerRank` actors; the same methods as `learner.Learner`."""
 
     def __init__(self, cfg, world: int, start_from=None, *, device: str = "cuda"):
         if (cfg.minibatch_rows // cfg.micro_batch_rows) % world:
@@ -205,18 +199,18 @@ class FSDPLearner:
         start = None if start_from is None else str(start_from)
         self.num_params, self.head_params = ray.get([r.setup.remote(host, port, start) for r in self.ranks])[0]
 
-    def learn(self, trajectories, *, step: int, nonfinite_streak: int, skipped_updates: int, counters,
+    def learn(self, trajectories, *, advantages, step: int, nonfinite_streak: int, counters,
               progress: float | None = None):
+        """`learner.Learner.learn` over the ranks (each rank looks the method's advantages up itself)
+        -> rank 0's LearnStep; every rank's compute is counted into `counters`."""
         shared = ray.put(list(trajectories))
-        outs = ray.get([r.learn.remote(shared, step, nonfinite_streak, skipped_updates, progress)
-                        for r in self.ranks])
+        outs = ray.get([r.learn.remote(shared, step, nonfinite_streak, progress) for r in self.ranks])
         for out in outs:
             c = out["compute"]
             counters.add_learning(train_tokens=c["learn_train_tokens"], inference_tokens=c["learn_inference_tokens"],
                                   forward_calls=c["learn_forward_calls"], head_train_tokens=c["learn_head_train_tokens"],
                                   head_inference_tokens=c["learn_head_inference_tokens"])
-        first = outs[0]
-        return first["metrics"], first["skipped"], first["nonfinite_streak"], first["diverged"]
+        return outs[0]["learned"]
 
     def publish(self):
         return ray.get([r.publish.remote() for r in self.ranks])[0][0]

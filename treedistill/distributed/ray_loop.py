@@ -1,14 +1,17 @@
-"""The training loop spread over a Ray cluster: generator actors search or sample, one learner steps.
+"""The training loop's Ray collector: generator actors search or sample, the loop's learner steps.
 
-Layout (`treedistill train --distributed ray --generators G [--learner-gpus L]`):
+`train.train(..., distributed=DistributedSettings(...))` runs the one training loop with the
+`RayCollector` here instead of the one-process `collect.LocalCollector`; this module holds the actors,
+their pool and that collector only. Layout (`treedistill train --distributed ray --generators G
+[--learner-gpus L]`):
 - G generator actors (`Generator`), each with its own policy copy and engine (one GPU each on a GPU
   cluster, one CPU otherwise). A task is a shard of the training stream's problems; the actor runs
   the method's own rollout on it (batched tree search for mcts, sampling for the baselines) and
   returns the scored trajectories with their behaviour log-probs and the weights version that made
   them. Evaluation runs on a generator too, with the same `evaluate` and seed as the one-process loop.
-- One learner: the driver process (L = 0, or L = 1 on a cluster without GPUs) or L FSDP processes
-  holding one GPU each (`distributed/fsdp.py`). It runs `learner.learn`, the one-process loop's own
-  steps 2 to 4, so both loops share every line of the maths.
+- One learner: the driver process (`learner.Learner`; L = 0, or L = 1 on a cluster without GPUs) or
+  L FSDP processes holding one GPU each (`distributed/fsdp.py`). It runs `learner.learn`, so both
+  collectors share every line of the maths.
 - Weights go to the generators through the Ray object store: every `sync_every` steps the learner
   `ray.put`s its trainable weights as version = its step count, and each task carries a reference to
   the newest version; a generator loads it before its next task (between trees, never inside one)
@@ -29,13 +32,14 @@ problems, which a resumed run requeues before any new one (counted as requeued).
 either loop resumes in the other (the one-process loop skips the unresolved problems: it knows only
 the position).
 
-Departures from the one-process loop: a step's problems are the first fresh ones to come back, not
-a fixed slice of the stream, and generation overlaps learning, so a run is not bit-reproducible
+Departures from the one-process collector: a step's problems are the first fresh ones to come back,
+not a fixed slice of the stream, and generation overlaps learning, so a run is not bit-reproducible
 (max_staleness = 0 with one generator comes closest); rollout compute is counted when a task comes
 back, including tasks whose trajectories are later dropped (compute spent is compute spent), and
-lost with a dead actor only for what its task never reported; every step is a whole one (tasks are
-dispatched ahead of the learner), so a run may end up to one step past its generated-token budget,
-where the one-process loop's last step takes only the problems the budget has room for.
+lost with a dead actor only for what its task never reported. The last step is cut to the
+generated-token budget as in one process (the learner takes only the problems the budget has room
+for), but tasks already dispatched ahead of it still generate, so a run may spend up to about one
+step's tokens past its budget.
 """
 
 from __future__ import annotations
@@ -43,51 +47,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import ray
 import torch
 
-from treedistill import checkpoint
-from treedistill.config import to_yaml
+from treedistill.collect import Collected, evaluation
 from treedistill.distributed.ledger import Finished, Ledger, Task
 from treedistill.engine import make_engine
 from treedistill.envs import get_env
 from treedistill.errors import UsageError
-from treedistill.evaluate import evaluate
-from treedistill.jsonl import append_jsonl
-from treedistill.learner import (
-    DivergedError,
-    derive_seed,
-    learn,
-    load_train_policy,
-    reference_policy,
-    trainable_params,
-)
+from treedistill.learner import Learner, derive_seed, load_train_policy
 from treedistill.methods import METHODS, RolloutContext
-from treedistill.metrics import ComputeCounters, Progress, counter_delta
-from treedistill.runs import (
-    advance_bar,
-    budget_progress,
-    check_same_run,
-    eval_stats,
-    finish_run,
-    holding_run_folder,
-    open_run_logs,
-    passed_eval_point,
-    restore_loop,
-    resume_point,
-    run_problems,
-    sample_records,
-    spent,
-    take_problems,
-    why_stop,
-)
-from treedistill.value_probe import value_quality
+from treedistill.metrics import counter_delta
+from treedistill.runs import check_context, take_problems
 
-__all__ = ["ClusterError", "DistributedSettings", "Generator", "LocalLearner", "load_weights", "train_distributed"]
+__all__ = ["ClusterError", "DistributedSettings", "Generator", "GeneratorPool", "RayCollector", "load_weights",
+           "start_cluster", "task_size"]
 
 
 class ClusterError(UsageError):
@@ -127,15 +103,12 @@ class DistributedSettings:
 START_TIMEOUT_S = 600
 
 
-# Most problems one rollout call of a method batches well: the trees one search call grows together
-# (mcts); the sampling methods put all of a task's problems in one engine call.
-TASK_LIMITS = {"mcts": lambda cfg: cfg.search.problems_at_once}
-
-
 def task_size(cfg, generators: int) -> int:
-    """Problems per task: a step's problems shared out over the generators, within TASK_LIMITS."""
+    """Problems per task: a step's problems shared out over the generators, within the method's
+    `task_limit` (the trees one search call grows together)."""
     share = -(-cfg.problems_per_step // generators)
-    return min(share, TASK_LIMITS.get(cfg.method, lambda cfg: share)(cfg))
+    limit = METHODS[cfg.method].task_limit
+    return min(share, limit(cfg)) if limit is not None else share
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,26 +168,24 @@ class Generator:
         groups = [[] for _ in problems]
         for t in rollout.trajectories:
             groups[t.group].append(dataclasses.replace(t, weight_version=version))
-        expected = self.cfg.samples_per_problem
-        assert all(len(g) == expected for g in groups), (
-            f"rollout gave {[len(g) for g in groups]} trajectories per problem, expected {expected}")
+        expected = self.cfg.rows_per_problem
+        assert all(len(g) == expected if expected is not None else g for g in groups), (
+            f"rollout gave {[len(g) for g in groups]} trajectories per problem, expected {expected or 'some'}")
         self.rollouts += 1
         if self.rollouts == self.exit_at:
             os._exit(1)
         return {"results": [Finished(p, tuple(g), version, rollout.stats) for p, g in zip(positions, groups)],
                 "compute": compute}
 
-    def evaluate(self, version: int, weights: list, problems: list, shown: list, step: int,
-                 trajectories: list) -> tuple[dict, list[dict]]:
-        """mean@k of weights `version` (the one-process loop's evaluation: same function, same seed)
-        and the samples.jsonl records of this evaluation."""
+    def evaluate(self, version: int, weights: list, problems: list, step: int, trajectories: list) -> tuple[dict, list]:
+        """mean@k of weights `version` and the samples.jsonl records (`collect.evaluation`: the
+        one-process loop's evaluation, same function, same seed)."""
         self._sync(version, weights)
-        self.engine.clear_cache()
-        cfg = self.cfg
-        result = evaluate(self.engine, self.policy, self.env, problems, k=cfg.eval_k,
-                          temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        records = sample_records(self.ctx, shown, step, trajectories)
-        return {**eval_stats(result), **value_quality(self.engine, self.policy, self.env, problems, cfg)}, records
+        return evaluation(self.ctx, problems, self.cfg.eval_samples_logged, step, trajectories)
+
+    def check_context(self, problems: list) -> None:
+        """`runs.check_context` with this actor's policy (the driver may hold none: FSDP learners)."""
+        check_context(self.cfg, self.policy, self.env, problems)
 
 
 @dataclass
@@ -343,67 +314,7 @@ class GeneratorPool:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The learner in the driver process
-
-
-class LocalLearner:
-    """The driver process learns: the one-process loop's policy, frozen reference and optimizer."""
-
-    def __init__(self, cfg, saved: dict | None, stack: contextlib.ExitStack):
-        self.cfg, self.method = cfg, METHODS[cfg.method]
-        torch.manual_seed(cfg.seed)
-        self.policy = load_train_policy(cfg)
-        self.reference = reference_policy(self.policy, stack)  # frozen BEFORE any checkpoint weights are loaded
-        self.params = trainable_params(self.policy)
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        head = self.policy.value_head
-        self.num_params = self.policy.num_parameters
-        self.head_params = sum(p.numel() for p in head.parameters()) if head else 0
-        if saved is not None:
-            self.policy.model.load_state_dict(saved["model"])
-            if head is not None:
-                head.load_state_dict(saved["value_head"])
-            self.optimizer.load_state_dict(saved["optimizer"])
-
-    def learn(self, trajectories, *, step: int, nonfinite_streak: int, skipped_updates: int, counters,
-              progress: float | None = None):
-        """-> (the step's learning metrics, updates skipped, non-finite streak, why to stop or None)."""
-        learned = learn(trajectories, policy=self.policy, reference=self.reference, method=self.method,
-                        optimizer=self.optimizer, params=self.params, counters=counters, cfg=self.cfg, step=step,
-                        nonfinite_streak=nonfinite_streak, progress=progress)
-        total = skipped_updates + learned.skipped
-        return learned.metrics(trajectories, total), learned.skipped, learned.nonfinite_streak, learned.diverged
-
-    def publish(self):
-        """The trainable weights (CPU copies) in the object store -> its reference."""
-        return ray.put(trainable_state(self.policy))
-
-    def save(self, run_dir: Path, step: int, entries: dict, keep: int) -> None:
-        head = self.policy.value_head
-        checkpoint.save_checkpoint(run_dir, step, {
-            "model": self.policy.model.state_dict(),
-            **({"value_head": head.state_dict()} if head is not None else {}),
-            "optimizer": self.optimizer.state_dict(), **entries,
-        }, keep=keep)
-
-    def close(self) -> None:
-        """Nothing to release: the driver's own objects go with it."""
-
-
-def trainable_state(policy, model_state: dict | None = None) -> dict:
-    """What generators need of the learner's weights: the trainable parameters (all of them, or
-    the LoRA adapters) and the value head, as CPU tensors. model_state: a full state dict to take them
-    from (FSDP gathers one), else the policy's own parameters."""
-    names = [n for n, p in policy.model.named_parameters() if p.requires_grad]
-    source = model_state if model_state is not None else dict(policy.model.named_parameters())
-    head = policy.value_head
-    return {"model": {n: source[n].detach().to("cpu", copy=True) for n in names},
-            "value_head": ({k: v.detach().to("cpu", copy=True) for k, v in head.state_dict().items()}
-                           if head is not None else None)}
-
-
-# ---------------------------------------------------------------------------------------------------
-# The loop
+# The collector the training loop calls
 
 
 def _connect(settings: DistributedSettings) -> bool:
@@ -453,164 +364,114 @@ def _ledger_from(saved: dict | None, cfg, settings: DistributedSettings) -> tupl
     return Ledger(position=position, counts={"dispatched": position, "trained": position}, **sizes), 0
 
 
-@holding_run_folder
-def train_distributed(cfg, run_dir: str | Path, *, settings: DistributedSettings = DistributedSettings(),
-                      resume: str = "auto", engine: str = "native", progress: bool = True,
-                      fault: tuple[int, int] | None = None) -> dict:
-    """`train.train` over a Ray cluster (see the module docstring); returns the same summary plus the
-    distributed counters. fault = (generator, n): that generator's process exits after its n-th
-    rollout (fault-injection tests)."""
-    # ---- set-up: everything that can refuse the input comes before any compute
-    settings.check()
-    if cfg.rows_per_problem is None:
-        raise UsageError(f"method {cfg.method} runs in the one-process loop only (`treedistill train`): "
-                         "its rows per problem vary, which the distributed ledger does not handle yet")
-    run_dir = Path(run_dir)
-    start_from, saved = resume_point(run_dir, resume)
-    if saved is not None:
-        check_same_run(saved["config"], cfg)
-    env = get_env(cfg.env)
-    train_problems, test_problems = run_problems(cfg, env)
-    eval_problems = test_problems[:cfg.eval_problems] if cfg.eval_problems else test_problems
-    final_eval_problems = test_problems[:cfg.final_eval_count] if cfg.final_eval_count else test_problems
-    started_ray = _connect(settings)
-    stack = contextlib.ExitStack()
-    pool = learner = None
-    try:
-        gpus = _check_resources(settings)
-        if gpus and settings.learner_gpus >= 1:
-            from treedistill.distributed.fsdp import FSDPLearner
+def start_cluster(cfg, settings: DistributedSettings, stack: contextlib.ExitStack, *, env, train_problems: list,
+                  saved: dict | None, start_from, engine: str, fault: tuple[int, int] | None = None):
+    """Join (or start) the cluster and start the learner and the generators -> (learner, collector),
+    both released by `stack`. The learner is this process (`learner.Learner`) or, with learner_gpus
+    >= 1 on a GPU cluster, L FSDP processes."""
+    if _connect(settings):
+        stack.callback(ray.shutdown)
+    gpus = _check_resources(settings)
+    if gpus and settings.learner_gpus >= 1:
+        from treedistill.distributed.fsdp import FSDPLearner
 
-            learner = FSDPLearner(cfg, settings.learner_gpus, start_from, device="cuda")
-        else:
-            learner = LocalLearner(cfg, saved, stack)
-        pool = GeneratorPool(cfg, settings, engine, gpus=gpus, fault=fault)
-        return _loop(cfg, run_dir, settings, saved, learner, pool, train_problems, eval_problems,
-                     final_eval_problems, progress)
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        if learner is not None:
-            learner.close()
-        stack.close()
-        if started_ray:
-            ray.shutdown()
+        learner = FSDPLearner(cfg, settings.learner_gpus, start_from, device="cuda")
+    else:
+        learner = Learner(cfg, saved, stack)
+    stack.callback(learner.close)
+    pool = GeneratorPool(cfg, settings, engine, gpus=gpus, fault=fault)
+    stack.callback(pool.shutdown)
+    return learner, RayCollector(cfg, settings, pool, learner, train_problems, saved)
 
 
-def _loop(cfg, run_dir: Path, settings: DistributedSettings, saved: dict | None, learner, pool: GeneratorPool,
-          train_problems: list, eval_problems: list, final_eval_problems: list, progress: bool) -> dict:
-    """The loop itself, in the one-process loop's order: collect -> learn -> log -> evaluate ->
-    checkpoint, with weights published to the generators every sync_every steps."""
-    P = cfg.problems_per_step
-    counters = ComputeCounters(params=learner.num_params, head_params=learner.head_params)
-    ledger, restarts_before = _ledger_from(saved, cfg, settings)
-    step, skipped_updates, nonfinite_streak, wall_before = restore_loop(saved, counters)
-    logger = open_run_logs(run_dir, cfg, step if saved is not None else None)
-    started = time.perf_counter()
-    published, weights = step, learner.publish()  # version = the learner's step count
+class RayCollector:
+    """The training loop's collector over the generator pool (the module docstring): keeps every
+    generator busy as the staleness bound allows, hands the loop a step's problems as they come back,
+    publishes the learner's weights every sync_every steps, evaluates on a generator."""
 
-    def wall() -> float:
-        return wall_before + time.perf_counter() - started
+    name = "train (ray)"
 
-    def problem_at(position: int) -> dict:
-        return take_problems(train_problems, cfg.seed, position, 1)[0]
+    def __init__(self, cfg, settings: DistributedSettings, pool: GeneratorPool, learner, train_problems: list,
+                 saved: dict | None):
+        self.cfg, self.settings, self.pool, self.train_problems = cfg, settings, pool, train_problems
+        self.ledger, self.restarts_before = _ledger_from(saved, cfg, settings)
+        self.counters = None
+        step = int(saved["loop"]["step"]) if saved is not None else 0
+        self.version, self.weights = step, self._put(learner)  # version = the learner's step count
 
-    def dispatch(next_update: int) -> None:
+    @staticmethod
+    def _put(learner):
+        """The learner's published weights as an object reference (FSDP's rank 0 puts them itself)."""
+        weights = learner.publish()
+        return weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
+
+    @property
+    def problems_seen(self) -> int:
+        """Problems whose rollouts came back (their tokens are counted): what the budget cut divides by."""
+        ledger = self.ledger
+        return ledger.trained + ledger.dropped_stale + len(ledger.buffered)
+
+    def check_context(self, problems: list) -> None:
+        longest = sorted(problems, key=lambda p: len(repr(p)), reverse=True)[:8]
+        self.pool.call(self.ledger, self.counters, "check_context", longest)
+
+    def _dispatch(self, next_update: int) -> None:
         """Give idle generators work; next_update = the version the next batch taken will update."""
-        pool.dispatch(ledger, learner_version=next_update, published=published, weights=weights,
-                      problem_at=problem_at)
+        self.pool.dispatch(self.ledger, learner_version=next_update, published=self.version, weights=self.weights,
+                           problem_at=lambda position: take_problems(self.train_problems, self.cfg.seed, position, 1)[0])
 
-    def distributed_counters() -> dict:
-        return {"weight_version": published, "dropped_stale": ledger.dropped_stale,
-                "requeued_problems": ledger.requeued, "generator_restarts": restarts_before + pool.restarts,
+    def collect(self, step: int, n: int, counters) -> Collected:
+        """Keep every generator busy (as the staleness bound allows) until n problems with fresh enough
+        trajectories are back; the learner updates version step - 1."""
+        ledger, self.counters = self.ledger, counters
+        while True:
+            ledger.drop_stale(step - 1)
+            if len(ledger.buffered) >= n:
+                break
+            self._dispatch(step - 1)
+            self.pool.wait(ledger, counters)
+            ledger.check()
+        taken = ledger.take(n)
+        self._dispatch(step)  # the generators work on while the learner learns (when max_staleness >= 1)
+        ledger.check()
+        trajectories = [dataclasses.replace(t, group=j) for j, f in enumerate(taken) for t in f.trajectories]
+        staleness = [step - 1 - f.version for f in taken]
+        return Collected(trajectories, len(taken), {**_mean_stats(taken), "staleness_mean": sum(staleness) / len(staleness),
+                                                    "staleness_max": max(staleness)})
+
+    def learned(self, step: int, learner) -> None:
+        """Publish the learner's weights every sync_every steps, and put idle generators to work."""
+        if step % self.settings.sync_every == 0:
+            self.version, self.weights = step, self._put(learner)
+            self._dispatch(step)
+
+    def evaluate(self, step: int, learner, problems: list, trajectories: list) -> tuple[dict, list]:
+        """On a generator, with the learner's weights of this very step."""
+        if self.version != step:
+            self.version, self.weights = step, self._put(learner)
+        return self.pool.call(self.ledger, self.counters, "evaluate", self.version, [self.weights], problems, step,
+                              trajectories[:self.cfg.eval_samples_logged])
+
+    def log_fields(self) -> dict:
+        ledger = self.ledger
+        return {"problems_seen": ledger.position, "weight_version": self.version,
+                "dropped_stale": ledger.dropped_stale, "requeued_problems": ledger.requeued,
+                "generator_restarts": self.restarts_before + self.pool.restarts,
                 "problems_dispatched": ledger.dispatched, "problems_trained": ledger.trained,
                 "problems_in_flight": ledger.flying, "problems_buffered": len(ledger.buffered)}
 
-    def evaluation(at_step: int, trajectories=(), final: bool = False) -> dict:
-        nonlocal published, weights
-        t0 = time.perf_counter()
-        if published != at_step:  # evaluate the learner's weights of this very step
-            published, weights = at_step, learner.publish()
-        problems = final_eval_problems if final else eval_problems
-        stats, records = pool.call(ledger, counters, "evaluate", published, [weights], problems,
-                                   problems[:cfg.eval_samples_logged], at_step,
-                                   list(trajectories[:cfg.eval_samples_logged]))
-        append_jsonl(run_dir / "samples.jsonl", records)
-        return logger.log(at_step, {"kind": "eval", **stats, **counters.as_dict(), **distributed_counters(),
-                                    "eval_s": time.perf_counter() - t0, "wall_s": wall()})
+    def state(self) -> dict:
+        """What a checkpoint holds: the stream position, the ledger (its unresolved problems are requeued
+        on resume) and the restarts so far."""
+        return {"position": self.ledger.position, "ledger": self.ledger.state(),
+                "generator_restarts": self.restarts_before + self.pool.restarts}
 
-    if step == 0 and cfg.eval_before_rl:
-        evaluation(0)  # before RL
-    stop_reason = why_stop(step, counters, cfg)
-    bar = Progress(cfg.steps, initial=step, desc=f"train {cfg.method} (ray)") if progress and stop_reason is None else None
-    last_eval = None
-    try:
-        while stop_reason is None:
-            step += 1
-            t_step = time.perf_counter()
-            spent_before = spent(counters)
+    def summary(self) -> dict:
+        """The run summary's distributed fields, once the actors still restarting are back."""
+        self.pool.settle_restarts()
+        fields = self.log_fields()
+        del fields["problems_seen"]
+        return {**fields, "distributed": dataclasses.asdict(self.settings)}
 
-            # 1. collect: keep every generator busy (as the staleness bound allows) until P problems
-            #    with fresh enough trajectories are back; the learner updates version step - 1
-            while True:
-                ledger.drop_stale(step - 1)
-                if len(ledger.buffered) >= P:
-                    break
-                dispatch(step - 1)
-                pool.wait(ledger, counters)
-                ledger.check()
-            taken = ledger.take(P)
-            dispatch(step)  # the generators work on while the learner learns (when max_staleness >= 1)
-            ledger.check()
-            trajectories = [dataclasses.replace(t, group=j) for j, f in enumerate(taken) for t in f.trajectories]
-            assert len(trajectories) == cfg.trajectories_per_step, (len(trajectories), cfg.trajectories_per_step)
-            staleness = [step - 1 - f.version for f in taken]
-            t_rollout = time.perf_counter()
-
-            # 2. rewards -> 3. advantages -> 4. loss and optimizer update(s): the one-process loop's own
-            metrics, skipped, nonfinite_streak, diverged = learner.learn(
-                trajectories, step=step, nonfinite_streak=nonfinite_streak, skipped_updates=skipped_updates,
-                counters=counters, progress=budget_progress(cfg, spent_before, spent(counters)))
-            skipped_updates += skipped
-            if step % settings.sync_every == 0:
-                published, weights = step, learner.publish()
-                dispatch(step)
-            t_learn = time.perf_counter()
-
-            # 5. log
-            stop_reason = why_stop(step, counters, cfg)
-            record = logger.log(step, {
-                **metrics, **_mean_stats(taken), **counters.as_dict(), "problems_seen": ledger.position,
-                "staleness_mean": sum(staleness) / len(staleness), "staleness_max": max(staleness),
-                **distributed_counters(),
-                "rollout_s": t_rollout - t_step, "learn_s": t_learn - t_rollout, "wall_s": wall(),
-            })
-            if diverged:
-                raise DivergedError(diverged)
-
-            # 6. periodic evaluation (mean@k, sparse reward, no search) on a generator, and at the end
-            if (cfg.eval_every and step % cfg.eval_every == 0) or stop_reason or passed_eval_point(
-                    cfg, spent_before[0], counters.rollout_generated_tokens):
-                last_eval = evaluation(step, trajectories, final=stop_reason is not None)
-
-            # 7. checkpoint: the learner's state is the run's; unresolved problems are requeued on resume
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or stop_reason:
-                learner.save(run_dir, step, {
-                    "rng": checkpoint.rng_state(),
-                    "counters": counters.state_dict(),
-                    "loop": {"step": step, "position": ledger.position, "skipped_updates": skipped_updates,
-                             "nonfinite_streak": nonfinite_streak, "wall_s": wall(), "ledger": ledger.state(),
-                             "generator_restarts": restarts_before + pool.restarts},
-                    "config": to_yaml(cfg),
-                }, cfg.keep_checkpoints)
-            advance_bar(bar, record, last_eval)
-    finally:
-        if bar is not None:
-            bar.close()
-        logger.close()
-
-    # ---- the end: report.md and a summary
-    pool.settle_restarts()
-    return finish_run(run_dir, cfg, step=step, stop_reason=stop_reason, skipped_updates=skipped_updates,
-                      counters=counters, wall_s=wall(), **distributed_counters(),
-                      distributed=dataclasses.asdict(settings))
+    def close(self) -> None:
+        """The pool and the cluster are released by `start_cluster`'s stack."""

@@ -22,7 +22,8 @@ def _shown(value, width: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= width else text[:width] + "..."
 
-__all__ = ["RENAMED", "Candidate", "LeafRollout", "NodeRequest", "SearchSettings", "SearchStats", "TreeStats"]
+__all__ = ["INSPECT_SEARCH", "RENAMED", "TEST_TIME_SEARCH", "TRAINING_SEARCH", "Candidate", "LeafRollout",
+           "NodeRequest", "SearchSettings", "SearchStats", "TreeStats"]
 
 # Names the search options had before they were one type: a config key or field under the old name
 # is refused with the new one.
@@ -114,6 +115,20 @@ class SearchSettings:
         if not 0 <= self.rollout_lambda <= 1:
             out.append(f"search.rollout_lambda must be in [0, 1] (got {self.rollout_lambda})")
         return out
+
+
+# The named search settings: every default of a search lives here, and each caller starts from one of
+# them (its CLI flags default to None and replace only the fields they name).
+# Training (the config's `search:` block; method mcts and mcts-tree): the reference run's search,
+# ~1,600 simulations as 16 workers x 100, 12 trees at once; max_depth None = bounded by the completion's
+# token budget only.
+TRAINING_SEARCH = SearchSettings(simulations=1600, parallel=16, problems_at_once=12, max_depth=None)
+# Test time (`eval --search mcts`, `testtime`, whose simulations are fitted to each budget): rollout
+# leaves, c 2, widening 1, the best valued answer, chosen on training problems (docs/log.md).
+TEST_TIME_SEARCH = SearchSettings(simulations=64, parallel=8, problems_at_once=32, c_puct=2.0, widen_c=1.0,
+                                  pick="best", rollout_lambda=1.0)
+# One tree shown (`treedistill search`): training's selection and value-head leaves, the best answer.
+INSPECT_SEARCH = SearchSettings(simulations=200, parallel=8, pick="best")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,7 @@
-"""The training configuration: one frozen dataclass, YAML presets, `--set key=value` overrides.
+"""The training configuration's fields and their checks: one frozen dataclass, `TrainConfig`.
 
-Defaults are the reference run's settings (../shared/docs/method.md) for the reference method; the
-presets in `treedistill/presets/*.yaml` spell out every setting a method depends on, and a preset
-may `inherit:` another so that two files differ only where the methods do.
+Defaults are the reference run's settings (docs/method.md) for the reference method; the presets
+(`config/files.py`) spell out every setting a method depends on.
 
 Invalid settings raise `UsageError` when the config is built, before any model is loaded, naming the
 field and the allowed values; every number must be finite and within its bound (`LIMITS`). No torch import here: `treedistill train --help` stays fast.
@@ -13,60 +12,38 @@ The loss and advantage functions read the same field names (`policy_loss`, `eps_
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from treedistill.datasets import resolve_path
-from treedistill.envs import ENVS as ENV_CLASSES
+from treedistill.envs import ENVS
 from treedistill.errors import UsageError
-from treedistill.search.contracts import RENAMED, SearchSettings
+from treedistill.search.contracts import TRAINING_SEARCH, SearchSettings
 from treedistill.search.credit import TREE_ADVANTAGE_NORMS, TREE_ADVANTAGES
 
-__all__ = [
-    "LoraSettings",
-    "SearchSettings",
-    "TrainConfig",
-    "list_presets",
-    "load_config",
-    "to_yaml",
-]
+__all__ = ["LIMITS", "MAX_COUNT", "MAX_NUMBER", "MAX_SEED", "MAX_TEMPERATURE", "MAX_TOKENS", "LoraSettings",
+           "SearchSettings", "TrainConfig", "show"]
 
-PRESET_DIR = Path(__file__).resolve().parent / "presets"
-
-METHODS = ("mcts", "mcts-tree", "bon", "grpo", "cispo", "ppo")
-ENVS = tuple(ENV_CLASSES)  # the keys of envs.ENVS
-POLICY_LOSSES = ("cispo", "ppo")  # the keys of algorithms.losses.LOSSES
-ADVANTAGES = ("group", "reward_minus_value", "gae")  # the keys of algorithms.advantages.ADVANTAGES
 LR_SCHEDULES = ("constant", "linear-decay")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_BACKENDS = ("jsonl", "tensorboard", "wandb")
-TRAIN_REWARDS = ("dense", "sparse")  # the keys of methods.REWARDS
 
-# What each method may be combined with. Sampling methods with a group baseline have no value head;
-# the others learn a value head whose estimates are their baseline.
-GROUP_METHODS = ("grpo", "cispo")
-METHOD_RULES = {
-    "mcts": {"advantage": ("reward_minus_value", "gae"), "policy_loss": POLICY_LOSSES},
-    # mcts-tree's advantage is its tree's (tree_advantage); reward_minus_value only keeps the value head
-    # that guides the search (and is trained on the tree's value targets)
-    "mcts-tree": {"advantage": ("reward_minus_value",), "policy_loss": POLICY_LOSSES},
-    "bon": {"advantage": ("reward_minus_value", "gae"), "policy_loss": POLICY_LOSSES},
-    "ppo": {"advantage": ("reward_minus_value", "gae"), "policy_loss": POLICY_LOSSES},
-    "grpo": {"advantage": ("group",), "policy_loss": ("ppo",)},
-    "cispo": {"advantage": ("group",), "policy_loss": ("cispo",)},
-}
+
+def _registries():
+    """The method table and the name registries (methods, rewards, advantages, policy losses), imported
+    when a config is checked, not when this module is: they import torch, which `treedistill train
+    --help` does without."""
+    from treedistill.algorithms.advantages import ADVANTAGES
+    from treedistill.methods import METHODS, POLICY_LOSSES, REWARDS
+
+    return METHODS, tuple(REWARDS), tuple(ADVANTAGES), POLICY_LOSSES
 
 
 def _allowed(name: str, value, allowed) -> list[str]:
     if value in allowed:
         return []
-    return [f"{name} must be one of {', '.join(map(str, allowed))} (got {_show(value)})"]
+    return [f"{name} must be one of {', '.join(map(str, allowed))} (got {show(value)})"]
 
 
 def _check(condition: bool, message: str) -> list[str]:
@@ -98,7 +75,7 @@ LIMITS = {
 }
 
 
-def _show(value) -> str:
+def show(value) -> str:
     """A setting's value for a message: short even when it is an absurdly long number or string."""
     if isinstance(value, int) and abs(value) >= 10**30:
         return f"an integer of {len(format(value, 'x')) * 1.2:.0f} digits"
@@ -120,24 +97,16 @@ def _limit_errors(settings, prefix: str = "") -> list[str]:
             if isinstance(number, float) and not math.isfinite(number):
                 out.append(f"{name} must be a finite number (got {number})")
             elif number > bound:
-                out.append(f"{name} must be at most {_show(bound)} (got {_show(number)})")
+                out.append(f"{name} must be at most {show(bound)} (got {show(number)})")
             elif number < low:
-                out.append(f"{name} must be at least {_show(low)} (got {_show(number)})")
+                out.append(f"{name} must be at least {show(low)} (got {show(number)})")
     return out
 
 
-# The training run's search defaults (method mcts; reference values from method.md): the settings type
-# and its names are the search's own (search/contracts.py); max_depth None = bounded by max_new_tokens only.
-TRAINING_SEARCH = SearchSettings(simulations=1600, parallel=16, problems_at_once=12, max_depth=None)
-
-
 def _search_errors(s: SearchSettings) -> list[str]:
-    """What training asks of the search beyond the settings' own checks."""
-    return [
-        *_check(s.parallel <= s.simulations,
-                f"search.parallel must be in 1..search.simulations={s.simulations} (got {s.parallel})"),
-        *_check(s.c_puct > 0, f"search.c_puct must be > 0 (got {s.c_puct})"),
-    ]
+    """What training asks of the search beyond the settings' own checks (search/contracts.py)."""
+    return _check(s.parallel <= s.simulations,
+                  f"search.parallel must be in 1..search.simulations={s.simulations} (got {s.parallel})")
 
 
 @dataclass(frozen=True)
@@ -240,17 +209,22 @@ class TrainConfig:
 
     # ---- derived sizes ----
     @property
+    def method_spec(self):
+        """The method's row of the method table (`methods.METHODS`)."""
+        return _registries()[0][self.method]
+
+    @property
     def samples_per_problem(self) -> int:
         """Trajectories one problem yields: 1 for mcts and bon (one extracted or best sample) and for
         mcts-tree (one tree, whose rows vary: `rows_per_problem`), group_size for the sampling methods."""
-        return {"mcts": 1, "mcts-tree": 1, "bon": 1}.get(self.method, self.group_size)
+        return self.method_spec.samples(self)
 
     @property
     def rows_per_problem(self) -> int | None:
-        """Learner rows one problem yields: samples_per_problem, or None for mcts-tree (one row per step
-        on its tree's finished lines: it varies). With None, minibatch_size counts problems (trees) and
+        """Learner rows one problem yields: samples_per_problem, or None where they vary (mcts-tree: one
+        row per step on its tree's finished lines). With None, minibatch_size counts problems (trees) and
         micro_batch_size rows."""
-        return None if self.method == "mcts-tree" else self.samples_per_problem
+        return None if self.method_spec.rows_vary else self.samples_per_problem
 
     @property
     def trajectories_per_step(self) -> int:
@@ -332,13 +306,16 @@ class TrainConfig:
         limits = [*_limit_errors(self), *_limit_errors(self.search, "search."), *_limit_errors(self.lora, "lora.")]
         if limits:
             return limits  # the checks below assume finite numbers of sane sizes
+        methods, rewards, advantages, policy_losses = _registries()
         problems = [
-            *_allowed("method", self.method, METHODS),
-            *_allowed("env", self.env, ENVS),
+            *_allowed("method", self.method, tuple(methods)),
+            *_allowed("env", self.env, tuple(ENVS)),
             *_check(bool(self.model.strip()), "model must name a model preset or a local path (got '')"),
             *_check(not _looks_like_path(self.model) or Path(self.model).expanduser().exists(),
-                    f"model: no such path {self.model!r}"),
+                    f"model: no such path {show(self.model)}"),
         ]
+        if problems:
+            return problems  # the checks below read the method's row of the table
         for name in ("train_path", "test_path"):
             path = getattr(self, name)
             problems += _check(path is None or resolve_path(path).is_file(),
@@ -365,19 +342,19 @@ class TrainConfig:
                     f"problems_per_step x samples per problem must be at most {MAX_COUNT} "
                     f"(got {self.trajectories_per_step})"),
             *_allowed("lr_schedule", self.lr_schedule, LR_SCHEDULES),
-            *_allowed("reward", self.reward, TRAIN_REWARDS),
-            *_allowed("search_reward", self.search_reward, (None, *TRAIN_REWARDS)),
+            *_allowed("reward", self.reward, rewards),
+            *_allowed("search_reward", self.search_reward, (None, *rewards)),
             *_allowed("tree_advantage", self.tree_advantage, TREE_ADVANTAGES),
             *_allowed("tree_advantage_norm", self.tree_advantage_norm, TREE_ADVANTAGE_NORMS),
             *_check(self.value_probe_temperature > 0,
                     f"value_probe_temperature must be > 0 (got {self.value_probe_temperature})"),
             *_check(self.temperature > 0, f"temperature must be > 0 (got {self.temperature})"),
-            *_allowed("policy_loss", self.policy_loss, POLICY_LOSSES),
+            *_allowed("policy_loss", self.policy_loss, policy_losses),
             *_check(self.eps_low is None or 0 < self.eps_low <= 1,
                     f"eps_low must be null (no floor) or in (0, 1] (got {self.eps_low})"),
             *_check(self.eps_high > 0, f"eps_high must be > 0 (got {self.eps_high})"),
             *_check(0 < self.ppo_clip < 1, f"ppo_clip must be in (0, 1) (got {self.ppo_clip})"),
-            *_allowed("advantage", self.advantage, ADVANTAGES),
+            *_allowed("advantage", self.advantage, advantages),
             *_check(0 < self.gamma <= 1, f"gamma must be in (0, 1] (got {self.gamma})"),
             *_check(0 <= self.lam <= 1, f"lam must be in [0, 1] (got {self.lam})"),
             *_check(self.device in ("auto", "cpu", "cuda") or
@@ -389,26 +366,25 @@ class TrainConfig:
             *_search_errors(self.search),
             *self.lora.errors(),
         ]
-        rules = METHOD_RULES.get(self.method)
-        if rules is not None:
-            for name, allowed in rules.items():
-                if getattr(self, name) not in allowed:
-                    problems.append(f"method {self.method} needs {name} in {', '.join(allowed)} "
-                                    f"(got {getattr(self, name)!r})")
-        if self.method in GROUP_METHODS or self.method == "ppo":
-            problems += _check(self.group_size >= (2 if self.method in GROUP_METHODS else 1),
-                               f"group_size must be >= 2 for method {self.method} (got {self.group_size})")
+        spec = methods[self.method]
+        for name, allowed in (("advantage", spec.advantages_allowed), ("policy_loss", spec.policy_losses)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"method {self.method} needs {name} in {', '.join(allowed)} "
+                                f"(got {show(getattr(self, name))})")
+        if spec.min_group:
+            problems += _check(self.group_size >= spec.min_group,
+                               f"group_size must be >= {spec.min_group} for method {self.method} (got {self.group_size})")
         if self.advantage == "group":
             problems += _check(self.value_coef == 0,
                                f"value_coef must be 0 with advantage=group: no value head (got {self.value_coef})")
-        elif self.advantage in ADVANTAGES:
+        elif self.advantage in advantages:
             problems += _check(self.value_coef > 0,
                                f"value_coef must be > 0 with advantage={self.advantage}: its baseline is "
                                f"the value head, which must learn (got {self.value_coef})")
         if problems:
             return problems
         # batch arithmetic, once the sizes themselves are valid
-        if self.method in GROUP_METHODS and self.minibatch_rows % self.group_size:
+        if spec.samples(self) > 1 and self.minibatch_rows % self.samples_per_problem:
             problems.append(f"minibatch_size={self.minibatch_rows} is not divisible by "
                             f"group_size={self.group_size}: a minibatch must hold whole groups")
         if self.rows_per_problem is None:
@@ -423,182 +399,3 @@ class TrainConfig:
 
 def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.endswith((".yaml", ".json", ".safetensors"))
-
-
-# ---- loading ----
-
-def list_presets() -> list[str]:
-    """Names of the shipped presets (files starting with `_` are shared bases, not presets)."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """A preset or config file as a dict, its `inherit:` chain merged in (the child wins)."""
-    path = path.resolve()
-    if path in seen:
-        raise UsageError(f"config: inherit cycle through {' -> '.join(p.name for p in (*seen, path))}")
-    try:
-        data = yaml.safe_load(path.read_bytes()) or {}
-    except OSError as err:
-        raise UsageError(f"config: cannot read {path} ({err.strerror})") from None
-    except RecursionError:
-        raise UsageError(f"config: {path} is nested too deeply") from None
-    except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer of more than 4,300 digits
-        raise UsageError(f"config: {path} is not valid YAML: {' '.join(str(err).split())}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"config: {path} must hold a mapping of settings, got {type(data).__name__}")
-    parent = data.pop("inherit", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str) or not parent.strip() or "\0" in parent:
-        raise UsageError(f"config: {path.name}: inherit must name a preset or a YAML file (got {_show(parent)})")
-    parent_path = PRESET_DIR / f"{parent}.yaml"
-    if not parent_path.is_file():
-        parent_path = (path.parent / parent).resolve()
-    if not parent_path.is_file():
-        raise UsageError(f"config: {path.name} inherits {_show(parent)}, which is neither a preset "
-                         f"({', '.join(list_presets())}) nor a file next to it")
-    return _merge(_read_yaml(parent_path, (*seen, path)), data)
-
-
-def _merge(base: dict, top: dict) -> dict:
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _parse_override(text: str) -> tuple[list[str], object]:
-    if "=" not in text:
-        raise UsageError(f"--set expects key=value (got {_show(text)})")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except (yaml.YAMLError, ValueError, RecursionError):  # not YAML, too many digits, nested too deeply
-        value = raw
-    return key.strip().split("."), value
-
-
-def _coerce(value, annotation, key: str, base=None):
-    """`value` (from YAML or --set) as the field's declared type, or a UsageError naming the key; a
-    nested settings mapping overrides `base` (the field's default) where given."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
-            if type(None) in options:
-                return None
-        inner = [option for option in options if option is not type(None)]
-        return _coerce(value, inner[0], key)
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise UsageError(f"config: {key} must be a mapping of {', '.join(_field_names(annotation))}")
-        return _build(annotation, value, prefix=f"{key}.", base=base)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]  # `--set eval_at_tokens=5000`: one entry
-        if not isinstance(value, (list, tuple)):
-            raise UsageError(f"config: {key} must be a list (got {_show(value)})")
-        return tuple(_coerce(item, typing.get_args(annotation)[0], key) for item in value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
-            return value.lower() in ("true", "yes", "on")
-        raise UsageError(f"config: {key} must be true or false (got {_show(value)})")
-    if annotation is int:
-        try:
-            number = value
-            if isinstance(value, str):  # digits exactly (a float would round them), else 1e6 and the like
-                number = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
-            if isinstance(number, bool) or not isinstance(number, (int, float)) or number != int(number):
-                raise ValueError
-            return int(number)
-        except (TypeError, ValueError, OverflowError):
-            raise UsageError(f"config: {key} must be an integer (got {_show(value)})") from None
-    if annotation is float:
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        except (TypeError, ValueError, OverflowError):
-            raise UsageError(f"config: {key} must be a number (got {_show(value)})") from None
-    if annotation is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise UsageError(f"config: {key} must be a string (got {_show(value)})")
-        return str(value)
-    raise TypeError(f"config field {key} has an unsupported type {annotation!r}")
-
-
-def _field_names(cls) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def _build(cls, data: dict, prefix: str = "", base=None):
-    """`cls` from a mapping of its fields (over `base`, an instance, when given)."""
-    hints = typing.get_type_hints(cls)
-    names = _field_names(cls)
-    unknown = [key for key in data if key not in names]
-    if unknown:
-        key = unknown[0]
-        if prefix == "search." and key in RENAMED:
-            raise UsageError(f"config: {prefix}{key} is now called {prefix}{RENAMED[key]}")
-        close = difflib.get_close_matches(str(key), names, n=1)
-        hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-        shown = key if isinstance(key, str) and key.isprintable() and len(key) <= 60 else _show(key)
-        raise UsageError(f"config: unknown key {prefix}{shown}{hint} (known: {', '.join(names)})")
-    defaults = {f.name: f.default for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.default)}
-    defaults.update({f.name: f.default_factory() for f in dataclasses.fields(cls)
-                     if f.default_factory is not dataclasses.MISSING})
-    values = {key: _coerce(value, hints[key], f"{prefix}{key}", defaults.get(key)) for key, value in data.items()}
-    return dataclasses.replace(base, **values) if base is not None else cls(**values)
-
-
-def load_config(preset: str | None = None, path: str | Path | None = None,
-                overrides: typing.Sequence[str] = ()) -> TrainConfig:
-    """Defaults, then a preset (treedistill/presets/NAME.yaml) or a YAML file, then `key=value`
-    overrides (dotted keys reach nested settings: `search.simulations=64`), validated."""
-    if preset is not None and path is not None:
-        raise UsageError("give either a preset or a config file, not both")
-    data: dict = {}
-    if preset is not None:
-        file = PRESET_DIR / f"{preset}.yaml"
-        if preset.startswith("_") or not file.exists():
-            raise UsageError(f"unknown preset {preset!r}; presets: {', '.join(list_presets())}")
-        data = _read_yaml(file)
-    elif path is not None:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise UsageError(f"config file not found: {file}")
-        data = _read_yaml(file)
-    for text in overrides:
-        keys, value = _parse_override(text)
-        node = data
-        for key in keys[:-1]:
-            child = node.get(key)
-            node[key] = dict(child) if isinstance(child, dict) else {}
-            node = node[key]
-        node[keys[-1]] = value
-    return _build(TrainConfig, data)
-
-
-def to_yaml(cfg: TrainConfig) -> str:
-    """The resolved config as YAML that `load_config(path=...)` reads back to an equal config;
-    the derived sizes follow as comments."""
-    data = _plain(dataclasses.asdict(cfg))
-    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
-    derived = "".join(f"#   {key}: {value}\n" for key, value in cfg.derived().items())
-    return text + "# derived:\n" + derived
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value
