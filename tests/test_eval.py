@@ -8,6 +8,7 @@ from tiny_prompt_policy import TinyPromptPolicy
 
 from treedistill.cli import main
 from treedistill.engine.base import FINISH_EOS, FINISH_LENGTH, Sample
+from treedistill.errors import UsageError
 from treedistill.evaluate import evaluate, summarize
 
 
@@ -105,7 +106,7 @@ def test_evaluate_refuses_bad_settings():
     (["--search", "mcts", "--parallel", "0"], "--parallel must be >= 1"),
     (["--search", "mcts", "--search-temperature", "0"], "--search-temperature must be > 0"),
     (["--search", "mcts", "--widen-c", "-1"], "--widen-c must be >= 0"),
-    (["--search", "mcts", "--select", "best"], "unknown --select"),
+    (["--search", "mcts", "--select", "best"], "--select must be one of puct, uct, gumbel"),
     (["--value-probe", "-1"], "--value-probe must be >= 0"),
     (["--value-probe", "4", "--value-probe-k", "0"], "--value-probe-k must be >= 1"),
 ])
@@ -172,17 +173,34 @@ def test_cli_eval_with_search(terminal, selectors, capsys):
         assert b["tokens_per_problem"] == round(s["tokens_per_problem"]) and b["n_mean"] > 1
 
 
-def test_eval_search_defaults_are_the_test_time_search():
+def test_every_search_default_comes_from_one_named_setting():
+    """CLI flags given nothing, the training config and the test-time sweep all read search/contracts.py."""
     import argparse
 
     from treedistill.commands import eval as eval_command
-    from treedistill.testtime import SWEEP_SEARCH
+    from treedistill.commands import search as search_command
+    from treedistill.commands import search_settings
+    from treedistill.commands import testtime as testtime_command
+    from treedistill.config import TrainConfig
+    from treedistill.search.contracts import INSPECT_SEARCH, TEST_TIME_SEARCH, TRAINING_SEARCH
+    from treedistill.testtime import SweepConfig
 
-    parser = argparse.ArgumentParser()
-    eval_command.add_arguments(parser)
-    args = parser.parse_args(["--split", "test"])
-    for name in ("c_puct", "rollout_lambda", "widen_c", "widen_alpha", "k_children", "select", "parallel", "pick"):
-        assert getattr(args, name) == getattr(SWEEP_SEARCH, name), name
+    def parsed(command, *argv):
+        parser = argparse.ArgumentParser()
+        command.add_arguments(parser)
+        return parser.parse_args(list(argv))
+
+    assert eval_command._search_settings(parsed(eval_command, "--split", "test")) == TEST_TIME_SEARCH
+    assert search_settings(parsed(testtime_command), TEST_TIME_SEARCH) == TEST_TIME_SEARCH
+    assert SweepConfig(budgets=(256,)).search == TEST_TIME_SEARCH
+    inspect = parsed(search_command, "--numbers", "3", "4", "--target", "7")
+    assert search_settings(inspect, INSPECT_SEARCH) == INSPECT_SEARCH
+    assert TrainConfig().search == TRAINING_SEARCH
+    # a flag replaces only its field, and a bad value is refused by the settings' own check, named as the flag
+    given = search_settings(parsed(search_command, "--numbers", "3", "--target", "3", "--c-puct", "1.5"), INSPECT_SEARCH)
+    assert given.c_puct == 1.5 and given.simulations == INSPECT_SEARCH.simulations
+    with pytest.raises(UsageError, match="--c-puct must be >= 0"):
+        search_settings(parsed(search_command, "--numbers", "3", "--target", "3", "--c-puct", "-1"), INSPECT_SEARCH)
 
 
 def test_evaluate_spreads_a_large_k_over_calls_of_at_most_batch():

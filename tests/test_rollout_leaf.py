@@ -14,7 +14,8 @@ from treedistill.models.load import wrap_policy
 from treedistill.models.tiny import build_model, build_tokenizer
 from treedistill.rollout import SearchBridge, search_problems
 from treedistill.search import SearchSettings
-from treedistill.testtime import SWEEP_SEARCH, SweepConfig, format_table, run_sweep
+from treedistill.search.contracts import TEST_TIME_SEARCH
+from treedistill.testtime import SweepConfig, format_table, run_sweep
 
 PROBLEMS = [{"numbers": [3, 7, 9, 12], "target": 24}, {"numbers": [1, 5, 6, 13], "target": 59}]
 ENV = get_env("countdown")
@@ -71,7 +72,7 @@ def test_step_key_is_the_environments_canonical_step(policy):
 
 
 def test_sweep_reports_cost_per_answer_with_rollouts_merge_and_gumbel(policy):
-    search = replace(SWEEP_SEARCH, step_max_tokens=8, k_children=2, parallel=2, select="gumbel", widen_c=0.0,
+    search = replace(TEST_TIME_SEARCH, step_max_tokens=8, k_children=2, parallel=2, select="gumbel", widen_c=0.0,
                      rollout_lambda=1.0, merge="canonical")
     cfg = SweepConfig(budgets=(200, 400), max_new_tokens=32, search=search, pilot_problems=2, pilot_simulations=2,
                       rows="verifier", budget_tries=1, once_temperatures=(0.8,), once_samples=1)

@@ -12,8 +12,8 @@ from treedistill.envs import get_env, inputs_only
 from treedistill.errors import UsageError
 from treedistill.models.load import wrap_policy
 from treedistill.models.tiny import build_model, build_tokenizer
+from treedistill.search.contracts import TEST_TIME_SEARCH
 from treedistill.testtime import (
-    SWEEP_SEARCH,
     MethodResult,
     SweepConfig,
     SweepReport,
@@ -32,7 +32,7 @@ ENV = get_env("countdown")
 
 
 def sweep_search(**fields):
-    return replace(SWEEP_SEARCH, **fields)
+    return replace(TEST_TIME_SEARCH, **fields)
 PROBLEM = {"numbers": [3, 7, 9, 12], "target": 24}
 
 

@@ -67,8 +67,9 @@ from treedistill.envs.base import Env, inputs_only
 from treedistill.errors import UsageError
 from treedistill.metrics import standard_error
 from treedistill.search import SearchSettings
+from treedistill.search.contracts import TEST_TIME_SEARCH
 
-__all__ = ["MCTS_VARIANTS", "SELECTORS", "SWEEP_SEARCH", "MethodResult", "SweepConfig", "SweepReport", "format_table",
+__all__ = ["MCTS_VARIANTS", "SELECTORS", "MethodResult", "SweepConfig", "SweepReport", "format_table",
            "majority_vote", "parse_budgets", "plot_report", "run_sweep", "value_pick", "write_markdown"]
 
 
@@ -100,17 +101,6 @@ SELECTORS: dict[str, Callable[[Sequence, Sequence[float] | None], int | None]] =
 
 # --- configuration and results ---------------------------------------------------------------------
 
-# The sweep's search defaults (SearchSettings' names; search.seed is set from SweepConfig.seed).
-# Progressive widening: widen_c 1, chosen once on 100 training problems at ~4,000 tokens per problem:
-# it (100 simulations) beat 2 (64 simulations, a third of the paths left incomplete) on the chosen
-# answers' dense reward, +0.16 vs +0.14; see docs/log.md.
-# Rollout leaves (rollout_lambda 1) and c_puct 2, chosen on 200 held-out TRAINING problems in two stages
-# (docs/log.md, 2026-12-03): problems solved by MCTS with the checker on the last 100 at 256 / 1,024 /
-# 4,096 tokens: rollouts + c 2: 2 / 7 / 14; rollouts (c 0.5): 2 / 4 / 14; + canonical merging + Gumbel:
-# 3 / 5 / 12; + widening c 2: 2 / 8 / 10; + K 2: 2 / 4 / 9 (best-of-N with the checker: 0 / 5 / 23); on the
-# first 100 at 512 / 2,048, without rollouts 0 / 2, with 1 / 9. Canonical merging and Gumbel stay options.
-SWEEP_SEARCH = SearchSettings(parallel=8, select="puct", c_puct=2.0, max_depth=16, k_children=4, temperature=0.8,
-                              step_max_tokens=64, widen_c=1.0, widen_alpha=0.5, pick="best", rollout_lambda=1.0)
 
 
 @dataclass(frozen=True)
@@ -119,7 +109,7 @@ class SweepConfig:
     tree's options (its temperature is also best-of-N's; simulations are fitted to each budget)."""
 
     budgets: tuple[int, ...]
-    search: SearchSettings = SWEEP_SEARCH
+    search: SearchSettings = TEST_TIME_SEARCH
     max_new_tokens: int = 512       # per completion (search path or sample)
     mcts_terminal: str = "legal"    # the mcts row's terminal values: "legal" | "value" (never the reward)
     seed: int = 0
@@ -364,7 +354,7 @@ def best_of_n_at(engine, policy, env: Env, problems: Sequence[dict], budget: int
         raise UsageError(f"rows must be one of {', '.join(ROWS)}, got {rows!r}")
     if budget < 1:
         raise UsageError(f"budget must be positive, got {budget}")
-    cfg = SweepConfig(budgets=(budget,), search=replace(SWEEP_SEARCH, temperature=temperature),
+    cfg = SweepConfig(budgets=(budget,), search=replace(TEST_TIME_SEARCH, temperature=temperature),
                       max_new_tokens=max_new_tokens, seed=seed, rows=rows)
     ctx = _SweepInputs(engine, policy, env, problems, cfg, lambda message: None)
     streams, stream_stats = sample_streams(ctx, budget)

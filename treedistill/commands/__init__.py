@@ -36,53 +36,79 @@ def check_choice(args, name: str, choices: Iterable[str]) -> None:
         raise UsageError(f"unknown {_flag(name)} {value!r}: choose one of {', '.join(choices)}")
 
 
-def add_pick_argument(parser, default: str | None = "best") -> None:
+# ---- search flags: each defaults to None and takes its value from a named search setting
+# (search/contracts.py: TRAINING_SEARCH, TEST_TIME_SEARCH, INSPECT_SEARCH), the one home of the defaults
+
+
+def add_tree_arguments(parser, base) -> None:
+    """The search tree's budget and selection: --simulations, --parallel, --select, --c-puct, --max-depth."""
+    parser.add_argument("--simulations", type=int, default=None,
+                        help=f"simulations per problem (default {base.simulations})")
+    parser.add_argument("--parallel", type=int, default=None, help=f"descents per round, W (default {base.parallel})")
+    parser.add_argument("--select", default=None, help=f"selection rule: puct | uct | gumbel (default {base.select})")
+    parser.add_argument("--c-puct", type=float, default=None, help=f"exploration constant (default {base.c_puct:g})")
+    parser.add_argument("--max-depth", type=int, default=None,
+                        help=f"steps from the root at most (default {base.max_depth})")
+
+
+def add_expansion_arguments(parser, base, *, temperature: str = "--temperature") -> None:
+    """How a node is expanded: --k-children, the step temperature (flag `temperature`), --step-max-tokens."""
+    parser.add_argument("--k-children", type=int, default=None,
+                        help=f"sampled steps per expanded node (default {base.k_children})")
+    parser.add_argument(temperature, type=float, default=None,
+                        help=f"step sampling temperature (default {base.temperature:g})")
+    parser.add_argument("--step-max-tokens", type=int, default=None,
+                        help=f"tokens per step at most (default {base.step_max_tokens})")
+
+
+def add_widening_arguments(parser, base) -> None:
+    """Progressive widening: --widen-c, --widen-alpha."""
+    parser.add_argument("--widen-c", type=float, default=None,
+                        help="progressive widening: a node gets K more steps while its samples are fewer than "
+                             f"C * N^alpha (default {base.widen_c:g}; 0: each node expanded once, as the reference)")
+    parser.add_argument("--widen-alpha", type=float, default=None,
+                        help=f"progressive widening exponent (default {base.widen_alpha:g})")
+
+
+def add_pick_argument(parser, base) -> None:
     """`--pick best|visits`: which path a test-time search answers with (SearchSettings.pick)."""
-    parser.add_argument("--pick", default=default, choices=["best", "visits"],
-                        help="the answer: best (the terminal node of highest value, as best-of-N picks; default) "
-                             "or visits (the most-visited path, the training target)")
+    parser.add_argument("--pick", default=None, choices=["best", "visits"],
+                        help="the answer: best (the terminal node of highest value, as best-of-N picks) or visits "
+                             f"(the most-visited path, the training target); default {base.pick}")
 
 
-def add_leaf_arguments(parser, *, defaults: bool = True, rollout_lambda: float = 0.0) -> None:
-    """`--rollout-lambda` and `--merge` (SearchSettings.rollout_lambda / merge); with defaults=False
-    they default to None (the caller's settings decide)."""
-    parser.add_argument("--rollout-lambda", type=float, default=rollout_lambda if defaults else None,
+def add_leaf_arguments(parser, base) -> None:
+    """`--rollout-lambda` and `--merge` (SearchSettings.rollout_lambda / merge)."""
+    parser.add_argument("--rollout-lambda", type=float, default=None,
                         help="leaf value (1 - lambda) * value head + lambda * z, z the checked outcome of ONE "
                              "policy rollout from the leaf, whose finished line is also an answer candidate "
-                             + (f"(0: the value head only, no rollout; 1: rollouts only; default {rollout_lambda:g})"
-                                if defaults else
-                                "(0: the value head only, no rollout; 1: rollouts only; default: the command's search "
-                                "settings)"))
-    parser.add_argument("--merge", default="tokens" if defaults else None, choices=["tokens", "canonical"],
-                        help="sibling steps merged when their tokens are identical (tokens, default) or their "
-                             "canonical form is (canonical: the environment's canonical_step, e.g. 4*5=20 == 5*4=20)")
+                             f"(0: the value head only, no rollout; 1: rollouts only; default {base.rollout_lambda:g})")
+    parser.add_argument("--merge", default=None, choices=["tokens", "canonical"],
+                        help="sibling steps merged when their tokens are identical (tokens) or their canonical "
+                             "form is (canonical: the environment's canonical_step, e.g. 4*5=20 == 5*4=20); "
+                             f"default {base.merge}")
 
 
-def check_leaf_arguments(args) -> None:
-    """Refuse --rollout-lambda outside [0, 1] (None: not given, accepted)."""
+def search_settings(args, base, *, flags: dict | None = None, **fields):
+    """`base` (a named search setting) with the search flags `args` holds that were given (`--c-puct` ->
+    c_puct, ...) and `fields` (which win over a flag of the same name; None: base's value). The settings' own checks refuse a bad value, named as its flag (`flags`:
+    {field: flag} where a flag is not named after its field)."""
+    import dataclasses
+    import re
+
     from treedistill.errors import UsageError
+    from treedistill.search.contracts import SearchSettings
 
-    value = args.rollout_lambda
-    if value is not None and not 0 <= value <= 1:
-        raise UsageError(f"--rollout-lambda must be in [0, 1], got {value}")
-
-
-def search_settings(args, **fields):
-    """The SearchSettings of the flags named after its fields (`--c-puct` -> c_puct, ...) that `args`
-    holds; `fields` set the others (or replace a flag's value, e.g. eval's --search-temperature)."""
-    from dataclasses import fields as dataclass_fields
-
-    from treedistill.search import SearchSettings
-
-    flags = {f.name: getattr(args, f.name) for f in dataclass_fields(SearchSettings) if hasattr(args, f.name)}
-    return SearchSettings(**{**flags, **fields})
-
-
-def add_tree_arguments(parser, *, simulations: int, c_puct: float = 0.5) -> None:
-    """The search tree's budget and selection: --simulations, --parallel, --select, --c-puct, --max-depth."""
-    parser.add_argument("--simulations", type=int, default=simulations,
-                        help=f"simulations per problem (default {simulations})")
-    parser.add_argument("--parallel", type=int, default=8, help="descents per round, W (default 8)")
-    parser.add_argument("--select", default="puct", help="selection rule: puct | uct | gumbel (default puct)")
-    parser.add_argument("--c-puct", type=float, default=c_puct, help=f"exploration constant (default {c_puct:g})")
-    parser.add_argument("--max-depth", type=int, default=16, help="steps from the root at most (default 16)")
+    names = [f.name for f in dataclasses.fields(SearchSettings)]
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    for name, value in fields.items():  # a field given here wins over the flag of its name; None: base's
+        if value is None:
+            given.pop(name, None)
+        else:
+            given[name] = value
+    flag_of = {**{name: _flag(name) for name in names}, **(flags or {})}
+    try:
+        return dataclasses.replace(base, **given)
+    except UsageError as err:
+        message = str(err).removeprefix("invalid search settings: ")
+        raise UsageError(re.sub(r"search\.(\w+)", lambda m: flag_of.get(m.group(1), m.group(0)), message)) from None

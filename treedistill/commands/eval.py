@@ -5,25 +5,25 @@ well the model's saved value head predicts success (value_probe.py) on the first
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from treedistill.commands import (
+    add_expansion_arguments,
     add_leaf_arguments,
     add_pick_argument,
     add_tree_arguments,
+    add_widening_arguments,
     check_at_least_one,
     check_choice,
-    check_leaf_arguments,
     check_non_negative,
     search_settings,
 )
+from treedistill.search.contracts import TEST_TIME_SEARCH
 
 # The value probe's settings (sampling temperature, step length) are this preset's, as its training
 # evaluations use them (value_probe.value_quality).
 PROBE_PRESET = "countdown-tiny-mcts"
-# --search's settings where testtime.SWEEP_SEARCH chose them (a test checks they agree; that module is
-# not imported to build the parser).
-TEST_TIME_SEARCH = {"c_puct": 2.0, "rollout_lambda": 1.0, "widen_c": 1.0}
 
 HELP = ("evaluate a model: mean@k accuracy (+- stderr), pass@k, format rate; --search mcts adds the accuracy "
         "with search and best-of-N at the same tokens")
@@ -49,25 +49,19 @@ def add_arguments(parser) -> None:
     search = parser.add_argument_group("search at test time (--search mcts)")
     search.add_argument("--search", default="none", choices=["none", "mcts"],
                         help="mcts: also evaluate the answer of a step-level MCTS per problem (default none)")
-    # The search's defaults are the test-time search's (testtime.SWEEP_SEARCH: rollout leaves, c 2,
-    # widening 1), chosen on training problems; the training presets keep theirs.
-    add_tree_arguments(search, simulations=64, c_puct=TEST_TIME_SEARCH["c_puct"])
-    search.add_argument("--k-children", type=int, default=4, help="sampled steps per expanded node (default 4)")
-    search.add_argument("--search-temperature", type=float, default=0.8,
-                        help="step sampling temperature of the search and of best-of-N (default 0.8)")
-    search.add_argument("--step-max-tokens", type=int, default=64, help="tokens per step at most (default 64)")
+    # The search's defaults are the test-time search's (search/contracts.py TEST_TIME_SEARCH: rollout leaves,
+    # c 2, widening 1), chosen on training problems; the training presets keep theirs.
+    add_tree_arguments(search, TEST_TIME_SEARCH)
+    add_expansion_arguments(search, TEST_TIME_SEARCH, temperature="--search-temperature")
     search.add_argument("--terminal", default=None, choices=["reward", "legal", "value"],
                         help="value of terminal nodes: reward (the environment's dense reward; the default where "
                              "it reads only the prompt, as on Countdown), legal (the value head, -1 without a "
                              "legal answer; the default elsewhere) or value (the value head)")
-    add_pick_argument(search)
-    add_leaf_arguments(search, rollout_lambda=TEST_TIME_SEARCH["rollout_lambda"])
-    search.add_argument("--widen-c", type=float, default=TEST_TIME_SEARCH["widen_c"],
-                        help="progressive widening: a node gets K more steps while its samples are fewer than "
-                             f"C * N^alpha (default {TEST_TIME_SEARCH['widen_c']:g}; 0: each node expanded once)")
-    search.add_argument("--widen-alpha", type=float, default=0.5, help="progressive widening exponent (default 0.5)")
-    search.add_argument("--problems-at-once", type=int, default=32,
-                        help="problems searched in lock-step per batch (default 32)")
+    add_pick_argument(search, TEST_TIME_SEARCH)
+    add_leaf_arguments(search, TEST_TIME_SEARCH)
+    add_widening_arguments(search, TEST_TIME_SEARCH)
+    search.add_argument("--problems-at-once", type=int, default=None,
+                        help=f"problems searched in lock-step per batch (default {TEST_TIME_SEARCH.problems_at_once})")
     probe = parser.add_argument_group("value head (--value-probe P)")
     probe.add_argument("--value-probe", type=int, default=0, metavar="P",
                        help="also measure the saved value head on step prefixes of the first P problems: Spearman "
@@ -83,7 +77,6 @@ def add_arguments(parser) -> None:
 def check_arguments(args) -> None:
     """Refuse bad values before anything is loaded."""
     from treedistill.engine import BACKENDS, check_available
-    from treedistill.errors import UsageError
 
     check_at_least_one(args, ("k", "max_new_tokens", "limit", "batch"))
     check_non_negative(args, ("temperature", "value_probe"))  # also refuses nan
@@ -91,16 +84,16 @@ def check_arguments(args) -> None:
     check_choice(args, "engine", BACKENDS)
     if args.engine:
         check_available(args.engine)
-    check_leaf_arguments(args)
     if args.search == "mcts":
-        from treedistill.search import SELECT_RULES
+        _search_settings(args)
 
-        check_at_least_one(args, ("simulations", "parallel", "max_depth", "k_children", "step_max_tokens",
-                                  "problems_at_once"))
-        if not args.search_temperature > 0:
-            raise UsageError(f"--search-temperature must be > 0, got {args.search_temperature}")
-        check_non_negative(args, ("c_puct", "widen_c", "widen_alpha"))
-        check_choice(args, "select", SELECT_RULES)
+
+def _search_settings(args):
+    """TEST_TIME_SEARCH with the given flags (--search-temperature: the search's; --temperature is the
+    samples' without search); W at most the simulations."""
+    cfg = search_settings(args, TEST_TIME_SEARCH, flags={"temperature": "--search-temperature"},
+                          temperature=args.search_temperature)
+    return dataclasses.replace(cfg, parallel=min(cfg.parallel, cfg.simulations))
 
 
 def _progress_bar(total: int):
@@ -199,8 +192,7 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
     from treedistill.testtime import best_of_n_at
 
     terminal = args.terminal or ("reward" if reward_from_prompt(env) else "legal")
-    # --temperature is the samples' (no search): the search's is --search-temperature.
-    cfg = search_settings(args, parallel=min(args.parallel, args.simulations), temperature=args.search_temperature)
+    cfg = _search_settings(args)
     update, close = _progress_bar(len(problems))
     try:
         found = evaluate_search(engine, policy, env, problems, search=cfg, max_new_tokens=args.max_new_tokens,
@@ -210,10 +202,10 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
     r = found.result
     budget = max(1, round(found.tokens_per_problem))
     rows = "verifier" if terminal == "reward" else "free"
-    bon = best_of_n_at(engine, policy, env, problems, budget, rows=rows, temperature=args.search_temperature,
+    bon = best_of_n_at(engine, policy, env, problems, budget, rows=rows, temperature=cfg.temperature,
                        max_new_tokens=args.max_new_tokens, seed=args.seed)
-    print(f"with search: MCTS {args.select}, {args.simulations} simulations, W={cfg.parallel}, K={cfg.k_children}, "
-          f"T={args.search_temperature}, answer: {args.pick}, terminal nodes valued by the {TERMINAL_TEXT[terminal]}"
+    print(f"with search: MCTS {cfg.select}, {cfg.simulations} simulations, W={cfg.parallel}, K={cfg.k_children}, "
+          f"T={cfg.temperature:g}, answer: {cfg.pick}, terminal nodes valued by the {TERMINAL_TEXT[terminal]}"
           + ({True: " (the environment's reward reads only the prompt)",
               False: " (the environment's reward reads the reference answer: an oracle, not a test-time method)"}
              [reward_from_prompt(env)] if terminal == "reward" else ""))
@@ -229,7 +221,7 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
              else "none"))
     for cell in bon:
         print(f"  {cell.method:<18} {100 * cell.accuracy:6.2f}% +- {100 * cell.stderr:.2f}   at {cell.tokens:.0f} "
-              f"tokens per problem (N = {cell.detail['n_mean']:.1f} samples on average, T={args.search_temperature}; "
+              f"tokens per problem (N = {cell.detail['n_mean']:.1f} samples on average, T={cfg.temperature:g}; "
               f"{_per_answer(cell.detail['tokens_per_answer'])}, {cell.detail['distinct_answers']:.1f} distinct answers)")
     return {**found.to_dict(), "best_of_n": [{"method": c.method, "accuracy": c.accuracy, "stderr": c.stderr,
                                               "tokens_per_problem": c.tokens, "n_mean": c.detail["n_mean"],

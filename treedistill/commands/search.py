@@ -5,15 +5,16 @@ from __future__ import annotations
 import sys
 
 from treedistill.commands import (
+    add_expansion_arguments,
     add_leaf_arguments,
     add_pick_argument,
     add_tree_arguments,
+    add_widening_arguments,
     check_at_least_one,
     check_choice,
-    check_leaf_arguments,
-    check_non_negative,
     search_settings,
 )
+from treedistill.search.contracts import INSPECT_SEARCH
 
 HELP = "search one Countdown problem with MCTS: answer, principal variation, tree summary (--html view)"
 
@@ -23,22 +24,17 @@ def add_arguments(parser) -> None:
                         help="preset name, model folder or hub id (default: tiny, the embedded model)")
     parser.add_argument("--numbers", type=int, nargs="+", required=True, help="the input numbers, e.g. 3 7 9 12")
     parser.add_argument("--target", type=int, required=True, help="the target, e.g. 24")
-    add_tree_arguments(parser, simulations=200)
-    parser.add_argument("--k-children", type=int, default=4, help="sampled steps per expanded node (default 4)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="step sampling temperature (default 0.8)")
-    parser.add_argument("--step-max-tokens", type=int, default=64, help="tokens per step at most (default 64)")
+    add_tree_arguments(parser, INSPECT_SEARCH)
+    add_expansion_arguments(parser, INSPECT_SEARCH)
     parser.add_argument("--max-new-tokens", type=int, default=512,
                         help="tokens per completion at most (default 512)")
     parser.add_argument("--terminal", default="reward",
                         help="value of terminal nodes: reward (the environment's dense reward, as in "
                              "training) | value (the value head: the search never sees the target) | legal "
                              "(the value head, -1 without a legal answer: never sees the target either)")
-    add_pick_argument(parser)
-    add_leaf_arguments(parser)
-    parser.add_argument("--widen-c", type=float, default=0.0,
-                        help="progressive widening: a node gets K more steps while its samples are fewer than "
-                             "C * N^alpha (default 0: off, each node expanded once, as the reference)")
-    parser.add_argument("--widen-alpha", type=float, default=0.5, help="progressive widening exponent (default 0.5)")
+    add_pick_argument(parser, INSPECT_SEARCH)
+    add_leaf_arguments(parser, INSPECT_SEARCH)
+    add_widening_arguments(parser, INSPECT_SEARCH)
     parser.add_argument("--engine", default="native", help="generation backend: native | hf | vllm (default native; vllm: the treedistill[vllm] extra)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples and of the search (default 0)")
@@ -52,18 +48,13 @@ def check_arguments(args) -> None:
     from treedistill.envs.countdown import validate_problem
     from treedistill.errors import UsageError
     from treedistill.rollout.mcts import TERMINAL_VALUES
-    from treedistill.search import SELECT_RULES
 
     try:
         validate_problem({"numbers": args.numbers, "target": args.target})
     except ValueError as err:
         raise UsageError(str(err)) from None
-    check_at_least_one(args, ("simulations", "parallel", "max_depth", "k_children", "step_max_tokens", "max_new_tokens"))
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
-    check_non_negative(args, ("c_puct", "widen_c", "widen_alpha"))
-    check_leaf_arguments(args)
-    check_choice(args, "select", SELECT_RULES)
+    check_at_least_one(args, ("max_new_tokens",))
+    search_settings(args, INSPECT_SEARCH)
     check_choice(args, "terminal", TERMINAL_VALUES)
     check_choice(args, "engine", BACKENDS)
     if args.engine:
@@ -93,7 +84,7 @@ def run(args) -> dict:
     problem = {"numbers": list(args.numbers), "target": args.target}
     policy = load_policy(args.model, device=args.device, value_head=True)
     engine = make_engine(policy, args.engine)
-    cfg = search_settings(args)
+    cfg = search_settings(args, INSPECT_SEARCH)
     out = search_problems(engine, policy, env, [problem], search=cfg, max_new_tokens=args.max_new_tokens,
                           seed=args.seed, terminal_value=args.terminal)[0]
     tree, ex, batch = out.tree, out.extraction, out.batch
@@ -121,8 +112,8 @@ def run(args) -> dict:
         "engine": batch.engine,
     }
 
-    print(f"problem  {problem['numbers']} -> {problem['target']}   model {args.model}, {args.select}, "
-          f"{args.simulations} simulations, W={args.parallel}, K={args.k_children}, T={args.temperature}, "
+    print(f"problem  {problem['numbers']} -> {problem['target']}   model {args.model}, {cfg.select}, "
+          f"{cfg.simulations} simulations, W={cfg.parallel}, K={cfg.k_children}, T={cfg.temperature:g}, "
           f"terminal nodes valued by the {TERMINAL_TEXT[args.terminal]}")
     print(f"answer   {out.score.answer if out.score.answer is not None else '(none)'}   "
           f"reward {out.score.dense:+.3f} dense, {out.score.sparse:.0f} sparse ({out.score.reason})")
@@ -136,7 +127,7 @@ def run(args) -> dict:
         print(f"  {how}: {completion!r}")
     print(f"tree     {summary['nodes']} nodes, depth {summary['depth']}, {summary['simulations']} simulations, "
           f"root value {_fmt(summary['root_value'])} ("
-          + ("value head" if args.rollout_lambda == 0 else f"leaf value with rollout, lambda={args.rollout_lambda:g}")
+          + ("value head" if cfg.rollout_lambda == 0 else f"leaf value with rollout, lambda={cfg.rollout_lambda:g}")
           + f" {_fmt(summary['root_value_head'])}), "
           f"{summary['collisions']} collisions in {summary['rounds']} rounds, {summary['widenings']} widenings")
     print(f"compute  {summary['generated_tokens']} generated tokens, {batch.engine.get('forward_calls', 0)} forward "
@@ -147,7 +138,7 @@ def run(args) -> dict:
           + (f"; {summary['rollouts']} rollouts, {summary['rollout_tokens']} tokens" if summary["rollouts"] else ""))
 
     if args.html:
-        title = f"{problem['numbers']} -> {problem['target']}: {args.select}, {args.simulations} simulations"
+        title = f"{problem['numbers']} -> {problem['target']}: {cfg.select}, {cfg.simulations} simulations"
         page = tree_to_html(tree, policy.decode, title, pv=list(ex.nodes))
         path = Path(args.html)
         try:
@@ -160,10 +151,10 @@ def run(args) -> dict:
         print(f"html     {path}", file=sys.stderr if args.json else sys.stdout)
 
     return {
-        "model": args.model, "problem": problem, "select": args.select, "simulations": args.simulations,
-        "parallel": args.parallel, "terminal": args.terminal, "k": args.k_children, "temperature": args.temperature,
-        "widen_c": args.widen_c, "widen_alpha": args.widen_alpha, "seed": args.seed,
-        "rollout_lambda": args.rollout_lambda, "merge": args.merge,
+        "model": args.model, "problem": problem, "select": cfg.select, "simulations": cfg.simulations,
+        "parallel": cfg.parallel, "terminal": args.terminal, "k": cfg.k_children, "temperature": cfg.temperature,
+        "widen_c": cfg.widen_c, "widen_alpha": cfg.widen_alpha, "seed": args.seed,
+        "rollout_lambda": cfg.rollout_lambda, "merge": cfg.merge,
         "answer": out.score.answer, "reward": out.score.dense, "sparse": out.score.sparse,
         "reason": out.score.reason, "completion": out.text, "search_complete": ex.complete,
         "search_tokens": out.trajectory.search_tokens, "principal_variation": pv,

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 from treedistill.commands import (
     add_leaf_arguments,
     add_pick_argument,
+    add_widening_arguments,
     check_at_least_one,
     check_choice,
-    check_leaf_arguments,
-    check_non_negative,
+    search_settings,
 )
+from treedistill.search.contracts import TEST_TIME_SEARCH
 
 HELP = "test-time compute: MCTS vs best-of-N (majority vote, value head) vs one sample, per token budget"
 
@@ -25,26 +25,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--env", default="countdown", help="environment (default countdown)")
     parser.add_argument("--data", default=None, help="JSONL file of problems (default: the env's test split)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N problems")
+    # the search's settings: TEST_TIME_SEARCH (search/contracts.py) where a flag is not given; the
+    # simulations are fitted to each budget
     parser.add_argument("--k-children", type=int, default=None,
-                        help="sampled steps per expanded node (default: SWEEP_SEARCH's, 4)")
-    parser.add_argument("--temperature", type=float, default=0.8,
-                        help="temperature of search steps and best-of-N samples (default 0.8)")
+                        help=f"sampled steps per expanded node (default {TEST_TIME_SEARCH.k_children})")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help=f"temperature of search steps and best-of-N samples (default {TEST_TIME_SEARCH.temperature:g})")
     parser.add_argument("--parallel", type=int, default=None,
-                        help="search descents per round, W (default: SWEEP_SEARCH's, 8)")
+                        help=f"search descents per round, W (default {TEST_TIME_SEARCH.parallel})")
     parser.add_argument("--select", default=None,
-                        help="search selection rule: puct | uct | gumbel (default: SWEEP_SEARCH's, puct)")
+                        help=f"search selection rule: puct | uct | gumbel (default {TEST_TIME_SEARCH.select})")
     parser.add_argument("--c-puct", type=float, default=None,
-                        help="search exploration constant c (default: SWEEP_SEARCH's, 2)")
-    parser.add_argument("--widen-c", type=float, default=None,
-                        help="search progressive widening: a node gets K more steps while its samples are fewer "
-                             "than C * N^alpha; 0 = off (default: SWEEP_SEARCH's, 1.0)")
-    parser.add_argument("--widen-alpha", type=float, default=None,
-                        help="search progressive widening exponent alpha (default: SWEEP_SEARCH's, 0.5)")
+                        help=f"search exploration constant c (default {TEST_TIME_SEARCH.c_puct:g})")
+    add_widening_arguments(parser, TEST_TIME_SEARCH)
     parser.add_argument("--mcts-terminal", default=None, choices=["legal", "value"],
                         help="how the mcts row values terminal nodes without a verifier: legal (value head, -1 "
                              "without a legal answer; default) or value (value head only)")
-    add_pick_argument(parser, default=None)  # None: SWEEP_SEARCH's ("best")
-    add_leaf_arguments(parser, defaults=False)  # None: SWEEP_SEARCH's (rollout_lambda 1, merge "tokens")
+    add_pick_argument(parser, TEST_TIME_SEARCH)
+    add_leaf_arguments(parser, TEST_TIME_SEARCH)
     parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens per completion (default 512)")
     parser.add_argument("--rows", default=None, choices=["free", "verifier", "both"],
                         help="free: no row uses the environment's reward; verifier: only mcts+verifier and "
@@ -62,17 +60,11 @@ def add_arguments(parser) -> None:
 def check_arguments(args):
     """Refuse bad values before anything is loaded; returns the parsed budgets."""
     from treedistill.engine import BACKENDS, check_available
-    from treedistill.errors import UsageError
-    from treedistill.search import SELECT_RULES
     from treedistill.testtime import parse_budgets
 
     budgets = parse_budgets(args.budgets)
-    check_at_least_one(args, ("k_children", "parallel", "max_new_tokens", "once_samples", "limit"))
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
-    check_non_negative(args, ("c_puct", "widen_c", "widen_alpha"))
-    check_leaf_arguments(args)
-    check_choice(args, "select", SELECT_RULES)
+    check_at_least_one(args, ("max_new_tokens", "once_samples", "limit"))
+    search_settings(args, TEST_TIME_SEARCH)
     check_choice(args, "engine", BACKENDS)
     if args.engine:
         check_available(args.engine)
@@ -98,7 +90,6 @@ def run(args) -> dict:
     from treedistill.errors import UsageError
     from treedistill.models.load import load_policy
     from treedistill.testtime import (
-        SWEEP_SEARCH,
         SweepConfig,
         format_table,
         plot_report,
@@ -119,11 +110,8 @@ def run(args) -> dict:
         raise UsageError(f"cannot create --out {out_dir}: {err}") from None
     policy = load_policy(args.model, device=args.device, value_head=True)
     engine = make_engine(policy, args.engine)
-    given = {name: getattr(args, name) for name in ("k_children", "temperature", "parallel", "select", "c_puct", "widen_c",
-                                                     "widen_alpha", "pick", "rollout_lambda", "merge")
-             if getattr(args, name) is not None}
     terminal = {} if args.mcts_terminal is None else {"mcts_terminal": args.mcts_terminal}
-    cfg = SweepConfig(budgets=budgets, search=dataclasses.replace(SWEEP_SEARCH, **given),
+    cfg = SweepConfig(budgets=budgets, search=search_settings(args, TEST_TIME_SEARCH),
                       max_new_tokens=args.max_new_tokens, once_samples=args.once_samples, seed=args.seed,
                       rows=args.rows or ("both" if reward_from_prompt(env) else "free"), **terminal)
     report = run_sweep(engine, policy, env, problems, cfg, progress=_say)
