@@ -215,5 +215,6 @@ def test_sparse_training_reward_is_what_rollouts_score_and_choose_by():
     assert wrapped.messages(PROBLEMS[0], compact=True) == env.messages(PROBLEMS[0], compact=True)
     assert wrapped.key(PROBLEMS[0]) == env.key(PROBLEMS[0])
     near = wrapped.score(PROBLEMS[0], "<answer>3*5+7-2</answer>")  # 20 for 22: dense 1 - 2 * 2/22
-    assert (near.dense, near.sparse, near.well_formed) == (0.0, 0.0, True)
+    assert (near.reward, near.sparse, near.well_formed) == (0.0, 0.0, True)
+    assert near.dense == pytest.approx(1 - 4 / 22)  # the dense field stays the environment's dense reward
     assert env.score(PROBLEMS[0], "<answer>3*5+7-2</answer>").dense == pytest.approx(1 - 4 / 22)

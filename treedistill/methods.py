@@ -25,7 +25,7 @@ allow (`Method.advantages_allowed`, `Method.policy_losses`), so the slots stay s
 
 The reward trained on is cfg.reward, one of the environment's two (`REWARDS`): dense (the reference's,
 method.md) or sparse (1 iff correct: the evaluation reward). Every rollout sees the environment through
-`TrainingReward`, whose `score(...).dense` is that reward, so the search scores its terminal nodes, and
+`TrainingReward`, whose `score(...).reward` is that reward, so the search scores its terminal nodes, and
 best-of-N chooses, with the same reward the learner is given. mcts and mcts-tree may search with the
 other one instead (cfg.search_reward, e.g. dense while learning sparse: under the sparse reward a wrong
 answer, a missing one and an unvisited child all read 0); what they learn from is then re-scored with
@@ -62,8 +62,8 @@ REWARDS: dict[str, Callable[[Score], float]] = {
 
 @dataclass(frozen=True)
 class TrainingReward:
-    """An environment whose `score(...).dense` is the reward `kind` (a key of REWARDS); everything else,
-    the sparse reward included, is the wrapped environment's own."""
+    """An environment whose `score(...).reward` is the reward `kind` (a key of REWARDS); everything else,
+    the dense and sparse rewards included, is the wrapped environment's own."""
 
     env: object
     kind: str
@@ -97,7 +97,7 @@ class TrainingReward:
 
     def score(self, problem: dict, completion: str) -> Score:
         score = self.env.score(problem, completion)
-        return dataclasses.replace(score, dense=float(REWARDS[self.kind](score)))
+        return dataclasses.replace(score, trained=float(REWARDS[self.kind](score)))
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def search_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> 
     outcomes = [dataclasses.replace(o.trajectory, group=i) for i, o in enumerate(found)]
     if cfg.search_reward not in (None, cfg.reward):
         env = TrainingReward(ctx.env, cfg.reward)
-        outcomes = [dataclasses.replace(t, reward=env.score(p, o.text).dense)
+        outcomes = [dataclasses.replace(t, reward=env.score(p, o.text).reward)
                     for t, p, o in zip(outcomes, problems, found)]
     return Rollout(outcomes, _search_stats(outcomes))
 
@@ -212,7 +212,7 @@ def tree_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Ro
              "tree_line_reward_mean": _mean(line_rewards),
              "tree_learned_tokens": _mean(learned),
              "tree_advantage_abs_mean": _mean([abs(a) for a in raw]),
-             "tree_path_reward": _mean([env.score(p, o.text).dense for p, o in zip(problems, found)])}
+             "tree_path_reward": _mean([env.score(p, o.text).reward for p, o in zip(problems, found)])}
     return Rollout(rows, stats)
 
 

@@ -10,7 +10,7 @@ evaluation also measures them against Monte Carlo ground truth from the current 
    completion's token budget), and ONE of its non-terminal states (the prompt, or the prompt and its
    first j steps, before the final step) is drawn uniformly: a step prefix s.
 2. Truth. k policy completions from s (no stop, the remaining token budget); y(s) = the mean training
-   reward (`env.score(...).dense`, cfg.reward: under reward sparse, the success rate) of the k lines.
+   reward (`env.score(...).reward`, cfg.reward: under reward sparse, the success rate) of the k lines.
 3. Value. V(s): the value head at the last token of s (`engine.value`, what the search reads).
 
 Reported: the Spearman rank correlation of V against y over the P prefixes (average ranks for ties;
@@ -113,7 +113,7 @@ def mse(a: Sequence[float], b: Sequence[float]) -> float:
 
 def probe_value(engine, policy, env, problems: Sequence[dict], *, k: int, temperature: float,
                 max_new_tokens: int, step_max_tokens: int, seed: int, batch: int = 256) -> ValueProbe:
-    """The probe over `problems` (one prefix each); env.score(...).dense is the reward y averages."""
+    """The probe over `problems` (one prefix each); env.score(...).reward is the reward y averages."""
     assert problems and k >= 1, f"value probe: need problems and k >= 1 (got {len(problems)}, {k})"
     start = time.perf_counter()
     calls = iter(range(1, 1 << 30))
@@ -156,7 +156,7 @@ def probe_value(engine, policy, env, problems: Sequence[dict], *, k: int, temper
     targets = []
     for i, samples in enumerate(outputs):
         done = lines[i][:cuts[i]]
-        targets.append(sum(env.score(problems[i], completion_text(policy, done + tuple(s.tokens)[:rooms[i]])).dense
+        targets.append(sum(env.score(problems[i], completion_text(policy, done + tuple(s.tokens)[:rooms[i]])).reward
                            for s in samples) / len(samples))
     # 3. the value head at each prefix
     values = [float(v) for v in engine.value(prefixes)]

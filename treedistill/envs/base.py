@@ -28,8 +28,10 @@ ANSWER_CLOSE = "</answer>"
 class Score:
     """The verdict on one completion.
 
-    dense: training reward (task-defined scale, Countdown in [-1, 1]).
+    dense: the task's shaped reward (task-defined scale, Countdown in [-1, 1]).
     sparse: evaluation reward, 1.0 when correct else 0.0.
+    trained: the reward a training run learns from where it is not `dense` (set by
+        `methods.TrainingReward`, e.g. the sparse one); None: dense. Read it as `reward`.
     reason: a short machine-readable word: "correct", "wrong", "no_answer", "invalid", ...
     answer: the extracted answer text (None when there is no answer tag).
     well_formed: an answer tag whose content parses and uses only allowed inputs.
@@ -40,6 +42,12 @@ class Score:
     reason: str
     answer: str | None = None
     well_formed: bool = False
+    trained: float | None = None
+
+    @property
+    def reward(self) -> float:
+        """The reward rollouts, the search and the learner use: `trained` where a run set it, else dense."""
+        return self.dense if self.trained is None else self.trained
 
 
 def reward_from_prompt(env) -> bool:

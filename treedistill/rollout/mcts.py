@@ -123,7 +123,7 @@ class SearchOutcome:
     """What one problem's search yields.
 
     trajectory: prompt [P], completion [T] = extracted path's steps [S] + policy completion [T - S],
-        behaviour log-probs [T], dense and sparse reward, search_tokens = S, stats.
+        behaviour log-probs [T], the reward (`Score.reward`) and the sparse one, search_tokens = S, stats.
     text: the decoded completion (end token dropped); score: env.score of it.
     extraction: the path and, for every node of it, the children's visits / Q / priors.
     tree: the searched tree (for display).
@@ -298,7 +298,7 @@ class SearchBridge:
 
 
 def _env_reward(bridge: SearchBridge, requests: list[NodeRequest]) -> list[float]:
-    return [bridge.env.score(bridge.problems[r.tree], bridge.text(r.completion)).dense for r in requests]
+    return [bridge.env.score(bridge.problems[r.tree], bridge.text(r.completion)).reward for r in requests]
 
 
 def _value_head(bridge: SearchBridge, requests: list[NodeRequest]) -> list[float]:
@@ -316,7 +316,7 @@ def _legal_value(bridge: SearchBridge, requests: list[NodeRequest]) -> list[floa
 # value head's tanh range, and the environment's no-answer reward.
 NO_LEGAL_ANSWER = -1.0
 
-# How a new terminal node is valued: the environment's dense reward (uses the target), the value
+# How a new terminal node is valued: the environment's reward (`Score.reward`; uses the target), the value
 # head (no verifier), or the value head with illegal answers at -1 (no verifier: inputs only).
 TERMINAL_VALUES = {"reward": _env_reward, "value": _value_head, "legal": _legal_value}
 
@@ -385,7 +385,7 @@ def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, searc
             "distinct_answers": len(set(answers)),
         }
         trajectory = Trajectory(prompt_ids=tuple(prompts[i]), completion_ids=tokens, behaviour_logprobs=logprobs,
-                                reward=score.dense, sparse=score.sparse, group=i, search_tokens=len(ex.tokens),
+                                reward=score.reward, sparse=score.sparse, group=i, search_tokens=len(ex.tokens),
                                 stats=traj_stats)
         outcomes.append(SearchOutcome(
             trajectory=trajectory, text=text, score=score, extraction=ex, tree=tree,

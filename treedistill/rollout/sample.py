@@ -46,7 +46,7 @@ def sample_problems(engine, policy, env, problems: Sequence[dict], *, n: int, te
             score = env.score(problem, completion_text(policy, s.tokens))
             group.append(Trajectory(
                 prompt_ids=tuple(prompt), completion_ids=tuple(s.tokens),
-                behaviour_logprobs=tuple(s.policy_logprobs), reward=float(score.dense),
+                behaviour_logprobs=tuple(s.policy_logprobs), reward=float(score.reward),
                 sparse=float(score.sparse), group=i,
                 stats={"finish": s.finish},
             ))
@@ -55,7 +55,7 @@ def sample_problems(engine, policy, env, problems: Sequence[dict], *, n: int, te
 
 
 def best_of_n(groups: Sequence[Sequence[Trajectory]]) -> list[Trajectory]:
-    """The highest-dense-reward trajectory of each group (the first on ties)."""
+    """The trajectory of highest reward (the training reward, `Score.reward`) of each group (the first on ties)."""
     best = []
     for group in groups:
         assert group, "best_of_n: empty group"

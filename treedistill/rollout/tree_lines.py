@@ -52,10 +52,10 @@ def with_completion(outcome: SearchOutcome) -> Tree:
 
 
 def tree_rows(tree: Tree, problem: dict, env, policy, *, group: int, mode: str = "local") -> TreeRows:
-    """The rows of `tree` (see the module docstring); env.score(...).dense is the learner's reward."""
+    """The rows of `tree` (see the module docstring); env.score(...).reward is the learner's reward."""
     scores = {node: env.score(problem, completion_text(policy, tree.completion(node)))
               for node in range(len(tree)) if tree.terminal[node]}
-    credits = step_credits(tree, {n: s.dense for n, s in scores.items()}, mode)
+    credits = step_credits(tree, {n: s.reward for n, s in scores.items()}, mode)
     sparse = step_credits(tree, {n: s.sparse for n, s in scores.items()}, mode)
     rows = []
     for credit, credit_sparse in zip(credits, sparse):
@@ -72,4 +72,4 @@ def tree_rows(tree: Tree, problem: dict, env, policy, *, group: int, mode: str =
             search_tokens=len(tokens), advantage=credit.advantage,
             stats={"node": node, "depth": tree.depth[node], "leaves": credit.leaves},
         ))
-    return TreeRows(rows, [s.dense for s in scores.values()])
+    return TreeRows(rows, [s.reward for s in scores.values()])
