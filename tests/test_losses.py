@@ -9,9 +9,9 @@ import torch
 from treedistill.algorithms import (
     ADVANTAGES,
     Batch,
-    collate,
     combine_metrics,
     k3_kl,
+    pad_rows,
     shift_right,
     token_entropy,
     token_logprobs,
@@ -106,7 +106,7 @@ def random_ragged_batch(seed, *, B=5, dtype=torch.float64):
     completions = [torch.randint(0, 50, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
                    for _ in range(B)]
     behaviour = [(-torch.rand(len(c), generator=g) * 3).tolist() for c in completions]
-    tokens = collate(prompts, completions, behaviour, pad_id=0)
+    tokens = pad_rows(prompts, completions, behaviour, pad_id=0)
     shape = tokens["input_ids"].shape
     mask = tokens["loss_mask"]
     advantages = torch.randn(B, generator=g, dtype=dtype)[:, None] * mask
@@ -325,12 +325,12 @@ def test_batch_minibatches_keep_groups_and_cover_all_rows():
 
 
 def test_batch_rejects_loss_on_padding():
-    tokens = collate([[1, 2]], [[3]], [[-0.5]], pad_id=0)
+    tokens = pad_rows([[1, 2]], [[3]], [[-0.5]], pad_id=0)
     bad_mask = torch.tensor([[0.0, 1.0, 1.0]])
     with pytest.raises(AssertionError, match="loss_mask"):
         Batch(**{**tokens, "loss_mask": torch.tensor([[1.0, 0.0, 1.0]])}, rewards=torch.zeros(1),
               advantages=torch.zeros(1, 3), returns=torch.zeros(1, 3))
-    tokens = collate([[1]], [[3]], [[-0.5]], pad_id=0, max_len=3)
+    tokens = pad_rows([[1]], [[3]], [[-0.5]], pad_id=0, max_len=3)
     tokens = {k: torch.cat([v, torch.zeros_like(v[:, :1])], dim=1) for k, v in tokens.items()}
     with pytest.raises(AssertionError, match="padding"):
         Batch(**{**tokens, "loss_mask": bad_mask}, rewards=torch.zeros(1), advantages=torch.zeros(1, 3),

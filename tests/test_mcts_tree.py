@@ -12,7 +12,7 @@ from treedistill.config import TrainConfig
 from treedistill.envs.base import Score
 from treedistill.errors import UsageError
 from treedistill.methods import METHODS, tree_advantages
-from treedistill.rollout.collate import to_batch
+from treedistill.rollout.to_batch import to_batch
 from treedistill.rollout.trajectory import Trajectory
 from treedistill.rollout.tree_lines import tree_rows, with_completion
 from treedistill.search.credit import step_credits, subtree_values

@@ -20,8 +20,8 @@ from treedistill.methods import (
     group_rollout,
     search_rollout,
 )
-from treedistill.rollout.collate import to_batch
 from treedistill.rollout.sample import best_of_n
+from treedistill.rollout.to_batch import to_batch
 from treedistill.rollout.trajectory import Trajectory
 
 PROBLEMS = [{"numbers": [3, 5, 7, 2], "target": 22}, {"numbers": [1, 2, 3, 4], "target": 24}]

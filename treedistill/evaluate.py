@@ -12,7 +12,7 @@ Statistics:
 - format_rate: share of samples whose answer is well formed (tag present, parses, numbers available).
 
 With search (`evaluate_search`): one answer per problem, the completion of the path MCTS extracts
-(rollout/mcts.py; completed by the policy when the search stopped short), scored by the same reward;
+(rollout/tree_search.py; completed by the policy when the search stopped short), scored by the same reward;
 accuracy is the mean over problems (k = 1), with generated tokens per problem counted over the whole
 search (every sampled step, plus the completion).
 """

@@ -36,7 +36,7 @@ from treedistill.errors import UsageError
 from treedistill.metrics import ComputeCounters
 from treedistill.models.load import load_policy
 from treedistill.models.value_head import ValueHead
-from treedistill.rollout.collate import to_batch
+from treedistill.rollout.to_batch import to_batch
 
 __all__ = ["CHECKED", "MAX_NONFINITE_IN_A_ROW", "DivergedError", "LearnStep", "Learner", "Shard", "apply_update",
            "derive_seed", "forward", "learn", "load_train_policy", "reference_policy", "trainable_params",

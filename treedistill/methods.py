@@ -43,10 +43,10 @@ from dataclasses import dataclass, field
 from treedistill.algorithms.advantages import ADVANTAGES, group_advantages
 from treedistill.algorithms.losses import LOSSES
 from treedistill.envs.base import Score, canonical_step, reward_from_prompt
-from treedistill.rollout.mcts import SearchOutcome, search_problems
 from treedistill.rollout.sample import best_of_n, sample_problems
 from treedistill.rollout.trajectory import Trajectory
 from treedistill.rollout.tree_lines import tree_rows, with_completion
+from treedistill.rollout.tree_search import SearchOutcome, search_problems
 from treedistill.search.credit import scaled_advantages
 
 __all__ = ["METHODS", "REWARDS", "Method", "Rollout", "RolloutContext", "TrainingReward", "best_of_n_rollout",

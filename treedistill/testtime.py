@@ -1,7 +1,7 @@
 """Test-time compute: search vs best-of-N vs one sample, at equal budgets of GENERATED tokens.
 
 For each per-problem budget B of generated tokens, on the same problems:
-- mcts: step-level MCTS (rollout/mcts.py) guided by the policy's prior and the value head only:
+- mcts: step-level MCTS (rollout/tree_search.py) guided by the policy's prior and the value head only:
   terminal nodes are valued by a verifier-free rule, never by the environment's reward (which knows
   the target): by default ("legal") the value head where the completion holds a legal answer and -1
   where it holds none (no answer, or one that does not parse or uses numbers the problem does not
@@ -364,7 +364,7 @@ def best_of_n_at(engine, policy, env: Env, problems: Sequence[dict], budget: int
     return cells
 
 
-# MCTS rows -> how their terminal nodes are valued (rollout.mcts.TERMINAL_VALUES); None: the
+# MCTS rows -> how their terminal nodes are valued (rollout.tree_search.TERMINAL_VALUES); None: the
 # config's `mcts_terminal`, a verifier-free rule.
 MCTS_VARIANTS = {"mcts": None, "mcts+verifier": "reward"}
 VERIFIER_FREE = ("legal", "value")

@@ -36,8 +36,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from treedistill.rollout.mcts import completion_budget
 from treedistill.rollout.sample import completion_text
+from treedistill.rollout.tree_search import completion_budget
 
 __all__ = ["ValueProbe", "mse", "probe_value", "spearman"]
 

@@ -7,7 +7,7 @@ from treedistill.algorithms.advantages import (
     group_normalized,
     reward_minus_value,
 )
-from treedistill.algorithms.batch import Batch, collate, shift_right
+from treedistill.algorithms.batch import Batch, pad_rows, shift_right
 from treedistill.algorithms.losses import (
     LOSSES,
     cispo_policy_loss,
@@ -26,7 +26,7 @@ __all__ = [
     "LOSSES",
     "Batch",
     "cispo_policy_loss",
-    "collate",
+    "pad_rows",
     "combine_metrics",
     "gae",
     "group_normalized",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["Batch", "collate", "shift_right"]
+__all__ = ["Batch", "pad_rows", "shift_right"]
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def shift_right(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
 
 
-def collate(
+def pad_rows(
     prompt_ids: Sequence[Sequence[int]],
     completion_ids: Sequence[Sequence[int]],
     behaviour_logprobs: Sequence[Sequence[float]],
@@ -154,21 +154,21 @@ def collate(
     pad_id: int,
     max_len: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Right-padded token tensors for `Batch(**collate(...), rewards=..., advantages=..., ...)`.
+    """Right-padded token tensors for `Batch(**pad_rows(...), rewards=..., advantages=..., ...)`.
 
     Returns input_ids, attention_mask, loss_mask (1 on completion tokens) and behaviour_logprobs,
     all [B, T] with T the longest prompt + completion. `max_len` truncates each row's completion so
     that prompt + completion fits (the prompt itself is never cut).
     """
     assert len(prompt_ids) == len(completion_ids) == len(behaviour_logprobs), (
-        "collate: expected one prompt, completion and behaviour log-prob row per trajectory, got "
+        "pad_rows: expected one prompt, completion and behaviour log-prob row per trajectory, got "
         f"{len(prompt_ids)}, {len(completion_ids)}, {len(behaviour_logprobs)}"
     )
     rows = []
     for prompt, completion, logprobs in zip(prompt_ids, completion_ids, behaviour_logprobs):
-        assert len(prompt) > 0, "collate: every row needs at least one prompt token"
+        assert len(prompt) > 0, "pad_rows: every row needs at least one prompt token"
         assert len(completion) == len(logprobs), (
-            f"collate: {len(completion)} completion tokens but {len(logprobs)} behaviour log-probs"
+            f"pad_rows: {len(completion)} completion tokens but {len(logprobs)} behaviour log-probs"
         )
         keep = len(completion) if max_len is None else max(0, min(len(completion), max_len - len(prompt)))
         rows.append((list(prompt), list(completion[:keep]), list(logprobs[:keep])))

@@ -320,7 +320,7 @@ def run_tree_search(args, policy, sizes: tuple[int, ...]) -> dict:
     lo, hi = runs[str(min(sizes))], runs[str(max(sizes))]
     growth = hi["bookkeeping_us_per_simulation"] / lo["bookkeeping_us_per_simulation"] \
         if lo["bookkeeping_us_per_simulation"] > 0 else None
-    return {"workload": "real search: search/mcts.py driven by the model through rollout/mcts.py, "
+    return {"workload": "real search: search/mcts.py driven by the model through rollout/tree_search.py, "
                         "pUCT, Countdown test prompts, terminal nodes scored by the environment",
             "trees": len(problems), "parallel": args.tree_parallel, "k": args.tree_k, "runs": runs,
             "bookkeeping_share_max": max(r["bookkeeping_share"] for r in runs.values()),

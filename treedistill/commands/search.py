@@ -47,7 +47,7 @@ def check_arguments(args) -> None:
     from treedistill.engine import BACKENDS, check_available
     from treedistill.envs.countdown import validate_problem
     from treedistill.errors import UsageError
-    from treedistill.rollout.mcts import TERMINAL_VALUES
+    from treedistill.rollout.tree_search import TERMINAL_VALUES
 
     try:
         validate_problem({"numbers": args.numbers, "target": args.target})
@@ -61,7 +61,7 @@ def check_arguments(args) -> None:
         check_available(args.engine)
 
 
-# How the summary names each terminal-value rule (rollout.mcts.TERMINAL_VALUES).
+# How the summary names each terminal-value rule (rollout.tree_search.TERMINAL_VALUES).
 TERMINAL_TEXT = {"reward": "environment reward", "value": "value head",
                  "legal": "value head (-1 without a legal answer)"}
 

@@ -5,13 +5,13 @@ the extracted trajectory (completed by the policy when the search stopped short)
 statistics and compute; `Trajectory` is the contract with the learner.
 """
 
-from treedistill.rollout.mcts import (
+from treedistill.rollout.trajectory import Trajectory
+from treedistill.rollout.tree_search import (
     BatchCompute,
     SearchBridge,
     SearchOutcome,
     completion_budget,
     search_problems,
 )
-from treedistill.rollout.trajectory import Trajectory
 
 __all__ = ["BatchCompute", "SearchBridge", "SearchOutcome", "Trajectory", "completion_budget", "search_problems"]

@@ -7,7 +7,7 @@ recorded when it sampled the step (`Tree.token_logprobs`, from the engine at exp
 V^ of the step's node (its value target), advantage = the step's credit from the tree.
 
 Where the search stopped short of a terminal node on its extracted path, the caller completed that
-path by sampling the policy (`rollout.mcts`: generated, and counted, for mcts as well); that completion
+path by sampling the policy (`rollout.tree_search`: generated, and counted, for mcts as well); that completion
 is a finished line too, so `with_completion` hangs it under the path's last node as one terminal step
 (prior 0: the search never chose it). Every tree then holds at least one line.
 
@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from treedistill.rollout.mcts import SearchOutcome
 from treedistill.rollout.sample import completion_text
 from treedistill.rollout.trajectory import Trajectory
+from treedistill.rollout.tree_search import SearchOutcome
 from treedistill.search.credit import step_credits
 from treedistill.search.tree import Tree
 

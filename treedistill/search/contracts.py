@@ -5,7 +5,7 @@
 `treedistill search`, `eval --search mcts`, `testtime` and `bench search`, and the test-time sweep.
 Each caller may start from its own defaults (training: `TRAINING_SEARCH`); the names are one set.
 The core (`search.mcts`) reads the tree options; `k_children`, `temperature` and `step_max_tokens`
-belong to the caller's `expand` (rollout/mcts.py), `problems_at_once` to the caller's batching;
+belong to the caller's `expand` (rollout/tree_search.py), `problems_at_once` to the caller's batching;
 `rollout_lambda` and `merge` are the core's, and need the caller's `rollout` / `step_key` callables.
 """
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from treedistill.algorithms.batch import Batch, collate
+from treedistill.algorithms.batch import Batch, pad_rows
 from treedistill.rollout.trajectory import Trajectory
 
 __all__ = ["to_batch"]
@@ -31,7 +31,7 @@ def to_batch(trajectories: Sequence[Trajectory], *, pad_id: int, device: torch.d
     assert all(a <= b for a, b in zip(groups, groups[1:])), (
         f"to_batch: trajectories of one group must be contiguous and in group order, got groups {groups}"
     )
-    tensors = collate([t.prompt_ids for t in trajectories], [t.completion_ids for t in trajectories],
+    tensors = pad_rows([t.prompt_ids for t in trajectories], [t.completion_ids for t in trajectories],
                       [t.behaviour_logprobs for t in trajectories], pad_id=pad_id)
     B, T = tensors["input_ids"].shape
     zeros = torch.zeros((B, T), dtype=torch.float32)  # [B, T]
