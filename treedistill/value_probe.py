@@ -20,9 +20,8 @@ value_mse < value_mse_const and value_spearman > 0. y is itself an estimate (k s
 include its variance, y(1 - y) / k on average for a 0/1 reward; the comparison between them does not.
 
 Cost: P lines (~P x 70 tokens on the tiny model) plus P x k completions of the rest of a line, and one
-value call. Measured on the tiny preset (100-problem x 16-sample evaluation, ~112,000 tokens, 13-28 s
-on shared cores): P = 64, k = 6 generated ~22,000 tokens and added 27-36% to the evaluation time (the
-probe's calls are smaller batches), hence the default P = 48 (~16,000 tokens, ~+20-27%). Lines and completions are sampled at one
+value call; the default P = 48 keeps it to about a fifth of a tiny preset's evaluation time (measured:
+docs/log.md, "the value probe's cost"). Lines and completions are sampled at one
 temperature for every method (default 0.8, the search's expansion temperature), so the probe is the
 same measurement whichever method trained the head. Every engine call
 is seeded from the given seed, so the probe of one run is the same at every evaluation but for the

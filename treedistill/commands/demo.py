@@ -31,13 +31,9 @@ DEMO_PRESETS = {
     "MCTS distillation": "countdown-tiny-mcts",
     "MCTS whole tree": "countdown-tiny-mcts-tree",
 }
-# Time model of the demo on 2 CPU cores, 2 jobs: wall = FIXED_S + SECONDS_PER_TOKEN x budget. The
-# constants were fitted on 2026-11-26 to 4 methods on shared cores (~50 s per evaluation of 200 x 16
-# samples, 0.3-0.9 ms of training per generated token) and are kept as a margin: on the idle 2-core
-# machine (2026-12-03, `make demo` from a clean clone) the 5 methods at the default 280,000 tokens
-# took 5m57s wall and 10.4 min of CPU (training per generated token: mcts-tree 0.59 ms, CISPO 0.30,
-# GRPO 0.26, best-of-N 0.14, mcts 0.11; ~40 s of evaluations and start-up per run), where the model
-# predicts 11.1 min.
+# Time model of the demo on 2 CPU cores, 2 jobs: wall = FIXED_S + SECONDS_PER_TOKEN x budget, fitted on
+# shared cores and kept as a margin over the idle machine's measured time (docs/log.md, "the demo's time
+# model").
 DEFAULT_MINUTES = 15.0
 FIXED_S = 320.0
 SECONDS_PER_TOKEN = 1.24e-3

@@ -35,10 +35,10 @@ one distribution per engine. How each part of the interface is served:
   is reset. No restart. `push_seconds` records each push. (On GPUs a NCCL / CUDA-IPC transfer would
   avoid the serialisation; not done here.)
 
-What it refuses: a LoRA (peft) policy (export a merged model instead). vLLM starts in 1.5-2 minutes on
-this project's 2-core CPU (its torch.compile warm-up; 36-47 s with `enforce_eager=True`) and runs in
-child processes (engine core, worker), so a script that creates it needs the `if __name__ == "__main__":`
-guard. Measurements: docs/log.md, 2026-12-03.
+What it refuses: a LoRA (peft) policy (export a merged model instead). vLLM starts slowly (its
+torch.compile warm-up; `enforce_eager=True` skips it) and runs in child processes (engine core, worker),
+so a script that creates it needs the `if __name__ == "__main__":` guard. Start-up and decode
+measurements: docs/log.md ("vLLM as a generation backend").
 """
 
 from __future__ import annotations
@@ -118,8 +118,7 @@ class VLLMEngine:
     eos_token_ids: ids that end a sample (None = the policy's; () turns end-of-sequence off).
     block_size: tokens per KV block, the prefix cache's granularity (None: 32 on CPU, vLLM's choice on GPUs).
     seed: vLLM's global seed (requests without a seed draw from it).
-    enforce_eager: skip vLLM's torch.compile warm-up (on this project's 2-core CPU: start-up ~36-47 s instead
-        of ~88 s, decode 25% slower: docs/log.md 2026-12-03).
+    enforce_eager: skip vLLM's torch.compile warm-up (faster start, slower decode: docs/log.md).
     """
 
     def __init__(self, policy, *, kv_cache_bytes: int = 512 << 20, max_model_len: int | None = None,

@@ -48,9 +48,8 @@ class SearchSettings:
     c_puct: float = 0.5          # exploration constant of pUCT, and UCT's c (reference pUCT: 0.5)
     fpu: float = 0.0             # first-play value: Q of a child with no real visit (reference: 0)
     q_normalize: bool = False    # map Q (fpu included) to [0, 1] by the tree's min / max node value (pUCT, UCT)
-    # Value lowered per in-flight visit (0: in-flight visits only count). 1.0 as in the reference:
-    # measured at W = 16, 1,600 simulations, 0 gave 1,476 collisions and ~201 rounds, 1.0 gave 25
-    # collisions and ~100 rounds.
+    # Value lowered per in-flight visit (0: in-flight visits only count). 1.0 as in the reference, which
+    # keeps W parallel descents apart (collisions and rounds measured: docs/log.md, "virtual loss").
     virtual_loss: float = 1.0
     max_depth: int | None = 16   # steps from the root; a node this deep is evaluated, never expanded; None = no limit
     prior: str = "sum"           # prior logit of a candidate step: "sum" | "mean" log-prob
