@@ -66,6 +66,10 @@ def test_tiny_preset_two_steps_then_resume_auto_continues(preset, tmp_path, caps
             assert key in r, (preset, key)
         # the KL to the frozen initial policy is computed (and paid for) where the loss has the term
         assert ("kl" in r) == (method in ("mcts", "mcts-tree", "bon", "ppo")), preset
+        # the share of the step's generated tokens that ends in a learned row: every sample of the
+        # sampling methods, one of bon_n = 3 for best-of-N, a part of each tree for the tree methods
+        share = r["learned_token_share"]
+        assert share == 1.0 if method in ("grpo", "cispo", "ppo") else 0 < share < 1, (preset, share)
     # compute only grows, and the learner trained on what the rollouts generated
     assert 0 < train[0]["rollout_generated_tokens"] < train[1]["rollout_generated_tokens"]
     assert 0 < train[0]["learn_flops"] < train[1]["learn_flops"]

@@ -197,7 +197,8 @@ def _step_metrics(batch, updates: list[dict], lr: float, trajectories: Sequence)
             "nonfinite": ",".join(sorted({n for u in updates for n in u["nonfinite"]})),
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
             "sparse_mean": sum(t.sparse for t in trajectories) / len(trajectories),
-            "completion_tokens_mean": float(batch.loss_mask.sum(dim=1).mean())}
+            "completion_tokens_mean": float(batch.loss_mask.sum(dim=1).mean()),
+            "learned_tokens": int(batch.loss_mask.sum())}
 
 
 def learn(trajectories: Sequence, *, policy, reference, advantages: Callable, optimizer, params: list,

@@ -154,10 +154,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
             collector.learned(step, learner)  # the generators' weights, where they are not the learner's
             t_learn = time.perf_counter()
 
-            # 5. log
+            # 5. log (learned_token_share: the step's learned tokens per generated token; a sampling
+            #    method that learns every sample: 1.0)
             stop_reason = why_stop(step, counters, cfg)
+            generated = counters.rollout_generated_tokens - spent_before[0]
             record = logger.log(step, {
-                **learned.metrics, "skipped_updates": skipped_updates, **collected.stats, **counters.as_dict(),
+                **learned.metrics, "skipped_updates": skipped_updates,
+                "learned_token_share": learned.metrics["learned_tokens"] / generated if generated else None,
+                **collected.stats, **counters.as_dict(),
                 **collector.log_fields(),
                 "rollout_s": t_rollout - t_step, "learn_s": t_learn - t_rollout, "wall_s": wall(),
             })
