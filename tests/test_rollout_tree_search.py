@@ -69,7 +69,7 @@ def test_one_batched_expand_and_value_call_per_round(policy, env):
     completions = [c for c in spy.calls if c[0] == "sample" and c[3] == ()]
     # the roots' call, then at most one per round, each with K = 3 samples per prefix
     assert len(expands) == batch.expand_calls <= batch.rounds + 1
-    assert len(values) == batch.evaluate_calls <= batch.rounds + 1
+    assert len(values) == batch.value_calls <= batch.rounds + 1
     assert len(completions) == batch.completion_calls
     assert all(n == 3 for _, _, n, _ in expands)
     assert expands[0][1] == len(PROBLEMS)  # all roots in one call

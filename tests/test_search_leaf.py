@@ -84,7 +84,7 @@ def test_lambda_one_never_asks_the_value_head():
     tree = search([PROMPT], game.expand, no_value_head, game.reward, SearchSettings(simulations=6, parallel=1,
                   rollout_lambda=1.0), rollout=game.rollout).trees[0]
     assert tree.value[ROOT] == 1.0
-    assert tree.stats.eval_requests == 0 and tree.stats.rollout_requests >= 3
+    assert tree.stats.value_requests == 0 and tree.stats.rollout_requests >= 3
 
 
 def test_lambda_zero_is_the_search_without_rollouts():

@@ -287,10 +287,10 @@ def test_one_batched_call_per_round_whatever_the_number_of_trees():
         stats = res.stats
         # one call for the roots, then at most one per round (none when no leaf needs it)
         assert len(game.expand_calls) == stats.expand_calls <= stats.rounds + 1
-        assert len(game.evaluate_calls) == stats.evaluate_calls <= stats.rounds + 1
+        assert len(game.evaluate_calls) == stats.value_calls <= stats.rounds + 1
         assert len(game.reward_calls) == stats.reward_calls <= stats.rounds + 1
         assert all(t.stats.simulations == 24 for t in res.trees)
-        rounds[n_trees] = (stats.rounds, stats.expand_calls, stats.evaluate_calls)
+        rounds[n_trees] = (stats.rounds, stats.expand_calls, stats.value_calls)
         if n_trees == 5:  # lock-step: identical trees, so every call carries a leaf of every tree
             assert all({t for t, _ in call} == set(range(5)) for call in game.expand_calls)
             assert all({t for t, _ in call} == set(range(5)) for call in game.evaluate_calls)
@@ -323,7 +323,7 @@ def test_budget_exact_and_accounting():
         s = tree.stats
         assert s.simulations == 33 and s.nodes == len(tree) and s.max_depth == 3
         assert s.expand_requests == sum(tree.expanded) == sum(1 for t, *_ in game.expanded if t == tree.index)
-        assert s.eval_requests == sum(1 for t, *_ in game.evaluated if t == tree.index)
+        assert s.value_requests == sum(1 for t, *_ in game.evaluated if t == tree.index)
         # prefixes: prompt (2 tokens) + 2 tokens per step of depth; 3 candidates of 2 tokens per expand
         sent = [v for v in range(len(tree)) if tree.value[v] is not None and not tree.terminal[v]]
         assert s.request_tokens == sum(2 + 2 * tree.depth[v] for v in sent) * 2 - sum(
@@ -336,7 +336,7 @@ def test_budget_exact_and_accounting():
 
 def test_bad_callables_and_config_fail_clearly():
     game = DigitGame()
-    with pytest.raises(ValueError, match="evaluate returned 0 results for 1"):
+    with pytest.raises(ValueError, match="value returned 0 results for 1"):
         search([PROMPT], game.expand, lambda r: [], game.reward, SearchSettings(simulations=2))
     with pytest.raises(ValueError, match="no candidate"):
         search([PROMPT], lambda r: [[] for _ in r], game.evaluate, game.reward)
@@ -437,7 +437,7 @@ def test_widening_priors_are_the_mean_of_the_batches_and_merge_repeats():
     assert [tree.prior[c] for c in kids] == pytest.approx([0.25, 0.35, 0.4])
     assert [tree.count[c] for c in kids] == [1, 2, 1]
     assert tree.expansions[ROOT] == 2 and tree.sampled[ROOT] == 4 and tree.stats.widenings == 1
-    assert res.stats.expand_calls == 2 and res.stats.evaluate_calls == 1  # the widening round evaluates nothing
+    assert res.stats.expand_calls == 2 and res.stats.value_calls == 1  # the widening round evaluates nothing
     assert tree.stats.simulations == 2 and tree.visits[ROOT] == 3
 
 

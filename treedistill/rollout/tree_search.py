@@ -7,7 +7,7 @@ callables, so the search core still never sees a model:
   temperature, stopped at the environment's step delimiter (`</step>`) or after `step_max_tokens`;
   each sample becomes a Candidate with its raw-policy per-token log-probs (the prior's logit is
   their sum, and they are the behaviour log-probs of the extracted path);
-- evaluate: ONE `engine.value` call (the value head at the last token of each prefix);
+- value: ONE `engine.value` call (the value head at the last token of each prefix);
 - reward: the value of a new TERMINAL node, chosen from `TERMINAL_VALUES`: "reward" (default,
   training and the reference) is the environment's DENSE reward of the decoded completion (end token
   dropped); "value" is the value head at the completion's last token, so the search never consults
@@ -91,10 +91,10 @@ class BatchCompute:
 
     engine: deltas of the engine's counters (generated_tokens, prompt_tokens, cached_prompt_tokens,
         scored_tokens, forward_calls) over the whole call, completions included.
-    wall_s: the whole call; search_s: inside `search`; model_s: inside the expand / evaluate /
+    wall_s: the whole call; search_s: inside `search`; model_s: inside the expand / value /
         reward callables; bookkeeping_s = search_s - model_s (selection, tree updates, backup);
         completion_s: sampling the completions of incomplete paths.
-    rounds / expand_calls / evaluate_calls / reward_calls / rollout_calls: the search's batched calls;
+    rounds / expand_calls / value_calls / reward_calls / rollout_calls: the search's batched calls;
     completion_calls: engine calls that completed incomplete paths.
     """
 
@@ -107,7 +107,7 @@ class BatchCompute:
     completion_s: float
     rounds: int
     expand_calls: int
-    evaluate_calls: int
+    value_calls: int
     reward_calls: int
     completion_calls: int
     rollout_calls: int = 0
@@ -160,7 +160,7 @@ def completion_budget(policy, prompt_len: int, max_new_tokens: int) -> int:
 
 
 class SearchBridge:
-    """The search's expand / evaluate / reward callables over an engine, for a list of problems.
+    """The search's expand / value / reward callables over an engine, for a list of problems.
 
     prompts[i] is problems[i]'s prompt (token ids); budgets[i] its completion token budget.
     `generated[i]` / `returned[i]` accumulate the tokens generated for / returned to tree i;
@@ -229,7 +229,7 @@ class SearchBridge:
         return Candidate(tokens, float(sum(logprobs)), terminal=terminal, finish=finish,
                          token_logprobs=logprobs)
 
-    def evaluate(self, requests: list[NodeRequest]) -> list[float]:
+    def value(self, requests: list[NodeRequest]) -> list[float]:
         return self.engine.value([r.prefix for r in requests])
 
     def rollout(self, requests: list[NodeRequest]) -> list[LeafRollout]:
@@ -342,7 +342,7 @@ def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, searc
     bridge = SearchBridge(engine, policy, env, problems, prompts, k=cfg.k_children, temperature=cfg.temperature,
                           step_max_tokens=cfg.step_max_tokens, max_new_tokens=max_new_tokens, seed=seed,
                           terminal_value=terminal_value)
-    result = run_search(prompts, bridge.expand, bridge.evaluate, bridge.reward, cfg, rollout=bridge.rollout,
+    result = run_search(prompts, bridge.expand, bridge.value, bridge.reward, cfg, rollout=bridge.rollout,
                         step_key=bridge.step_key)
     extractions = [extract(tree, cfg) for tree in result.trees]
     t0 = time.perf_counter()
@@ -353,7 +353,7 @@ def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, searc
         trees=len(problems), engine=counter_delta(before, engine.counters.snapshot()),
         wall_s=time.perf_counter() - start, search_s=stats.wall_s, model_s=stats.callback_s,
         bookkeeping_s=stats.bookkeeping_s, completion_s=completion_s, rounds=stats.rounds,
-        expand_calls=stats.expand_calls, evaluate_calls=stats.evaluate_calls, reward_calls=stats.reward_calls,
+        expand_calls=stats.expand_calls, value_calls=stats.value_calls, reward_calls=stats.reward_calls,
         completion_calls=completion_calls, rollout_calls=stats.rollout_calls,
     )
     outcomes = []

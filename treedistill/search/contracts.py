@@ -170,7 +170,7 @@ class LeafRollout:
 
 @dataclass(frozen=True)
 class NodeRequest:
-    """One node handed to `expand`, `evaluate` or `reward`.
+    """One node handed to `expand`, `value` or `reward`.
 
     tree: index of the tree (the problem) in the searched batch.
     node: node id inside that tree.
@@ -198,11 +198,11 @@ class TreeStats:
 
     simulations: int = 0      # finished simulations (values backed up), root evaluation excluded
     expand_requests: int = 0  # nodes sent to `expand` (root included)
-    eval_requests: int = 0    # nodes sent to `evaluate` (root included)
+    value_requests: int = 0   # nodes sent to `value` (root included)
     reward_requests: int = 0  # terminal nodes sent to `reward`
     rollout_requests: int = 0 # leaves sent to `rollout` (rollout_lambda > 0)
     rollout_tokens: int = 0   # tokens of the rollouts `rollout` returned
-    request_tokens: int = 0   # prefix tokens handed to `expand`, `evaluate`, `rollout` (before any KV cache)
+    request_tokens: int = 0   # prefix tokens handed to `expand`, `value`, `rollout` (before any KV cache)
     step_tokens: int = 0      # tokens of the candidate steps `expand` returned (duplicates included)
     collisions: int = 0       # descents that ended on a leaf already reached in their round
     widenings: int = 0        # re-expansions of an expanded node (progressive widening)
@@ -218,11 +218,11 @@ class SearchStats:
 
     rounds: int = 0
     expand_calls: int = 0      # batched `expand` calls (at most one per round, plus the roots')
-    evaluate_calls: int = 0    # batched `evaluate` calls (none in a round that only widens)
+    value_calls: int = 0       # batched `value` calls (none in a round that only widens)
     reward_calls: int = 0
     rollout_calls: int = 0
     wall_s: float = 0.0        # whole search
-    callback_s: float = 0.0    # inside expand / evaluate / reward / rollout
+    callback_s: float = 0.0    # inside expand / value / reward / rollout
 
     @property
     def bookkeeping_s(self) -> float:

@@ -4,16 +4,16 @@ The search is handed three batched callables (five with the options that need th
 a model (the shape of mctx's `search`):
 - `expand(requests) -> [[Candidate, ...], ...]`: K sampled steps for each node (the caller samples
   from the policy at its temperature, 0.8 in the reference, with its own maximum step length).
-- `evaluate(requests) -> [float, ...]`: the value head on each new NON-terminal leaf's prefix.
+- `value(requests) -> [float, ...]`: the value head on each new NON-terminal leaf's prefix.
 - `reward(requests) -> [float, ...]`: the environment's dense reward for each new terminal node.
 - `rollout(requests) -> [LeafRollout, ...]` (only with `rollout_lambda` > 0): one policy rollout from
   each new non-terminal leaf to a finished line, with its terminal value z. The leaf's value is
   AlphaGo's mix (Silver et al. 2016, Nature 529, Methods, leaf evaluation:
-  V(s_L) = (1 - lambda) * v_theta(s_L) + lambda * z_L); at lambda = 1 `evaluate` is not called.
+  V(s_L) = (1 - lambda) * v_theta(s_L) + lambda * z_L); at lambda = 1 `value` is not called.
   The rollout is kept on the leaf (`tree.rollout`), so its finished line is an answer candidate.
 - `step_key(tokens) -> hashable` (only with `merge="canonical"`): the canonical form of a step;
   sibling steps with the same (terminal, key) are merged as identical steps are.
-Terminal nodes go to `reward`, never to `evaluate`, never to `expand`: keeping the environment and
+Terminal nodes go to `reward`, never to `value`, never to `expand`: keeping the environment and
 the value head apart means no request carries a flag that changes its meaning. A terminal node's
 reward is asked for once, when the node is created, and cached: every later visit backs it up.
 
@@ -51,7 +51,7 @@ round, keeping its in-flight visits until then like any other: backing it up at 
 its virtual loss at once, and with W > 1 the descents pushed off the pending leaves would pile onto
 an already-valued (often known-bad) terminal, inflating its visits past those of better siblings.
 Then ALL pending leaves of ALL trees (and the nodes to widen) go to ONE `expand` call, the pending
-leaves to ONE `evaluate` call, the new terminal children to ONE `reward` call, and the paths are
+leaves to ONE `value` call, the new terminal children to ONE `reward` call, and the paths are
 backed up. W = 1 is the classic sequential search.
 
 Progressive widening (`widen_c` > 0; off by default, as in the reference). Without it each node is
@@ -103,7 +103,7 @@ class _Callables:
     """The caller's callables of one search (rollout / step_key None when their option is off)."""
 
     expand: ExpandFn
-    evaluate: ValueFn
+    value: ValueFn
     reward: ValueFn
     rollout: RolloutFn | None
     step_key: StepKeyFn | None
@@ -120,7 +120,7 @@ class SearchResult:
 def search(
     prompts: Sequence[Sequence[int]],
     expand: ExpandFn,
-    evaluate: ValueFn,
+    value: ValueFn,
     reward: ValueFn,
     config: SearchSettings | None = None,
     *,
@@ -137,7 +137,7 @@ def search(
         raise ValueError(f"search: rollout_lambda={cfg.rollout_lambda} needs a `rollout` callable")
     if cfg.merge == "canonical" and step_key is None:
         raise ValueError("search: merge='canonical' needs a `step_key` callable")
-    callables = _Callables(expand, evaluate, reward, rollout if cfg.rollout_lambda > 0 else None,
+    callables = _Callables(expand, value, reward, rollout if cfg.rollout_lambda > 0 else None,
                            step_key if cfg.merge == "canonical" else None)
     stats = SearchStats()
     start = time.perf_counter()
@@ -252,15 +252,15 @@ def _finite(values: list, what: str) -> list[float]:
 
 def _leaf_values(requests: list[NodeRequest], fns: _Callables, cfg: SearchSettings,
                  stats: SearchStats) -> tuple[list[float], list[LeafRollout | None]]:
-    """The new leaves' values and rollouts: the value head V (one `evaluate` call, skipped at
+    """The new leaves' values and rollouts: the value head V (one `value` call, skipped at
     lambda = 1), the rollouts' z (one `rollout` call, skipped at lambda = 0), mixed as AlphaGo's
     v = (1 - lambda) * V + lambda * z. At lambda = 0 the values are the value head's, unchanged."""
     lam = cfg.rollout_lambda
     head: list[float] = []
     rollouts: list[LeafRollout | None] = [None] * len(requests)
     if lam < 1:
-        stats.evaluate_calls += 1
-        head = _finite(_timed(fns.evaluate, requests, stats, "evaluate"), "evaluate")
+        stats.value_calls += 1
+        head = _finite(_timed(fns.value, requests, stats, "value"), "value")
     if lam == 0:
         return head, rollouts
     stats.rollout_calls += 1
@@ -277,7 +277,7 @@ def _leaf_values(requests: list[NodeRequest], fns: _Callables, cfg: SearchSettin
 def _expand_evaluate_backup(pending, fns: _Callables, cfg: SearchSettings, rngs, stats: SearchStats,
                             widened=()) -> None:
     """Expand the new leaves and the nodes to widen of a round (one call over all trees), value
-    the new leaves (one `evaluate` call and / or one `rollout` call), score the new terminal children
+    the new leaves (one `value` call and / or one `rollout` call), score the new terminal children
     (one call), then back up each new leaf's value along its path. A widening backs nothing up: it is not a simulation (its
     node's N does not grow, and its new children are valued when a later descent reaches them);
     its in-flight visits are removed."""
@@ -319,7 +319,7 @@ def _expand_evaluate_backup(pending, fns: _Callables, cfg: SearchSettings, rngs,
         leaf = path[-1]
         tree.value[leaf] = v
         if cfg.rollout_lambda < 1:
-            tree.stats.eval_requests += 1
+            tree.stats.value_requests += 1
             tree.stats.request_tokens += len(request.prefix)
         if roll is not None:
             tree.rollout[leaf] = roll
