@@ -42,10 +42,8 @@ def test_plan_lets_the_budget_end_every_run(tmp_path):
     # evaluated when the run passes 300 and 600 tokens (and at its end); the model before RL once, apart
     assert (cfg.eval_at_tokens, cfg.eval_before_rl) == ((300, 600), False)
     # with a budget the schedule is in fractions of it: the linear decay of a reference preset ends
-    # at the budget, not at a step count (its test file lives in ../shared: not needed here)
-    no_files = ["train_path=null", "test_path=null"]
-    decay = plan_runs({"q": "countdown-qwen1.5b-mcts"}, seeds=[0], budget=10, out_dir=tmp_path,
-                      overrides=no_files)[1].config()
+    # at the budget, not at a step count
+    decay = plan_runs({"q": "countdown-qwen1.5b-mcts"}, seeds=[0], budget=10, out_dir=tmp_path)[1].config()
     assert decay.steps == STEPS_CAP and decay.has_budget and decay.lr_multiplier(5, 0.75) == 0.25
     # steps and eval_every given by the user win
     mine = plan_runs({"g": "countdown-tiny-grpo"}, seeds=[0], budget=10, out_dir=tmp_path,

@@ -25,20 +25,27 @@ EXPECTED_PRESETS = {
 
 @pytest.fixture(autouse=True)
 def repo_root(monkeypatch):
-    # presets name data files relative to the repository root (../shared/data/...)
+    # relative data paths resolve from the repository root
     monkeypatch.chdir(REPO)
 
 
+# Offline copies of the reference's data sets, beside this machine's checkout (users do not have them).
+SHARED_DATA = REPO / ".." / "shared" / "data"
+
+
 def load_preset(name: str):
-    """The preset as shipped; where a reference preset's data files (in ../shared, beside the checkout)
-    are not here, the same preset with those paths set to null, so every other setting is still
-    loaded and checked."""
-    try:
-        return load_config(preset=name)
-    except UsageError as err:
-        if "no such file '../shared/" not in str(err):
-            raise
-        return load_config(preset=name, overrides=["train_path=null", "test_path=null"])
+    """The preset as shipped: presets name no data file outside the package."""
+    return load_config(preset=name)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "gsm8k" / "test.jsonl").exists(), reason="no offline GSM8K copy here")
+def test_presets_take_local_data_paths():
+    gsm8k, reference = SHARED_DATA / "gsm8k", SHARED_DATA / "countdown-reference" / "test.jsonl"
+    cfg = load_config(preset="gsm8k-qwen1.5b-mcts",
+                      overrides=[f"train_path={gsm8k / 'train.jsonl'}", f"test_path={gsm8k / 'test.jsonl'}"])
+    assert (cfg.train_path, cfg.test_path) == (str(gsm8k / "train.jsonl"), str(gsm8k / "test.jsonl"))
+    if reference.exists():
+        assert load_config(preset="countdown-qwen1.5b-mcts", overrides=[f"test_path={reference}"]).test_path == str(reference)
 
 
 def test_defaults_are_valid():

@@ -3,16 +3,19 @@
 import json
 import sys
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from treedistill.envs.base import reward_from_prompt
-from treedistill.envs.gsm8k import GSM8KEnv, default_path, final_answer, load_gsm8k, parse_number
+from treedistill.envs.gsm8k import GSM8KEnv, final_answer, load_gsm8k, parse_number
 from treedistill.errors import UsageError
 
 ENV = GSM8KEnv()
+# An offline copy of GSM8K beside this machine's checkout (users do not have it; its tests skip).
+SHARED_GSM8K = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k"
 PROBLEM = {"question": "Janet has 16 eggs, eats 3 and bakes 4, sells the rest at $2. Dollars?",
            "answer": "16 - 3 - 4 = <<16-3-4=9>>9\n9 * 2 = $<<9*2=18>>18\n#### 18"}
 
@@ -88,19 +91,31 @@ def test_malformed_file_names_file_and_line(tmp_path, line):
         load_gsm8k("test", path)
 
 
-def test_missing_data_without_hub_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr("treedistill.envs.gsm8k.default_path", lambda split: tmp_path / f"{split}.jsonl")
+def test_no_path_without_datasets_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
-    with pytest.raises(UsageError, match="datasets"):
+    with pytest.raises(UsageError, match=r"datasets.*--set test_path=PATH") as err:
         load_gsm8k("test")
+    assert "\n" not in str(err.value)
 
 
-@pytest.mark.skipif(not default_path("test").exists(), reason="../shared/data/gsm8k is not here")
+def test_no_path_with_the_hub_unreachable_is_a_clear_error(monkeypatch):
+    class Offline:  # `datasets` as it behaves without network access
+        @staticmethod
+        def load_dataset(*args, **kwargs):
+            raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)\nmore")
+
+    monkeypatch.setitem(sys.modules, "datasets", Offline)
+    with pytest.raises(UsageError, match=r"openai/gsm8k.*Couldn't reach.*--set train_path=PATH") as err:
+        load_gsm8k("train")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(not (SHARED_GSM8K / "test.jsonl").exists(), reason="no offline GSM8K copy here")
 def test_real_data_loads_and_gold_answers_score_correct():
-    test = load_gsm8k("test")
+    test = load_gsm8k("test", SHARED_GSM8K)
     assert len(test) == 1319
     assert all(ENV.score(p, f"<answer>{final_answer(p['answer'])}</answer>").sparse == 1.0 for p in test)
-    assert len(load_gsm8k("train")) == 7473
+    assert len(load_gsm8k("train", SHARED_GSM8K / "train.jsonl")) == 7473
 
 
 def test_answer_value_is_the_parsed_final_number_without_the_answer_key():

@@ -17,8 +17,6 @@ from treedistill.testtime import (
     MethodResult,
     SweepConfig,
     SweepReport,
-    _MctsCost,
-    _prefix_of_stream,
     format_table,
     majority_vote,
     parse_budgets,
@@ -27,6 +25,7 @@ from treedistill.testtime import (
     value_pick,
     write_markdown,
 )
+from treedistill.testtime.sweep import _MctsCost, _prefix_of_stream
 
 ENV = get_env("countdown")
 

@@ -3,7 +3,8 @@
 Countdown: the project's own splits, generated once by
 `treedistill data countdown --train 20000 --test 820 --seed 42 --out treedistill/data/countdown`
 and shipped inside the package (disjoint on (sorted numbers, target)).
-GSM8K: the real data set, read from `../shared/data/gsm8k/` beside the checkout or a user path.
+GSM8K: the real data set, read from a user's path (a file, or a folder holding train.jsonl and
+test.jsonl), else from the Hugging Face hub through the optional `datasets` package (envs/gsm8k.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ SPLITS = ("train", "test")
 
 def resolve_path(path: str | Path) -> Path:
     """A data path as given, or, when it is relative and missing from the working directory, relative
-    to the checkout (presets name `../shared/data/...`, which sits beside the repository)."""
+    to the checkout, so that a relative path in a saved config reads the same file from any working
+    directory."""
     path = Path(path).expanduser()
     if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
         return REPO_ROOT / path

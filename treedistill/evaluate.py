@@ -1,6 +1,6 @@
 """Evaluation without search: mean@k, pass@k and format rate, with the environment's own reward.
 
-Protocol of the reference (../shared/docs/method.md): k = 16 samples per test problem at temperature
+Protocol of the reference (docs/method.md): k = 16 samples per test problem at temperature
 0.2, up to 512 new tokens, SPARSE reward (1 iff the answer is valid and equals the target), averaged
 over all samples. The reward is `env.score`, the same function that gives the dense training reward.
 

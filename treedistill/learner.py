@@ -5,7 +5,7 @@ runs it in the loop's process, every FSDP rank (`distributed/fsdp.py`, with a `S
 so all of them share every line of the maths. Here too: the policy to train (`load_train_policy`)
 and the frozen reference for the KL term (`reference_policy`).
 
-Departures from the reference run (../shared/docs/method.md):
+Departures from the reference run (docs/method.md):
 - importance ratios divide by the behaviour log-probs recorded at generation, never by log-probs
   recomputed before the update;
 - dropout stays off (the model is kept in eval mode) so that the trained function is the one that

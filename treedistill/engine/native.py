@@ -29,26 +29,15 @@ weights, for the Llama / Qwen2 family that every preset uses; nothing is copied 
 beyond attention plumbing, and tests compare its logits with the HF forward. It also keeps this file
 free of the cache API, which changed between transformers 5.17 and 5.24.
 
-The static decode path (`decode="static"`, the default on CUDA). Eager decoding launches ~35 kernels per
-layer per token from Python: for the 28-layer 1.5B model that is ~1,000 launches, which bounds a step at
-tens of milliseconds whatever the batch. So on CUDA the decode step runs on a preallocated workspace of
-fixed shape — rows bucketed to a power of two, key/value columns to a power of two (multiples of 512
-beyond 512) — whose inputs (token, position, column) are tensors, and is captured once per shape in a
-CUDA graph and replayed. The column written is an index tensor (`index_copy_`), the attention reads the
-whole capacity under the validity mask, and grouped-query attention folds the query heads of one
-key/value head into the query axis (one query token per row), so the kernels are the same at every step.
-Finished rows stay in the workspace (their slots compute unused values) until the live rows fit the next
-smaller bucket, then move there; the recorded tokens and log-probs live on the device and come back once
-per finished row. On CPU the same static step runs without a graph (`decode="static"`), which is how the
-tests check it against the eager loop and HF generate. A peft (LoRA) model decodes eagerly: its adapters
-can be switched off, and a captured graph would not see that.
+The static decode path (`decode="static"`, the default on CUDA): a fixed-shape decode step captured
+in CUDA graphs, in engine/static_decode.py. Sampling (temperature, top-p, the draw) is
+engine/sampling.py's.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +50,10 @@ from treedistill.engine.base import (
     Sample,
     checked_sample_args,
 )
+from treedistill.engine.kv_buffer import _Batch, _Shape
 from treedistill.engine.prefix_cache import PrefixCache
+from treedistill.engine.sampling import SAMPLERS, sample_next
+from treedistill.engine.static_decode import _Workspace, decode_static
 from treedistill.errors import UsageError
 
 __all__ = ["DECODE_MODES", "NativeEngine", "SAMPLERS", "SUPPORTED_MODEL_TYPES", "sample_next"]
@@ -73,153 +65,9 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 DECODE_MODES = ("auto", "eager", "static")
 
 
-@dataclass(frozen=True)
-class _Shape:
-    """Attention shape read once from the model config."""
-
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-
-class _Batch:
-    """Preallocated key/value buffer of one batch of rows.
-
-    kv: [layers, 2, B, kv_heads, capacity, head_dim]; valid: [B, capacity] True where a real token's
-    keys/values sit; length: columns written so far (the same for every row); next_pos: [B] RoPE
-    position of each row's next token.
-    """
-
-    def __init__(self, kv: torch.Tensor, valid: torch.Tensor, next_pos: torch.Tensor):
-        self.kv = kv
-        self.valid = valid
-        self.next_pos = next_pos
-        self.length = 0
-
-    def select(self, index: torch.Tensor) -> None:
-        """Keep only the rows in `index` (finished rows leave; n-way expansion repeats rows)."""
-        self.kv = self.kv.index_select(2, index)
-        self.valid = self.valid.index_select(0, index)
-        self.next_pos = self.next_pos.index_select(0, index)
-
-    def row_kv(self, row: int, start: int, end: int) -> torch.Tensor:
-        """Keys/values of tokens start..end of one row's sequence: [layers, 2, kv_heads, end-start, head_dim]."""
-        cols = self.valid[row, : self.length].nonzero().squeeze(1)[start:end]  # [end-start]
-        return self.kv[:, :, row].index_select(3, cols)
-
-
-def _bucket_rows(rows: int, most: int) -> int:
-    """Rows of the workspace that holds `rows` live rows: the next power of two, at most `most`."""
-    return min(1 << (rows - 1).bit_length(), most)
-
-
-def _bucket_columns(columns: int) -> int:
-    """Key/value columns of the workspace: the next power of two up to 512, then multiples of 512."""
-    return max(64, 1 << (columns - 1).bit_length()) if columns <= 512 else -(-columns // 512) * 512
-
-
-class _Workspace(_Batch):
-    """A _Batch of fixed shape for the static decode step: `rows` slots x `capacity` columns, plus the
-    step's inputs as tensors (token, position per slot; the column written) and its output (float32
-    logits per slot). Reused across calls of the same shape; `graph` is its captured CUDA graph."""
-
-    def __init__(self, shape: _Shape, rows: int, capacity: int, vocab: int, dtype, device):
-        kv = torch.zeros(shape.layers, 2, rows, shape.kv_heads, capacity, shape.head_dim, dtype=dtype, device=device)
-        super().__init__(kv, torch.zeros(rows, capacity, dtype=torch.bool, device=device),
-                         torch.zeros(rows, dtype=torch.long, device=device))
-        self.rows, self.capacity = rows, capacity
-        self.tok = torch.zeros(rows, dtype=torch.long, device=device)
-        self.col = torch.zeros(1, dtype=torch.long, device=device)
-        self.logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
-        self.graph = None
-
-    def load(self, source: _Batch, index: torch.Tensor) -> None:
-        """Fill slots 0..len(index)-1 with rows `index` of `source` (columns 0..source.length); clear the rest."""
-        n, t = len(index), source.length
-        self.kv[:, :, :n, :, :t] = source.kv[:, :, :, :, :t].index_select(2, index)
-        self.valid.zero_()
-        self.valid[:n, :t] = source.valid[:, :t].index_select(0, index)
-        self.next_pos.zero_()
-        self.next_pos[:n] = source.next_pos.index_select(0, index)
-        self.length = t
-
-    def select(self, index: torch.Tensor) -> None:  # noqa: ARG002 - slots never move inside a workspace
-        raise TypeError("a workspace keeps its shape: move live rows with load() into a smaller one")
-
-
-def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """The model's RMSNorm module `norm` applied as torch's fused `rms_norm` (one kernel on CUDA, where
-    the module's float32 round trip is ~7 small ones), with the module's own weight and epsilon."""
-    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
-    return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def draw_multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """probs [B, V] -> tokens [B] with `torch.multinomial`, the draw HF generate makes (same stream for a
-    seed). Its CPU kernel draws one exponential per vocabulary entry: ~55 ms for 8 rows of Qwen's 151,936
-    entries on one thread, more than the whole forward pass of a small model."""
-    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
-
-
-def draw_inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None, block: int = 1024) -> torch.Tensor:
-    """probs [B, V] -> tokens [B] by inverting the cumulative distribution with one uniform per row.
-
-    The same distribution as multinomial, with another random stream. Two levels, because a cumulative
-    sum over 151,936 entries is sequential (7 ms for 8 rows on one CPU thread): sum blocks of `block`
-    entries, find the block the uniform falls in, then the entry inside that block.
-    """
-    b, v = probs.shape
-    blocks = F.pad(probs, (0, (-v) % block)).view(b, -1, block)  # [B, NB, C]
-    block_mass = blocks.sum(dim=-1)  # [B, NB]
-    block_cum = block_mass.cumsum(dim=-1)  # [B, NB]
-    u = torch.rand(b, 1, generator=generator, device=probs.device, dtype=probs.dtype) * block_cum[:, -1:]  # [B, 1]
-    blk = torch.searchsorted(block_cum, u, right=True).clamp_(max=block_cum.shape[1] - 1)  # [B, 1]
-    inner = blocks[torch.arange(b, device=probs.device), blk[:, 0]]  # [B, C]
-    inner_cum = inner.cumsum(dim=-1) + (block_cum.gather(1, blk) - block_mass.gather(1, blk))  # [B, C]
-    idx = torch.searchsorted(inner_cum, u, right=True)[:, 0]  # [B]
-    # Float rounding can put u past the block's last entry: take the last entry with mass instead.
-    last = (torch.arange(block, device=probs.device) * (inner > 0)).amax(dim=-1)  # [B]
-    return blk[:, 0] * block + torch.minimum(idx, last)
-
-
-# name -> draw(probs [B, V], generator) -> tokens [B]; one signature, chosen by NativeEngine(sampler=...).
-SAMPLERS = {"inverse_cdf": draw_inverse_cdf, "multinomial": draw_multinomial}
-
-
-def sample_next(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None, draw=draw_inverse_cdf
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [B, V] (float32) -> (tokens [B], log-prob under the sampling distribution [B],
-    log-prob under the raw policy [B]).
-
-    Temperature then top-p, as HF's TemperatureLogitsWarper and TopPLogitsWarper (sort ascending, drop
-    tokens whose cumulative probability is <= 1 - top_p, keep at least one), then `draw`.
-    Temperature 0 is greedy, whose sampling log-prob is 0 (probability 1).
-    """
-    policy_logp = torch.log_softmax(logits, dim=-1)  # [B, V]
-    if temperature == 0:
-        tokens = logits.argmax(dim=-1)  # [B]
-        return tokens, torch.zeros_like(tokens, dtype=logits.dtype), policy_logp.gather(1, tokens[:, None])[:, 0]
-    scores = logits
-    if temperature == 1.0 and top_p == 1.0:
-        sample_logp = policy_logp  # the sampling distribution is the policy: one log-softmax serves both
-    else:
-        scores = logits / temperature  # [B, V]
-        if top_p < 1.0:
-            sorted_logits, sorted_idx = torch.sort(scores, descending=False)
-            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [B, V]
-            remove = cum <= (1 - top_p)
-            remove[..., -1:] = False
-            scores = scores.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
-        sample_logp = torch.log_softmax(scores, dim=-1)  # [B, V]
-    tokens = draw(scores.softmax(dim=-1), generator)  # [B]: softmax of the scores, as HF, so draws agree
-    return (tokens, sample_logp.gather(1, tokens[:, None])[:, 0], policy_logp.gather(1, tokens[:, None])[:, 0])
 
 
 class NativeEngine:
@@ -497,7 +345,7 @@ class NativeEngine:
         args = (logits, row_prefix, owners, results, max_new_tokens, temperature, top_p, stop_tensor, stop_texts,
                 generator)
         if static:
-            self._decode_static(batch, src, *args)
+            decode_static(self, batch, src, *args)
         else:
             batch.select(src)
             self._decode_eager(batch, *args)
@@ -554,145 +402,6 @@ class NativeEngine:
             batch.next_pos += 1
             hidden = self._forward(batch, tok[:, None], positions)  # [B, 1, H]
             logits = self.lm.lm_head(hidden[:, -1]).float()  # [B, V]
-
-    def _decode_static(self, batch, src, logits, row_prefix, owners, results, max_new_tokens, temperature, top_p,
-                       stop_tensor, stop_texts, generator):
-        """Decode loop on a fixed-shape workspace (module docstring): tokens and log-probs are recorded on
-        the device; the host learns only which rows finished (nothing at all while no row can stop early)."""
-        dev = self.device
-        ws = self._workspace(len(owners), batch.length + max_new_tokens)
-        ws.load(batch, src)
-        del batch
-        tokens = torch.zeros(len(owners), max_new_tokens, dtype=torch.long, device=dev)
-        logps = torch.zeros(2, len(owners), max_new_tokens, dtype=torch.float32, device=dev)
-        live = list(range(len(owners)))  # row ids, in the order of `slots` (their workspace rows)
-        live_t = torch.arange(len(owners), device=dev)
-        slots = live_t.clone()
-        packed = True  # slots == 0..len(live)-1
-        texts = [[] for _ in owners] if stop_texts else None  # host copies for the stop-text check
-        stops = frozenset(stop_tensor.tolist())  # the stop ids on the host, once per chunk
-        for step in range(max_new_tokens):
-            tok, slp, pl = sample_next(logits, temperature, top_p, generator, self.draw)
-            tokens[live_t, step] = tok
-            logps[0, live_t, step] = slp
-            logps[1, live_t, step] = pl
-            self.counters.generated_tokens += len(live)
-            finished = self._finished_static(tok, live, texts, stop_tensor, stops, stop_texts,
-                                             step == max_new_tokens - 1)
-            if finished:
-                ks = [k for k, _ in finished]
-                rids = torch.tensor([live[k] for k in ks], device=dev)
-                toks_l = tokens[rids, : step + 1].tolist()
-                lps_l = logps[:, rids, : step + 1].tolist()
-                for j, (k, finish) in enumerate(finished):
-                    owner, sample_j = owners[live[k]]
-                    results[owner][sample_j] = Sample(tuple(toks_l[j]), tuple(lps_l[0][j]), tuple(lps_l[1][j]), finish)
-                self._store_rows(ws, [row_prefix[live[k]] + toks_l[j][:-1] for j, k in enumerate(ks)],
-                                 slots[torch.tensor(ks, device=dev)].tolist())
-                if len(finished) == len(live):
-                    break
-                gone = set(ks)
-                keep_t = torch.tensor([k for k in range(len(live)) if k not in gone], device=dev)
-                live = [live[k] for k in keep_t.tolist()]
-                live_t, slots, tok = live_t[keep_t], slots[keep_t], tok[keep_t]
-                packed = False
-                if _bucket_rows(len(live), self.max_batch) < ws.rows:  # live rows fit a smaller workspace: move
-                    smaller = self._workspace(len(live), ws.capacity)
-                    smaller.load(ws, slots)
-                    ws, slots, packed = smaller, torch.arange(len(live), device=dev), True
-            ws.tok.index_copy_(0, slots, tok)
-            ws.col.fill_(ws.length)
-            self._run_static(ws)
-            ws.length += 1
-            ws.next_pos += 1
-            logits = ws.logits[: len(live)] if packed else ws.logits.index_select(0, slots)  # [B, V]
-
-    def _finished_static(self, tok, live, texts, stop_tensor, stops: frozenset, stop_texts,
-                         last: bool) -> list[tuple[int, str]]:
-        """(position in `live`, finish) of the rows that end with `tok`; syncs with the device only when a
-        row can end here."""
-        if texts is None and not last:
-            if not len(stop_tensor):
-                return []
-            hit = torch.isin(tok, stop_tensor)
-            ks = hit.nonzero()[:, 0].tolist()
-            return [(k, FINISH_EOS if t in self.eos_ids else FINISH_STOP) for k, t in zip(ks, tok[ks].tolist())]
-        finished = []
-        for k, t in enumerate(tok.tolist()):
-            generated = texts[live[k]] if texts is not None else []
-            generated.append(t)
-            finish = self._finish_kind(t, generated, last, t in stops, stop_texts)
-            if finish:
-                finished.append((k, finish))
-        return finished
-
-    def _workspace(self, rows: int, columns: int) -> _Workspace:
-        """The workspace for `rows` live rows and `columns` key/value columns (bucketed), most recent last."""
-        key = (_bucket_rows(rows, self.max_batch), _bucket_columns(columns))
-        ws = self._workspaces.pop(key, None)
-        if ws is None:
-            while len(self._workspaces) >= self.max_workspaces:
-                self._workspaces.popitem(last=False)
-            ws = _Workspace(self.shape, *key, vocab=self.lm.lm_head.out_features, dtype=self.dtype, device=self.device)
-        self._workspaces[key] = ws
-        return ws
-
-    def _run_static(self, ws: _Workspace) -> None:
-        """One decode step of every slot: a CUDA graph replay (captured on first use), else eager."""
-        self.counters.forward_calls += 1
-        if not self.use_graphs:
-            self._static_step(ws)
-            return
-        if ws.graph is None:
-            # Warm up on a side stream (allocator and kernel choices settle), then capture; the warm-up
-            # writes exactly what the replay below writes, so it changes nothing.
-            stream = torch.cuda.Stream(device=self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._static_step(ws)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()  # one memory pool for every shape's graph
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                self._static_step(ws)
-            ws.graph = graph
-        ws.graph.replay()
-
-    def _static_step(self, ws: _Workspace) -> None:
-        """ws.tok [B] at positions ws.next_pos [B], written at column ws.col -> ws.logits [B, V] (float32).
-
-        Shapes never change with the step: attention reads all `capacity` columns under the validity mask,
-        and the query heads sharing a key/value head are laid along the query axis (one token per row)."""
-        inner, s = self.lm.model, self.shape
-        b, group, half = ws.rows, s.heads // s.kv_heads, s.head_dim // 2
-        ws.valid.index_fill_(1, ws.col, True)
-        h = inner.embed_tokens(ws.tok[:, None])  # [B, 1, H]
-        cos, sin = inner.rotary_emb(h, ws.next_pos[:, None])  # [B, 1, D]
-        cos = cos[:, None]  # [B, 1, 1, D]
-        # rotate_half(x) * sin == roll(x, half) * sin_signed: the sign is folded in once per step
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]  # [B, 1, 1, D]
-        # additive mask, built once per step rather than converted from booleans in every layer
-        bias = torch.zeros(ws.valid.shape, dtype=h.dtype, device=h.device).masked_fill_(~ws.valid, float("-inf"))
-        bias = bias[:, None, None, :]  # [B, 1, 1, C]
-        for i, layer in enumerate(inner.layers):
-            attn = layer.self_attn
-            x = _rms_norm(layer.input_layernorm, h)  # [B, 1, H]
-            qh = attn.q_proj(x).view(b, 1, s.heads, s.head_dim).transpose(1, 2)  # [B, Hq, 1, D]
-            kh = attn.k_proj(x).view(b, 1, s.kv_heads, s.head_dim).transpose(1, 2)  # [B, Hkv, 1, D]
-            vh = attn.v_proj(x).view(b, 1, s.kv_heads, s.head_dim).transpose(1, 2)  # [B, Hkv, 1, D]
-            qh = torch.addcmul(qh * cos, qh.roll(half, -1), sin)
-            kh = torch.addcmul(kh * cos, kh.roll(half, -1), sin)
-            ws.kv[i, 0].index_copy_(2, ws.col, kh)
-            ws.kv[i, 1].index_copy_(2, ws.col, vh)
-            o = F.scaled_dot_product_attention(
-                qh.reshape(b, s.kv_heads, group, s.head_dim), ws.kv[i, 0], ws.kv[i, 1], attn_mask=bias,
-                scale=attn.scaling,
-            )  # [B, Hkv, G, D]: query head kv * G + g, as HF's repeat_kv
-            h = h + attn.o_proj(o.reshape(b, 1, s.heads * s.head_dim))
-            h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
-        ws.logits.copy_(self.lm.lm_head(_rms_norm(inner.norm, h)[:, 0]))  # cast to float32 in the copy
 
     def _store_rows(self, batch: _Batch, seqs: Sequence[Sequence[int]], rows: Sequence[int]) -> None:
         """Insert rows' keys/values into the prefix cache; seqs[k] is row rows[k]'s token sequence."""

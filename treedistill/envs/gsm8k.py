@@ -13,9 +13,11 @@ Rewards (one parse of the completion's LAST closed answer tag):
   predict and would make a terminal node outrank any estimate by construction. +1.0 keeps both on
   one scale, as in Countdown.
 
-Data: `load_gsm8k(split)` reads `../shared/data/gsm8k/{split}.jsonl` next to the repository when it
-exists, any file or folder given as `path`, or else the Hugging Face hub through the optional
-`datasets` package (only when it is installed and the network is allowed).
+Data: `load_gsm8k(split, path)` reads the file or folder given as `path` (a user's local copy:
+`--set train_path=PATH` / `--set test_path=PATH`, or `eval --data PATH`); without a path it loads
+`openai/gsm8k` (config "main") from the Hugging Face hub through the optional `datasets` package
+(`pip install 'treedistill[gsm8k]'`), and where that is not installed or the hub cannot be reached
+it raises a one-line UsageError saying how to pass a local copy.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from treedistill.envs.countdown import extract_answer
 from treedistill.errors import UsageError
 from treedistill.jsonl import read_records
 
-__all__ = ["GSM8KEnv", "default_path", "final_answer", "load_gsm8k", "parse_number", "validate_problem"]
+__all__ = ["GSM8KEnv", "final_answer", "load_gsm8k", "parse_number", "validate_problem"]
 
 MAX_ANSWER_CHARS = 64  # longer answer contents are not numbers we grade
 _NUMBER = re.compile(r"[+-]?[0-9]+(?:\.[0-9]*)?")  # ASCII digits only (\d would match "٣")
@@ -72,40 +74,39 @@ def validate_problem(record) -> dict:
     return record
 
 
-def default_path(split: str) -> Path:
-    """../shared/data/gsm8k/{split}.jsonl, relative to the repository root."""
-    repo_root = Path(__file__).resolve().parents[2]
-    return (repo_root / ".." / "shared" / "data" / "gsm8k" / f"{split}.jsonl").resolve()
-
-
 def load_gsm8k(split: str = "test", path=None) -> list[dict]:
     """GSM8K records of `split` ("train" or "test") from `path` (a file, or a folder holding
-    `{split}.jsonl`), else from the default local copy, else from the hub via `datasets`."""
+    `{split}.jsonl`), else from the hub via `datasets`."""
     if path is not None:
         path = Path(path)
         return _load_file(path / f"{split}.jsonl" if path.is_dir() else path)
-    local = default_path(split)
-    if local.exists():
-        return _load_file(local)
-    return _load_hub(split, local)
+    return _load_hub(split)
 
 
 def _load_file(path: Path) -> list[dict]:
     return read_records(path, validate_problem)
 
 
-def _load_hub(split: str, local: Path) -> list[dict]:
+def _local_copy_hint(split: str) -> str:
+    return (f"pass a local copy of GSM8K (a JSONL file of question/answer records, or a folder holding "
+            f"train.jsonl and test.jsonl) with --set {split}_path=PATH (treedistill eval: --data PATH)")
+
+
+def _load_hub(split: str) -> list[dict]:
     try:
         import datasets
     except ImportError:
-        raise UsageError(f"GSM8K not found at {local}; pass a path to a GSM8K JSONL file or install "
-                         "the `datasets` package (with network access) to load it from the hub") from None
+        raise UsageError(f"GSM8K {split} split: no path given and the optional `datasets` package is not "
+                         f"installed; {_local_copy_hint(split)}, or pip install 'treedistill[gsm8k]' to "
+                         f"load {HUB_NAME[0]} from the Hugging Face hub") from None
     try:
         rows = datasets.load_dataset(*HUB_NAME, split=split)
     # `datasets` raises many kinds of errors offline (connection, missing cache, hub offline mode);
     # all mean the same to the user here.
     except Exception as err:  # noqa: BLE001
-        raise UsageError(f"GSM8K not found at {local} and the hub is not reachable: {err}") from None
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UsageError(f"GSM8K {split} split: could not load {HUB_NAME[0]} from the Hugging Face hub "
+                         f"({reason}); {_local_copy_hint(split)}") from None
     return [validate_problem({"question": r["question"], "answer": r["answer"]}) for r in rows]
 
 

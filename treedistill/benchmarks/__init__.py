@@ -1,0 +1,1 @@
+"""Benchmark workloads run by `treedistill bench`: each module times one kind of work."""
