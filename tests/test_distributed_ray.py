@@ -312,3 +312,24 @@ def test_distributed_fsdp_learner_on_two_cpu_ranks_matches_the_one_process_updat
                 assert torch.allclose(saved["optimizer"]["state"][i][key], value, atol=1e-6), (i, key)
     finally:
         fsdp.close()
+
+
+@pytest.mark.slow
+def test_ray_collector_trains_mcts_tree_and_cuts_the_last_step_to_the_budget(tmp_path, model, cluster):
+    """mcts-tree (a varying number of rows per problem) through the Ray collector, to a generated-token
+    budget: the step that would pass it takes only the problems it has room for, as in one process."""
+    cfg = _config("countdown-tiny-mcts-tree", model, "steps=50", "eval_every=0", "problems_per_step=4",
+                  "search.problems_at_once=1")
+    layout = DistributedSettings(generators=1, max_staleness=0)  # one generator, no batch ahead: repeatable
+    train(dataclasses.replace(cfg, steps=1), tmp_path / "probe", distributed=layout, progress=False)
+    spent = _lines(tmp_path / "probe", "train")[0]["rollout_generated_tokens"]  # 4 problems' tokens
+    budget = spent + int(1.5 * spent / 4)  # room for about 1.5 more problems
+    run = tmp_path / "run"
+    summary = train(dataclasses.replace(cfg, budget_generated_tokens=budget), run, distributed=layout, progress=False)
+    assert summary["stop_reason"].startswith("generated-token budget reached")
+    lines = _lines(run, "train")
+    assert all(r["tree_rows"] >= 1 for r in lines)  # every problem's tree yields its own number of rows
+    assert [r["problems_trained"] for r in lines][:1] == [4] and lines[0]["rollout_generated_tokens"] == spent
+    assert len(lines) == 2 and 1 <= lines[1]["problems_trained"] - 4 <= 2  # the cut step: 1 or 2 of 4
+    for r in lines:
+        _check_counts(r)
