@@ -18,14 +18,14 @@ def _policy(dtype=torch.float32):
     return load_policy("random-qwen2.5-tiny", device="cuda", dtype=dtype, value_head=True)
 
 
-def _prompts(policy, lengths, seed=0):
+def random_prompts(policy, lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
 
 
 def test_graph_decode_equals_eager_and_hf_greedy():
     pol = _policy()
-    prompts = _prompts(pol, [5, 40, 17, 23])
+    prompts = random_prompts(pol, [5, 40, 17, 23])
     graph = NativeEngine(pol, cache_tokens=0)
     assert graph.use_graphs
     eager = NativeEngine(pol, cache_tokens=0, decode="eager")
@@ -50,7 +50,7 @@ def test_graph_decode_rows_ending_apart_and_tree_cache_equal_eager():
     # Greedy (a 151,936-entry vocabulary of random weights is nearly flat: a sampled draw flips on
     # float-level differences between attention kernels, so sampled runs agree in distribution only).
     pol = _policy()
-    prompts = _prompts(pol, [30, 9, 60, 11, 3, 47, 25, 8, 19])
+    prompts = random_prompts(pol, [30, 9, 60, 11, 3, 47, 25, 8, 19])
     eos = tuple(range(40, 90))  # common byte ids: rows end at different steps and change workspaces
     graph = NativeEngine(pol, eos_token_ids=eos)
     eager = NativeEngine(pol, eos_token_ids=eos, decode="eager")
@@ -69,7 +69,7 @@ def test_graph_decode_rows_ending_apart_and_tree_cache_equal_eager():
 
 def test_graph_decode_sampled_logprobs_match_a_separate_scoring_pass():
     pol = _policy()
-    prompts = _prompts(pol, [30, 9, 60])
+    prompts = random_prompts(pol, [30, 9, 60])
     graph = NativeEngine(pol, eos_token_ids=tuple(range(40, 60)))
     rows = graph.sample(prompts, 6, max_new_tokens=32, temperature=0.8, seed=3)
     scorer = NativeEngine(pol, cache_tokens=0, decode="eager")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 import time
 
-__all__: list[str] = []  # helpers of the benchmark modules: _check_positive, _Clock, _load, _prompts
+__all__ = ["Clock", "check_positive", "load_bench_policy", "random_prompts"]
 
 
-def _check_positive(**values) -> None:
+def check_positive(**values) -> None:
     from treedistill.errors import UsageError
 
     for name, v in values.items():
@@ -16,7 +16,7 @@ def _check_positive(**values) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
 
 
-class _Clock:
+class Clock:
     """Wall time that waits for the device (CUDA kernels run asynchronously)."""
 
     def __init__(self, device):
@@ -29,13 +29,13 @@ class _Clock:
         return time.perf_counter()
 
 
-def _load(args):
+def load_bench_policy(args):
     from treedistill.models.load import load_policy
 
     return load_policy(args.model, dtype=args.dtype, device=args.device, value_head=True)
 
 
-def _prompts(vocab: int, batch: int, length: int, seed: int) -> list[list[int]]:
+def random_prompts(vocab: int, batch: int, length: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     top = min(vocab, 256)  # byte-range ids: plain text for every tokenizer the presets use
     return [[rng.randrange(top) for _ in range(length)] for _ in range(batch)]

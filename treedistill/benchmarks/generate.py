@@ -5,7 +5,7 @@ before every timed call so each call encodes fresh prompts as the others do)."""
 
 from __future__ import annotations
 
-from treedistill.benchmarks.common import _check_positive, _Clock, _load, _prompts
+from treedistill.benchmarks.common import Clock, check_positive, load_bench_policy, random_prompts
 
 __all__ = ["run_generate"]
 
@@ -45,10 +45,10 @@ def run_generate(args) -> dict:
 
     from treedistill.engine.native import NativeEngine
 
-    _check_positive(batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
-    policy = _load(args)
-    clock = _Clock(policy.device)
-    prompts = _prompts(policy.model.config.vocab_size, args.batch, args.prompt_len, args.seed)
+    check_positive(batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
+    policy = load_bench_policy(args)
+    clock = Clock(policy.device)
+    prompts = random_prompts(policy.model.config.vocab_size, args.batch, args.prompt_len, args.seed)
     tokens = args.batch * args.new_tokens
     # eos off and no prefix cache: the same forced-length, fresh-prompt work as HF generate.
     ours = NativeEngine(policy, cache_tokens=0, eos_token_ids=())

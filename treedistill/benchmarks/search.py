@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 
-from treedistill.benchmarks.common import _check_positive, _Clock, _load, _prompts
+from treedistill.benchmarks.common import Clock, check_positive, load_bench_policy, random_prompts
 from treedistill.metrics import counter_delta
 
 __all__ = ["TREE_SIMS_AUTO", "expansion_workload", "parse_tree_sims", "run_search", "run_tree_search",
@@ -123,7 +123,7 @@ def run_tree_search(args, policy, sizes: tuple[int, ...]) -> dict:
     from treedistill.datasets import load_split
     from treedistill.engine import make_engine
 
-    _check_positive(trees=args.trees, tree_parallel=args.tree_parallel, tree_k=args.tree_k)
+    check_positive(trees=args.trees, tree_parallel=args.tree_parallel, tree_k=args.tree_k)
     problems = load_split("countdown", "test")[:args.trees]
     engine = make_engine(policy, "native")
     opts = dict(parallel=args.tree_parallel, k=args.tree_k, seed=args.seed)
@@ -161,13 +161,13 @@ def run_search(args) -> dict:
 
     from treedistill.engine import make_engine
 
-    _check_positive(prompt_len=args.prompt_len, breadth=args.breadth, depth=args.depth,
+    check_positive(prompt_len=args.prompt_len, breadth=args.breadth, depth=args.depth,
                     simulations=args.simulations, step_tokens=args.step_tokens,
                     trees=args.trees, tree_parallel=args.tree_parallel, tree_k=args.tree_k)
     tree_sizes = parse_tree_sims(args.tree_sims, args.model)
-    policy = _load(args)
-    clock = _Clock(policy.device)
-    root = _prompts(policy.model.config.vocab_size, 1, args.prompt_len, args.seed)[0]
+    policy = load_bench_policy(args)
+    clock = Clock(policy.device)
+    root = random_prompts(policy.model.config.vocab_size, 1, args.prompt_len, args.seed)[0]
     engines = {"native_cache": make_engine(policy, "native"),
                "native_no_cache": make_engine(policy, "native", cache_tokens=0)}
     if not args.no_hf:

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-__all__: list[str] = []  # engine internals: _Shape, _Batch
+__all__ = ["KVBatch", "KVShape"]
 
 
 @dataclass(frozen=True)
-class _Shape:
+class KVShape:
     """Attention shape read once from the model config."""
 
     layers: int
@@ -19,7 +19,7 @@ class _Shape:
     head_dim: int
 
 
-class _Batch:
+class KVBatch:
     """Preallocated key/value buffer of one batch of rows.
 
     kv: [layers, 2, B, kv_heads, capacity, head_dim]; valid: [B, capacity] True where a real token's

@@ -50,10 +50,10 @@ from treedistill.engine.base import (
     Sample,
     checked_sample_args,
 )
-from treedistill.engine.kv_buffer import _Batch, _Shape
+from treedistill.engine.kv_buffer import KVBatch, KVShape
 from treedistill.engine.prefix_cache import PrefixCache
 from treedistill.engine.sampling import SAMPLERS, sample_next
-from treedistill.engine.static_decode import _Workspace, decode_static
+from treedistill.engine.static_decode import Workspace, decode_static
 from treedistill.errors import UsageError
 
 __all__ = ["DECODE_MODES", "NativeEngine", "SAMPLERS", "SUPPORTED_MODEL_TYPES", "sample_next"]
@@ -122,7 +122,7 @@ class NativeEngine:
         self.dtype = next(model.parameters()).dtype
         cfg = model.config
         attn0 = self.lm.model.layers[0].self_attn
-        self.shape = _Shape(
+        self.shape = KVShape(
             layers=len(self.lm.model.layers),
             heads=cfg.num_attention_heads,
             kv_heads=cfg.num_key_value_heads,
@@ -141,7 +141,7 @@ class NativeEngine:
         self.decode = decode
         self.use_graphs = decode == "static" and self.device.type == "cuda" and not peft
         self.max_workspaces = max(1, workspaces)
-        self._workspaces: OrderedDict[tuple[int, int], _Workspace] = OrderedDict()
+        self._workspaces: OrderedDict[tuple[int, int], Workspace] = OrderedDict()
         self._graph_pool = None
 
     # ------------------------------------------------------------------ public API (Engine protocol)
@@ -246,7 +246,7 @@ class NativeEngine:
 
     # ------------------------------------------------------------------ the forward pass
 
-    def _forward(self, batch: _Batch, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _forward(self, batch: KVBatch, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Run tokens [B, Q] at RoPE positions [B, Q] on top of batch's buffer; returns final hidden [B, Q, H].
 
         Writes the new keys/values at buffer columns length..length+Q (their `valid` bits must already be
@@ -288,7 +288,7 @@ class NativeEngine:
 
     def _prefill(
         self, seqs: list[list[int]], limits: list[int], *, scoring: bool = False, extra: int = 0
-    ) -> tuple[_Batch, torch.Tensor, torch.Tensor]:
+    ) -> tuple[KVBatch, torch.Tensor, torch.Tensor]:
         """Encode seqs, reusing at most limits[i] cached leading tokens of each.
 
         Returns the batch (buffer sized for `extra` more columns), the final hidden of the suffix
@@ -311,7 +311,7 @@ class NativeEngine:
             valid[r, cached + width - n_new : cached + width] = True
             tokens[r, width - n_new :] = torch.tensor(q[hit.length :], device=self.device)
             positions[r, width - n_new :] = torch.arange(hit.length, len(q), device=self.device)
-        batch = _Batch(kv, valid, torch.tensor([len(q) for q in seqs], device=self.device))
+        batch = KVBatch(kv, valid, torch.tensor([len(q) for q in seqs], device=self.device))
         batch.length = cached
         hidden = self._forward(batch, tokens, positions)  # [B, S, H]
         computed, reused = sum(suffix_lens), sum(hit.length for hit in hits)
@@ -403,7 +403,7 @@ class NativeEngine:
             hidden = self._forward(batch, tok[:, None], positions)  # [B, 1, H]
             logits = self.lm.lm_head(hidden[:, -1]).float()  # [B, V]
 
-    def _store_rows(self, batch: _Batch, seqs: Sequence[Sequence[int]], rows: Sequence[int]) -> None:
+    def _store_rows(self, batch: KVBatch, seqs: Sequence[Sequence[int]], rows: Sequence[int]) -> None:
         """Insert rows' keys/values into the prefix cache; seqs[k] is row rows[k]'s token sequence."""
         if self.cache.max_tokens == 0:
             return

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from treedistill.engine.base import FINISH_EOS, FINISH_STOP, Sample
-from treedistill.engine.kv_buffer import _Batch, _Shape
+from treedistill.engine.kv_buffer import KVBatch, KVShape
 from treedistill.engine.sampling import sample_next
 
-__all__ = ["decode_static"]
+__all__ = ["Workspace", "decode_static"]
 
 
 def _bucket_rows(rows: int, most: int) -> int:
@@ -40,12 +40,12 @@ def _bucket_columns(columns: int) -> int:
     return max(64, 1 << (columns - 1).bit_length()) if columns <= 512 else -(-columns // 512) * 512
 
 
-class _Workspace(_Batch):
-    """A _Batch of fixed shape for the static decode step: `rows` slots x `capacity` columns, plus the
+class Workspace(KVBatch):
+    """A KVBatch of fixed shape for the static decode step: `rows` slots x `capacity` columns, plus the
     step's inputs as tensors (token, position per slot; the column written) and its output (float32
     logits per slot). Reused across calls of the same shape; `graph` is its captured CUDA graph."""
 
-    def __init__(self, shape: _Shape, rows: int, capacity: int, vocab: int, dtype, device):
+    def __init__(self, shape: KVShape, rows: int, capacity: int, vocab: int, dtype, device):
         kv = torch.zeros(shape.layers, 2, rows, shape.kv_heads, capacity, shape.head_dim, dtype=dtype, device=device)
         super().__init__(kv, torch.zeros(rows, capacity, dtype=torch.bool, device=device),
                          torch.zeros(rows, dtype=torch.long, device=device))
@@ -55,7 +55,7 @@ class _Workspace(_Batch):
         self.logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
         self.graph = None
 
-    def load(self, source: _Batch, index: torch.Tensor) -> None:
+    def load(self, source: KVBatch, index: torch.Tensor) -> None:
         """Fill slots 0..len(index)-1 with rows `index` of `source` (columns 0..source.length); clear the rest."""
         n, t = len(index), source.length
         self.kv[:, :, :n, :, :t] = source.kv[:, :, :, :, :t].index_select(2, index)
@@ -150,19 +150,19 @@ def _finished_static(engine, tok, live, texts, stop_tensor, stops: frozenset, st
     return finished
 
 
-def _workspace(engine, rows: int, columns: int) -> _Workspace:
+def _workspace(engine, rows: int, columns: int) -> Workspace:
     """The workspace for `rows` live rows and `columns` key/value columns (bucketed), most recent last."""
     key = (_bucket_rows(rows, engine.max_batch), _bucket_columns(columns))
     ws = engine._workspaces.pop(key, None)
     if ws is None:
         while len(engine._workspaces) >= engine.max_workspaces:
             engine._workspaces.popitem(last=False)
-        ws = _Workspace(engine.shape, *key, vocab=engine.lm.lm_head.out_features, dtype=engine.dtype, device=engine.device)
+        ws = Workspace(engine.shape, *key, vocab=engine.lm.lm_head.out_features, dtype=engine.dtype, device=engine.device)
     engine._workspaces[key] = ws
     return ws
 
 
-def _run_static(engine, ws: _Workspace) -> None:
+def _run_static(engine, ws: Workspace) -> None:
     """One decode step of every slot: a CUDA graph replay (captured on first use), else eager."""
     engine.counters.forward_calls += 1
     if not engine.use_graphs:
@@ -186,7 +186,7 @@ def _run_static(engine, ws: _Workspace) -> None:
     ws.graph.replay()
 
 
-def _static_step(engine, ws: _Workspace) -> None:
+def _static_step(engine, ws: Workspace) -> None:
     """ws.tok [B] at positions ws.next_pos [B], written at column ws.col -> ws.logits [B, V] (float32).
 
     Shapes never change with the step: attention reads all `capacity` columns under the validity mask,

@@ -23,7 +23,7 @@ import numpy as np
 
 from treedistill.envs.countdown_problems import key
 
-__all__ = ["MAX_TEST", "NUMBER_RANGE", "OPS", "REDUCTIONS", "generate_problems", "legal_result",
+__all__ = ["MAX_TEST", "NUMBER_RANGE", "OPS", "REDUCTIONS", "generate_problems", "legal_moves", "legal_result",
            "reduction_distribution"]
 
 NUMBER_RANGE = (1, 13)  # inclusive, as in the reference generator
@@ -49,7 +49,7 @@ def legal_result(a: int, op: str, b: int) -> int | None:
     raise ValueError(f"unknown operator {op!r}")
 
 
-def _legal_moves(state: tuple[int, ...]) -> list[tuple[int, int, str, int, tuple[int, ...]]]:
+def legal_moves(state: tuple[int, ...]) -> list[tuple[int, int, str, int, tuple[int, ...]]]:
     """Every accepted (a, b, op) over ORDERED pairs of distinct positions, with the next state.
 
     Equal numbers at different positions count separately, as they do for the reference's shuffle.
@@ -95,7 +95,7 @@ def reduction_distribution(numbers) -> dict[int, float]:
     if len(state) == 1:
         dist = {state[0]: 1.0}
     else:
-        moves = _legal_moves(state)
+        moves = legal_moves(state)
         weight = 1.0 / len(moves)
         dist = {}
         for *_, next_state in moves:

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from treedistill.envs.base import ANSWER_CLOSE, ANSWER_OPEN, STEP_CLOSE, STEP_OPEN
-from treedistill.envs.countdown_generate import _legal_moves, legal_result
+from treedistill.envs.countdown_generate import legal_moves, legal_result
 
 __all__ = ["STEP_FORMATS", "Step", "answer_expression", "format_completion", "random_play", "solve",
            "step_expressions"]
@@ -58,7 +58,7 @@ def random_play(numbers, rng) -> list[Step]:
     state = tuple(sorted(_check_numbers(numbers)))
     steps = []
     while len(state) > 1:
-        moves = _legal_moves(state)
+        moves = legal_moves(state)
         a, b, op, result, state = moves[_randbelow(rng, len(moves))]
         steps.append(Step(a, op, b, result, state))
     return steps
@@ -88,7 +88,7 @@ def solve(numbers, target: int, rng=None, *, use_all: bool = False) -> list[Step
         return moves
 
     # Iterative DFS: a stack of (state, moves still to try, steps so far).
-    stack = [(start, iter(order(_legal_moves(start))), [])]
+    stack = [(start, iter(order(legal_moves(start))), [])]
     while stack:
         state, moves, steps = stack[-1]
         move = next(moves, None)
@@ -101,7 +101,7 @@ def solve(numbers, target: int, rng=None, *, use_all: bool = False) -> list[Step
         if result == target and (not use_all or len(next_state) == 1):
             return path
         if len(next_state) > 1 and next_state not in dead:
-            stack.append((next_state, iter(order(_legal_moves(next_state))), path))
+            stack.append((next_state, iter(order(legal_moves(next_state))), path))
     return None
 
 

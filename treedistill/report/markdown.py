@@ -11,7 +11,7 @@ from treedistill.report.runs import RunResult
 from treedistill.report.stats import verdict, z_score
 from treedistill.report.table import PRE_RL, REFERENCE_MODEL, Row, comparability_problems, paired_differences
 
-__all__ = ["compact_table", "headline", "markdown", "table_text"]
+__all__ = ["compact_table", "headline", "markdown", "paired_table", "table_text"]
 
 
 def _pct(x: float) -> str:
@@ -76,7 +76,7 @@ def headline(rows: Sequence[Row], differences: Sequence[dict] = ()) -> str:
             f"{100 * (best.mean - second.mean):.2f} points = {z:.2f} {unit}: {verdict(z)}.")
 
 
-def _paired_table(differences: Sequence[dict]) -> list[str]:
+def paired_table(differences: Sequence[dict]) -> list[str]:
     """Paired differences as a markdown table: points with the 95% interval, significant or not."""
     lines = ["| method | versus | difference (points) | paired 95% CI | significant |", "|---|---|---:|---:|---|"]
     for d in differences:
@@ -219,7 +219,7 @@ def markdown(rows: Sequence[Row], results: Mapping[str, Sequence[RunResult]], *,
         lines += ["## Differences", "", "Each method against the best and against pre-RL: the difference of "
                   "mean@k with a paired 95% bootstrap interval over seeds and test problems (the problems "
                   "resampled jointly for both rows); significant when the interval excludes 0.", "",
-                  *_paired_table(differences), ""]
+                  *paired_table(differences), ""]
     else:
         lines += ["## Differences", "", "In combined standard errors, z = (a - b) / sqrt(se_a^2 + se_b^2) "
                   "(unpaired; |z| >= 2 is roughly a 95% difference).", "", *_differences(rows), ""]
