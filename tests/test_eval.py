@@ -80,9 +80,12 @@ def test_evaluate_scores_what_the_engine_returns():
     assert r.accuracy == pytest.approx(0.25) and r.pass_at_k == pytest.approx(0.5)
     assert r.format_rate == pytest.approx(4 / 8)
     assert r.truncated == 0 and r.samples == 8
+    # why the 6 failed samples failed: 2 wrong (3+5), 2 without an answer tag, 2 using a number not given
+    assert (r.wrong, r.no_answer, r.unparsable) == (2, 2, 2)
     # A cap of 4 tokens cuts every answer (the shortest is 5: <answer> 3 + 5 </answer>): nothing is well formed, every sample is truncated.
     short = evaluate(_ScriptedEngine(policy, script), policy, env, problems, k=2, max_new_tokens=4, batch=64)
     assert short.format_rate == 0.0 and short.truncated == 4 and short.generated_tokens == 16
+    assert (short.no_answer, short.unparsable, short.wrong) == (4, 0, 0)
 
 
 def test_evaluate_refuses_bad_settings():

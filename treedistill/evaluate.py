@@ -10,6 +10,9 @@ Statistics:
   samples of one problem are correlated, so problems are the independent unit.
 - pass@k: share of problems with at least one correct sample among their k.
 - format_rate: share of samples whose answer is well formed (tag present, parses, numbers available).
+- why samples failed, counted by the environment's reason: no_answer (no answer found), unparsable (an
+  answer that does not parse or breaks the task's rules: Score.reason "invalid:..."), wrong (well formed,
+  not the answer); truncated counts samples that hit max_new_tokens, whatever their outcome.
 
 With search (`evaluate_search`): one answer per problem, the completion of the path MCTS extracts
 (rollout/tree_search.py; completed by the policy when the search stopped short), scored by the same reward;
@@ -20,6 +23,7 @@ search (every sampled step, plus the completion).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -45,6 +49,9 @@ class EvalResult:
     truncated: int            # samples that hit max_new_tokens
     seconds: float
     per_problem: tuple[float, ...]
+    no_answer: int = 0        # samples without an answer
+    unparsable: int = 0       # samples whose answer does not parse or breaks the task's rules
+    wrong: int = 0            # samples with a well-formed wrong answer
 
     def to_dict(self) -> dict:
         """Flat JSON-ready dict (per-problem means left out)."""
@@ -56,8 +63,10 @@ class EvalResult:
 
 def summarize(sparse: Sequence[Sequence[float]], well_formed: Sequence[Sequence[bool]],
               dense: Sequence[Sequence[float]], *, k: int, temperature: float, generated_tokens: int,
-              truncated: int, seconds: float) -> EvalResult:
-    """Statistics of a [P, k] table of rewards (see the module docstring)."""
+              truncated: int, seconds: float, reasons: Sequence[str] = ()) -> EvalResult:
+    """Statistics of a [P, k] table of rewards (see the module docstring); reasons: every sample's
+    Score.reason, counted into the failure kinds."""
+    kinds = Counter("unparsable" if r.startswith("invalid") else r for r in reasons)
     per_problem = [sum(row) / len(row) for row in sparse]  # [P]
     problems = len(per_problem)
     samples = sum(len(row) for row in sparse)
@@ -77,6 +86,9 @@ def summarize(sparse: Sequence[Sequence[float]], well_formed: Sequence[Sequence[
         truncated=truncated,
         seconds=seconds,
         per_problem=tuple(per_problem),
+        no_answer=kinds["no_answer"],
+        unparsable=kinds["unparsable"],
+        wrong=kinds["wrong"],
     )
 
 
@@ -112,6 +124,7 @@ def evaluate(engine, policy, env, problems: Sequence[dict], *, k: int = 16, temp
     sparse: list[list[float]] = []
     dense: list[list[float]] = []
     well_formed: list[list[bool]] = []
+    reasons: list[str] = []
     generated = truncated = 0
     pending: list = []  # samples of the problem being gathered (k > batch: over several calls)
     for c, (first, count, n) in enumerate(_calls(len(problems), k, batch)):
@@ -137,10 +150,11 @@ def evaluate(engine, policy, env, problems: Sequence[dict], *, k: int = 16, temp
             sparse.append([sc.sparse for sc in scores])
             dense.append([sc.dense for sc in scores])
             well_formed.append([sc.well_formed for sc in scores])
+            reasons += [sc.reason for sc in scores]
         if progress is not None:
             progress(len(sparse))
     return summarize(sparse, well_formed, dense, k=k, temperature=temperature, generated_tokens=generated,
-                     truncated=truncated, seconds=time.perf_counter() - start)
+                     truncated=truncated, seconds=time.perf_counter() - start, reasons=reasons)
 
 
 @dataclass(frozen=True)
@@ -194,7 +208,7 @@ def evaluate_search(engine, policy, env, problems: Sequence[dict], *, search, ma
                        [[o.score.dense] for o in outcomes], k=1, temperature=temperature,
                        generated_tokens=generated,
                        truncated=sum(o.completion_finish == "length" for o in outcomes),
-                       seconds=time.perf_counter() - start)
+                       seconds=time.perf_counter() - start, reasons=[o.score.reason for o in outcomes])
     n = max(1, len(outcomes))
     answers = sum(o.trajectory.stats["finished_answers"] for o in outcomes)
     return SearchEvalResult(

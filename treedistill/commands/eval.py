@@ -148,6 +148,8 @@ def run(args) -> dict:
     print(f"  mean@{result.k} accuracy  {100 * result.accuracy:6.2f}% +- {100 * result.stderr:.2f}")
     print(f"  pass@{result.k}           {100 * result.pass_at_k:6.2f}%")
     print(f"  format rate        {100 * result.format_rate:6.2f}%")
+    print(f"  failed samples     {result.no_answer} without an answer, {result.unparsable} unparsable, "
+          f"{result.wrong} wrong ({result.truncated} of all samples hit --max-new-tokens)")
     print(f"  mean dense reward  {result.mean_dense:+.3f}")
     print(f"  generated tokens   {result.generated_tokens} ({out['tokens_per_sample']:.1f} per sample, "
           f"{result.truncated} truncated)")
