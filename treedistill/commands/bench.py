@@ -27,7 +27,7 @@ import time
 
 from treedistill.metrics import counter_delta
 
-HELP = "benchmark generation: native engine vs HF generate (generate | search)"
+HELP = "benchmark generation: native engine vs HF generate (generate | search); the learner: packed vs per-row (learn)"
 
 GENERATE_DEFAULTS = dict(batch=8, prompt_len=64, new_tokens=64)
 SEARCH_DEFAULTS = dict(prompt_len=256, breadth=8, depth=6, simulations=24, step_tokens=16)
@@ -65,6 +65,7 @@ def add_arguments(parser) -> None:
     srch.add_argument("--tree-k", type=int, default=TREE_DEFAULTS["tree_k"],
                       help="real search: sampled steps per expansion, K (default 4)")
     srch.add_argument("--json", action="store_true", help="print the result dict as JSON on the last line")
+    _add_learn_arguments(sub)
     for p in (gen, srch):
         p.add_argument("--vllm", action="store_true", help="add a row for the vLLM engine (treedistill[vllm] extra)")
         p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -402,7 +403,43 @@ def run_search(args) -> dict:
     return result
 
 
-RUNS = {"generate": run_generate, "search": run_search}
+# ------------------------------------------------------------------------------------------- learn
+
+
+def _add_learn_arguments(sub) -> None:
+    from treedistill.benchmarks.learn import LEARN_DEFAULTS
+
+    lrn = sub.add_parser("learn", help="the learner's step on a preset's real rollout: packed rows vs per-row")
+    lrn.add_argument("--preset", default=LEARN_DEFAULTS["preset"],
+                     help=f"training preset whose rollout and learn step run (default {LEARN_DEFAULTS['preset']})")
+    lrn.add_argument("--trees", type=int, default=LEARN_DEFAULTS["trees"],
+                     help="training problems rolled out (trees for mcts-tree; default 4)")
+    lrn.add_argument("--repeats", type=int, default=LEARN_DEFAULTS["repeats"], help="timed learn steps per way (median)")
+    lrn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    lrn.add_argument("--device", default=None, help="cpu | cuda (default: the preset's)")
+    lrn.add_argument("--seed", type=int, default=0, help="seed of the problems' rollout and of the run")
+    lrn.add_argument("--json", action="store_true", help="print the result dict as JSON on the last line")
+
+
+def run_learn(args) -> dict:
+    from treedistill.benchmarks.learn import learn_workload
+
+    _check_positive(trees=args.trees, repeats=args.repeats)
+    r = learn_workload(preset=args.preset, trees=args.trees, repeats=args.repeats, seed=args.seed,
+                       device=args.device, overrides=tuple(args.set))
+    print(f"bench learn: {r['workload']}; {r['rows']} rows, {r['row_tokens']} row tokens")
+    print(f"{'way':<9}{'s/tree':>10}{'GFLOP/tree':>12}{'positions':>11}  update metrics")
+    for name in ("per_row", "packed"):
+        w = r[name]
+        metrics = " ".join(f"{k}={v:.6g}" for u in w["updates"][:1] for k, v in u.items())
+        print(f"{name:<9}{w['seconds_per_tree']:>10.4f}{w['flops_per_tree'] / 1e9:>12.3f}"
+              f"{w['train_positions']:>11}  {metrics}")
+    print(f"per-row / packed: flops x{r['flops_ratio']:.2f}, seconds x{r['seconds_ratio']:.2f} "
+          f"(largest metric difference {r['max_metric_difference']:.2e})")
+    return r
+
+
+RUNS = {"generate": run_generate, "search": run_search, "learn": run_learn}
 
 
 def run(args) -> dict:
