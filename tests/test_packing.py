@@ -39,12 +39,13 @@ def test_a_trie_too_large_splits_at_a_subtree_boundary():
     # the same rows in sequences of at most 4 nodes: node 1's subtree (6 nodes) does not fit, nor node
     # 2's with its ancestor (1 + 4); the chunks are then the subtrees of 3, 4 and 6, in depth-first
     # order, each with its ancestors: [1 2 3]; [1 2 4 5] (3 + 2 new > 4: a new sequence, 1 2 repeated);
-    # [1 6] (4 + 1 > 4). 3 + 4 + 2 = 9 positions.
-    ids = torch.tensor([[1, 2, 3, 0], [1, 2, 4, 5], [1, 6, 0, 0]])
+    # [1 6] (4 + 1 > 4). 3 + 4 + 2 = 9 positions. A fourth row [1 2] ends at node 2, which heads no
+    # chunk (its subtree was split): it reads the first sequence holding node 2.
+    ids = torch.tensor([[1, 2, 3, 0], [1, 2, 4, 5], [1, 6, 0, 0], [1, 2, 0, 0]])
     p = pack_rows(ids, (ids > 0).long(), max_tokens=4)
     assert p.input_ids.tolist() == [[1, 2, 3, 0], [1, 2, 4, 5], [1, 6, 0, 0]]
     assert p.position_ids.tolist() == [[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 0, 0]]
-    assert p.tokens == 9 and p.index.tolist() == [[0, 1, 2, 0], [4, 5, 6, 7], [8, 9, 0, 0]]
+    assert p.tokens == 9 and p.index.tolist() == [[0, 1, 2, 0], [4, 5, 6, 7], [8, 9, 0, 0], [0, 1, 0, 0]]
     # a padding node sees only itself
     assert p.attention[0, 3].tolist() == [False, False, False, True]
 
@@ -93,14 +94,15 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(model="tiny", method="mcts-tree", value_coef=0.1, kl_coef=0.05, policy_loss="cispo", **kw)
 
 
-@pytest.mark.parametrize("max_tokens", [1024, 40])
-def test_packed_forward_loss_and_gradients_equal_the_per_row_ones(policy, max_tokens):
+@pytest.mark.parametrize("tight", [False, True])
+def test_packed_forward_loss_and_gradients_equal_the_per_row_ones(policy, tight):
     batch = _tree_batch()
-    p = pack_rows(batch.input_ids, batch.attention_mask, max_tokens=max_tokens)
+    # tight: sequences no longer than the longest row, so the trees split below their first steps and
+    # rows ending at a split node read it as an ancestor in another chunk's sequence
+    p = pack_rows(batch.input_ids, batch.attention_mask, max_tokens=batch.input_ids.shape[1] if tight else 1024)
     real = batch.attention_mask.bool()
     assert p.tokens < int(real.sum())  # shared prefixes computed once
-    if max_tokens == 40:
-        assert p.input_ids.shape[0] > 2  # split below the trees' roots
+    assert p.input_ids.shape[0] == (8 if tight else 1)
     cfg = _cfg()
     method = METHODS["mcts-tree"]
     params = trainable_params(policy)

@@ -147,7 +147,7 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_toke
             stack.extend(reversed(children[n]))
 
     # sequences: chunks added greedily while their new nodes (subtree + ancestors not yet there) fit
-    sequences, home = [], {}  # home[chunk root] = its sequence
+    sequences = []
     members: set[int] = set()
     for n in chunks:
         ancestors = []
@@ -161,7 +161,6 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_toke
             members = set()
         members.update(ancestors)
         members.update(order[rank[n]:rank[n] + size[n]])
-        home[n] = len(sequences)
     if members:
         sequences.append(members)
 
@@ -185,15 +184,16 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_toke
         valid[s, :L] = True
         where.append({n: i for i, n in enumerate(nodes)})
 
-    # each row reads the sequence that holds its last token (all its ancestors are there too)
-    chunk_of = {}
-    for n in chunks:
-        for m in order[rank[n]:rank[n] + size[n]]:
-            chunk_of[m] = n
+    # each row reads the first sequence that holds its last token (all its ancestors are there too; a
+    # row ending at a node whose subtree was split finds that node as an ancestor of a later chunk)
+    holder: dict[int, int] = {}
+    for s, members in enumerate(sequences):
+        for n in members:
+            holder.setdefault(n, s)
     index = torch.zeros((B, T), dtype=torch.long)  # [B, T]
     for b, nodes in enumerate(row_nodes):
         if nodes:
-            s = home[chunk_of[nodes[-1]]]
+            s = holder[nodes[-1]]
             index[b, :len(nodes)] = torch.tensor([s * N + where[s][n] for n in nodes])
     device = input_ids.device
     return Packing(input_ids=packed_ids.to(device), position_ids=positions.to(device),
