@@ -50,6 +50,15 @@ def test_a_trie_too_large_splits_at_a_subtree_boundary():
     assert p.attention[0, 3].tolist() == [False, False, False, True]
 
 
+def test_sequences_are_balanced_to_the_shortest_padded_length():
+    # a root with four one-token children, at most 4 nodes a sequence: greedy at 4 gives [1 2 3 4] and
+    # [1 5] padded to 4 (8 computed); 2 sequences also fit a budget of 3: [1 2 3] and [1 4 5] (6 computed)
+    ids = torch.tensor([[1, 2], [1, 3], [1, 4], [1, 5]])
+    p = pack_rows(ids, torch.ones_like(ids), max_tokens=4)
+    assert p.input_ids.tolist() == [[1, 2, 3], [1, 4, 5]] and p.tokens == 6
+    assert p.index.tolist() == [[0, 1], [0, 2], [3, 4], [3, 5]]
+
+
 @pytest.fixture(scope="module")
 def policy():
     from treedistill.models.load import load_policy

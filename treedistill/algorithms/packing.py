@@ -137,32 +137,38 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_toke
         if parent[n] >= 0:
             size[parent[n]] += size[n]
 
-    # chunks: the highest subtrees that fit together with their ancestors, in depth-first order
-    chunks, stack = [], list(reversed(roots))
-    while stack:
-        n = stack.pop()
-        if depth[n] + size[n] <= max_tokens:
-            chunks.append(n)
-        else:  # a node whose subtree does not fit has children (every whole row fits)
-            stack.extend(reversed(children[n]))
+    def layout(budget: int) -> list[set[int]]:
+        """The sequences (node sets, each closed under ancestors) of at most `budget` nodes."""
+        # chunks: the highest subtrees that fit together with their ancestors, in depth-first order
+        chunks, stack = [], list(reversed(roots))
+        while stack:
+            n = stack.pop()
+            if depth[n] + size[n] <= budget:
+                chunks.append(n)
+            else:  # a node whose subtree does not fit has children (every whole row fits)
+                stack.extend(reversed(children[n]))
+        # chunks added greedily while their new nodes (subtree + ancestors not yet there) fit
+        sequences, members = [], set()
+        for n in chunks:
+            ancestors, a = [], parent[n]
+            while a >= 0:
+                ancestors.append(a)
+                a = parent[a]
+            if members and len(members) + size[n] + sum(a not in members for a in ancestors) > budget:
+                sequences.append(members)
+                members = set()
+            members.update(ancestors)
+            members.update(order[rank[n]:rank[n] + size[n]])
+        return sequences + [members] if members else sequences
 
-    # sequences: chunks added greedily while their new nodes (subtree + ancestors not yet there) fit
-    sequences = []
-    members: set[int] = set()
-    for n in chunks:
-        ancestors = []
-        a = parent[n]
-        while a >= 0:
-            ancestors.append(a)
-            a = parent[a]
-        new = size[n] + sum(a not in members for a in ancestors)
-        if members and len(members) + new > max_tokens:
-            sequences.append(members)
-            members = set()
-        members.update(ancestors)
-        members.update(order[rank[n]:rank[n] + size[n]])
-    if members:
-        sequences.append(members)
+    # the smallest budget that needs no more sequences than max_tokens does: sequences are padded to the
+    # longest, and padding is computed too (one group of 1,100 nodes: 2 x 550, not 1,024 + 76 padded)
+    count = len(layout(max_tokens))
+    lo, hi = max(lengths, default=1), max_tokens
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(layout(mid)) <= count else (mid + 1, hi)
+    sequences = layout(hi)
 
     S, N = len(sequences), max((len(m) for m in sequences), default=1)
     packed_ids = torch.zeros((S, N), dtype=torch.long)  # [S, N]
