@@ -3,10 +3,10 @@
 A preset's real rollout (default countdown-tiny-mcts-tree: its search on the first `trees` Countdown
 training problems) gives one step's trajectories; then the same `learner.learn` step (rewards,
 advantages with the value head's no-grad pass, the reference's pass for the KL term, forward + backward,
-optimizer updates) runs on them with cfg.pack_rows off and on, each from the same starting weights,
-`repeats` times. Reported per tree (problem): learner FLOPs (the positions actually computed,
-`metrics.ComputeCounters.learn_flops`) and seconds (the median of the repeats), and the ratios
-per-row / packed. The two runs' update metrics (loss, grad_norm, ...) are reported side by side: the
+optimizer updates) runs on them with cfg.pack_rows off and on, each from the same starting weights:
+one warm-up each, then `repeats` times each, alternating. Reported per tree (problem): learner FLOPs
+(the positions actually computed, `metrics.ComputeCounters.learn_flops`) and seconds (the median of the
+repeats), and the ratios per-row / packed. The two runs' update metrics (loss, grad_norm, ...) are reported side by side: the
 packed step computes the same numbers.
 """
 
@@ -68,13 +68,16 @@ def learn_workload(*, preset: str, trees: int, repeats: int, seed: int, device: 
             seconds = time.perf_counter() - t
         return seconds, counters, step.updates
 
-    one(True)  # warm-up (first calls allocate)
+    one(False), one(True)  # warm-up (first calls allocate)
+    timed = {"per_row": [], "packed": []}
+    for _ in range(repeats):  # the two ways alternate, so a change in the machine's load hits both
+        timed["per_row"].append(one(False))
+        timed["packed"].append(one(True))
     runs = {}
-    for name, pack in (("per_row", False), ("packed", True)):
-        timed = [one(pack) for _ in range(repeats)]
-        seconds, counters, updates = timed[-1]
-        runs[name] = {"seconds_per_tree": statistics.median(t[0] for t in timed) / len(problems),
-                      "seconds_all": [round(t[0], 4) for t in timed],
+    for name, results in timed.items():
+        seconds, counters, updates = results[-1]
+        runs[name] = {"seconds_per_tree": statistics.median(t[0] for t in results) / len(problems),
+                      "seconds_all": [round(t[0], 4) for t in results],
                       "flops_per_tree": counters.learn_flops / len(problems),
                       "train_positions": counters.learn_train_tokens,
                       "inference_positions": counters.learn_inference_tokens,
