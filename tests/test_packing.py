@@ -179,3 +179,20 @@ def test_a_learn_step_packed_equals_per_row_at_fewer_positions(policy):
     assert c1.learn_forward_calls == c0.learn_forward_calls
     policy.model.load_state_dict(start)
     policy.value_head.load_state_dict(head_start)
+
+
+def test_the_lora_reference_packed_equals_per_row():
+    from treedistill.models.load import load_policy
+
+    torch.manual_seed(0)
+    lora = load_policy("tiny", dtype="float32", device="cpu", lora={"r": 4, "alpha": 8})
+    with torch.no_grad():  # LoRA B starts at zero; move it so that the disabled adapter matters
+        for name, q in lora.model.named_parameters():
+            if "lora_B" in name:
+                q.normal_(0, 0.5)
+    batch = _tree_batch(seed=2)
+    p = pack_rows(batch.input_ids, batch.attention_mask, max_tokens=1024)
+    real = batch.attention_mask.bool()
+    with lora.reference() as ref:
+        rows, packed = ref(batch.input_ids, batch.attention_mask), ref(batch.input_ids, batch.attention_mask, p)
+    assert torch.allclose(rows[real], packed[real], atol=TOL)
