@@ -44,8 +44,8 @@ __all__ = ["CHECKED", "MAX_NONFINITE_IN_A_ROW", "PACK_TOKENS", "DivergedError", 
 # Quantities whose non-finite value skips an update, in the order they are named.
 CHECKED = ("policy_loss", "value_loss", "kl", "loss", "grad_norm")
 MAX_NONFINITE_IN_A_ROW = 3
-# Trie nodes per packed sequence (cfg.pack_rows): its attention scores grow as N^2 per sequence, which the
-# tiny preset's trees (~500-900 nodes, docs/log.md) fit; a larger tree splits at a subtree boundary.
+# Trie nodes per packed sequence (cfg.pack_rows): attention costs N^2 per sequence, masked or not (SDPA);
+# a tiny-preset tree (~1,000 nodes) fits one, a larger one splits at a subtree boundary (docs/log.md).
 PACK_TOKENS = 1024
 
 

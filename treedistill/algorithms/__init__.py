@@ -1,4 +1,4 @@
-"""The pure algorithm layer: batches, advantages and losses. Tensors in, tensors out; no model
+"""The pure algorithm layer: batches, advantages, losses and packed rows. Tensors in, tensors out; no model
 loading, no logging, no files."""
 
 from treedistill.algorithms.advantages import (
@@ -21,12 +21,14 @@ from treedistill.algorithms.losses import (
     total_loss,
     value_loss,
 )
+from treedistill.algorithms.packing import Packing, pack_rows
 
 __all__ = [
     "ADVANTAGES",
     "LOSSES",
     "Batch",
     "LossConfig",
+    "Packing",
     "cispo_policy_loss",
     "collate",
     "combine_metrics",
@@ -34,6 +36,7 @@ __all__ = [
     "group_normalized",
     "k3_kl",
     "kl_penalty",
+    "pack_rows",
     "ppo_clip_policy_loss",
     "reward_minus_value",
     "shift_right",
