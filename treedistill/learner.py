@@ -31,6 +31,7 @@ import torch
 from treedistill import checkpoint
 from treedistill.algorithms.batch import shift_right
 from treedistill.algorithms.losses import combine_metrics, token_entropy, token_logprobs, total_loss
+from treedistill.algorithms.packing import Packing, pack_rows
 from treedistill.config import TrainConfig
 from treedistill.errors import UsageError
 from treedistill.metrics import ComputeCounters
@@ -38,13 +39,16 @@ from treedistill.models.load import load_policy
 from treedistill.models.value_head import ValueHead
 from treedistill.rollout.to_batch import to_batch
 
-__all__ = ["CHECKED", "MAX_NONFINITE_IN_A_ROW", "DivergedError", "LearnStep", "Learner", "Shard", "apply_update",
-           "derive_seed", "forward", "learn", "load_train_policy", "reference_policy", "trainable_params",
-           "trainable_state"]
+__all__ = ["CHECKED", "MAX_NONFINITE_IN_A_ROW", "PACK_TOKENS", "DivergedError", "LearnStep", "Learner", "Shard",
+           "apply_update", "derive_seed", "forward", "learn", "load_train_policy", "pack", "reference_policy",
+           "trainable_params", "trainable_state"]
 
 # Quantities whose non-finite value skips an update, in the order they are named.
 CHECKED = ("policy_loss", "value_loss", "kl", "loss", "grad_norm")
 MAX_NONFINITE_IN_A_ROW = 3
+# Trie nodes per packed sequence (cfg.pack_rows): attention costs N^2 per sequence, masked or not (SDPA);
+# a tiny-preset tree (~1,000 nodes) fits one, a larger one splits at a subtree boundary (docs/log.md).
+PACK_TOKENS = 1024
 
 
 class DivergedError(UsageError):
@@ -89,25 +93,48 @@ def trainable_params(policy) -> list:
 
 
 def reference_policy(policy, stack: contextlib.ExitStack):
-    """ref(input_ids, attention_mask) -> log-probs [B, T] (Batch alignment) under the FROZEN initial
-    policy: the disabled LoRA adapter when there is one, else a frozen copy made now."""
+    """ref(input_ids, attention_mask, packing=None) -> log-probs [B, T] (Batch alignment) under the FROZEN
+    initial policy (given a `Packing` of these rows, computed packed): the disabled LoRA adapter when
+    there is one, else a frozen copy made now."""
     lora_ref = stack.enter_context(policy.reference())
     if lora_ref is not None:
         return lora_ref
     frozen = dataclasses.replace(policy, model=copy.deepcopy(policy.model).requires_grad_(False), value_head=None)
 
-    def ref(ids, mask):
+    def ref(ids, mask, packing=None):
+        if packing is not None:
+            return packing.logprobs(frozen.forward_packed(packing)[0], ids)  # [B, T]
         return token_logprobs(frozen.forward(ids, mask)[0], ids)  # [B, T]
     return ref
 
 
-def forward(policy, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(logits [B, T, V], log-probs of batch.input_ids [B, T], values V(s_t) [B, T] or None), the last
-    two in the Batch alignment (column t: the state that generated token t)."""
-    logits, hidden = policy.forward(batch.input_ids, batch.attention_mask)  # [B, T, V], [B, T, H]
-    logprobs = token_logprobs(logits, batch.input_ids)  # [B, T]
-    values = shift_right(policy.value_head(hidden)) if policy.value_head is not None else None  # [B, T]
-    return logits, logprobs, values
+def forward(policy, batch, packing: Packing | None = None, *, entropy: bool = False
+            ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """(token entropy [B, T] (when asked; no gradient), log-probs of batch.input_ids [B, T], values
+    V(s_t) [B, T] or None), all in the Batch alignment (column t: the state that generated token t).
+    Given a `Packing` of the batch's rows, the model and the value head run once per trie node and the
+    outputs are gathered back to the rows: the same tensors (`algorithms/packing.py`)."""
+    head = policy.value_head
+    if packing is None:
+        logits, hidden = policy.forward(batch.input_ids, batch.attention_mask)  # [B, T, V], [B, T, H]
+        values = shift_right(head(hidden)) if head is not None else None  # [B, T]
+        return (token_entropy(logits) if entropy else None), token_logprobs(logits, batch.input_ids), values
+    logits, hidden = policy.forward_packed(packing)  # [S, N, V], [S, N, H]
+    values = shift_right(packing.rows(head(hidden))) if head is not None else None  # [B, T]
+    return (packing.entropy(logits) if entropy else None), packing.logprobs(logits, batch.input_ids), values
+
+
+def pack(batch, cfg: TrainConfig) -> Packing | None:
+    """The batch's rows packed into trie sequences of at most PACK_TOKENS nodes when cfg.pack_rows,
+    else None (the per-row forward)."""
+    if not cfg.pack_rows:
+        return None
+    return pack_rows(batch.input_ids, batch.attention_mask, max_tokens=max(PACK_TOKENS, batch.input_ids.shape[1]))
+
+
+def _positions(batch, packing: Packing | None) -> int:
+    """Positions the model computes for these rows: their trie nodes when packed, else their real tokens."""
+    return packing.tokens if packing is not None else int(batch.attention_mask.sum())
 
 
 def apply_update(optimizer, params: list, metrics: dict, cfg: TrainConfig) -> dict:
@@ -181,11 +208,12 @@ class Shard:
 @dataclasses.dataclass(frozen=True)
 class LearnStep:
     """What one step's learning did: the learning part of the step's metrics line (its updates' means,
-    the learning rate, rewards and completion lengths of the batch it built), updates skipped as
-    non-finite in this step, the non-finite streak after it, and why the run must stop (None: it
-    goes on)."""
+    the learning rate, rewards and completion lengths of the batch it built), each update's metrics,
+    updates skipped as non-finite in this step, the non-finite streak after it, and why the run must
+    stop (None: it goes on)."""
 
     metrics: dict
+    updates: list
     skipped: int
     nonfinite_streak: int
     diverged: str | None
@@ -214,14 +242,15 @@ def learn(trajectories: Sequence, *, policy, reference, advantages: Callable, op
     # (the reference pass only where the loss has a KL term: a method without one is not charged for it)
     old_values, ref_logprobs = [], []
     micros = batch.split(cfg.micro_batch_rows)
+    packings = [pack(micro, cfg) for micro in micros]
     with torch.no_grad():
-        for micro in micros:
+        for micro, packing in zip(micros, packings):
             if policy.value_head is not None:
-                old_values.append(forward(policy, micro)[2])
+                old_values.append(forward(policy, micro, packing)[2])
             if cfg.kl_coef > 0:
-                ref_logprobs.append(reference(micro.input_ids, micro.attention_mask))
+                ref_logprobs.append(reference(micro.input_ids, micro.attention_mask, packing))
     passes = (policy.value_head is not None) + (cfg.kl_coef > 0)
-    tokens = int(batch.attention_mask.sum())
+    tokens = sum(_positions(micro, packing) for micro, packing in zip(micros, packings))
     counters.add_learning(inference_tokens=passes * tokens, forward_calls=passes * len(micros),
                           head_inference_tokens=tokens if policy.value_head is not None else 0)
     width = batch.input_ids.shape[1]
@@ -242,11 +271,12 @@ def learn(trajectories: Sequence, *, policy, reference, advantages: Callable, op
             for i, micro in enumerate(minibatch.split(cfg.micro_batch_rows)):
                 if i % shard.world != shard.rank:
                     continue
-                logits, logprobs, values = forward(policy, micro)
-                loss, metrics = total_loss(micro, logprobs, values, cfg, entropy=token_entropy(logits))
+                packing = pack(micro, cfg)
+                entropy, logprobs, values = forward(policy, micro, packing, entropy=True)
+                loss, metrics = total_loss(micro, logprobs, values, cfg, entropy=entropy)
                 loss.backward()
                 parts.append(metrics)
-                trained_tokens += int(micro.attention_mask.sum())
+                trained_tokens += _positions(micro, packing)
             counters.add_learning(train_tokens=trained_tokens, forward_calls=len(parts),
                                   head_train_tokens=trained_tokens if policy.value_head is not None else 0)
             update = apply_update(optimizer, params, combine_metrics(shard.gather(parts)), cfg)
@@ -254,10 +284,10 @@ def learn(trajectories: Sequence, *, policy, reference, advantages: Callable, op
             skipped += bool(update["nonfinite"])
             nonfinite_streak = nonfinite_streak + 1 if update["nonfinite"] else 0
             if nonfinite_streak >= MAX_NONFINITE_IN_A_ROW:
-                return LearnStep(_step_metrics(batch, updates, lr, trajectories), skipped, nonfinite_streak,
+                return LearnStep(_step_metrics(batch, updates, lr, trajectories), updates, skipped, nonfinite_streak,
                                  f"step {step}: non-finite {', '.join(update['nonfinite'])} in {nonfinite_streak} "
                                  "updates in a row; run stopped (its last checkpoint holds the weights before)")
-    return LearnStep(_step_metrics(batch, updates, lr, trajectories), skipped, nonfinite_streak, None)
+    return LearnStep(_step_metrics(batch, updates, lr, trajectories), updates, skipped, nonfinite_streak, None)
 
 
 class Learner:

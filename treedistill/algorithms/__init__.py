@@ -1,4 +1,4 @@
-"""The pure algorithm layer: batches, advantages and losses. Tensors in, tensors out; no model
+"""The pure algorithm layer: batches, advantages, losses and packed rows. Tensors in, tensors out; no model
 loading, no logging, no files."""
 
 from treedistill.algorithms.advantages import (
@@ -20,11 +20,13 @@ from treedistill.algorithms.losses import (
     total_loss,
     value_loss,
 )
+from treedistill.algorithms.packing import Packing, pack_rows
 
 __all__ = [
     "ADVANTAGES",
     "LOSSES",
     "Batch",
+    "Packing",
     "cispo_policy_loss",
     "pad_rows",
     "combine_metrics",
@@ -32,6 +34,7 @@ __all__ = [
     "group_normalized",
     "k3_kl",
     "kl_penalty",
+    "pack_rows",
     "ppo_clip_policy_loss",
     "reward_minus_value",
     "shift_right",

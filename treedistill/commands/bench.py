@@ -3,7 +3,9 @@
 - `bench generate`: decode throughput at one batch size, lengths forced (benchmarks/generate.py).
 - `bench search`: the MCTS expansion workload on three engines, then the real search at a few tree
   sizes (benchmarks/search.py).
-- `--vllm` (both): a row for the vLLM engine (engine/vllm.py; needs the treedistill[vllm] extra). Its
+- `bench learn`: the learner's step on a preset's real rollout, packed rows against per-row
+  (benchmarks/learn.py).
+- `--vllm` (generate, search): a row for the vLLM engine (engine/vllm.py; needs the treedistill[vllm] extra). Its
   start-up (~40 s or more on CPU) is reported apart and not timed.
 
 This module holds the arguments and the dispatch; the workloads are in treedistill/benchmarks/.
@@ -12,11 +14,12 @@ This module holds the arguments and the dispatch; the workloads are in treedisti
 from __future__ import annotations
 
 from treedistill.benchmarks.generate import run_generate
+from treedistill.benchmarks.learn import LEARN_DEFAULTS, run_learn
 from treedistill.benchmarks.search import TREE_SIMS_AUTO, parse_tree_sims, run_search
 
 __all__ = ["TREE_SIMS_AUTO", "add_arguments", "parse_tree_sims", "run"]
 
-HELP = "benchmark generation: native engine vs HF generate (generate | search)"
+HELP = "benchmark generation: native engine vs HF generate (generate | search); the learner: packed vs per-row (learn)"
 
 GENERATE_DEFAULTS = dict(batch=8, prompt_len=64, new_tokens=64)
 SEARCH_DEFAULTS = dict(prompt_len=256, breadth=8, depth=6, simulations=24, step_tokens=16)
@@ -53,6 +56,16 @@ def add_arguments(parser) -> None:
     srch.add_argument("--tree-k", type=int, default=TREE_DEFAULTS["tree_k"],
                       help="real search: sampled steps per expansion, K (default 4)")
     srch.add_argument("--json", action="store_true", help="print the result dict as JSON on the last line")
+    lrn = sub.add_parser("learn", help="the learner's step on a preset's real rollout: packed rows vs per-row")
+    lrn.add_argument("--preset", default=LEARN_DEFAULTS["preset"],
+                     help=f"training preset whose rollout and learn step run (default {LEARN_DEFAULTS['preset']})")
+    lrn.add_argument("--trees", type=int, default=LEARN_DEFAULTS["trees"],
+                     help="training problems rolled out (trees for mcts-tree; default 4)")
+    lrn.add_argument("--repeats", type=int, default=LEARN_DEFAULTS["repeats"], help="timed learn steps per way (median)")
+    lrn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    lrn.add_argument("--device", default=None, help="cpu | cuda (default: the preset's)")
+    lrn.add_argument("--seed", type=int, default=0, help="seed of the problems' rollout and of the run")
+    lrn.add_argument("--json", action="store_true", help="print the result dict as JSON on the last line")
     for p in (gen, srch):
         p.add_argument("--vllm", action="store_true", help="add a row for the vLLM engine (treedistill[vllm] extra)")
         p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -60,7 +73,7 @@ def add_arguments(parser) -> None:
         p.add_argument("--seed", type=int, default=0, help="seed of prompts and sampling")
 
 
-RUNS = {"generate": run_generate, "search": run_search}
+RUNS = {"generate": run_generate, "search": run_search, "learn": run_learn}
 
 
 def run(args) -> dict:

@@ -163,6 +163,7 @@ class TrainConfig:
     epochs: int = 1                            # passes over each step's batch
     minibatch_size: int = 0                    # trajectories per optimizer update (a batch it does not divide ends with a smaller one); 0 = the whole batch
     micro_batch_size: int = 0                  # trajectories per forward/backward; 0 = the whole minibatch
+    pack_rows: bool = False                    # learn a micro-batch's rows as one token trie (shared prefixes computed once; algorithms/packing.py)
     # loss
     policy_loss: str = "cispo"                 # cispo | ppo (PPO-clip)
     eps_low: float | None = None               # CISPO weight floor 1 - eps_low; None = no floor (reference)

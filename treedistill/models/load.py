@@ -149,17 +149,32 @@ class Policy:
                          use_cache=False)
         return out.logits, out.hidden_states[-1]                                    # [B, T, V], [B, T, H]
 
+    def forward_packed(self, packing) -> tuple[torch.Tensor, torch.Tensor]:
+        """A `algorithms.packing.Packing`'s sequences -> (logits [S, N, V], final hidden state [S, N, H]):
+        its tree mask passed to transformers as a 4D mask, which the model uses as given
+        (masking_utils._preprocess_mask_arguments returns a 4D mask as-is), with its explicit position ids.
+        SDPA takes the boolean mask (True = attend); other attention implementations the additive one."""
+        mask = packing.attention[:, None]                                           # [S, 1, N, N]
+        if getattr(self.model.config, "_attn_implementation", "sdpa") != "sdpa":
+            dtype = self.model.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        out = self.model(input_ids=packing.input_ids, attention_mask=mask, position_ids=packing.position_ids,
+                         output_hidden_states=True, use_cache=False)
+        return out.logits, out.hidden_states[-1]                                    # [S, N, V], [S, N, H]
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None]:
-        """With LoRA: yields ref(input_ids, attention_mask) -> [B, T] token log-probs (`token_logprobs`:
-        column 0 is 0) through the DISABLED adapter (the base model), no gradient. Without LoRA: yields
-        None (keep a frozen copy)."""
+        """With LoRA: yields ref(input_ids, attention_mask, packing=None) -> [B, T] token log-probs
+        (`token_logprobs`: column 0 is 0; given a `Packing` of these rows, computed packed) through the
+        DISABLED adapter (the base model), no gradient. Without LoRA: yields None (keep a frozen copy)."""
         if not self.uses_lora:
             yield None
             return
 
-        def ref(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        def ref(input_ids: torch.Tensor, attention_mask: torch.Tensor, packing=None) -> torch.Tensor:
             with self.model.disable_adapter(), torch.no_grad():
+                if packing is not None:  # the same rows, run packed (`algorithms.packing`)
+                    return packing.logprobs(self.forward_packed(packing)[0], input_ids)  # [B, T]
                 logits, _ = self.forward(input_ids, attention_mask)
             return token_logprobs(logits, input_ids)                                # [B, T]
 
