@@ -10,6 +10,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from treedistill.engine.native import NativeEngine
 from treedistill.errors import UsageError
 from treedistill.models import tiny
+from treedistill.models.load import load_policy
 from treedistill.models.value_head import ValueHead
 
 TOK = tiny.build_tokenizer()
@@ -72,11 +73,7 @@ def test_greedy_equals_hf_generate_on_tiny_architecture():
 
 @pytest.mark.parametrize("decode", ["eager", "static"])
 def test_greedy_equals_hf_generate_on_random_qwen25_tiny_preset(decode):
-    load = pytest.importorskip("treedistill.models.load")
-    try:
-        pol = load.load_policy("random-qwen2.5-tiny", device="cpu", value_head=False)
-    except (UsageError, OSError, ImportError) as err:
-        pytest.skip(f"random-qwen2.5-tiny unavailable: {err}")
+    pol = load_policy("random-qwen2.5-tiny", device="cpu", value_head=False)
     prefixes = [pol.tokenizer.encode("Hello world, this is"), pol.tokenizer.encode("2 + 2 =")]
     eos = pol.eos_token_ids
     ours = NativeEngine(pol, decode=decode).sample(prefixes, max_new_tokens=12, temperature=0)
