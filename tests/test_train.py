@@ -288,12 +288,14 @@ def test_engine_never_serves_keys_values_of_weights_before_an_update():
                          build_tokenizer(), name="t", device=torch.device("cpu"), dtype=torch.float32)
     engine = NativeEngine(policy)
     sequence = list(range(40, 70))
-    engine.logprobs([sequence], [10])  # fills the prefix cache with these weights' keys/values
+    before = engine.logprobs([sequence], [10])  # fills the prefix cache with these weights' keys/values
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-2)
     policy.model(input_ids=torch.tensor([sequence])).logits.sum().backward()
     optimizer.step()
     after = engine.logprobs([sequence], [10])
     assert after == NativeEngine(policy).logprobs([sequence], [10])  # as a fresh engine, no stale cache
+    # the guard: the update did move these log-probs, so a stale cache would have served other numbers
+    assert max(abs(a - b) for a, b in zip(after[0], before[0])) > 1e-3
 
 
 def test_fresh_value_head_replaces_the_saved_one_deterministically():
