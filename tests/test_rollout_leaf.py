@@ -104,3 +104,26 @@ def test_answer_cost_by_hand():
     assert _answer_cost(300, [2, 1], [1, 1]) == {"finished_answers": 1.5, "distinct_answers": 1.0,
                                                  "tokens_per_answer": 100.0}
     assert _answer_cost(300, [0, 0], [0, 0])["tokens_per_answer"] is None
+
+
+def test_q_normalize_tracks_the_extreme_values_a_real_search_backed_up(policy):
+    # Every Q = W / N is a mean of backed-up leaf values, and each leaf value is its leaf's Q right after
+    # its first backup: so the running min / max over all Qs are the min / max of the visited nodes' values.
+    search = SearchSettings(simulations=12, parallel=2, max_depth=3, k_children=2, step_max_tokens=8,
+                            q_normalize=True)
+    outs = search_problems(make_engine(policy, "native"), policy, ENV, PROBLEMS, search=search, max_new_tokens=24,
+                           terminal_value="reward")
+    for o in outs:
+        tree = o.tree
+        visited = [n for n in range(len(tree)) if tree.visits[n] > 0]
+        values = [tree.value[n] for n in visited]
+        assert None not in values and len(visited) >= 4
+        assert (tree.q_min, tree.q_max) == (min(values), max(values))
+        assert tree.q_min < tree.q_max  # the normalisation is on: two different values were seen
+        qs = [tree.value_sum[n] / tree.visits[n] for n in visited]
+        assert all(-1e-12 <= tree.normalize(q) <= 1 + 1e-12 for q in qs)
+        assert tree.normalize(tree.q_min) == 0.0 and tree.normalize(tree.q_max) == 1.0
+    # q_normalize changes which children the search picks (the same seed, the same engine calls otherwise)
+    plain = search_problems(make_engine(policy, "native"), policy, ENV, PROBLEMS,
+                            search=replace(search, q_normalize=False), max_new_tokens=24, terminal_value="reward")
+    assert [o.tree.visits for o in plain] != [o.tree.visits for o in outs]
