@@ -36,14 +36,21 @@ def test_bench_search_reports_the_real_search(capsys):
         assert 0 <= run["bookkeeping_share"] <= 1
         assert run["search_s"] == pytest.approx(run["model_s"] + run["bookkeeping_s"], abs=2e-4)
         assert run["expand_calls"] >= 1 and run["generated_tokens"] > 0
-    assert ts["cost_growth"] is not None and ts["cost_growth"] > 0
+    # bookkeeping per simulation at the largest tree over that at the smallest
+    runs = ts["runs"]
+    assert ts["cost_growth"] == pytest.approx(runs["24"]["bookkeeping_us_per_simulation"]
+                                              / runs["4"]["bookkeeping_us_per_simulation"], abs=5e-4)
+    assert ts["bookkeeping_share_max"] == max(r["bookkeeping_share"] for r in runs.values())
     assert any(line.startswith("real search:") for line in out)
 
 
-def test_bench_search_refuses_bad_tree_arguments():
+def test_bench_search_refuses_bad_tree_arguments(capsys):
     from treedistill.cli import main
 
-    assert main(["bench", "search", "--model", "tiny", "--tree-sims", "x", "--device", "cpu"]) != 0
+    assert main(["bench", "search", "--model", "tiny", "--tree-sims", "x", "--device", "cpu"]) == 2  # a usage error
+    out = capsys.readouterr()
+    assert "--tree-sims" in out.err and len(out.err.strip().splitlines()) == 1
+    assert "bench search:" not in out.out  # refused before the expansion benchmark ran
 
 
 def test_bench_search_refuses_bad_tree_counts_before_any_compute(capsys):

@@ -8,6 +8,7 @@ import torch
 from treedistill.algorithms.losses import token_logprobs
 from treedistill.engine import make_engine
 from treedistill.engine.hf import HFEngine, _first_stop
+from treedistill.envs import get_env
 from treedistill.errors import UsageError
 from treedistill.models import load_policy
 
@@ -183,8 +184,7 @@ def test_token_logprobs_by_hand():
 
 
 def test_countdown_prompt_sample_parse_reward(policy):
-    envs = pytest.importorskip("treedistill.envs")
-    env = envs.get_env("countdown")
+    env = get_env("countdown")
     problem = {"numbers": [3, 5, 7, 9], "target": 22}
     ids = policy.prompt_ids(env.messages(problem, compact=policy.compact_prompt))
     assert "22" in policy.decode(ids)

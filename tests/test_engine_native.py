@@ -10,6 +10,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from treedistill.engine.native import NativeEngine
 from treedistill.errors import UsageError
 from treedistill.models import tiny
+from treedistill.models.load import load_policy
 from treedistill.models.value_head import ValueHead
 
 TOK = tiny.build_tokenizer()
@@ -72,11 +73,7 @@ def test_greedy_equals_hf_generate_on_tiny_architecture():
 
 @pytest.mark.parametrize("decode", ["eager", "static"])
 def test_greedy_equals_hf_generate_on_random_qwen25_tiny_preset(decode):
-    load = pytest.importorskip("treedistill.models.load")
-    try:
-        pol = load.load_policy("random-qwen2.5-tiny", device="cpu", value_head=False)
-    except (UsageError, OSError, ImportError) as err:
-        pytest.skip(f"random-qwen2.5-tiny unavailable: {err}")
+    pol = load_policy("random-qwen2.5-tiny", device="cpu", value_head=False)
     prefixes = [pol.tokenizer.encode("Hello world, this is"), pol.tokenizer.encode("2 + 2 =")]
     eos = pol.eos_token_ids
     ours = NativeEngine(pol, decode=decode).sample(prefixes, max_new_tokens=12, temperature=0)
@@ -183,6 +180,39 @@ def test_prefix_cache_changes_no_output_even_under_eviction(decode):
     assert c.prompt_tokens + c.cached_prompt_tokens == total
     assert tight.counters.prompt_tokens + tight.counters.cached_prompt_tokens == total
     assert c.generated_tokens == plain.counters.generated_tokens
+
+
+def _grow_sampled_tree(eng, root, depth=3, k=3):
+    """`_grow_tree` at temperature 0.9 with 2 seeded samples per child: every sample's tokens, sampling
+    log-probs and raw-policy log-probs, and the log-probs `logprobs` scores along the path grown."""
+    out, prefix = [], list(root)
+    for level in range(depth):
+        kids = [prefix + [i] for i in range(k)]
+        rows = eng.sample(kids, 2, max_new_tokens=6, temperature=0.9, stop=("</step>",), seed=10 + level)
+        out.append([(s.tokens, s.logprobs, s.policy_logprobs) for row in rows for s in row])
+        prefix = kids[0] + list(rows[0][0].tokens)
+    return out, eng.logprobs([prefix], [len(root)])
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_prefix_cache_changes_no_sampled_token_nor_log_prob(decode):
+    # A stale or misaligned key/value entry can leave the argmax unchanged while it moves the
+    # distribution: seeded samples and both log-probs must match the engine without a cache.
+    pol = _policy(eos=())
+    root = _prefixes([30])[0]
+    (want, want_scored) = _grow_sampled_tree(NativeEngine(pol, cache_tokens=0, decode=decode), root)
+    cached, tight = NativeEngine(pol, decode=decode), NativeEngine(pol, cache_tokens=20, decode=decode)
+    for engine in (cached, tight):
+        got, scored = _grow_sampled_tree(engine, root)
+        assert [[s[0] for s in level] for level in got] == [[s[0] for s in level] for level in want]
+        for level, ref in zip(got, want):
+            for (_, logprobs, policy_logprobs), (_, ref_logprobs, ref_policy) in zip(level, ref):
+                assert logprobs == pytest.approx(ref_logprobs, abs=1e-5)
+                assert policy_logprobs == pytest.approx(ref_policy, abs=1e-5)
+        assert scored[0] == pytest.approx(want_scored[0], abs=1e-5)
+    assert cached.counters.cached_prompt_tokens > cached.counters.prompt_tokens  # the cache served most keys/values
+    assert tight.cache.stats.evicted_tokens > 0  # and under constant eviction
+    assert len({tokens for level in want for tokens, _, _ in level}) > 6  # sampled: not one line repeated
 
 
 @pytest.mark.parametrize("decode", ["eager", "static"])

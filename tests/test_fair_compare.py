@@ -123,9 +123,6 @@ def test_each_method_is_charged_the_parameters_that_ran(tmp_path, preset):
     r = _records(tmp_path / "run", "train")[-1]
     lm, head = r["params"], r["head_params"]
     tokens = r["rollout_generated_tokens"] + r["rollout_prompt_tokens"] + r["rollout_scored_tokens"]
-    assert r["rollout_flops"] == 2 * lm * tokens + 2 * head * r["rollout_values"]
-    assert r["learn_flops"] == (6 * lm * r["learn_train_tokens"] + 2 * lm * r["learn_inference_tokens"]
-                                + 6 * head * r["learn_head_train_tokens"] + 2 * head * r["learn_head_inference_tokens"])
     if preset == "countdown-tiny-grpo":  # no value head: no head FLOPs anywhere
         assert head == 0 and r["rollout_values"] == 0 and r["learn_head_inference_tokens"] == 0
     else:
@@ -137,6 +134,89 @@ def test_each_method_is_charged_the_parameters_that_ran(tmp_path, preset):
         assert (r["rollout_values"] > 0) == (preset == "countdown-tiny-mcts")
         assert r["rollout_values"] < tokens
         assert r["rollout_flops"] < 2 * (lm + head) * tokens  # the old charge: head params on every token
+
+
+@pytest.mark.slow
+def test_each_budget_stops_the_run_at_the_first_step_that_crosses_it(tmp_path, capsys):
+    from treedistill.cli import main
+
+    # generated tokens: a step of 2 problems x 2 samples spends <= 4 x 24 = 96 tokens; the budget of 150 is
+    # crossed by the second or a later step, and the step before it was still under
+    cfg = load_config("countdown-tiny-grpo", overrides=[*SMALL, "steps=1000", "budget_generated_tokens=150",
+                                                       "eval_before_rl=false"])
+    train(cfg, tmp_path / "tokens", progress=False)
+    spent = [r["rollout_generated_tokens"] for r in _records(tmp_path / "tokens", "train")]
+    assert len(spent) >= 2 and spent[-2] < 150 <= spent[-1]
+    # FLOPs, through the CLI: a budget of 2.5 first steps' rollout + learning FLOPs
+    budget = 2.5 * _records(tmp_path / "tokens", "train")[0]["total_flops"]
+    flags = [flag for item in [*SMALL, "eval_before_rl=false"] for flag in ("--set", item)]
+    assert main(["train", "--preset", "countdown-tiny-grpo", *flags, "--steps", "1000", "--budget-flops",
+                 f"{budget:.6e}", "--run-dir", str(tmp_path / "flops"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "FLOP budget reached" in summary["stop_reason"]
+    spent = [r["total_flops"] for r in _records(tmp_path / "flops", "train")]
+    assert len(spent) >= 2 and spent[-2] < budget <= spent[-1] and summary["steps"] == len(spent)
+    assert [r["step"] for r in _records(tmp_path / "flops", "eval")] == [len(spent)]  # the end is evaluated
+
+
+class _ScriptedEngine:
+    """Sample j of every prefix is SCRIPT[j % 2] then eos, whatever the weights: each call counts its
+    prefixes as prefilled once and the returned tokens as generated, as an engine without a cache does."""
+
+    SCRIPT = ("<answer>1+2</answer>", "<step>9-3=6 (6)</step><answer>9-3</answer>")
+
+    def __init__(self, policy):
+        from treedistill.engine.base import Counters
+
+        eos = policy.eos_token_ids[0]
+        self.lines = [tuple(policy.tokenizer.encode(t, add_special_tokens=False)) + (eos,) for t in self.SCRIPT]
+        self.counters, self.calls = Counters(), []
+
+    def clear_cache(self):
+        pass
+
+    def sample(self, prefixes, n=1, *, max_new_tokens, temperature=1.0, top_p=1.0, stop=(), seed=None):
+        from treedistill.engine.base import FINISH_EOS, Sample
+
+        assert all(len(line) <= max_new_tokens for line in self.lines)
+        self.calls.append((n, temperature, [len(p) for p in prefixes]))
+        self.counters.prompt_tokens += sum(len(p) for p in prefixes)
+        out = [[Sample(self.lines[j % 2], (-0.5,) * len(self.lines[j % 2]), (-0.5,) * len(self.lines[j % 2]),
+                       FINISH_EOS) for j in range(n)] for _ in prefixes]
+        self.counters.generated_tokens += sum(len(s.tokens) for row in out for s in row)
+        return out
+
+
+@pytest.mark.slow
+def test_flops_are_charged_for_the_tokens_a_scripted_engine_fixed(tmp_path, monkeypatch):
+    import treedistill.train as train_module
+    from treedistill.models.tiny import build_model
+
+    engines = []
+    monkeypatch.setattr(train_module, "make_engine", lambda policy, name: engines.append(_ScriptedEngine(policy))
+                        or engines[-1])
+    cfg = load_config("countdown-tiny-grpo", overrides=[*SMALL, "steps=1", "eval_problems=2", "max_new_tokens=40"])
+    train(cfg, tmp_path / "run", progress=False)
+    (r,) = _records(tmp_path / "run", "train")
+    (engine,) = engines
+    la, lb = map(len, engine.lines)
+    # the engine was called for the step-0 evaluation (2 problems x eval_k 2 at T = 0.2) and its logged sample,
+    # the rollout (2 problems x group_size 2 at T = 1: samples a and b each), the final evaluation and its
+    # logged sample: only the rollout is charged to the run's rollout counters
+    assert [(n, t) for n, t, _ in engine.calls] == [(2, 0.2), (1, 0.2), (2, 1.0), (2, 0.2), (1, 0.2)]
+    p1, p2 = engine.calls[2][2]
+    assert (r["rollout_generated_tokens"], r["rollout_prompt_tokens"]) == (2 * (la + lb), p1 + p2)
+    assert r["rollout_scored_tokens"] == r["rollout_values"] == 0
+    # the learner: 4 rows (prompt + completion), each trained once (1 epoch, each row in one minibatch);
+    # GRPO has no value head and no KL term: no no-grad pass
+    rows = (p1 + la) + (p1 + lb) + (p2 + la) + (p2 + lb)
+    assert (r["learn_train_tokens"], r["learn_inference_tokens"]) == (rows, 0)
+    lm = sum(p.numel() for p in build_model(0).parameters())  # the tiny model's parameters
+    assert r["params"] == lm
+    # 2 x params per rollout token, 6 x params per trained token
+    assert r["rollout_flops"] == 2 * lm * (2 * (la + lb) + p1 + p2)
+    assert r["learn_flops"] == 6 * lm * rows
+    assert r["total_flops"] == r["rollout_flops"] + r["learn_flops"]
 
 
 # ---- 4. GRPO and CISPO as their users run them

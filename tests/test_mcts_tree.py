@@ -242,29 +242,42 @@ def test_value_probe_on_a_case_with_a_known_answer():
     assert again.seeds == engine.seeds
 
 
-def test_search_reward_searches_with_one_reward_and_trains_on_the_other(monkeypatch):
+def test_search_reward_searches_with_one_reward_and_trains_on_the_other():
     import treedistill.methods as methods
+    from treedistill.config import SearchSettings
+    from treedistill.engine.native import NativeEngine
     from treedistill.envs.countdown import CountdownEnv
+    from treedistill.models.load import wrap_policy
+    from treedistill.models.tiny import build_model, build_tokenizer
 
-    problems = [{"numbers": [3, 5, 7, 2], "target": 22}]
-    seen = []
+    policy = wrap_policy(build_model(0, num_hidden_layers=1, hidden_size=32, intermediate_size=64),
+                         build_tokenizer(), name="t", device=torch.device("cpu"), dtype=torch.float32,
+                         compact_prompt=True)
+    env = CountdownEnv()
+    problems = [{"numbers": [3, 5, 7, 2], "target": 22}, {"numbers": [1, 2, 3, 4], "target": 24}]
+    # 8-token lines of 4-token steps: the search reaches terminal nodes (cut at the length), which it scores
+    search = SearchSettings(simulations=8, parallel=2, problems_at_once=2, k_children=2, step_max_tokens=4,
+                            max_depth=4)
 
-    def fake_search(engine, policy, env, part, **kw):
-        seen.append(env.kind)
-        return [SimpleNamespace(trajectory=methods.Trajectory((1,), (2,), (0.0,), env.score(part[0], "").dense,
-                                                              0.0, 0, stats={}),
-                                text="<answer>3*5+7-2</answer>")]
+    def rollout(**rewards):
+        cfg = TrainConfig(method="mcts", max_new_tokens=8, search=search, **rewards)
+        return methods.search_rollout(methods.RolloutContext(NativeEngine(policy), policy, env, cfg), problems,
+                                      seed=1).trajectories
 
-    monkeypatch.setattr(methods, "search_problems", fake_search)
-    monkeypatch.setattr(methods, "_search_stats", lambda paths: {})
-    cfg = TrainConfig(method="mcts", reward="sparse", search_reward="dense", max_new_tokens=40)
-    rollout = methods.search_rollout(methods.RolloutContext(None, None, CountdownEnv(), cfg), problems, seed=1)
-    assert seen == ["dense"]
-    # 20 for 22: the dense reward would be 1 - 2 * 2/22; the learner gets its own, sparse: 0
-    assert [t.reward for t in rollout.trajectories] == [0.0]
-    cfg = TrainConfig(method="mcts", reward="sparse", max_new_tokens=40)
-    methods.search_rollout(methods.RolloutContext(None, None, CountdownEnv(), cfg), problems, seed=1)
-    assert seen == ["dense", "sparse"]
+    searched_dense = rollout(reward="dense")  # searches and learns with the dense reward
+    mixed = rollout(reward="sparse", search_reward="dense")
+    # the same search (dense terminal values, the same seed): the same lines ...
+    assert [t.completion_ids for t in mixed] == [t.completion_ids for t in searched_dense]
+    texts = [policy.decode(t.completion_ids) for t in mixed]
+    # ... the learner gets its own reward, sparse, for them; the search's was dense
+    assert [t.reward for t in mixed] == [env.score(p, x).sparse for p, x in zip(problems, texts)]
+    assert [t.reward for t in searched_dense] == [env.score(p, x).dense for p, x in zip(problems, texts)]
+    assert [t.reward for t in mixed] != [t.reward for t in searched_dense]  # the random model answers wrong: -1 vs 0
+    # the search backed up the dense reward of its terminal nodes (-1: no answer), not the sparse one (0)
+    searched_sparse = rollout(reward="sparse")
+    assert all(t.stats["search_complete"] for t in mixed)
+    assert [t.stats["root_value"] for t in mixed] == [t.stats["root_value"] for t in searched_dense]
+    assert all(a.stats["root_value"] < b.stats["root_value"] for a, b in zip(mixed, searched_sparse))
 
 
 def test_scaled_advantages_by_hand():

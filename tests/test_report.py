@@ -5,14 +5,18 @@ MetricsLogger with ComputeCounters)."""
 import json
 import math
 
+import numpy as np
 import pytest
 
 from treedistill.config import load_config, to_yaml
 from treedistill.errors import UsageError
 from treedistill.metrics import ComputeCounters, MetricsLogger
 from treedistill.report import (
+    PRE_RL,
     REFERENCE,
+    bootstrap_interval,
     confidence_interval,
+    paired_differences,
     read_run,
     summarize,
     t_cdf,
@@ -170,3 +174,77 @@ def test_bad_run_folders_are_refused(tmp_path):
         read_run(tmp_path / "empty")
     with pytest.raises(UsageError):
         write_report({}, tmp_path / "out")
+
+
+# ---- the two-level bootstrap (seeds, then problems) and the paired differences
+
+def _per_problem_run(path, preset, per_problem, *, seed=0):
+    """A finished run whose final evaluation logged `per_problem` (its mean is the eval accuracy)."""
+    mean = sum(per_problem) / len(per_problem)
+    return make_run(path, preset, seed=seed, evals={0: (0.0, 0.0), 2: (mean, 0.1)},
+                    eval_extra={"eval_per_problem": list(per_problem)})
+
+
+def test_paired_differences_by_hand(tmp_path):
+    # Four test problems. pre-RL [0, 0, .5, .5]; A = pre-RL + .5 on every problem (both seeds); B [0, 1, .5, .5]
+    # (both seeds). Seeds agree within a row, so only the jointly resampled problems move the replicates:
+    # - A - pre-RL = .5 on every problem: every replicate is .5, interval [.5, .5], significant.
+    # - B - A = [-.5, +.5, -.5, -.5], estimate -.25. A replicate is -.5 + .25 k, k ~ Binomial(4, 1/4) the
+    #   draws of problem 2: P(k = 0) = 81/256 = .316 > .025 -> low = -.5; P(k <= 2) = 243/256 = .949 < .975
+    #   <= P(k <= 3) = .996 -> high = -.5 + .75 = +.25. Includes 0: not significant.
+    # - B - pre-RL = [0, 1, 0, 0], estimate .25. Replicate k / 4: low = 0 (P(k = 0) = .316), high = 3/4.
+    #   The interval touches 0, so it does not exclude it: not significant.
+    runs = {
+        PRE_RL: [_per_problem_run(tmp_path / "pre", "countdown-tiny-grpo", [0, 0, 0.5, 0.5])],
+        "A": [_per_problem_run(tmp_path / "a" / str(s), "countdown-tiny-grpo", [0.5, 0.5, 1, 1], seed=s)
+              for s in (0, 1)],
+        "B": [_per_problem_run(tmp_path / "b" / str(s), "countdown-tiny-cispo", [0, 1, 0.5, 0.5], seed=s)
+              for s in (0, 1)],
+    }
+    results = {label: [read_run(d) for d in dirs] for label, dirs in runs.items()}
+    rows = summarize(results)
+    got = [(d["label"], d["versus"], d["difference"], d["ci_low"], d["ci_high"], d["significant"])
+           for d in paired_differences(results, rows)]
+    assert got == [("A", PRE_RL, pytest.approx(0.5), pytest.approx(0.5), pytest.approx(0.5), True),
+                   ("B", "A", pytest.approx(-0.25), -0.5, 0.25, False),
+                   ("B", PRE_RL, pytest.approx(0.25), 0.0, 0.75, False)]
+    # A's own interval: .5 + .125 k, k ~ Binomial(4, 1/2) the draws of problems 3-4:
+    # P(k = 0) = 1/16 > .025 -> low = .5; P(k <= 3) = 15/16 < .975 -> high = 1
+    assert (rows[1].label, rows[1].ci_low, rows[1].ci_high) == ("A", 0.5, 1.0)
+    # the report prints those intervals, the paired table and the headline from them
+    text = write_report(runs, tmp_path / "out", title="Paired").read_text()
+    assert "95% CI (bootstrap, seeds and problems)" in text
+    assert "| A | 75.00 | [50.00, 100.00] |" in text
+    assert "| B | A | -25.00 | [-50.00, +25.00] | no |" in text
+    assert "| A | pre-RL | +50.00 | [+50.00, +50.00] | yes |" in text
+    assert "| B | pre-RL | +25.00 | [+0.00, +75.00] | no |" in text
+    assert "paired 95% CI [-25.00, 50.00] over seeds and problems: not significant" in text
+
+
+def test_bootstrap_interval_has_width_from_seeds_alone():
+    # Three seeds at .2, .5, .8, each the same on all 50 problems: resampling problems changes nothing, so
+    # all the width comes from resampling seeds. A replicate is the mean of 3 seeds drawn with
+    # replacement: the smallest, .2, has probability 1/27 = .037 > .025 (so does .8): the interval is [.2, .8].
+    a = np.repeat([[0.2], [0.5], [0.8]], 50, axis=1)  # [3 seeds, 50 problems]
+    estimate, low, high = bootstrap_interval(a)
+    assert (estimate, low, high) == (pytest.approx(0.5), pytest.approx(0.2), pytest.approx(0.8))
+    # paired against a row whose seeds agree: the same width, shifted
+    diff, low, high = bootstrap_interval(a, np.full((2, 50), 0.5))
+    assert (diff, low, high) == (pytest.approx(0.0), pytest.approx(-0.3), pytest.approx(0.3))
+
+
+def test_bootstrap_intervals_cover_the_true_mean_95_percent_of_the_time():
+    # y[s, p] = mu + u_s + e_p + noise: seed effects u ~ N(0, .05^2) over 10 seeds, problem effects
+    # e ~ N(0, .1^2) over 40 problems shared by the seeds. Var(mean) = .05^2 / 10 + .1^2 / 40 + ... : the
+    # seeds carry about half of it, so an interval that forgets to resample them covers ~80% (0.78-0.83 over
+    # three simulation seeds), a 50% interval 43-50%, the real one 92-95% (the percentile bootstrap runs a
+    # little narrow). 300 draws: the coverage's standard error is sqrt(.95 x .05 / 300) = 1.3 points.
+    rng = np.random.default_rng(0)
+    mu, seeds, problems, trials = 0.3, 10, 40, 300
+    covered = 0
+    for t in range(trials):
+        y = (mu + rng.normal(0, 0.05, size=(seeds, 1)) + rng.normal(0, 0.1, size=(1, problems))
+             + rng.normal(0, 0.05, size=(seeds, problems)))
+        _, low, high = bootstrap_interval(y, samples=1000, seed=t)
+        covered += low <= mu <= high
+    assert 0.88 <= covered / trials <= 0.99, covered / trials  # 0.947 with these seeds

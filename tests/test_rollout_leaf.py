@@ -78,14 +78,53 @@ def test_sweep_reports_cost_per_answer_with_rollouts_merge_and_gumbel(policy):
                       rows="verifier", budget_tries=1, once_temperatures=(0.8,), once_samples=1)
     report = run_sweep(make_engine(policy, "native"), policy, ENV, PROBLEMS, cfg)
     cells = {(c.method, c.budget): c for c in report.cells}
+    assert set(cells) == {("once T=0.8", None), *((m, b) for m in ("mcts+verifier", "bon+verifier")
+                                                    for b in (200, 400))}
+    # the random model writes no legal answer in 32 tokens: every cell runs, scores 0 and has no answer to
+    # charge its tokens to
+    for (method, budget), c in cells.items():
+        assert c.accuracy == 0.0 and c.tokens > 0, (method, budget)
+        if budget is not None:
+            assert (c.detail["finished_answers"], c.detail["distinct_answers"]) == (0.0, 0.0)
+            assert c.detail["tokens_per_answer"] is None
     for b in (200, 400):
-        for method in ("mcts+verifier", "bon+verifier"):
-            c = cells[(method, b)]
-            if c.accuracy is None:
-                continue
-            assert {"finished_answers", "distinct_answers", "tokens_per_answer"} <= set(c.detail)
-            if c.detail["finished_answers"]:
-                assert c.detail["tokens_per_answer"] == pytest.approx(
-                    c.tokens / c.detail["finished_answers"])
-    assert cells[("mcts+verifier", 400)].accuracy is not None  # Gumbel at the larger budget
-    assert "distinct)" in format_table(report, "answers")
+        assert cells[("bon+verifier", b)].tokens == b  # best-of-N spends its budget to the token
+        mcts = cells[("mcts+verifier", b)].detail
+        assert mcts["rollout_tokens"] > 0  # the leaves were rolled out
+    # Gumbel at the larger budget: more simulations, a larger tree
+    small, large = cells[("mcts+verifier", 200)].detail, cells[("mcts+verifier", 400)].detail
+    assert large["simulations"] > small["simulations"] and large["tree_nodes_mean"] > small["tree_nodes_mean"]
+    assert "| bon+verifier | - (0.0 distinct) | - (0.0 distinct) |" in format_table(report, "answers")
+
+
+def test_answer_cost_by_hand():
+    from treedistill.testtime import _answer_cost
+
+    # 300 tokens over two problems whose lines finished 2 and 1 legal answers (1 and 1 distinct values):
+    # 1.5 answers per problem, 300 / 3 = 100 tokens per answer
+    assert _answer_cost(300, [2, 1], [1, 1]) == {"finished_answers": 1.5, "distinct_answers": 1.0,
+                                                 "tokens_per_answer": 100.0}
+    assert _answer_cost(300, [0, 0], [0, 0])["tokens_per_answer"] is None
+
+
+def test_q_normalize_tracks_the_extreme_values_a_real_search_backed_up(policy):
+    # Every Q = W / N is a mean of backed-up leaf values, and each leaf value is its leaf's Q right after
+    # its first backup: so the running min / max over all Qs are the min / max of the visited nodes' values.
+    search = SearchSettings(simulations=12, parallel=2, max_depth=3, k_children=2, step_max_tokens=8,
+                            q_normalize=True)
+    outs = search_problems(make_engine(policy, "native"), policy, ENV, PROBLEMS, search=search, max_new_tokens=24,
+                           terminal_value="reward")
+    for o in outs:
+        tree = o.tree
+        visited = [n for n in range(len(tree)) if tree.visits[n] > 0]
+        values = [tree.value[n] for n in visited]
+        assert None not in values and len(visited) >= 4
+        assert (tree.q_min, tree.q_max) == (min(values), max(values))
+        assert tree.q_min < tree.q_max  # the normalisation is on: two different values were seen
+        qs = [tree.value_sum[n] / tree.visits[n] for n in visited]
+        assert all(-1e-12 <= tree.normalize(q) <= 1 + 1e-12 for q in qs)
+        assert tree.normalize(tree.q_min) == 0.0 and tree.normalize(tree.q_max) == 1.0
+    # q_normalize changes which children the search picks (the same seed, the same engine calls otherwise)
+    plain = search_problems(make_engine(policy, "native"), policy, ENV, PROBLEMS,
+                            search=replace(search, q_normalize=False), max_new_tokens=24, terminal_value="reward")
+    assert [o.tree.visits for o in plain] != [o.tree.visits for o in outs]

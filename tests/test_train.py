@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from treedistill.checkpoint import list_checkpoints
+from treedistill.checkpoint import list_checkpoints, load_checkpoint
 from treedistill.cli import main
 from treedistill.config import TrainConfig, list_presets, load_config
 from treedistill.learner import apply_update
@@ -49,13 +49,14 @@ def test_every_method_has_a_tiny_preset():
 def test_tiny_preset_two_steps_then_resume_auto_continues(preset, tmp_path, capsys):
     run = tmp_path / "run"
     method = preset.removeprefix("countdown-tiny-")
-    code, out = _train("--preset", preset, "--steps", "2", "--run-dir", str(run), capsys=capsys)
+    every_step = ("--set", "checkpoint_every=1")  # a checkpoint after each step: [1, 2] kept
+    code, out = _train("--preset", preset, "--steps", "2", *every_step, "--run-dir", str(run), capsys=capsys)
     assert code == 0, out.err
     summary = json.loads(out.out.strip().splitlines()[-1])
     assert summary["steps"] == 2 and summary["stop_reason"] == "all 2 steps done"
     for name in ("config.yaml", "metrics.jsonl", "samples.jsonl", "report.md"):
         assert (run / name).is_file(), name
-    assert [p.name for p in list_checkpoints(run)] == ["step-00000002"]
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000001", "step-00000002"]
     train = _lines(run, "train")
     assert [r["step"] for r in train] == [1, 2]
     assert [r["step"] for r in _lines(run, "eval")] == [0, 2]  # before RL and at the end
@@ -85,15 +86,24 @@ def test_tiny_preset_two_steps_then_resume_auto_continues(preset, tmp_path, caps
     kinds = {json.loads(line)["kind"] for line in (run / "samples.jsonl").read_text().splitlines()}
     assert kinds == {"eval", "train"}
 
-    # resume auto: continues from step 2 to step 3, the first two steps untouched
-    code, out = _train("--preset", preset, "--steps", "3", "--run-dir", str(run), "--resume", "auto",
+    # resume auto from step 1 (step 2's checkpoint set aside, as if the run died before writing it): step 2
+    # is run again and must repeat the first run's step 2 (its log line and its weights)
+    evals = _lines(run, "eval")
+    first_step_2 = run / "step-2-as-first-run"
+    (run / "checkpoints" / "step-00000002").rename(first_step_2)
+    code, out = _train("--preset", preset, "--steps", "3", *every_step, "--run-dir", str(run), "--resume", "auto",
                        capsys=capsys)
     assert code == 0, out.err
     again = _lines(run, "train")
     assert [r["step"] for r in again] == [1, 2, 3]
     assert [_without_wall_clock(r) for r in again[:2]] == [_without_wall_clock(r) for r in train]
+    # the log after the checkpoint is replaced: step 2 is no longer the end, so its evaluation goes, as in a
+    # run of 3 steps from the start
+    assert [_without_wall_clock(r) for r in _lines(run, "eval")[:1]] == [_without_wall_clock(evals[0])]
+    redone, first = (load_checkpoint(path) for path in (run / "checkpoints" / "step-00000002", first_step_2))
+    assert all(torch.equal(redone["model"][k], first["model"][k]) for k in first["model"])
     assert again[2]["rollout_generated_tokens"] > again[1]["rollout_generated_tokens"]
-    assert [r["step"] for r in _lines(run, "eval")] == [0, 2, 3]
+    assert [r["step"] for r in _lines(run, "eval")] == [0, 3]
 
 
 @pytest.mark.slow
@@ -292,12 +302,14 @@ def test_engine_never_serves_keys_values_of_weights_before_an_update():
                          build_tokenizer(), name="t", device=torch.device("cpu"), dtype=torch.float32)
     engine = NativeEngine(policy)
     sequence = list(range(40, 70))
-    engine.logprobs([sequence], [10])  # fills the prefix cache with these weights' keys/values
+    before = engine.logprobs([sequence], [10])  # fills the prefix cache with these weights' keys/values
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-2)
     policy.model(input_ids=torch.tensor([sequence])).logits.sum().backward()
     optimizer.step()
     after = engine.logprobs([sequence], [10])
     assert after == NativeEngine(policy).logprobs([sequence], [10])  # as a fresh engine, no stale cache
+    # the guard: the update did move these log-probs, so a stale cache would have served other numbers
+    assert max(abs(a - b) for a, b in zip(after[0], before[0])) > 1e-3
 
 
 def test_fresh_value_head_replaces_the_saved_one_deterministically():
