@@ -15,6 +15,7 @@ import torch
 
 from treedistill import checkpoint
 from treedistill.checkpoint import (
+    FOLDER_MARKER,
     MARKER,
     atomic_folder,
     latest_checkpoint,
@@ -164,7 +165,7 @@ def test_atomic_folder_replaces_a_model_folder_whole_or_not_at_all(tmp_path):
     with atomic_folder(folder) as tmp:
         (tmp / "config.json").write_text("{}")
         (tmp / "stale.bin").write_text("old")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "stale.bin"]
+    assert sorted(p.name for p in folder.iterdir()) == [FOLDER_MARKER, "config.json", "stale.bin"]
     with pytest.raises(ValueError, match="half way"):
         with atomic_folder(folder) as tmp:
             (tmp / "config.json").write_text('{"new": 1}')
@@ -173,13 +174,13 @@ def test_atomic_folder_replaces_a_model_folder_whole_or_not_at_all(tmp_path):
     assert (folder / "config.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     with atomic_folder(folder) as tmp:
         (tmp / "config.json").write_text('{"new": 1}')
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]  # nothing of the old folder is left
+    assert sorted(p.name for p in folder.iterdir()) == [FOLDER_MARKER, "config.json"]  # nothing of the old folder is left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_atomic_folder_refuses_a_folder_of_other_files(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(UsageError, match="exists and is not a model folder"):
+    with pytest.raises(UsageError, match="holds files that treedistill did not write"):
         with atomic_folder(tmp_path):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -24,7 +24,7 @@ import yaml
 
 from treedistill.datasets import resolve_path
 from treedistill.envs import ENVS as ENV_CLASSES
-from treedistill.errors import UsageError
+from treedistill.errors import UsageError, shown
 from treedistill.search.contracts import RENAMED, SearchSettings
 from treedistill.search.credit import TREE_ADVANTAGE_NORMS, TREE_ADVANTAGES
 
@@ -66,7 +66,7 @@ METHOD_RULES = {
 def _allowed(name: str, value, allowed) -> list[str]:
     if value in allowed:
         return []
-    return [f"{name} must be one of {', '.join(map(str, allowed))} (got {_show(value)})"]
+    return [f"{name} must be one of {', '.join(map(str, allowed))} (got {shown(value)})"]
 
 
 def _check(condition: bool, message: str) -> list[str]:
@@ -98,14 +98,6 @@ LIMITS = {
 }
 
 
-def _show(value) -> str:
-    """A setting's value for a message: short even when it is an absurdly long number or string."""
-    if isinstance(value, int) and abs(value) >= 10**30:
-        return f"an integer of {len(format(value, 'x')) * 1.2:.0f} digits"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _limit_errors(settings, prefix: str = "") -> list[str]:
     """Every number of a settings dataclass (and of its tuples) finite and within [-bound, bound], bound
     = LIMITS or MAX_NUMBER; the seeds within 0..MAX_SEED."""
@@ -120,9 +112,9 @@ def _limit_errors(settings, prefix: str = "") -> list[str]:
             if isinstance(number, float) and not math.isfinite(number):
                 out.append(f"{name} must be a finite number (got {number})")
             elif number > bound:
-                out.append(f"{name} must be at most {_show(bound)} (got {_show(number)})")
+                out.append(f"{name} must be at most {shown(bound)} (got {shown(number)})")
             elif number < low:
-                out.append(f"{name} must be at least {_show(low)} (got {_show(number)})")
+                out.append(f"{name} must be at least {shown(low)} (got {shown(number)})")
     return out
 
 
@@ -336,8 +328,8 @@ class TrainConfig:
             *_allowed("method", self.method, METHODS),
             *_allowed("env", self.env, ENVS),
             *_check(bool(self.model.strip()), "model must name a model preset or a local path (got '')"),
-            *_check(not _looks_like_path(self.model) or Path(self.model).expanduser().exists(),
-                    f"model: no such path {self.model!r}"),
+            *_check(not _looks_like_path(self.model) or _exists(self.model),
+                    f"model: no such path {shown(self.model)}"),
         ]
         for name in ("train_path", "test_path"):
             path = getattr(self, name)
@@ -421,6 +413,14 @@ class TrainConfig:
         return problems
 
 
+def _exists(path: str) -> bool:
+    """Whether a path exists; False for one the system cannot even look up (a name too long)."""
+    try:
+        return Path(path).expanduser().exists()
+    except OSError:
+        return False
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.endswith((".yaml", ".json", ".safetensors"))
 
@@ -451,12 +451,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if parent is None:
         return data
     if not isinstance(parent, str) or not parent.strip() or "\0" in parent:
-        raise UsageError(f"config: {path.name}: inherit must name a preset or a YAML file (got {_show(parent)})")
+        raise UsageError(f"config: {path.name}: inherit must name a preset or a YAML file (got {shown(parent)})")
     parent_path = PRESET_DIR / f"{parent}.yaml"
     if not parent_path.is_file():
         parent_path = (path.parent / parent).resolve()
     if not parent_path.is_file():
-        raise UsageError(f"config: {path.name} inherits {_show(parent)}, which is neither a preset "
+        raise UsageError(f"config: {path.name} inherits {shown(parent)}, which is neither a preset "
                          f"({', '.join(list_presets())}) nor a file next to it")
     return _merge(_read_yaml(parent_path, (*seen, path)), data)
 
@@ -473,7 +473,7 @@ def _merge(base: dict, top: dict) -> dict:
 
 def _parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
-        raise UsageError(f"--set expects key=value (got {_show(text)})")
+        raise UsageError(f"--set expects key=value (got {shown(text)})")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
@@ -503,14 +503,14 @@ def _coerce(value, annotation, key: str, base=None):
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]  # `--set eval_at_tokens=5000`: one entry
         if not isinstance(value, (list, tuple)):
-            raise UsageError(f"config: {key} must be a list (got {_show(value)})")
+            raise UsageError(f"config: {key} must be a list (got {shown(value)})")
         return tuple(_coerce(item, typing.get_args(annotation)[0], key) for item in value)
     if annotation is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
             return value.lower() in ("true", "yes", "on")
-        raise UsageError(f"config: {key} must be true or false (got {_show(value)})")
+        raise UsageError(f"config: {key} must be true or false (got {shown(value)})")
     if annotation is int:
         try:
             number = value
@@ -520,17 +520,17 @@ def _coerce(value, annotation, key: str, base=None):
                 raise ValueError
             return int(number)
         except (TypeError, ValueError, OverflowError):
-            raise UsageError(f"config: {key} must be an integer (got {_show(value)})") from None
+            raise UsageError(f"config: {key} must be an integer (got {shown(value)})") from None
     if annotation is float:
         try:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
         except (TypeError, ValueError, OverflowError):
-            raise UsageError(f"config: {key} must be a number (got {_show(value)})") from None
+            raise UsageError(f"config: {key} must be a number (got {shown(value)})") from None
     if annotation is str:
         if isinstance(value, (dict, list)) or value is None:
-            raise UsageError(f"config: {key} must be a string (got {_show(value)})")
+            raise UsageError(f"config: {key} must be a string (got {shown(value)})")
         return str(value)
     raise TypeError(f"config field {key} has an unsupported type {annotation!r}")
 
@@ -550,8 +550,8 @@ def _build(cls, data: dict, prefix: str = "", base=None):
             raise UsageError(f"config: {prefix}{key} is now called {prefix}{RENAMED[key]}")
         close = difflib.get_close_matches(str(key), names, n=1)
         hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-        shown = key if isinstance(key, str) and key.isprintable() and len(key) <= 60 else _show(key)
-        raise UsageError(f"config: unknown key {prefix}{shown}{hint} (known: {', '.join(names)})")
+        name = key if isinstance(key, str) and key.isprintable() and len(key) <= 60 else shown(key)
+        raise UsageError(f"config: unknown key {prefix}{name}{hint} (known: {', '.join(names)})")
     defaults = {f.name: f.default for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.default)}
     defaults.update({f.name: f.default_factory() for f in dataclasses.fields(cls)
                      if f.default_factory is not dataclasses.MISSING})
