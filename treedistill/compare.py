@@ -41,7 +41,7 @@ from pathlib import Path
 import yaml
 
 from treedistill.config import TrainConfig, load_config, to_yaml
-from treedistill.errors import UsageError
+from treedistill.errors import UsageError, shown
 from treedistill.metrics import format_duration
 from treedistill.report import (
     headline,
@@ -53,10 +53,15 @@ from treedistill.report import (
     write_report,
 )
 
-__all__ = ["PRE_RL_DIR", "STEPS_CAP", "RunSpec", "RunState", "evaluate_initial", "plan_runs", "run_all",
+__all__ = ["MAX_EVALUATIONS", "MAX_SEEDS", "PRE_RL_DIR", "STEPS_CAP", "RunSpec", "RunState", "evaluate_initial", "plan_runs", "run_all",
            "run_comparison", "run_state", "segment_budgets"]
 
 STEPS_CAP = 1_000_000  # steps of a comparison run: the budget ends it long before
+# Seeds per preset and evaluation points at most: each seed is a training run and each point an
+# evaluation of every run, so more would not finish; refused before the configs are built (which
+# alone took minutes for a mistyped 10**9 seeds).
+MAX_SEEDS = 1_000
+MAX_EVALUATIONS = 1_000
 PRE_RL_DIR = "pre-rl"  # OUT/pre-rl: the one evaluation of the model before RL
 
 
@@ -93,8 +98,8 @@ def segment_budgets(budget: int, evaluations: int) -> tuple[int, ...]:
     """Budget points at which runs are evaluated: budget * i / E for i = 1..E (distinct, increasing)."""
     if budget < 1:
         raise UsageError(f"the generated-token budget must be >= 1 (got {budget})")
-    if evaluations < 1:
-        raise UsageError(f"evaluations must be >= 1 (got {evaluations})")
+    if not 1 <= evaluations <= MAX_EVALUATIONS:
+        raise UsageError(f"evaluations must be in 1..{MAX_EVALUATIONS:,} (got {shown(evaluations)})")
     return tuple(sorted({max(1, round(budget * i / evaluations)) for i in range(1, evaluations + 1)}))
 
 
@@ -116,6 +121,8 @@ def plan_runs(presets: Mapping[str, str], *, seeds: Sequence[int], budget: int, 
         raise UsageError(f"each preset may appear once (got {', '.join(presets.values())})")
     if not seeds:
         raise UsageError("give at least one seed")
+    if len(seeds) > MAX_SEEDS:
+        raise UsageError(f"at most {MAX_SEEDS:,} seeds per preset (got {len(seeds):,})")
     budgets = segment_budgets(budget, evaluations)
     out = Path(out_dir)
     specs = []

@@ -11,8 +11,8 @@ from treedistill.commands import (
     add_leaf_arguments,
     add_pick_argument,
     add_tree_arguments,
-    check_at_least_one,
     check_choice,
+    check_counts,
     check_leaf_arguments,
     check_non_negative,
     search_settings,
@@ -85,9 +85,9 @@ def check_arguments(args) -> None:
     from treedistill.engine import BACKENDS, check_available
     from treedistill.errors import UsageError
 
-    check_at_least_one(args, ("k", "max_new_tokens", "limit", "batch"))
+    check_counts(args, ("k", "max_new_tokens", "limit", "batch"))
     check_non_negative(args, ("temperature", "value_probe"))  # also refuses nan
-    check_at_least_one(args, ("value_probe_k",))
+    check_counts(args, ("value_probe_k",))
     check_choice(args, "engine", BACKENDS)
     if args.engine:
         check_available(args.engine)
@@ -95,7 +95,7 @@ def check_arguments(args) -> None:
     if args.search == "mcts":
         from treedistill.search import SELECT_RULES
 
-        check_at_least_one(args, ("simulations", "parallel", "max_depth", "k_children", "step_max_tokens",
+        check_counts(args, ("simulations", "parallel", "max_depth", "k_children", "step_max_tokens",
                                   "problems_at_once"))
         if not args.search_temperature > 0:
             raise UsageError(f"--search-temperature must be > 0, got {args.search_temperature}")

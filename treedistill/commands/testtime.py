@@ -8,8 +8,8 @@ import sys
 from treedistill.commands import (
     add_leaf_arguments,
     add_pick_argument,
-    check_at_least_one,
     check_choice,
+    check_counts,
     check_leaf_arguments,
     check_non_negative,
 )
@@ -67,7 +67,7 @@ def check_arguments(args):
     from treedistill.testtime import parse_budgets
 
     budgets = parse_budgets(args.budgets)
-    check_at_least_one(args, ("k_children", "parallel", "max_new_tokens", "once_samples", "limit"))
+    check_counts(args, ("k_children", "parallel", "max_new_tokens", "once_samples", "limit"))
     if not args.temperature > 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
     check_non_negative(args, ("c_puct", "widen_c", "widen_alpha"))
