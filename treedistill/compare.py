@@ -21,8 +21,11 @@ How a comparison runs:
   again; a run killed part-way continues from its newest checkpoint (`resume="auto"`). A run folder
   holding a different config is refused.
 - Parallel: up to `jobs` runs at once, each in its own process with one torch thread (spawned, so
-  a crash of one run costs only that run). Progress (which run, which step, tokens, ETA) is
-  reported through a callback every `poll_s` seconds; this module never prints.
+  a crash of one run costs only that run; a worker dies with the comparison's process, even a
+  SIGKILLed one). Progress (which run, which step, tokens, ETA) is reported through a callback every
+  `poll_s` seconds; this module never prints.
+- One comparison at a time per output folder (a lock on OUT/.treedistill-compare): a second one is
+  refused, naming the holder's pid. Seeds and evaluation points are bounded (MAX_SEEDS, MAX_EVALUATIONS).
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 
 Every run ends by writing RUN/final/ (`write_final`, called by `runs.finish_run`, which both the
 one-process loop and the Ray loop end with); `treedistill export RUN [--step N] --out DIR` writes one
-from any complete checkpoint (`export_checkpoint`).
+from any complete checkpoint (`export_checkpoint`): the newest that loads (a newer damaged one is
+skipped with a warning, as `train --resume auto` does), or the one of --step. DIR is replaced only when
+it is empty or holds nothing but what treedistill wrote there (`checkpoint.check_replaceable`); a
+failed write (a full disk, a read-only folder) is one line and leaves DIR as it was.
 
 The folder (`models.load.write_model_files`, written whole or not at all by `checkpoint.atomic_folder`):
 config.json + model.safetensors + generation_config.json (save_pretrained), the tokenizer files with
