@@ -231,3 +231,26 @@ def test_a_failed_write_leaves_no_temporary_folder_and_the_previous_checkpoint(t
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(tmp_path, 2, {"x": torch.ones(2)})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]
+
+
+def test_a_model_folder_of_an_earlier_version_is_replaced_unless_it_holds_other_files(tmp_path):
+    folder = tmp_path / "model"  # as written before FOLDER_MARKER existed
+    (folder / "value_head").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "treedistill.json",
+                 "value_head/value_head.safetensors"):
+        (folder / name).write_text("{}")
+    checkpoint.check_replaceable(folder)
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="notes.txt"):
+        checkpoint.check_replaceable(folder)
+
+
+def test_stale_temporaries_of_a_killed_folder_write_are_removed_or_put_back(tmp_path):
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    folder = tmp_path / "final"
+    (tmp_path / f".final.tmp-{dead}").mkdir()      # killed while writing: removed
+    (tmp_path / f".final.old-{dead}").mkdir()      # killed between its two renames: the previous folder
+    (tmp_path / f".final.tmp-{os.getpid()}").mkdir()  # a live writer's: kept
+    checkpoint.remove_stale_temporaries(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".final.tmp-{os.getpid()}", "final"]
