@@ -1,6 +1,7 @@
-"""Test settings: offline, one torch thread, GPU tests skipped without CUDA."""
+"""Test settings: offline, one torch thread, GPU tests skipped without CUDA; small disks (tmpfs) for write failures."""
 
 import os
+import subprocess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -29,3 +30,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+
+class _Disks:
+    """Folders on fresh tmpfs mounts: disks that really fill up or really are read-only."""
+
+    def __init__(self, root):
+        self.root, self.mounted = root, []
+
+    def new(self, size: str):
+        """A folder on a new tmpfs of `size` (e.g. "2m"); skips the test where mounts are not permitted."""
+        folder = self.root / f"disk{len(self.mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        self.mounted.append(folder)
+        return folder
+
+    @staticmethod
+    def remount(folder, options: str) -> None:
+        """New mount options for a disk of `new`: "ro", "rw,size=64m"."""
+        subprocess.run(["mount", "-o", f"remount,{options}", str(folder)], check=True)
+
+
+@pytest.fixture
+def disks(tmp_path):
+    """`disks.new(size)`: a folder on its own small tmpfs, unmounted at the end of the test."""
+    made = _Disks(tmp_path)
+    yield made
+    for folder in reversed(made.mounted):
+        subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -5,9 +5,11 @@ import contextlib
 import dataclasses
 import io
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +17,7 @@ from treedistill.cli import main
 from treedistill.config import LoraSettings, SearchSettings, TrainConfig, load_config
 from treedistill.envs.countdown import load_problems
 from treedistill.errors import UsageError
+from treedistill.models.presets import TINY_FOLDER
 
 KEYS = sorted([f.name for f in dataclasses.fields(TrainConfig)]
               + [f"search.{f.name}" for f in dataclasses.fields(SearchSettings)]
@@ -83,3 +86,45 @@ def test_any_problem_records_give_a_result_or_a_one_line_error(lines):
             assert code in (0, 2), (argv, code)
             if code == 2:
                 assert len(err.getvalue().strip().splitlines()) == 1 and out.getvalue() == "", err.getvalue()
+
+
+def _cli_error(capsys, argv) -> str:
+    """The one error line of a CLI call that must fail with exit 2."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+DAMAGES = {
+    "model.safetensors": lambda folder: (folder / "model.safetensors").write_bytes(b"\xff" * 64),
+    "config.json": lambda folder: (folder / "config.json").write_text(
+        json.dumps({**json.loads((folder / "config.json").read_text()), "hidden_size": -4})),
+}
+COMMANDS = {
+    "eval": lambda m: ["eval", "--model", m, "--split", "test", "--limit", "1", "--k", "1"],
+    "search": lambda m: ["search", "--model", m, "--numbers", "3", "5", "--target", "8", "--simulations", "2"],
+    "testtime": lambda m: ["testtime", "--model", m, "--budgets", "64", "--limit", "1"],
+    "train": lambda m: ["train", "--preset", "countdown-tiny-grpo", "--set", f"model={m}", "--steps", "1",
+                        "--run-dir", str(Path(m).parent / "run")],
+}
+
+
+@pytest.mark.skipif(not (TINY_FOLDER / "config.json").is_file(), reason="the embedded tiny model is not shipped")
+@pytest.mark.parametrize("damaged", DAMAGES)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_damaged_model_folder_is_one_line_naming_the_file(tmp_path, capsys, damaged, command):
+    folder = tmp_path / "model"
+    shutil.copytree(TINY_FOLDER, folder)
+    DAMAGES[damaged](folder)
+    line = _cli_error(capsys, COMMANDS[command](str(folder)))
+    assert str(folder / damaged) in line, line
+
+
+@pytest.mark.parametrize("model", ["x" * 10_000_000, "/" + "x" * 10_000_000, "./" + "x" * 300])
+def test_a_huge_value_is_cut_in_the_error_line(tmp_path, capsys, model):
+    config = tmp_path / "huge.yaml"
+    config.write_text(f"inherit: countdown-tiny-grpo\nmodel: {model}\n")
+    line = _cli_error(capsys, ["train", "--config", str(config), "--steps", "1", "--run-dir", str(tmp_path / "run")])
+    assert len(line) < 1000 and "xxxx..." in line, line[:300]

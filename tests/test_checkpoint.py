@@ -15,6 +15,7 @@ import torch
 
 from treedistill import checkpoint
 from treedistill.checkpoint import (
+    FOLDER_MARKER,
     MARKER,
     atomic_folder,
     latest_checkpoint,
@@ -164,7 +165,7 @@ def test_atomic_folder_replaces_a_model_folder_whole_or_not_at_all(tmp_path):
     with atomic_folder(folder) as tmp:
         (tmp / "config.json").write_text("{}")
         (tmp / "stale.bin").write_text("old")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "stale.bin"]
+    assert sorted(p.name for p in folder.iterdir()) == [FOLDER_MARKER, "config.json", "stale.bin"]
     with pytest.raises(ValueError, match="half way"):
         with atomic_folder(folder) as tmp:
             (tmp / "config.json").write_text('{"new": 1}')
@@ -173,13 +174,13 @@ def test_atomic_folder_replaces_a_model_folder_whole_or_not_at_all(tmp_path):
     assert (folder / "config.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     with atomic_folder(folder) as tmp:
         (tmp / "config.json").write_text('{"new": 1}')
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]  # nothing of the old folder is left
+    assert sorted(p.name for p in folder.iterdir()) == [FOLDER_MARKER, "config.json"]  # nothing of the old folder is left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_atomic_folder_refuses_a_folder_of_other_files(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(UsageError, match="exists and is not a model folder"):
+    with pytest.raises(UsageError, match="holds files that treedistill did not write"):
         with atomic_folder(tmp_path):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
@@ -230,3 +231,26 @@ def test_a_failed_write_leaves_no_temporary_folder_and_the_previous_checkpoint(t
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(tmp_path, 2, {"x": torch.ones(2)})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]
+
+
+def test_a_model_folder_of_an_earlier_version_is_replaced_unless_it_holds_other_files(tmp_path):
+    folder = tmp_path / "model"  # as written before FOLDER_MARKER existed
+    (folder / "value_head").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "treedistill.json",
+                 "value_head/value_head.safetensors"):
+        (folder / name).write_text("{}")
+    checkpoint.check_replaceable(folder)
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="notes.txt"):
+        checkpoint.check_replaceable(folder)
+
+
+def test_stale_temporaries_of_a_killed_folder_write_are_removed_or_put_back(tmp_path):
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    folder = tmp_path / "final"
+    (tmp_path / f".final.tmp-{dead}").mkdir()      # killed while writing: removed
+    (tmp_path / f".final.old-{dead}").mkdir()      # killed between its two renames: the previous folder
+    (tmp_path / f".final.tmp-{os.getpid()}").mkdir()  # a live writer's: kept
+    checkpoint.remove_stale_temporaries(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".final.tmp-{os.getpid()}", "final"]

@@ -1,7 +1,14 @@
 """Equal-compute comparisons: the plan (budgets, overrides), where a run folder stands, and an
 end-to-end `treedistill compare` that reuses a finished run and continues one from its checkpoint."""
 
+import contextlib
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -155,8 +162,97 @@ def test_demo_budget_follows_its_time_model():
     (["demo", "--budget-generated-tokens", "0"], "must be >= 1"),
     (["compare", "--presets", "countdown-tiny-grpo", "--seeds", "0", "--budget-generated-tokens", "9"], "--seeds"),
     (["compare", "--presets", " , ", "--budget-generated-tokens", "9"], "at least one preset"),
+    # refused at once, before a config is built (a billion seeds took minutes of building configs)
+    (["compare", "--presets", "countdown-tiny-grpo", "--seeds", "1000000000", "--budget-generated-tokens", "9"],
+     "--seeds must be in 1..1,000"),
+    (["compare", "--presets", "countdown-tiny-grpo", "--evaluations", "1000000000", "--budget-generated-tokens",
+      "9"], "evaluations must be in 1..1,000"),
 ])
 def test_bad_demo_and_compare_arguments_are_one_line_errors(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# A comparison running in another process (the real CLI): its folder is held, and a SIGKILL of it
+# leaves no worker behind.
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:  # ended meanwhile
+            continue
+        if re.search(rf"^PPid:\s*{pid}$", text, re.M):
+            found.append(int(status.parent.name))
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # ended meanwhile
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()  # a zombie has ended
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _compare_in_another_process(out: Path, log: Path):
+    """(process, its spawned workers) of a `treedistill compare` into `out` with a budget it will not
+    reach soon, once a worker runs; everything it started is killed at the end."""
+    flags = [flag for item in SMALL for flag in ("--set", item)]
+    argv = [sys.executable, "-m", "treedistill", "compare", "--presets", "countdown-tiny-grpo", "--seeds", "1",
+            "--budget-generated-tokens", "10000000", "--evaluations", "1", "--jobs", "1", "--out", str(out), *flags]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    workers: list[int] = []
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while not workers and time.monotonic() < deadline and proc.poll() is None:
+            workers = [c for c in _children(proc.pid) if b"spawn_main" in _cmdline(c)]
+            time.sleep(0.2)
+        assert workers, log.read_text()[-2000:]
+        yield proc, workers
+    finally:
+        for pid in [proc.pid, *workers]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_second_compare_into_a_held_folder_is_refused_naming_the_holder(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    with _compare_in_another_process(out, tmp_path / "first.log") as (first, _):
+        code = main(["compare", "--presets", "countdown-tiny-grpo", "--seeds", "1", "--budget-generated-tokens",
+                     "1", "--evaluations", "1", "--jobs", "1", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"in use by another comparison (pid {first.pid})" in err, err
+        assert len(err.strip().splitlines()) == 1
+        assert first.poll() is None  # the first goes on
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_compare_killed_with_sigkill_leaves_no_worker_behind(tmp_path):
+    with _compare_in_another_process(tmp_path / "cmp", tmp_path / "log") as (proc, workers):
+        started = _children(proc.pid)  # the workers and multiprocessing's resource tracker
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while any(map(_alive, started)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [_cmdline(pid)[:100] for pid in started if _alive(pid)]
+        assert set(workers) <= set(started) and not left, left

@@ -181,3 +181,86 @@ def test_run_folder_without_final_says_how_to_write_one(tmp_path, capsys):
     assert trained_model_folder(TINY_FOLDER) == TINY_FOLDER  # a model folder is itself
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "complete checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Export loses nothing: only folders it wrote are replaced, damaged checkpoints and failed writes end
+# in one line (exit 2) or a fallback, never a traceback or a half folder.
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """A finished run with complete checkpoints of steps 1 and 2 (copy it before damaging it)."""
+    run = tmp_path_factory.mktemp("export") / "run"
+    flags = [flag for item in SMALL for flag in ("--set", item)]
+    assert main(["train", "--preset", "countdown-tiny-grpo", *flags, "--set", "checkpoint_every=1", "--steps", "2",
+                 "--run-dir", str(run)]) == 0
+    return run
+
+
+def _one_line_error(capsys, code, *fragments) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def _tree(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def test_export_replaces_only_a_folder_it_wrote(two_steps, tmp_path, capsys):
+    theirs = tmp_path / "d"  # a folder that merely holds a config.json is not export's to replace
+    (theirs / "data").mkdir(parents=True)
+    (theirs / "config.json").write_text("{}")
+    (theirs / "notes.txt").write_text("precious")
+    before = _tree(theirs)
+    _one_line_error(capsys, main(["export", str(two_steps), "--out", str(theirs)]),
+                    "treedistill did not write", "notes.txt")
+    assert _tree(theirs) == before
+    ours = tmp_path / "ours"
+    for _ in range(2):  # written, then replaced: it is export's own
+        assert main(["export", str(two_steps), "--out", str(ours)]) == 0
+    (ours / "notes.txt").write_text("added by hand")  # from now on it holds a file export did not write
+    _one_line_error(capsys, main(["export", str(two_steps), "--out", str(ours)]), "notes.txt")
+    assert (ours / "notes.txt").read_text() == "added by hand" and (ours / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("damage", ["truncated model.pt", "empty marker"])
+def test_export_falls_back_past_a_damaged_newest_checkpoint(two_steps, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    shutil.copytree(two_steps, run)
+    newest = run / "checkpoints" / "step-00000002"
+    if damage == "empty marker":
+        (newest / "complete").write_bytes(b"")
+    else:
+        (newest / "model.pt").write_bytes((newest / "model.pt").read_bytes()[:1000])
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: skipping checkpoint step-00000002" in err and "Traceback" not in err
+    assert json.loads((tmp_path / "out" / "treedistill.json").read_text())["trained"]["step"] == 1
+    # the damaged step asked for by name, or as a checkpoint folder: one line
+    for source, step in ((run, ["--step", "2"]), (newest, [])):
+        _one_line_error(capsys, main(["export", str(source), *step, "--out", str(tmp_path / "two")]),
+                        "step-00000002")
+    assert not (tmp_path / "two").exists()
+
+
+@pytest.mark.parametrize("failure", ["full disk", "read-only disk", "under a file"])
+def test_export_write_failures_are_one_line_and_leave_no_half_folder(two_steps, tmp_path, capsys, disks, failure):
+    if failure == "under a file":
+        (tmp_path / "afile").write_text("x")
+        out, expected = tmp_path / "afile" / "sub", "which is a file"
+    else:
+        disk = disks.new("2m")  # the model alone takes 4 MB
+        out = disk / "models" / "out"
+        expected = "No space left on device (the disk mounted at" if failure == "full disk" else "Read-only file system"
+        if failure == "read-only disk":
+            disks.remount(disk, "ro")
+    line = _one_line_error(capsys, main(["export", str(two_steps), "--out", str(out)]), expected, str(out))
+    assert len(line) < 400
+    parent = out.parent.parent  # nothing left beside the file, nor on the disk (models/ was made for the export)
+    assert sorted(p.name for p in parent.iterdir()) == (["afile"] if failure == "under a file" else [])

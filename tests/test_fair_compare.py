@@ -189,11 +189,11 @@ class _ScriptedEngine:
 
 @pytest.mark.slow
 def test_flops_are_charged_for_the_tokens_a_scripted_engine_fixed(tmp_path, monkeypatch):
-    import treedistill.train as train_module
+    import treedistill.collect as collect_module
     from treedistill.models.tiny import build_model
 
     engines = []
-    monkeypatch.setattr(train_module, "make_engine", lambda policy, name: engines.append(_ScriptedEngine(policy))
+    monkeypatch.setattr(collect_module, "make_engine", lambda policy, name: engines.append(_ScriptedEngine(policy))
                         or engines[-1])
     cfg = load_config("countdown-tiny-grpo", overrides=[*SMALL, "steps=1", "eval_problems=2", "max_new_tokens=40"])
     train(cfg, tmp_path / "run", progress=False)

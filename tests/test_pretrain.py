@@ -244,7 +244,7 @@ def test_cli_refuses_an_output_folder_of_other_files(capsys, tmp_path):
 
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["pretrain", "--out", str(tmp_path)]) == 2
-    assert "is not a model folder" in capsys.readouterr().err
+    assert "holds files that treedistill did not write" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 

@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,31 @@ def test_max_new_tokens_beyond_the_models_context_is_refused_before_compute(tmp_
     one_line_error(capsys, train(run, "--steps", "1", "--set", "max_new_tokens=32768"),
                    "max_new_tokens=32768 does not fit", "context of 512 tokens")
     assert not run.exists()  # the folder it had made is removed again: nothing was written
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_naming_the_disk_and_the_run_resumes_once_there_is_room(tmp_path, capsys, disks):
+    disk = disks.new("6m")  # the model's entry (4 MB) fits, the optimizer's (8 MB) does not: torch.save fails
+    run = disk / "run"
+    one_line_error(capsys, train(run, "--steps", "1"), "No space left on device", f"the disk mounted at {disk}",
+                   str(run / "checkpoints"))
+    assert list((run / "checkpoints").iterdir()) == []  # no temporary folder with a partial entry
+    disks.remount(disk, "size=64m")
+    assert train(run, "--steps", "1") == 0
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-00000001"]
+
+
+@pytest.mark.slow
+def test_a_final_folder_write_killed_part_way_leaves_nothing_after_the_resume(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    assert train(run, "--steps", "1") == 0
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    stale = run / f".final.tmp-{int(dead.stdout)}"  # what a kill while final/ was written leaves
+    shutil.copytree(run / "final", stale)
+    assert train(run, "--steps", "2") == 0
+    assert not stale.exists()
+    assert json.loads((run / "final" / "treedistill.json").read_text())["trained"]["step"] == 2

@@ -37,6 +37,32 @@ def test_search_refuses_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, bound", [("--simulations", "100000000000", "10,000,000"),
+                                                ("--k-children", "10000001", "10,000,000"),
+                                                ("--step-max-tokens", "40000", "32,768")])
+def test_search_counts_beyond_their_bound_are_refused_before_compute(flag, value, bound, capsys, monkeypatch):
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    monkeypatch.setattr("treedistill.models.load.load_policy", no_loading)
+    assert main(["search", "--numbers", "3", "4", "--target", "7", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} must be at most {bound}, got {value}" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_long_search_shows_its_progress_on_stderr(model, capsys, monkeypatch):
+    from treedistill.commands import search
+
+    monkeypatch.setattr(search.SearchProgress, "EVERY_S", 0.0)  # a line every round, as a long search gets every 2 s
+    assert main(["search", "--model", model, "--numbers", "3", "7", "9", "12", "--target", "24",
+                 "--simulations", "16", "--parallel", "4", "--max-new-tokens", "64"]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("search simulations ")]
+    assert lines and lines[-1].startswith("search simulations 16/16"), captured.err
+    assert "search simulations" not in captured.out
+
+
 def test_testtime_refuses_bad_budgets(capsys):
     assert main(["testtime", "--model", "tiny", "--budgets", "0,64"]) == 2
     assert "--budgets" in capsys.readouterr().err

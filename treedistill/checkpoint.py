@@ -20,6 +20,7 @@ generator's state in that form.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -37,17 +38,23 @@ import torch
 from treedistill.errors import UsageError
 
 __all__ = [
+    "FOLDER_MARKER",
     "MARKER",
+    "atomic_folder",
+    "check_replaceable",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "load_latest",
+    "remove_stale_temporaries",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
 ]
 
 MARKER = "complete"
+# Written last into every folder `atomic_folder` writes: the files written, which alone may be replaced.
+FOLDER_MARKER = ".treedistill-folder"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _ENTRY = re.compile(r"[A-Za-z0-9_.-]+")
 _TMP_DIR = re.compile(r"^\.(?:tmp|old)-(\d+)-(\d+)$")
@@ -69,20 +76,26 @@ def _fsync_dir(path: Path) -> None:
 @contextmanager
 def atomic_folder(folder: str | Path) -> Iterator[Path]:
     """Write a whole folder or none of it: yields an empty temporary sibling to fill; when the block
-    ends without an error, it takes `folder`'s place in one rename (a folder already there is moved
-    aside first and removed after). An error, or a kill at any moment, leaves `folder` as it was.
+    ends without an error, FOLDER_MARKER (the list of the files written) is added and the folder takes
+    `folder`'s place in one rename (a folder already there is moved aside first and removed after). An
+    error, or a kill at any moment, leaves `folder` as it was, and no folder this call created.
 
-    Only an empty folder or a model folder (one with config.json) is replaced: anything else at
-    that path is refused, so that pointing an output at a folder of other files loses nothing.
+    Only an empty folder or one this function wrote (`check_replaceable`) is replaced, so that pointing
+    an output at a folder of other files loses nothing. Temporary siblings left by a killed writer are
+    removed first (`remove_stale_temporaries`).
     """
     folder = Path(folder)
     check_replaceable(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)
+    created = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         yield tmp
+        written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        (tmp / FOLDER_MARKER).write_text(json.dumps({"written_by": "treedistill", "files": written}, indent=1) + "\n")
         for path in tmp.rglob("*"):
             if path.is_file():
                 with open(path, "rb") as f:
@@ -90,6 +103,9 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
         _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:  # innermost first; only folders this call made, and only when empty
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         raise
     if folder.exists():
         old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -101,13 +117,66 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     _fsync_dir(folder.parent)
 
 
-def check_replaceable(folder: str | Path) -> None:
-    """UsageError unless `atomic_folder` may replace `folder`: absent, empty, or a model folder
-    (config.json) or adapter folder (adapter_config.json)."""
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Remove what a writer of `folder` killed mid-way left beside it (`atomic_folder`'s
+    `.NAME.tmp-PID` and `.NAME.old-PID` of processes no longer alive). An `.old-PID` is the previous
+    folder, moved aside just before the new one took its place: it is put back when `folder` is missing."""
     folder = Path(folder)
-    model = any((folder / name).is_file() for name in ("config.json", "adapter_config.json"))
-    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or model)):
-        raise UsageError(f"{folder} exists and is not a model folder (no config.json): choose another path")
+    if not folder.parent.is_dir():
+        return
+    pattern = re.compile(rf"^\.{re.escape(folder.name)}\.(tmp|old)-(\d+)$")
+    for path in folder.parent.iterdir():
+        match = pattern.match(path.name)
+        if not match or _pid_alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not folder.exists():
+            os.rename(path, folder)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# The files of a model folder that an earlier version wrote without FOLDER_MARKER (save_pretrained,
+# tokenizer files, value head, treedistill.json, pretrain.json): such a folder may still be replaced.
+_LEGACY_FILES = re.compile(r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens"
+                           r"|vocab|adapter_config|treedistill|pretrain|model\.safetensors\.index)\.json|merges\.txt"
+                           r"|chat_template\.jinja|tokenizer\.model|(model|adapter_model)(-\d+-of-\d+)?\.safetensors"
+                           r"|(value_head/)?value_head\.safetensors")
+
+
+def _foreign_files(folder: Path) -> list[str]:
+    """The files in `folder` that `atomic_folder` did not write there (all of them when it holds no
+    FOLDER_MARKER and is not an earlier version's model folder)."""
+    present = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+    try:
+        written = json.loads((folder / FOLDER_MARKER).read_text())["files"]
+        return [name for name in present if name != FOLDER_MARKER and name not in written]
+    except FileNotFoundError:
+        if (folder / "treedistill.json").is_file():
+            return [name for name in present if not _LEGACY_FILES.fullmatch(name)]
+    except (OSError, ValueError, TypeError, KeyError):
+        pass  # a damaged marker proves nothing
+    return present
+
+
+def check_replaceable(folder: str | Path) -> None:
+    """UsageError unless `atomic_folder` may replace `folder`: absent, an empty folder, or a folder that
+    holds only the files that treedistill wrote there (FOLDER_MARKER lists them)."""
+    folder = Path(folder)
+    under = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+    if under is not None:
+        raise UsageError(f"{folder} lies under {under}, which is a file, not a folder: choose another path")
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not folder.is_dir():
+        raise UsageError(f"{folder} exists and is not a folder: choose another path")
+    try:
+        foreign = _foreign_files(folder)
+    except OSError as err:
+        raise UsageError(f"{folder} cannot be read ({err.strerror})") from None
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+        raise UsageError(f"{folder} holds files that treedistill did not write ({shown}); it is replaced only "
+                         "when empty or written by treedistill: choose another path")
 
 
 def _check_plain(value, where: str) -> None:
@@ -128,9 +197,35 @@ def _check_plain(value, where: str) -> None:
                     f"strings and lists/dicts of those (e.g. a state_dict(), or rng_state())")
 
 
+class _Writes:
+    """A file that keeps the OSError of a failed write: torch.save swallows it and raises a RuntimeError
+    ("enforce fail at inline_container.cc ... unexpected pos") that never says why (a full disk)."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def _write_entry(folder: Path, name: str, value) -> None:
-    with open(folder / f"{name}.pt", "wb") as f:
-        torch.save(value, f)
+    """Raises OSError naming the file when the write fails (ENOSPC for a full disk)."""
+    path = folder / f"{name}.pt"
+    with open(path, "wb") as f:
+        writes = _Writes(f)
+        try:
+            torch.save(value, writes)
+        except RuntimeError:
+            if writes.error is None:
+                raise
+            raise OSError(writes.error.errno, writes.error.strerror, str(path)) from None
         f.flush()
         os.fsync(f.fileno())
 
@@ -228,8 +323,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """The state saved in a complete checkpoint folder (name -> value), plus "step".
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    entries: tuple[str, ...] | None = None, mmap: bool = False) -> dict:
+    """The state saved in a complete checkpoint folder (name -> value), plus "step". entries: load only
+    those of these names that the checkpoint holds (None: all); mmap: memory-map the files
+    (`torch.load(mmap=True)`: what is never touched, e.g. the optimizer state, is never read).
 
     Raises UsageError "PATH: why" when the folder has no marker, its marker is damaged, or an entry
     cannot be read back whole (truncated, empty or overwritten files)."""
@@ -239,16 +337,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise UsageError(f"{path} is not a complete checkpoint (no '{MARKER}' marker)")
     try:
         info = json.loads(marker.read_bytes())
-        entries, step = info["entries"], info["step"]
-        if not (isinstance(entries, list) and all(isinstance(e, str) and _ENTRY.fullmatch(e) for e in entries)
+        listed, step = info["entries"], info["step"]
+        if not (isinstance(listed, list) and all(isinstance(e, str) and _ENTRY.fullmatch(e) for e in listed)
                 and type(step) is int):
             raise ValueError("unexpected content")
     except (OSError, ValueError, TypeError, KeyError, RecursionError) as err:
         raise UsageError(f"{path}: damaged '{MARKER}' marker ({type(err).__name__}: {err})") from None
     state = {}
-    for name in entries:
+    for name in [e for e in listed if entries is None or e in entries]:
         try:
-            state[name] = torch.load(path / f"{name}.pt", map_location=map_location, weights_only=True)
+            state[name] = torch.load(path / f"{name}.pt", map_location=map_location, weights_only=True, mmap=mmap)
         except Exception as err:  # noqa: BLE001 - a damaged file makes torch.load raise RuntimeError,
             # EOFError, KeyError, UnpicklingError, OSError...: each one means "this checkpoint is broken"
             why = str(err).strip().splitlines()[0].split(". ")[0][:200] if str(err).strip() else "file cut short"
@@ -257,11 +355,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def load_latest(run_dir: str | Path, *, warn=None) -> tuple[Path, dict] | None:
+def load_latest(run_dir: str | Path, *, warn=None, load=load_checkpoint) -> tuple[Path, dict] | None:
     """(folder, state) of the run's newest checkpoint that loads completely, or None when it has no
     complete checkpoint. A newer checkpoint that cannot be read back (a truncated or emptied file, a
     damaged marker) is skipped: `warn(message)` says which and why (default: a line on stderr).
-    Raises UsageError when checkpoints exist but none of them loads."""
+    load: how a checkpoint is read (default `load_checkpoint`, every entry; it raises UsageError for a
+    damaged one). Raises UsageError when checkpoints exist but none of them loads."""
     if warn is None:
         def warn(message):
             print(f"warning: {message}", file=sys.stderr)
@@ -270,7 +369,7 @@ def load_latest(run_dir: str | Path, *, warn=None) -> tuple[Path, dict] | None:
     reasons = []
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return path, load_checkpoint(path)
+            return path, load(path)
         except UsageError as err:
             reasons.append(str(err))
             warn(f"skipping checkpoint {path.name}, it cannot be loaded: {err}")

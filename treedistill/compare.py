@@ -21,18 +21,27 @@ How a comparison runs:
   again; a run killed part-way continues from its newest checkpoint (`resume="auto"`). A run folder
   holding a different config is refused.
 - Parallel: up to `jobs` runs at once, each in its own process with one torch thread (spawned, so
-  a crash of one run costs only that run). Progress (which run, which step, tokens, ETA) is
-  reported through a callback every `poll_s` seconds; this module never prints.
+  a crash of one run costs only that run; a worker dies with the comparison's process, even a
+  SIGKILLed one). Progress (which run, which step, tokens, ETA) is reported through a callback every
+  `poll_s` seconds; this module never prints.
+- One comparison at a time per output folder (a lock on OUT/.treedistill-compare): a second one is
+  refused, naming the holder's pid. Seeds and evaluation points are bounded (MAX_SEEDS, MAX_EVALUATIONS).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
+import fcntl
 import math
 import multiprocessing
 import os
+import re
 import resource
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +50,7 @@ from pathlib import Path
 import yaml
 
 from treedistill.config import TrainConfig, load_config, to_yaml
-from treedistill.errors import UsageError
+from treedistill.errors import UsageError, os_reason, shown
 from treedistill.metrics import format_duration
 from treedistill.report import (
     headline,
@@ -53,11 +62,17 @@ from treedistill.report import (
     write_report,
 )
 
-__all__ = ["PRE_RL_DIR", "STEPS_CAP", "RunSpec", "RunState", "evaluate_initial", "plan_runs", "run_all",
+__all__ = ["MAX_EVALUATIONS", "MAX_SEEDS", "PRE_RL_DIR", "STEPS_CAP", "RunSpec", "RunState", "evaluate_initial", "plan_runs", "run_all",
            "run_comparison", "run_state", "segment_budgets"]
 
 STEPS_CAP = 1_000_000  # steps of a comparison run: the budget ends it long before
+# Seeds per preset and evaluation points at most: each seed is a training run and each point an
+# evaluation of every run, so more would not finish; refused before the configs are built (which
+# alone took minutes for a mistyped 10**9 seeds).
+MAX_SEEDS = 1_000
+MAX_EVALUATIONS = 1_000
 PRE_RL_DIR = "pre-rl"  # OUT/pre-rl: the one evaluation of the model before RL
+COMPARE_LOCK = ".treedistill-compare"  # OUT/COMPARE_LOCK: locked while a comparison runs in OUT
 
 
 @dataclass(frozen=True)
@@ -93,8 +108,8 @@ def segment_budgets(budget: int, evaluations: int) -> tuple[int, ...]:
     """Budget points at which runs are evaluated: budget * i / E for i = 1..E (distinct, increasing)."""
     if budget < 1:
         raise UsageError(f"the generated-token budget must be >= 1 (got {budget})")
-    if evaluations < 1:
-        raise UsageError(f"evaluations must be >= 1 (got {evaluations})")
+    if not 1 <= evaluations <= MAX_EVALUATIONS:
+        raise UsageError(f"evaluations must be in 1..{MAX_EVALUATIONS:,} (got {shown(evaluations)})")
     return tuple(sorted({max(1, round(budget * i / evaluations)) for i in range(1, evaluations + 1)}))
 
 
@@ -116,6 +131,8 @@ def plan_runs(presets: Mapping[str, str], *, seeds: Sequence[int], budget: int, 
         raise UsageError(f"each preset may appear once (got {', '.join(presets.values())})")
     if not seeds:
         raise UsageError("give at least one seed")
+    if len(seeds) > MAX_SEEDS:
+        raise UsageError(f"at most {MAX_SEEDS:,} seeds per preset (got {len(seeds):,})")
     budgets = segment_budgets(budget, evaluations)
     out = Path(out_dir)
     specs = []
@@ -201,6 +218,30 @@ def evaluate_initial(cfg: TrainConfig, run_dir: str | Path, *, engine: str = "na
     os.replace(tmp, out / "config.yaml")
     write_jsonl(out / "metrics.jsonl", [record])
     return record
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when the comparison's process ends, however it ends (a
+    SIGKILL runs no clean-up: its workers would finish their run, then idle forever under pid 1,
+    each holding a model). Linux: the kernel sends SIGKILL on the parent's death (PR_SET_PDEATHSIG);
+    elsewhere a thread watches the parent's pid."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was asked for
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _train_run(spec: RunSpec) -> dict:
@@ -296,7 +337,8 @@ def run_all(specs: Sequence[RunSpec], *, jobs: int = 1, log: Callable[[str], Non
         context = multiprocessing.get_context("spawn")
         queue = list(pending)
         active: list[_Active] = []
-        with cf.ProcessPoolExecutor(max_workers=min(jobs, total), mp_context=context) as pool:
+        with cf.ProcessPoolExecutor(max_workers=min(jobs, total), mp_context=context,
+                                    initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
             try:
                 while queue or active:
                     while queue and len(active) < jobs:
@@ -345,6 +387,31 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+@contextlib.contextmanager
+def _holding(out_dir: Path):
+    """One comparison at a time in a folder, or a UsageError naming the holder's pid: an OS lock
+    (fcntl.flock, released when the process ends, however it ends) on OUT/COMPARE_LOCK. Two at once
+    would train the same runs twice, each taking the other's runs, held, for failed ones."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out_dir / COMPARE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise UsageError(f"--out {out_dir} cannot be created or written: {os_reason(err)}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = re.search(rb"pid (\d+)", os.pread(fd, 200, 0))
+            raise UsageError(f"--out {out_dir} is in use by another comparison (pid "
+                             f"{holder[1].decode() if holder else '?'}); wait for it to end or choose another "
+                             "--out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"treedistill comparison, held while running by pid {os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def run_comparison(presets: Mapping[str, str], *, seeds: Sequence[int], budget: int, out_dir: str | Path,
                    overrides: Sequence[str] = (), evaluations: int = 3, jobs: int | None = None,
                    log: Callable[[str], None] = lambda line: None, poll_s: float = 15.0,
@@ -358,31 +425,32 @@ def run_comparison(presets: Mapping[str, str], *, seeds: Sequence[int], budget: 
     specs = plan_runs(presets, seeds=seeds, budget=budget, out_dir=out_dir, overrides=overrides,
                       evaluations=evaluations)
     jobs = jobs or max(1, min(2, os.cpu_count() or 1))
-    rank = {label: i for i, label in enumerate(run_first)}
-    # the pre-RL evaluation first, then seed by seed (an interrupted comparison has every method at the
-    # same number of seeds), within a seed run_first, then the order of `presets`
-    order = sorted(specs, key=lambda s: (-1, 0) if s.pre_rl else (s.seed, rank.get(s.label, len(rank))))
-    outcome = run_all(order, jobs=jobs, log=log, poll_s=poll_s)
-    runs: dict[str, list[str]] = {}
-    for spec in specs:
-        if any(r.get("kind") == "eval" for r in read_records(spec.run_dir, missing_ok=True)):
-            runs.setdefault(spec.label, []).append(spec.run_dir)
-    if not runs:
-        raise UsageError("no run produced an evaluation: " + "; ".join(m for _, m in outcome["failed"]))
-    run_notes = [*notes, f"Made with up to {jobs} runs at once; this invocation took "
-                         f"{format_duration(outcome['wall_s'])} wall-clock and {format_duration(outcome['cpu_s'])} "
-                         "of CPU time (processes summed)."
-                 + (f" Reused finished runs: {len(outcome['reused'])}." if outcome["reused"] else "")]
-    if outcome["failed"]:
-        run_notes.append("Failed runs (reported up to their last evaluation, if any): "
-                         + "; ".join(f"`{d}`: {m}" for d, m in outcome["failed"]))
-    path = write_report(runs, out_dir, reference=reference, title=title, notes=run_notes)
-    results = {label: [read_run(d) for d in dirs] for label, dirs in runs.items()}
-    rows = summarize(results, reference)
-    differences = paired_differences(results, rows)
-    return {"report": str(path), "out_dir": str(out_dir), "budget_generated_tokens": budget,
-            "evaluation_points": list(specs[0].budgets), "seeds": list(seeds), "jobs": jobs,
-            "rows": [r.to_dict() for r in rows], "differences": differences, "ran": outcome["ran"],
-            "reused": outcome["reused"], "failed": [{"run_dir": d, "error": m} for d, m in outcome["failed"]],
-            "wall_s": outcome["wall_s"], "cpu_s": outcome["cpu_s"], "headline": headline(rows, differences),
-            "table": table_text(rows, k=int(next(iter(results.values()))[0].config.get("eval_k", 16)))}
+    with _holding(Path(out_dir)):  # one comparison at a time in a folder
+        rank = {label: i for i, label in enumerate(run_first)}
+        # the pre-RL evaluation first, then seed by seed (an interrupted comparison has every method at the
+        # same number of seeds), within a seed run_first, then the order of `presets`
+        order = sorted(specs, key=lambda s: (-1, 0) if s.pre_rl else (s.seed, rank.get(s.label, len(rank))))
+        outcome = run_all(order, jobs=jobs, log=log, poll_s=poll_s)
+        runs: dict[str, list[str]] = {}
+        for spec in specs:
+            if any(r.get("kind") == "eval" for r in read_records(spec.run_dir, missing_ok=True)):
+                runs.setdefault(spec.label, []).append(spec.run_dir)
+        if not runs:
+            raise UsageError("no run produced an evaluation: " + "; ".join(m for _, m in outcome["failed"]))
+        run_notes = [*notes, f"Made with up to {jobs} runs at once; this invocation took "
+                             f"{format_duration(outcome['wall_s'])} wall-clock and {format_duration(outcome['cpu_s'])} "
+                             "of CPU time (processes summed)."
+                     + (f" Reused finished runs: {len(outcome['reused'])}." if outcome["reused"] else "")]
+        if outcome["failed"]:
+            run_notes.append("Failed runs (reported up to their last evaluation, if any): "
+                             + "; ".join(f"`{d}`: {m}" for d, m in outcome["failed"]))
+        path = write_report(runs, out_dir, reference=reference, title=title, notes=run_notes)
+        results = {label: [read_run(d) for d in dirs] for label, dirs in runs.items()}
+        rows = summarize(results, reference)
+        differences = paired_differences(results, rows)
+        return {"report": str(path), "out_dir": str(out_dir), "budget_generated_tokens": budget,
+                "evaluation_points": list(specs[0].budgets), "seeds": list(seeds), "jobs": jobs,
+                "rows": [r.to_dict() for r in rows], "differences": differences, "ran": outcome["ran"],
+                "reused": outcome["reused"], "failed": [{"run_dir": d, "error": m} for d, m in outcome["failed"]],
+                "wall_s": outcome["wall_s"], "cpu_s": outcome["cpu_s"], "headline": headline(rows, differences),
+                "table": table_text(rows, k=int(next(iter(results.values()))[0].config.get("eval_k", 16)))}

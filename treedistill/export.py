@@ -3,7 +3,10 @@
 
 Every run ends by writing RUN/final/ (`write_final`, called by `runs.finish_run`, which both the
 one-process loop and the Ray loop end with); `treedistill export RUN [--step N] --out DIR` writes one
-from any complete checkpoint (`export_checkpoint`).
+from any complete checkpoint (`export_checkpoint`): the newest that loads (a newer damaged one is
+skipped with a warning, as `train --resume auto` does), or the one of --step. DIR is replaced only when
+it is empty or holds nothing but what treedistill wrote there (`checkpoint.check_replaceable`); a
+failed write (a full disk, a read-only folder) is one line and leaves DIR as it was.
 
 The folder (`models.load.write_model_files`, written whole or not at all by `checkpoint.atomic_folder`):
 config.json + model.safetensors + generation_config.json (save_pretrained), the tokenizer files with
@@ -23,15 +26,17 @@ loop, the Ray driver's learner, or FSDP rank 0 with the gathered full state dict
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from treedistill import checkpoint
 from treedistill.config import load_config
-from treedistill.errors import UsageError
+from treedistill.errors import UsageError, cut, mount_point, os_reason
 from treedistill.learner import load_train_policy
 from treedistill.models.load import FINAL_FOLDER, META_FILE, write_model_files
 
@@ -40,31 +45,35 @@ __all__ = ["checkpoint_at", "export_checkpoint", "write_final"]
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def checkpoint_at(source: str | Path, step: int | None = None) -> Path:
-    """The complete checkpoint to export: `source` a run folder (its newest one, or that of `step`)
-    or a checkpoint folder itself."""
+def checkpoint_at(source: str | Path, step: int | None = None, *, warn=None) -> Path:
+    """The complete checkpoint to export: `source` a run folder (its newest one that loads, a newer
+    damaged one skipped with `warn(message)`, as `train --resume auto` does; or that of `step`) or a
+    checkpoint folder itself. A damaged checkpoint named by `step` or `source` is a UsageError."""
     source = Path(source).expanduser()
     if (source / checkpoint.MARKER).is_file():
         if step is not None and source.name != f"step-{step:08d}":
             raise UsageError(f"{source} is the checkpoint of another step than --step {step}")
+        _weights(source)
         return source
     found = checkpoint.list_checkpoints(source) if source.is_dir() else []
     if not found:
         raise UsageError(f"{source}: not a run folder holding a complete checkpoint (RUN/checkpoints/step-N/ "
                          f"with its '{checkpoint.MARKER}' marker), nor such a checkpoint")
     if step is None:
-        return found[-1]
+        return checkpoint.load_latest(source, warn=warn, load=_weights)[0]
     wanted = [path for path in found if path.name == f"step-{step:08d}"]
     if not wanted:
         steps = ", ".join(str(int(path.name.split("-")[1])) for path in found)
         raise UsageError(f"{source} has no complete checkpoint of step {step} (complete: {steps}; "
                          "keep_checkpoints sets how many are kept)")
+    _weights(wanted[0])
     return wanted[0]
 
 
-def _entry(ckpt: Path, name: str):
-    """One entry of a checkpoint, memory-mapped: the optimizer state (twice the model) is never read."""
-    return torch.load(ckpt / f"{name}.pt", map_location="cpu", weights_only=True, mmap=True)
+def _weights(ckpt: Path) -> dict:
+    """The policy's entries of a checkpoint (model, value head if any), memory-mapped: the optimizer
+    state (twice the model) is never read. UsageError when the checkpoint is damaged."""
+    return checkpoint.load_checkpoint(ckpt, entries=("model", "value_head"), mmap=True)
 
 
 def _run_config(ckpt: Path):
@@ -78,8 +87,8 @@ def _run_config(ckpt: Path):
 
 def _trained_policy(ckpt: Path):
     """(policy on the CPU holding the checkpoint's weights, config)."""
-    entries = json.loads((ckpt / checkpoint.MARKER).read_text())["entries"]
-    state = _entry(ckpt, "model")
+    saved = _weights(ckpt)
+    state = saved["model"]
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPE_NAMES:
         raise UsageError(f"{ckpt}: model weights in {sorted(map(str, dtypes))}; expected one of "
@@ -88,17 +97,19 @@ def _trained_policy(ckpt: Path):
     cfg = dataclasses.replace(cfg, device="cpu", dtype=_DTYPE_NAMES[next(iter(dtypes))])
     policy = load_train_policy(cfg)
     policy.model.load_state_dict(state)
-    if ("value_head" in entries) != (policy.value_head is not None):
-        raise UsageError(f"{ckpt}: the checkpoint {'has' if 'value_head' in entries else 'lacks'} a value head "
+    if ("value_head" in saved) != (policy.value_head is not None):
+        raise UsageError(f"{ckpt}: the checkpoint {'has' if 'value_head' in saved else 'lacks'} a value head "
                          "and the run's config.yaml says otherwise")
     if policy.value_head is not None:
-        policy.value_head.load_state_dict(_entry(ckpt, "value_head"))
+        policy.value_head.load_state_dict(saved["value_head"])
     return policy, cfg
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, *, adapter_only: bool = False) -> dict:
     """Write checkpoint `ckpt`'s policy as the model folder `out` (see the module docstring); returns
-    what was written: out, step, checkpoint, lora ("merged" | "adapter" | None), files."""
+    what was written: out, step, checkpoint, lora ("merged" | "adapter" | None), files. `out` must be
+    absent, empty or a folder treedistill wrote (`checkpoint.check_replaceable`); a failed write (a full
+    disk, a read-only folder) is a UsageError and leaves `out` as it was."""
     ckpt, out = Path(ckpt), Path(out)
     checkpoint.check_replaceable(out)  # before the model is loaded
     policy, cfg = _trained_policy(ckpt)
@@ -108,13 +119,20 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, adapter_only: bool =
     step = int(re.fullmatch(r"step-(\d+)", ckpt.name).group(1))
     meta = {"trained": {"run": str(ckpt.parent.parent.resolve()), "step": step, "method": cfg.method,
                         "base_model": cfg.model, "lora": lora}}
-    if adapter_only:
-        # peft's save_pretrained writes the adapter alone; the base model is cfg.model
-        with checkpoint.atomic_folder(out) as tmp:
-            write_model_files(tmp, policy.model, policy.tokenizer, policy.value_head, name=policy.name,
-                              compact_prompt=policy.compact_prompt, meta=meta)
-    else:
-        policy.save(out, meta=meta)  # a LoRA adapter merged into a copy of the weights
+    try:
+        if adapter_only:
+            # peft's save_pretrained writes the adapter alone; the base model is cfg.model
+            with checkpoint.atomic_folder(out) as tmp:
+                write_model_files(tmp, policy.model, policy.tokenizer, policy.value_head, name=policy.name,
+                                  compact_prompt=policy.compact_prompt, meta=meta)
+        else:
+            policy.save(out, meta=meta)  # a LoRA adapter merged into a copy of the weights
+    except OSError as err:
+        raise UsageError(f"cannot write {out}: {os_reason(err)}") from None
+    except SafetensorError as err:  # safetensors' own I/O error, e.g. "... (os error 28)"
+        why = (f"No space left on device (the disk mounted at {mount_point(str(out))})"
+               if f"os error {errno.ENOSPC})" in str(err) else cut(str(err)))
+        raise UsageError(f"cannot write {out}: {why}") from None
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     return {"out": str(out), "step": step, "checkpoint": str(ckpt), "lora": lora, "files": files}
 
@@ -127,9 +145,18 @@ def write_final(run_dir: str | Path) -> Path | None:
     if not found:
         return None
     final = run_dir / FINAL_FOLDER
-    step = int(found[-1].name.split("-")[1])
-    meta_file = final / META_FILE
-    if meta_file.is_file() and json.loads(meta_file.read_text()).get("trained", {}).get("step") == step:
+    newest = checkpoint_at(run_dir)
+    step = int(newest.name.split("-")[1])
+    if _exported_step(final) == step:
         return final
-    export_checkpoint(found[-1], final)
+    export_checkpoint(newest, final)
     return final
+
+
+def _exported_step(folder: Path) -> int | None:
+    """The step a model folder was exported from (its META_FILE), None when it says none or is damaged."""
+    try:
+        trained = json.loads((folder / META_FILE).read_text()).get("trained", {})
+        return trained.get("step") if isinstance(trained, dict) else None
+    except (OSError, ValueError, AttributeError):
+        return None

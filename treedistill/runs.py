@@ -37,11 +37,12 @@ from treedistill import checkpoint
 from treedistill.config import TrainConfig, to_yaml
 from treedistill.datasets import load_split
 from treedistill.envs import ENVS
-from treedistill.errors import UsageError
+from treedistill.errors import UsageError, os_reason
 from treedistill.export import write_final
 from treedistill.jsonl import truncate_jsonl, writable_folder
 from treedistill.methods import RolloutContext
 from treedistill.metrics import ComputeCounters, MetricsLogger, Progress, read_metrics
+from treedistill.models.load import FINAL_FOLDER
 from treedistill.report import write_run_report
 from treedistill.rollout.sample import completion_text
 
@@ -320,24 +321,21 @@ def claim_run_folder(run_dir: Path):
             for name in RUN_FILES:
                 if (run_dir / name).exists() and not os.access(run_dir / name, os.W_OK):
                     raise PermissionError(errno.EACCES, "Permission denied", str(run_dir / name))
+            # what a process killed while writing final/ left (checkpoints/ has its own: checkpoint.latest_checkpoint)
+            checkpoint.remove_stale_temporaries(run_dir / FINAL_FOLDER)
         except OSError as err:
-            raise UsageError(f"--run-dir {run_dir} cannot be written: {_os_error(err)}") from None
+            raise UsageError(f"--run-dir {run_dir} cannot be written: {os_reason(err)}") from None
         yield
     except OSError as err:
         if created:
             _remove_unused(run_dir)
-        raise UsageError(f"stopped by an I/O error: {_os_error(err)}") from None
+        raise UsageError(f"stopped by an I/O error: {os_reason(err)}") from None
     except BaseException:
         if created:
             _remove_unused(run_dir)
         raise
     finally:
         os.close(fd)  # releases the lock
-
-
-def _os_error(err: OSError) -> str:
-    """An OSError as "what: which file" (without Python's "[Errno N]")."""
-    return f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
 
 
 def _remove_unused(run_dir: Path) -> None:

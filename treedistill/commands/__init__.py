@@ -7,14 +7,20 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_at_least_one(args, names: Iterable[str]) -> None:
-    """Refuse any of `args.<name>` below 1 (None: not given, accepted)."""
-    from treedistill.errors import UsageError
+def check_counts(args, names: Iterable[str]) -> None:
+    """Refuse any of `args.<name>` below 1 or above its bound, as the config bounds its sizes
+    (`config.LIMITS`): MAX_TOKENS for a number of tokens (`*_tokens`), else MAX_COUNT (None: not
+    given, accepted)."""
+    from treedistill.config import MAX_COUNT, MAX_TOKENS
+    from treedistill.errors import UsageError, shown
 
     for name in names:
         value = getattr(args, name)
+        bound = MAX_TOKENS if name.endswith("_tokens") else MAX_COUNT
         if value is not None and value < 1:
-            raise UsageError(f"{_flag(name)} must be >= 1, got {value}")
+            raise UsageError(f"{_flag(name)} must be >= 1, got {shown(value)}")
+        if value is not None and value > bound:
+            raise UsageError(f"{_flag(name)} must be at most {bound:,}, got {shown(value)}")
 
 
 def check_non_negative(args, names: Iterable[str]) -> None:

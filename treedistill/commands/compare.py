@@ -11,7 +11,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--presets", required=True,
                         help="comma-separated presets, e.g. countdown-tiny-mcts,countdown-tiny-grpo "
                              "(ablations: ablation-select-uct, ablation-parallel-1, ablation-sims-64, ...)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per preset: 0 .. N-1 (default 3)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per preset: 0 .. N-1 (default 3, at most 1,000)")
     parser.add_argument("--budget-generated-tokens", type=int, required=True,
                         help="every run stops at the first step that reaches this many generated rollout tokens")
     parser.add_argument("--out", default="runs/compare", help="output folder (default runs/compare); "
@@ -30,14 +30,14 @@ def _log(line: str) -> None:
 
 
 def run(args) -> dict:
-    from treedistill.compare import run_comparison
-    from treedistill.errors import UsageError
+    from treedistill.compare import MAX_SEEDS, run_comparison
+    from treedistill.errors import UsageError, shown
 
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     if not presets:
         raise UsageError("--presets needs at least one preset name")
-    if args.seeds < 1:
-        raise UsageError(f"--seeds must be >= 1 (got {args.seeds})")
+    if not 1 <= args.seeds <= MAX_SEEDS:
+        raise UsageError(f"--seeds must be in 1..{MAX_SEEDS:,} (got {shown(args.seeds)})")
     summary = run_comparison({p: p for p in presets}, seeds=range(args.seeds), budget=args.budget_generated_tokens,
                              out_dir=args.out, overrides=args.overrides, evaluations=args.evaluations,
                              jobs=args.jobs, log=_log,

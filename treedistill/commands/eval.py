@@ -14,8 +14,8 @@ from treedistill.commands import (
     add_pick_argument,
     add_tree_arguments,
     add_widening_arguments,
-    check_at_least_one,
     check_choice,
+    check_counts,
     check_non_negative,
     search_settings,
 )
@@ -78,13 +78,15 @@ def check_arguments(args) -> None:
     """Refuse bad values before anything is loaded."""
     from treedistill.engine import BACKENDS, check_available
 
-    check_at_least_one(args, ("k", "max_new_tokens", "limit", "batch"))
+    check_counts(args, ("k", "max_new_tokens", "limit", "batch"))
     check_non_negative(args, ("temperature", "value_probe"))  # also refuses nan
-    check_at_least_one(args, ("value_probe_k",))
+    check_counts(args, ("value_probe_k",))
     check_choice(args, "engine", BACKENDS)
     if args.engine:
         check_available(args.engine)
     if args.search == "mcts":
+        check_counts(args, ("simulations", "parallel", "max_depth", "k_children", "step_max_tokens",
+                            "problems_at_once"))
         _search_settings(args)
 
 

@@ -13,7 +13,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("run", metavar="RUN", help="run folder (or one of its checkpoint folders)")
     parser.add_argument("--step", type=int, default=None,
                         help="the checkpoint of this step (default: the newest complete one)")
-    parser.add_argument("--out", required=True, help="model folder to write (replaced if it is a model folder)")
+    parser.add_argument("--out", required=True, help="model folder to write (a folder already there is replaced only when empty or written by treedistill)")
     parser.add_argument("--adapter-only", action="store_true",
                         help="LoRA runs: write the adapter alone (peft's files) instead of merging it into the weights")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line last")

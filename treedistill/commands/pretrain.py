@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from treedistill.commands import check_at_least_one, check_choice, check_non_negative
+from treedistill.commands import check_choice, check_counts, check_non_negative
 
 HELP = "train the embedded tiny Countdown model from scratch (random legal play + a solver share)"
 
@@ -66,7 +66,7 @@ def check_arguments(args) -> None:
     from treedistill.envs.countdown import STEP_FORMATS
     from treedistill.errors import UsageError
 
-    check_at_least_one(args, ("steps", "batch", "value_steps", "eval_limit"))
+    check_counts(args, ("steps", "batch", "value_steps", "eval_limit"))
     if not args.lr > 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if not 0 <= args.min_lr_ratio <= 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 from treedistill.commands import (
     add_expansion_arguments,
@@ -10,8 +11,8 @@ from treedistill.commands import (
     add_pick_argument,
     add_tree_arguments,
     add_widening_arguments,
-    check_at_least_one,
     check_choice,
+    check_counts,
     search_settings,
 )
 from treedistill.search.contracts import INSPECT_SEARCH
@@ -53,7 +54,7 @@ def check_arguments(args) -> None:
         validate_problem({"numbers": args.numbers, "target": args.target})
     except ValueError as err:
         raise UsageError(str(err)) from None
-    check_at_least_one(args, ("max_new_tokens",))
+    check_counts(args, ("simulations", "parallel", "max_depth", "k_children", "step_max_tokens", "max_new_tokens"))
     search_settings(args, INSPECT_SEARCH)
     check_choice(args, "terminal", TERMINAL_VALUES)
     check_choice(args, "engine", BACKENDS)
@@ -68,6 +69,29 @@ TERMINAL_TEXT = {"reward": "environment reward", "value": "value head",
 
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:+.3f}"
+
+
+class SearchProgress:
+    """The search's progress on stderr (`metrics.Progress`: a tqdm bar on a terminal, else a line),
+    simulations done of the total, updated every EVERY_S seconds at most: a log gets no line for the
+    usual search of a second or two, and one every few seconds for a long one."""
+
+    EVERY_S = 2.0
+
+    def __init__(self, total: int):
+        from treedistill.metrics import Progress
+
+        self.bar, self.shown_at = Progress(total, desc="search simulations"), time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        """Called by the search after every round."""
+        now = time.monotonic()
+        if now - self.shown_at >= self.EVERY_S:
+            self.shown_at = now
+            self.bar.update(done - self.bar.count)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def run(args) -> dict:
@@ -85,8 +109,12 @@ def run(args) -> dict:
     policy = load_policy(args.model, device=args.device, value_head=True)
     engine = make_engine(policy, args.engine)
     cfg = search_settings(args, INSPECT_SEARCH)
-    out = search_problems(engine, policy, env, [problem], search=cfg, max_new_tokens=args.max_new_tokens,
-                          seed=args.seed, terminal_value=args.terminal)[0]
+    progress = SearchProgress(cfg.simulations)
+    try:
+        out = search_problems(engine, policy, env, [problem], search=cfg, max_new_tokens=args.max_new_tokens,
+                              seed=args.seed, terminal_value=args.terminal, on_round=progress)[0]
+    finally:
+        progress.close()
     tree, ex, batch = out.tree, out.extraction, out.batch
 
     pv = []

@@ -8,8 +8,8 @@ from treedistill.commands import (
     add_leaf_arguments,
     add_pick_argument,
     add_widening_arguments,
-    check_at_least_one,
     check_choice,
+    check_counts,
     search_settings,
 )
 from treedistill.search.contracts import TEST_TIME_SEARCH
@@ -63,7 +63,7 @@ def check_arguments(args):
     from treedistill.testtime import parse_budgets
 
     budgets = parse_budgets(args.budgets)
-    check_at_least_one(args, ("max_new_tokens", "once_samples", "limit"))
+    check_counts(args, ("k_children", "parallel", "max_new_tokens", "once_samples", "limit"))
     search_settings(args, TEST_TIME_SEARCH)
     check_choice(args, "engine", BACKENDS)
     if args.engine:

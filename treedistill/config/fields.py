@@ -18,12 +18,12 @@ from pathlib import Path
 
 from treedistill.datasets import resolve_path
 from treedistill.envs import ENVS
-from treedistill.errors import UsageError
+from treedistill.errors import UsageError, shown
 from treedistill.search.contracts import TRAINING_SEARCH, SearchSettings
 from treedistill.search.credit import TREE_ADVANTAGE_NORMS, TREE_ADVANTAGES
 
 __all__ = ["LIMITS", "MAX_COUNT", "MAX_NUMBER", "MAX_SEED", "MAX_TEMPERATURE", "MAX_TOKENS", "LoraSettings",
-           "SearchSettings", "TrainConfig", "show"]
+           "SearchSettings", "TrainConfig"]
 
 LR_SCHEDULES = ("constant", "linear-decay")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -43,7 +43,7 @@ def _registries():
 def _allowed(name: str, value, allowed) -> list[str]:
     if value in allowed:
         return []
-    return [f"{name} must be one of {', '.join(map(str, allowed))} (got {show(value)})"]
+    return [f"{name} must be one of {', '.join(map(str, allowed))} (got {shown(value)})"]
 
 
 def _check(condition: bool, message: str) -> list[str]:
@@ -75,14 +75,6 @@ LIMITS = {
 }
 
 
-def show(value) -> str:
-    """A setting's value for a message: short even when it is an absurdly long number or string."""
-    if isinstance(value, int) and abs(value) >= 10**30:
-        return f"an integer of {len(format(value, 'x')) * 1.2:.0f} digits"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _limit_errors(settings, prefix: str = "") -> list[str]:
     """Every number of a settings dataclass (and of its tuples) finite and within [-bound, bound], bound
     = LIMITS or MAX_NUMBER; the seeds within 0..MAX_SEED."""
@@ -97,9 +89,9 @@ def _limit_errors(settings, prefix: str = "") -> list[str]:
             if isinstance(number, float) and not math.isfinite(number):
                 out.append(f"{name} must be a finite number (got {number})")
             elif number > bound:
-                out.append(f"{name} must be at most {show(bound)} (got {show(number)})")
+                out.append(f"{name} must be at most {shown(bound)} (got {shown(number)})")
             elif number < low:
-                out.append(f"{name} must be at least {show(low)} (got {show(number)})")
+                out.append(f"{name} must be at least {shown(low)} (got {shown(number)})")
     return out
 
 
@@ -312,8 +304,8 @@ class TrainConfig:
             *_allowed("method", self.method, tuple(methods)),
             *_allowed("env", self.env, tuple(ENVS)),
             *_check(bool(self.model.strip()), "model must name a model preset or a local path (got '')"),
-            *_check(not _looks_like_path(self.model) or Path(self.model).expanduser().exists(),
-                    f"model: no such path {show(self.model)}"),
+            *_check(not _looks_like_path(self.model) or _exists(self.model),
+                    f"model: no such path {shown(self.model)}"),
         ]
         if problems:
             return problems  # the checks below read the method's row of the table
@@ -371,7 +363,7 @@ class TrainConfig:
         for name, allowed in (("advantage", spec.advantages_allowed), ("policy_loss", spec.policy_losses)):
             if getattr(self, name) not in allowed:
                 problems.append(f"method {self.method} needs {name} in {', '.join(allowed)} "
-                                f"(got {show(getattr(self, name))})")
+                                f"(got {shown(getattr(self, name))})")
         if spec.min_group:
             problems += _check(self.group_size >= spec.min_group,
                                f"group_size must be >= {spec.min_group} for method {self.method} (got {self.group_size})")
@@ -396,6 +388,14 @@ class TrainConfig:
             problems.append(f"micro_batch_size={self.micro_batch_size} must divide "
                             f"minibatch_size={self.minibatch_rows}")
         return problems
+
+
+def _exists(path: str) -> bool:
+    """Whether a path exists; False for one the system cannot even look up (a name too long)."""
+    try:
+        return Path(path).expanduser().exists()
+    except OSError:
+        return False
 
 
 def _looks_like_path(name: str) -> bool:

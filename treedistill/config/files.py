@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from treedistill.config.fields import TrainConfig, show
-from treedistill.errors import UsageError
+from treedistill.config.fields import TrainConfig
+from treedistill.errors import UsageError, shown
 from treedistill.search.contracts import RENAMED
 
 __all__ = ["PRESET_DIR", "list_presets", "load_config", "to_yaml"]
@@ -49,12 +49,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if parent is None:
         return data
     if not isinstance(parent, str) or not parent.strip() or "\0" in parent:
-        raise UsageError(f"config: {path.name}: inherit must name a preset or a YAML file (got {show(parent)})")
+        raise UsageError(f"config: {path.name}: inherit must name a preset or a YAML file (got {shown(parent)})")
     parent_path = PRESET_DIR / f"{parent}.yaml"
     if not parent_path.is_file():
         parent_path = (path.parent / parent).resolve()
     if not parent_path.is_file():
-        raise UsageError(f"config: {path.name} inherits {show(parent)}, which is neither a preset "
+        raise UsageError(f"config: {path.name} inherits {shown(parent)}, which is neither a preset "
                          f"({', '.join(list_presets())}) nor a file next to it")
     return _merge(_read_yaml(parent_path, (*seen, path)), data)
 
@@ -71,7 +71,7 @@ def _merge(base: dict, top: dict) -> dict:
 
 def _parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
-        raise UsageError(f"--set expects key=value (got {show(text)})")
+        raise UsageError(f"--set expects key=value (got {shown(text)})")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
@@ -101,14 +101,14 @@ def _coerce(value, annotation, key: str, base=None):
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]  # `--set eval_at_tokens=5000`: one entry
         if not isinstance(value, (list, tuple)):
-            raise UsageError(f"config: {key} must be a list (got {show(value)})")
+            raise UsageError(f"config: {key} must be a list (got {shown(value)})")
         return tuple(_coerce(item, typing.get_args(annotation)[0], key) for item in value)
     if annotation is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
             return value.lower() in ("true", "yes", "on")
-        raise UsageError(f"config: {key} must be true or false (got {show(value)})")
+        raise UsageError(f"config: {key} must be true or false (got {shown(value)})")
     if annotation is int:
         try:
             number = value
@@ -118,17 +118,17 @@ def _coerce(value, annotation, key: str, base=None):
                 raise ValueError
             return int(number)
         except (TypeError, ValueError, OverflowError):
-            raise UsageError(f"config: {key} must be an integer (got {show(value)})") from None
+            raise UsageError(f"config: {key} must be an integer (got {shown(value)})") from None
     if annotation is float:
         try:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
         except (TypeError, ValueError, OverflowError):
-            raise UsageError(f"config: {key} must be a number (got {show(value)})") from None
+            raise UsageError(f"config: {key} must be a number (got {shown(value)})") from None
     if annotation is str:
         if isinstance(value, (dict, list)) or value is None:
-            raise UsageError(f"config: {key} must be a string (got {show(value)})")
+            raise UsageError(f"config: {key} must be a string (got {shown(value)})")
         return str(value)
     raise TypeError(f"config field {key} has an unsupported type {annotation!r}")
 
@@ -148,8 +148,8 @@ def _build(cls, data: dict, prefix: str = "", base=None):
             raise UsageError(f"config: {prefix}{key} is now called {prefix}{RENAMED[key]}")
         close = difflib.get_close_matches(str(key), names, n=1)
         hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-        shown = key if isinstance(key, str) and key.isprintable() and len(key) <= 60 else show(key)
-        raise UsageError(f"config: unknown key {prefix}{shown}{hint} (known: {', '.join(names)})")
+        name = key if isinstance(key, str) and key.isprintable() and len(key) <= 60 else shown(key)
+        raise UsageError(f"config: unknown key {prefix}{name}{hint} (known: {', '.join(names)})")
     defaults = {f.name: f.default for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.default)}
     defaults.update({f.name: f.default_factory() for f in dataclasses.fields(cls)
                      if f.default_factory is not dataclasses.MISSING})

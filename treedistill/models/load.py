@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from treedistill.algorithms.losses import token_logprobs
-from treedistill.errors import UsageError
+from treedistill.errors import UsageError, cut, shown
 from treedistill.models.presets import PRESETS
 from treedistill.models.pretrained import load_pretrained
 from treedistill.models.value_head import ValueHead, load_value_head, save_value_head
@@ -280,13 +280,22 @@ def load_policy(name_or_path: str | Path, *, dtype: str | torch.dtype | None = N
         return wrap_policy(built.model, built.tokenizer, name=key, device=dev, dtype=dt, folder=built.folder,
                            value_head=value_head, lora=lora, compact_prompt=built.compact_prompt)
     path = Path(key).expanduser()
-    looks_like_hub_id = key.count("/") == 1 and not key.startswith((".", "/", "~")) and not path.exists()
-    if not path.exists() and not looks_like_hub_id:
-        raise UsageError(f"unknown model {key!r}: not a preset (known: {', '.join(sorted(PRESETS))}), "
+    try:
+        exists = path.exists()
+    except OSError:  # a name too long to be a path
+        exists = False
+    looks_like_hub_id = key.count("/") == 1 and not key.startswith((".", "/", "~")) and not exists
+    if not exists and not looks_like_hub_id:
+        raise UsageError(f"unknown model {shown(key)}: not a preset (known: {', '.join(sorted(PRESETS))}), "
                          "a model folder, or a hub id like Qwen/Qwen2.5-1.5B-Instruct")
     model, tokenizer, folder = load_pretrained(trained_model_folder(path) if path.is_dir() else key, dtype=dt)
     meta = {}
     if (folder / META_FILE).is_file():
-        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+        try:
+            meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # ValueError: JSON, UTF-8
+            raise UsageError(f"{folder / META_FILE} cannot be read ({cut(str(e))})") from None
+        if not isinstance(meta, dict):
+            raise UsageError(f"{folder / META_FILE} must hold a JSON object")
     return wrap_policy(model, tokenizer, name=str(meta.get("name", key)), device=dev, dtype=dt, folder=folder,
                        value_head=value_head, lora=lora, compact_prompt=bool(meta.get("compact_prompt", False)))

@@ -11,8 +11,9 @@ import socket
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from treedistill.errors import UsageError
+from treedistill.errors import UsageError, cut, shown
 from treedistill.models.tokenizers import load_tokenizer
 
 __all__ = ["load_pretrained"]
@@ -46,6 +47,32 @@ def _check_folder(folder: Path) -> None:
                          "(expected config.json, model weights and tokenizer.json, as save_pretrained writes)")
 
 
+# Sizes of a model's config.json that must be positive integers: a negative one builds no model
+# ("Trying to create tensor with negative dimension") and zero ones a model with nothing in it.
+_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "vocab_size", "max_position_embeddings")
+
+
+def _first_line(err: Exception) -> str:
+    return cut(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+
+
+def _read_config(folder: Path):
+    """The folder's config.json as a transformers config, its sizes checked (UsageError naming the file)."""
+    from transformers import AutoConfig
+
+    path = folder / "config.json"
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: JSON, unknown model_type
+        raise UsageError(f"{path} cannot be read: {_first_line(e)}") from None
+    for name in _SIZES:
+        value = getattr(config, name, None)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise UsageError(f"{path}: {name} must be a positive integer (got {shown(value)})")
+    return config
+
+
 def load_pretrained(name_or_path: str | Path, *, dtype: torch.dtype):
     """(model, tokenizer, folder) from a local folder or a hub id; the hub only when reachable.
 
@@ -57,10 +84,14 @@ def load_pretrained(name_or_path: str | Path, *, dtype: torch.dtype):
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         _check_folder(path)
+        config = _read_config(path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        except (OSError, ValueError, KeyError) as e:
-            raise UsageError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from e
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+        except SafetensorError as e:
+            weights = next(path / f for f in _WEIGHT_FILES if (path / f).is_file())
+            raise UsageError(f"{weights}: damaged model weights, cannot be read ({_first_line(e)})") from None
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: e.g. shapes the weights do not fit
+            raise UsageError(f"cannot load the model in {path}: {_first_line(e)}") from None
         return model, load_tokenizer(path), path
     if path.exists():
         raise UsageError(f"{path} is a file; pass a model folder (config.json, model weights, tokenizer.json)")

@@ -16,8 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from treedistill.errors import UsageError, cut
 
 FILENAME = "value_head.safetensors"
 SUBFOLDER = "value_head"
@@ -57,5 +60,8 @@ def load_value_head(folder: str | Path, hidden_size: int) -> ValueHead | None:
     if path is None:
         return None
     head = ValueHead(hidden_size)
-    head.load_state_dict(load_file(str(path)))
+    try:
+        head.load_state_dict(load_file(str(path)))
+    except (SafetensorError, OSError, RuntimeError) as e:  # RuntimeError: a head of another hidden size
+        raise UsageError(f"{path} cannot be read as a value head ({cut(str(e).strip())})") from None
     return head

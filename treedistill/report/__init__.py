@@ -35,6 +35,7 @@ from treedistill.report.stats import (
     z_score,
 )
 from treedistill.report.table import (
+    PRE_RL,
     REFERENCE,
     REFERENCE_MODEL,
     Row,
@@ -44,6 +45,7 @@ from treedistill.report.table import (
 )
 
 __all__ = [
+    "PRE_RL",
     "REFERENCE",
     "REFERENCE_MODEL",
     "CurvePoint",

@@ -322,7 +322,8 @@ TERMINAL_VALUES = {"reward": _env_reward, "value": _value_head, "legal": _legal_
 
 
 def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, search: SearchSettings | None = None,
-                    max_new_tokens: int = 512, seed: int = 0, terminal_value: str = "reward") -> list[SearchOutcome]:
+                    max_new_tokens: int = 512, seed: int = 0, terminal_value: str = "reward",
+                    on_round=None) -> list[SearchOutcome]:
     """Search every problem's tree in lock-step (one `search` call), extract each tree's path,
     complete the incomplete ones with the policy, and score them; one SearchOutcome per problem.
 
@@ -331,7 +332,8 @@ def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, searc
     The search's own seed (Gumbel noise) is `search.seed`; `seed` seeds the engine's samples.
     terminal_value: "reward" (environment), "value" (value head) or "legal" (value head, -1 without a
     legal answer) for terminal nodes, see TERMINAL_VALUES; the returned
-    trajectory is scored by the environment either way.
+    trajectory is scored by the environment either way. on_round: the search's progress callback
+    (`search.mcts.search`).
     """
     if not problems:
         raise UsageError("no problems to search")
@@ -343,7 +345,7 @@ def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, searc
                           step_max_tokens=cfg.step_max_tokens, max_new_tokens=max_new_tokens, seed=seed,
                           terminal_value=terminal_value)
     result = run_search(prompts, bridge.expand, bridge.value, bridge.reward, cfg, rollout=bridge.rollout,
-                        step_key=bridge.step_key)
+                        step_key=bridge.step_key, on_round=on_round)
     extractions = [extract(tree, cfg) for tree in result.trees]
     t0 = time.perf_counter()
     completions, completion_calls = bridge.complete(extractions)

@@ -14,13 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from treedistill.errors import UsageError
-
-
-def _shown(value, width: int = 60) -> str:
-    """A user's value for an error line: its repr, cut to `width` characters."""
-    text = repr(value)
-    return text if len(text) <= width else text[:width] + "..."
+from treedistill.errors import UsageError, shown
 
 __all__ = ["INSPECT_SEARCH", "RENAMED", "TEST_TIME_SEARCH", "TRAINING_SEARCH", "Candidate", "LeafRollout",
            "NodeRequest", "SearchSettings", "SearchStats", "TreeStats"]
@@ -104,7 +98,7 @@ class SearchSettings:
         for name, value, allowed in (("select", self.select, SELECT_NAMES), ("pick", self.pick, PICKS),
                                      ("prior", self.prior, PRIORS), ("merge", self.merge, MERGES)):
             if value not in allowed:
-                out.append(f"search.{name} must be one of {', '.join(allowed)} (got {_shown(value)})")
+                out.append(f"search.{name} must be one of {', '.join(allowed)} (got {shown(value)})")
         for name in ("c_puct", "virtual_loss", "gumbel_scale", "value_scale", "maxvisit_init", "widen_c",
                      "widen_alpha"):
             if getattr(self, name) < 0:

@@ -126,10 +126,12 @@ def search(
     *,
     rollout: RolloutFn | None = None,
     step_key: StepKeyFn | None = None,
+    on_round: Callable[[int], None] | None = None,
 ) -> SearchResult:
     """Search one tree per prompt (token ids), all trees in lock-step; see the module docstring.
     `rollout` is required when `config.rollout_lambda` > 0, `step_key` when `config.merge` is
-    "canonical"; both are ignored otherwise."""
+    "canonical"; both are ignored otherwise. `on_round(simulations)`, when given, is called after
+    every round with the simulations finished so far, all trees together (a caller's progress line)."""
     cfg = config or SearchSettings()
     if any(isinstance(p, (int, str, bytes)) for p in prompts):
         raise ValueError("search: prompts must be a list of token-id sequences, one per tree")
@@ -169,6 +171,8 @@ def search(
         for tree, path in collided:
             tree.add_virtual(path, -1)
         active = [t for t in active if t.stats.simulations < cfg.simulations]
+        if on_round is not None:
+            on_round(sum(t.stats.simulations for t in trees))
 
     for tree in trees:
         tree.stats.nodes = len(tree)
