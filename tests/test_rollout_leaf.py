@@ -98,13 +98,13 @@ def test_sweep_reports_cost_per_answer_with_rollouts_merge_and_gumbel(policy):
 
 
 def test_answer_cost_by_hand():
-    from treedistill.testtime import _answer_cost
+    from treedistill.testtime.sweep import answer_cost
 
     # 300 tokens over two problems whose lines finished 2 and 1 legal answers (1 and 1 distinct values):
     # 1.5 answers per problem, 300 / 3 = 100 tokens per answer
-    assert _answer_cost(300, [2, 1], [1, 1]) == {"finished_answers": 1.5, "distinct_answers": 1.0,
+    assert answer_cost(300, [2, 1], [1, 1]) == {"finished_answers": 1.5, "distinct_answers": 1.0,
                                                  "tokens_per_answer": 100.0}
-    assert _answer_cost(300, [0, 0], [0, 0])["tokens_per_answer"] is None
+    assert answer_cost(300, [0, 0], [0, 0])["tokens_per_answer"] is None
 
 
 def test_q_normalize_tracks_the_extreme_values_a_real_search_backed_up(policy):

@@ -69,7 +69,7 @@ from treedistill.metrics import standard_error
 from treedistill.search.contracts import TEST_TIME_SEARCH
 from treedistill.testtime.config import MethodResult, SweepConfig, SweepReport
 
-__all__ = ["MCTS_VARIANTS", "SELECTORS", "best_of_n_at", "majority_vote", "run_sweep", "value_pick"]
+__all__ = ["MCTS_VARIANTS", "SELECTORS", "answer_cost", "best_of_n_at", "majority_vote", "run_sweep", "value_pick"]
 
 
 # --- best-of-N selectors: one signature, (answer values [N], value-head values [N]) -> index | None ---
@@ -102,7 +102,7 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def _answer_cost(tokens: int, finished: Sequence[int], distinct: Sequence[int]) -> dict:
+def answer_cost(tokens: int, finished: Sequence[int], distinct: Sequence[int]) -> dict:
     """Cost per finished answer of a method at a budget: finished lines with a legal answer and
     distinct answer values per problem, and generated tokens / finished answers over all
     problems (None when no line finished with an answer)."""
@@ -260,7 +260,7 @@ def run_best_of_n(ctx: _SweepInputs, streams: list[list[tuple[int, ...]]], budge
     return [MethodResult(method=name, budget=budget, accuracy=_mean(acc), stderr=standard_error(acc), tokens=_mean(used),
                  wall_s=None, detail={"n_mean": _mean(ns), "n_min": min(ns), "n_max": max(ns),
                                       "dense": _mean(dense[name]), "selection_s": wall,
-                                      **_answer_cost(sum(used), finished, distinct)})
+                                      **answer_cost(sum(used), finished, distinct)})
             for name, acc in chosen.items()]
 
 
@@ -417,7 +417,7 @@ def run_mcts(ctx: _SweepInputs, budget: int, cost: _MctsCost, method: str = "mct
                                                     for s in tried if s != kept),
               "calibration_wall_s": sum(tried[s][1] for s in tried if s != kept),
               "rollout_tokens": _mean([o.trajectory.stats["rollout_tokens"] for o in outcomes]),
-              **_answer_cost(sum(used), [o.trajectory.stats["finished_answers"] for o in outcomes],
+              **answer_cost(sum(used), [o.trajectory.stats["finished_answers"] for o in outcomes],
                              [o.trajectory.stats["distinct_answers"] for o in outcomes])}
     note = ""
     if saturated or (kept >= cfg.max_simulations and _mean(used) < (1 - cfg.budget_tolerance) * budget):
