@@ -113,10 +113,12 @@ def test_report_from_one_seed_per_method(tmp_path):
     assert text.index("| pre-RL |") < text.index("| GRPO |") < text.index("| MCTS distillation |")
     # reference numbers beside ours; GRPO has none
     # (train time = 3 steps x 2 s; wall time = 3 x 2 s + the last evaluation's 5 s)
-    assert "| 0 | - | - | - | 0 | - | - | 3.1 |" in text
+    assert "| 0 | - | - | - | - | 0 | - | - | 3.1 |" in text
     assert "| 3 | 0m06s | 0m11s | - |" in text and "| 2 | 0m04s | 0m09s | 11.3 |" in text
     # FLOPs: mcts at step 2 = rollout 2 x 0.9M x (3,000 + 1,500) + learning (6 x 3,000 + 2 x 6,000) x 0.9M
     assert f"{2 * 900_000 * 4_500:.3g}" in text and f"{900_000 * (6 * 3_000 + 2 * 6_000):.3g}" in text
+    # ... per generated token (3,000): rollout 2.7e6, learning 9e6
+    assert f"| {2 * 900_000 * 4_500 / 3_000:.3g} / {900_000 * (6 * 3_000 + 2 * 6_000) / 3_000:.3g} |" in text
     # the headline: (0.30 - 0.20) / sqrt(0.04^2 + 0.03^2) = 2.00
     assert "**MCTS distillation** scored highest" in text and "= 2.00 combined standard errors" in text
     assert "Every run had the same budget of 3,000" in text
@@ -248,3 +250,29 @@ def test_bootstrap_intervals_cover_the_true_mean_95_percent_of_the_time():
         _, low, high = bootstrap_interval(y, samples=1000, seed=t)
         covered += low <= mu <= high
     assert 0.88 <= covered / trials <= 0.99, covered / trials  # 0.947 with these seeds
+
+
+def test_curve_points_share_their_problems_and_bands_stay_within_0_and_100():
+    """A curve's last evaluation on more problems than the others is cut to the first ones they all
+    covered, and its band is the two-level bootstrap's, clipped to [0, 100] (a t-band over 3 seeds at
+    0% fell below 0)."""
+    from treedistill.report.plots import _curve_series
+    from treedistill.report.runs import CurvePoint, RunResult
+
+    def run(seed, middle, final):
+        # evaluated on the first 2 problems at step 1, on 4 at the end; problems 3 and 4 always solved
+        curve = (CurvePoint(1, 100, 1e9, sum(middle) / 2, 0.0, tuple(middle)),
+                 CurvePoint(2, 200, 2e9, sum(final) / 4, 0.0, tuple(final)))
+        return RunResult(run_dir="r", method="grpo", seed=seed, config={}, curve=curve, steps=2,
+                         generated_tokens=200, rollout_flops=1e9, learn_flops=1e9, train_s=1.0, wall_s=1.0,
+                         finished=True, under_budget=False, final_per_problem=tuple(final))
+
+    runs = [run(0, (0.0, 0.0), (0.0, 0.5, 1.0, 1.0)), run(1, (0.0, 0.0), (0.0, 0.0, 1.0, 1.0)),
+            run(2, (0.0, 0.0), (0.5, 0.0, 1.0, 1.0))]
+    (series,), problems = _curve_series(runs)
+    tokens, flops, accuracy, low, high = series
+    assert problems == 2 and tokens == [100, 200] and flops == [1e9, 2e9]
+    # the final point on problems 1-2 only: (0.25 + 0 + 0.25) / 3 = 1/6, not the 4-problem mean
+    assert accuracy == pytest.approx([0.0, 100 / 6])
+    assert low[0] == high[0] == 0.0  # all zero: the band is the point, never below 0
+    assert 0.0 <= low[1] < accuracy[1] < high[1] <= 100.0

@@ -108,16 +108,18 @@ def _markdown_table(rows: Sequence[Row], k: int, reference: bool) -> list[str]:
                    "95% CI (t, over seeds)" if several else "standard error")
     head = (f"| method | mean@{k} % | {spread_name} | "
             + (f"per-seed mean@{k} % | " if several else "")
-            + "generated tokens | rollout FLOPs | learning FLOPs | rollout + learning FLOPs | steps | "
-              "train time | wall time |" + (f" reference mean@16 % ({REFERENCE_MODEL}) |" if reference else ""))
+            + "generated tokens | rollout FLOPs | learning FLOPs | rollout + learning FLOPs | "
+              "FLOPs per generated token (rollout / learning) | steps | train time | wall time |" + (f" reference mean@16 % ({REFERENCE_MODEL}) |" if reference else ""))
     lines = [head, "|---" + "|---:" * (head.count("|") - 2) + "|"]
     for r in rows:
         spread = _interval(r) or (f"± {_pct(r.ci95)}" if r.ci95 is not None else f"± {_pct(r.se)}")
         seeds = (" / ".join(_pct(x) for x in r.finals) + " | ") if several else ""
         ref = (" " + ("-" if r.reference is None else f"{r.reference:.1f}") + " |") if reference else ""
-        compute = ("0 | - | - | - | 0 | - | - |" if r.label == PRE_RL else
+        per_token = (f"{r.rollout_flops / r.generated_tokens:.3g} / {r.learn_flops / r.generated_tokens:.3g}"
+                     if r.generated_tokens else "-")
+        compute = ("0 | - | - | - | - | 0 | - | - |" if r.label == PRE_RL else
                    f"{_count(r.generated_tokens)} | {r.rollout_flops:.3g} | {r.learn_flops:.3g} | "
-                   f"{r.total_flops:.3g} | {r.steps:.0f} | {format_duration(r.train_s)} | "
+                   f"{r.total_flops:.3g} | {per_token} | {r.steps:.0f} | {format_duration(r.train_s)} | "
                    f"{format_duration(r.wall_s)} |")
         lines.append(f"| {r.label} | {_pct(r.mean)} | {spread} | {seeds}{compute}{ref}")
     return lines

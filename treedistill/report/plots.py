@@ -3,33 +3,41 @@
 from __future__ import annotations
 
 import statistics
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from treedistill.report.runs import CurvePoint, RunResult
-from treedistill.report.stats import confidence_interval
+from treedistill.report.stats import bootstrap_interval
 from treedistill.report.table import PRE_RL, REFERENCE_MODEL, Row
 
 __all__ = ["plot_curves", "plot_final"]
 
 
 def _curve_series(runs: Sequence[RunResult], start: CurvePoint | None = None,
-                  ) -> list[tuple[list[float], list[float], list[float], list[float]]]:
-    """[(tokens, flops, accuracy %, 95% half width %)]: one averaged series when every seed has the same
-    number of evaluations (half width: t-interval over seeds for n > 1, 1.96 eval s.e. for n = 1), else
-    one series per seed. `start`: a shared pre-RL point put first in every series."""
+                  ) -> tuple[list[tuple[list[float], list[float], list[float], list[float], list[float]]], int | None]:
+    """([(tokens, flops, accuracy %, band low %, band high %)], problems). Where every seed has the same
+    evaluations and each logged its per-problem results: one averaged series, every point on the same
+    test problems (the first `problems` of the split, which every evaluation of these runs covers: a
+    final evaluation on more problems is cut to them), banded by the table's two-level bootstrap over
+    seeds and problems. Else one series per seed, banded by 1.96 evaluation standard errors (problems
+    None). Bands are clipped to [0, 100]. `start`: a shared pre-RL point put first in every series."""
+    import numpy as np
+
     curves = [((start,) if start is not None else ()) + r.curve for r in runs]
-    lengths = {len(c) for c in curves}
-    if len(runs) > 1 and len(lengths) == 1:
+    if len({len(c) for c in curves}) == 1 and all(p.per_problem for c in curves for p in c):
+        problems = min(len(p.per_problem) for c in curves for p in c)
         series = []
         for points in zip(*curves):
-            acc = [p.accuracy for p in points]
-            half = (confidence_interval(acc)[1] if len(set(acc)) > 1 else 0.0)
+            _, low, high = bootstrap_interval(np.array([p.per_problem[:problems] for p in points]))
             series.append((statistics.fmean(p.generated_tokens for p in points),
-                           statistics.fmean(p.total_flops for p in points), 100 * statistics.fmean(acc), 100 * half))
-        return [tuple(map(list, zip(*series)))]
-    return [([p.generated_tokens for p in c], [p.total_flops for p in c],
-             [100 * p.accuracy for p in c], [196 * p.stderr for p in c]) for c in curves]
+                           statistics.fmean(p.total_flops for p in points),
+                           100 * statistics.fmean(statistics.fmean(p.per_problem[:problems]) for p in points),
+                           100 * max(0.0, low), 100 * min(1.0, high)))
+        return [tuple(map(list, zip(*series)))], problems
+    return [([p.generated_tokens for p in c], [p.total_flops for p in c], [100 * p.accuracy for p in c],
+             [max(0.0, 100 * p.accuracy - 196 * p.stderr) for p in c],
+             [min(100.0, 100 * p.accuracy + 196 * p.stderr) for p in c]) for c in curves], None
 
 
 def _pyplot():
@@ -51,18 +59,19 @@ def plot_curves(results: Mapping[str, Sequence[RunResult]], path: Path, *, title
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
-    several = any(len(runs) > 1 for label, runs in results.items() if label != PRE_RL)
     start = results[PRE_RL][0].initial if PRE_RL in results else None
+    counts = set()
     markers, dashes = "osD^vP*X", ("-", "--", "-.", ":")
     trained = [(label, runs) for label, runs in results.items() if label != PRE_RL]
     for i, (label, runs) in enumerate(trained):
         color = plt.get_cmap("tab10")(i % 10)
-        for j, (tokens, flops, acc, err) in enumerate(_curve_series(runs, start)):
+        series, problems = _curve_series(runs, start)
+        counts.add(problems)
+        for j, (tokens, flops, acc, low, high) in enumerate(series):
             for ax, x in zip(axes, (tokens, flops)):
                 ax.plot(x, acc, color=color, marker=markers[i % len(markers)], markersize=6,
                         linestyle=dashes[i % len(dashes)], linewidth=2, label=label if j == 0 else None)
-                ax.fill_between(x, [a - e for a, e in zip(acc, err)], [a + e for a, e in zip(acc, err)],
-                                color=color, alpha=0.12, linewidth=0)
+                ax.fill_between(x, low, high, color=color, alpha=0.12, linewidth=0)
     axes[0].set_xlabel("generated rollout tokens")
     axes[1].set_xlabel("rollout + learning FLOPs (estimate)")
     axes[0].set_ylabel(f"mean@{k} accuracy on the test problems (%)")
@@ -71,8 +80,10 @@ def plot_curves(results: Mapping[str, Sequence[RunResult]], path: Path, *, title
         ax.grid(True, alpha=0.3)
         ax.set_xlim(left=0)
     axes[0].legend(loc="best", frameon=True)
-    band = "95% CI over seeds" if several else "95% CI over test problems"
-    fig.suptitle(f"{title}\n(first point: the model before RL; bands: {band})", fontsize=13)
+    band = ("95% bootstrap CI over seeds and problems; every point of a line on the same first "
+            + (f"{counts.pop()} " if len(counts) == 1 else "") + "test problems" if None not in counts
+            else "± 1.96 evaluation s.e. (per seed)")
+    fig.suptitle(textwrap.fill(title, 100) + f"\n(first point: the model before RL; bands: {band})", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -120,7 +131,7 @@ def plot_final(rows: Sequence[Row], path: Path, *, title: str, k: int) -> Path:
     ax.set_ylim(bottom=0)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(loc="upper left")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, max(40, int(12 * fig.get_figwidth()))), fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -19,13 +19,15 @@ __all__ = ["VALUE_KEYS", "CurvePoint", "RunResult", "read_records", "read_run"]
 
 @dataclass(frozen=True)
 class CurvePoint:
-    """One evaluation of a run: step, cumulative compute when it ran, mean@k and its stderr."""
+    """One evaluation of a run: step, cumulative compute when it ran, mean@k and its stderr, and each
+    test problem's mean@k [P] in test-split order (() where the run did not log them)."""
 
     step: int
     generated_tokens: int
     total_flops: float
     accuracy: float
     stderr: float
+    per_problem: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,8 @@ def read_run(run_dir: str | Path) -> RunResult:
     last = trains[-1] if trains else evals[-1]
     curve = tuple(CurvePoint(step=int(r["step"]), generated_tokens=int(r.get("rollout_generated_tokens", 0)),
                              total_flops=float(r.get("total_flops", 0.0)), accuracy=float(r["eval_accuracy"]),
-                             stderr=float(r["eval_stderr"] or 0.0)) for r in evals)
+                             stderr=float(r["eval_stderr"] or 0.0),
+                             per_problem=tuple(float(x) for x in r.get("eval_per_problem") or ())) for r in evals)
     steps = int(last["step"])
     finished = curve[-1].step == steps and steps > 0
     budget = config.get("budget_generated_tokens")
