@@ -256,3 +256,30 @@ def test_a_compare_killed_with_sigkill_leaves_no_worker_behind(tmp_path):
             time.sleep(0.2)
         left = [_cmdline(pid)[:100] for pid in started if _alive(pid)]
         assert set(workers) <= set(started) and not left, left
+
+
+@pytest.mark.slow
+def test_compare_at_equal_flops_stops_each_run_at_the_first_step_past_the_budget(tmp_path, capsys):
+    out = tmp_path / "flops"
+    flags = [flag for item in SMALL for flag in ("--set", item)]
+    budget = 1.5e10
+    assert main(["compare", "--presets", "countdown-tiny-grpo,countdown-tiny-mcts-tree", "--seeds", "1",
+                 "--budget-flops", str(budget), "--evaluations", "2", "--out", str(out), *flags, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["budget_flops"] == budget and summary["budget_generated_tokens"] is None
+    assert summary["evaluation_points"] == [int(budget / 2), int(budget)]
+    for preset in ("countdown-tiny-grpo", "countdown-tiny-mcts-tree"):
+        records = [json.loads(line) for line in (out / preset / "seed-0" / "metrics.jsonl").read_text().splitlines()]
+        trains = [r for r in records if r["kind"] == "train"]
+        flops = [r["total_flops"] for r in trains]
+        assert len(trains) >= 2 and flops[-2] < budget <= flops[-1], (preset, flops)  # the first step past it
+        # evaluated after the step that passed budget / 2, and at the end
+        halfway = next(r["step"] for r in trains if r["total_flops"] >= budget / 2)
+        assert [r["step"] for r in records if r["kind"] == "eval"] == [halfway, trains[-1]["step"]]
+    report = (out / "report.md").read_text()
+    assert f"Every run had the same budget of {budget:.3g} rollout + learning FLOPs" in report
+    # the same command again: both runs reached the budget, nothing is trained twice
+    assert main(["compare", "--presets", "countdown-tiny-grpo,countdown-tiny-mcts-tree", "--seeds", "1",
+                 "--budget-flops", str(budget), "--evaluations", "2", "--out", str(out), *flags, "--json"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["ran"] == [] and len(again["reused"]) == 3

@@ -72,8 +72,12 @@ def test_warmup_is_a_fraction_of_the_budget_whatever_a_step_costs(tmp_path, pres
 
 def test_evaluation_points_are_taken_when_passed():
     cfg = load_config(overrides=["eval_at_tokens=100,250"])
-    assert [passed_eval_point(cfg, a, b) for a, b in [(0, 99), (0, 100), (100, 180), (180, 400), (250, 900)]] == [
-        False, True, False, True, False]
+    assert [passed_eval_point(cfg, (a, 0.0), (b, 0.0))
+            for a, b in [(0, 99), (0, 100), (100, 180), (180, 400), (250, 900)]] == [False, True, False, True, False]
+    # points in FLOPs, passed by the step that takes the FLOPs from before to after
+    flops = load_config(overrides=["eval_at_flops=1e9"])
+    assert [passed_eval_point(flops, (0, a), (10, b)) for a, b in [(0, 9e8), (9e8, 1e9), (1e9, 5e9)]] == [
+        False, True, False]
     specs = plan_runs({"g": "countdown-tiny-grpo"}, seeds=[0], budget=900, out_dir="/tmp/unused", evaluations=3)
     run = specs[1].config()
     assert (run.eval_at_tokens, run.budget_generated_tokens, run.eval_before_rl) == ((300, 600), 900, False)

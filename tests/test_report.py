@@ -165,7 +165,7 @@ def test_caveats_name_unfinished_runs_and_mismatched_evaluations(tmp_path):
     assert "`eval_k` differs between runs" in caveats
     assert "a: seed 0: unfinished (last evaluation at step 2 of 3)" in caveats
     assert "c: seed 0: stopped at 2 steps, under its budget of 10,000" in caveats
-    assert "different generated-token budgets" in text
+    assert "had different budgets" in text
 
 
 def test_bad_run_folders_are_refused(tmp_path):

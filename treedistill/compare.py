@@ -1,6 +1,6 @@
-"""Equal-compute comparisons: presets x seeds, each trained to the SAME budget of generated tokens,
-evaluated at the same compute points, reported together (report.py). Used by `treedistill compare`
-and `treedistill demo`.
+"""Equal-compute comparisons: presets x seeds, each trained to the SAME budget, of generated rollout
+tokens or of rollout + learning FLOPs (`axis`), evaluated at the same compute points, reported
+together (report.py). Used by `treedistill compare` and `treedistill demo`.
 
 How a comparison runs:
 - Plan (before any compute): one run per (label, seed), in OUT/<preset>/seed-<s>/, its config
@@ -10,10 +10,11 @@ How a comparison runs:
   learning-rate warm-up and decay are fractions of it (`TrainConfig.lr_multiplier`), so every method
   spends the same share of its compute at each learning rate.
 - Evaluation points: budget/E, 2 budget/E, ..., budget (E = `evaluations`). `eval_every` is 0 and
-  `eval_at_tokens` holds the points before the last: a run is evaluated after the step that passes
-  each point, never cutting a step for it, so evaluating changes no step of training; only the final
-  budget cuts its step (`runs.problems_for_step`), and the run's last evaluation uses
-  `final_eval_problems` test problems (the intermediate ones may use fewer).
+  `eval_at_tokens` (or `eval_at_flops`) holds the points before the last: a run is evaluated after
+  the step that passes each point, never cutting a step for it, so evaluating changes no step of
+  training; only a token budget cuts its last step (`runs.problems_for_step`; a FLOP budget ends the
+  run at the first step that reaches it), and the run's last evaluation uses `final_eval_problems`
+  test problems (the intermediate ones may use fewer).
 - The model before RL is evaluated ONCE, in OUT/pre-rl/ (the first seed's evaluation seed, the final
   evaluation's problems), and shared by every row (`eval_before_rl` is off in the runs); its
   per-problem results pair with every run's for the report's paired differences.
@@ -85,12 +86,26 @@ class RunSpec:
     preset: str
     seed: int
     run_dir: str
-    budgets: tuple[int, ...]      # evaluation points in generated tokens, increasing; the last is the budget
+    budgets: tuple[int, ...]      # evaluation points in the budget's unit, increasing; the last is the budget
     cfg: TrainConfig
     pre_rl: bool = False          # the one evaluation of the model before RL, not a training run
+    axis: str = "tokens"          # the budget's unit: "tokens" (generated rollout tokens) | "flops" (rollout + learning)
 
     def config(self) -> TrainConfig:
         return self.cfg
+
+
+# The two budgets of a comparison: the counter each is measured by (a metrics.jsonl key) and its name.
+AXES = {"tokens": ("rollout_generated_tokens", "generated tokens"), "flops": ("total_flops", "FLOPs")}
+
+
+def _spent(record: dict, axis: str) -> float:
+    """A metrics line's cumulative compute in the budget's unit."""
+    return float(record.get(AXES[axis][0], 0))
+
+
+def _amount(value: float, axis: str) -> str:
+    return f"{value:,.0f}" if axis == "tokens" else f"{value:.3g}"
 
 
 @dataclass(frozen=True)
@@ -104,10 +119,10 @@ class RunState:
     done: bool
 
 
-def segment_budgets(budget: int, evaluations: int) -> tuple[int, ...]:
+def segment_budgets(budget: float, evaluations: int) -> tuple[int, ...]:
     """Budget points at which runs are evaluated: budget * i / E for i = 1..E (distinct, increasing)."""
-    if budget < 1:
-        raise UsageError(f"the generated-token budget must be >= 1 (got {budget})")
+    if not budget >= 1:
+        raise UsageError(f"the budget must be >= 1 (got {shown(budget)})")
     if not 1 <= evaluations <= MAX_EVALUATIONS:
         raise UsageError(f"evaluations must be in 1..{MAX_EVALUATIONS:,} (got {shown(evaluations)})")
     return tuple(sorted({max(1, round(budget * i / evaluations)) for i in range(1, evaluations + 1)}))
@@ -117,14 +132,18 @@ def _given(overrides: Sequence[str], key: str) -> bool:
     return any(text.split("=", 1)[0].strip() == key for text in overrides)
 
 
-def plan_runs(presets: Mapping[str, str], *, seeds: Sequence[int], budget: int, out_dir: str | Path,
-              overrides: Sequence[str] = (), evaluations: int = 3) -> list[RunSpec]:
+def plan_runs(presets: Mapping[str, str], *, seeds: Sequence[int], budget: float, out_dir: str | Path,
+              overrides: Sequence[str] = (), evaluations: int = 3, axis: str = "tokens") -> list[RunSpec]:
     """The pre-RL evaluation's spec, then one RunSpec per (label, seed), configs validated now
     (UsageError before any compute).
 
     presets: label -> preset name (a label names a row of the report); run folders are
     OUT/<preset>/seed-<s>. Overrides apply to every run; `steps` and `eval_every` given there win
-    over the comparison's own (a run stopped by steps before the budget is flagged in the report)."""
+    over the comparison's own (a run stopped by steps before the budget is flagged in the report).
+    axis: the budget's unit, "tokens" (budget_generated_tokens, evaluations at eval_at_tokens) or
+    "flops" (budget_flops, eval_at_flops)."""
+    if axis not in AXES:
+        raise UsageError(f"the budget's unit must be one of {', '.join(AXES)} (got {shown(axis)})")
     if not presets:
         raise UsageError("give at least one preset")
     if len(set(presets.values())) != len(presets):
@@ -137,19 +156,21 @@ def plan_runs(presets: Mapping[str, str], *, seeds: Sequence[int], budget: int, 
     out = Path(out_dir)
     specs = []
     for label, preset in presets.items():
-        extra = ["eval_before_rl=false", "eval_at_tokens=" + ",".join(map(str, budgets[:-1]))]
+        extra = ["eval_before_rl=false", f"eval_at_{axis}=" + ",".join(map(str, budgets[:-1]))]
         if not _given(overrides, "steps"):
             extra.append(f"steps={STEPS_CAP}")
         if not _given(overrides, "eval_every"):
             extra.append("eval_every=0")
         for seed in seeds:
+            budget_key = "budget_generated_tokens" if axis == "tokens" else "budget_flops"
             cfg = load_config(preset=preset, overrides=[*overrides, *extra, f"seed={int(seed)}",
-                                                        f"budget_generated_tokens={budgets[-1]}"])
+                                                        f"{budget_key}={budgets[-1]}"])
             specs.append(RunSpec(label=label, preset=preset, seed=int(seed),
-                                 run_dir=str(out / preset / f"seed-{int(seed)}"), budgets=budgets, cfg=cfg))
+                                 run_dir=str(out / preset / f"seed-{int(seed)}"), budgets=budgets, cfg=cfg,
+                                 axis=axis))
     first = specs[0]
     pre = RunSpec(label="pre-RL", preset=first.preset, seed=first.seed, run_dir=str(out / PRE_RL_DIR),
-                  budgets=budgets, cfg=dataclasses.replace(first.cfg, eval_before_rl=True), pre_rl=True)
+                  budgets=budgets, cfg=dataclasses.replace(first.cfg, eval_before_rl=True), pre_rl=True, axis=axis)
     return [pre, *specs]
 
 
@@ -166,13 +187,14 @@ def run_state(spec: RunSpec) -> RunState:
     """Where spec's run folder stands (see RunState)."""
     run_dir = Path(spec.run_dir)
     records = read_records(run_dir, missing_ok=True)
+    spent_at = {int(r["step"]): _spent(r, spec.axis) for r in records if r.get("kind") == "train"}
     tokens_at = {int(r["step"]): int(r.get("rollout_generated_tokens", 0)) for r in records if r.get("kind") == "train"}
     step = _checkpoint_step(run_dir)
     tokens = tokens_at.get(step, 0)
     evaluated = {int(r["step"]) for r in records if r.get("kind") == "eval"}
     if spec.pre_rl:
         return RunState(checkpoint_step=0, checkpoint_tokens=0, done=0 in evaluated)
-    done = step > 0 and step in evaluated and (tokens >= spec.budgets[-1] or step >= spec.config().steps)
+    done = step > 0 and step in evaluated and (spent_at.get(step, 0) >= spec.budgets[-1] or step >= spec.config().steps)
     return RunState(checkpoint_step=step, checkpoint_tokens=tokens, done=done)
 
 
@@ -270,10 +292,10 @@ class _Active:
     shown_at: float = 0.0
 
 
-def _progress(spec: RunSpec) -> tuple[int, int, float]:
-    """(last logged step, its generated tokens, estimated seconds left) of a run in flight.
+def _progress(spec: RunSpec) -> tuple[int, float, float]:
+    """(last logged step, its compute in the budget's unit, estimated seconds left) of a run in flight.
 
-    Seconds left = tokens left x this run's seconds per generated token in rollouts and updates so far
+    Seconds left = budget left x this run's seconds per unit of it in rollouts and updates so far
     + the evaluations still due (one at each budget point not reached yet, and one running now if
     the last step crossed a point) x the last evaluation's seconds; nan before the first step."""
     records = read_records(spec.run_dir, missing_ok=True)
@@ -281,8 +303,8 @@ def _progress(spec: RunSpec) -> tuple[int, int, float]:
     evals = [r for r in records if r.get("kind") == "eval"]
     if not trains:
         return 0, 0, math.nan
-    step, tokens = int(trains[-1]["step"]), int(trains[-1].get("rollout_generated_tokens", 0))
-    before = int(trains[-2].get("rollout_generated_tokens", 0)) if len(trains) > 1 else 0
+    step, tokens = int(trains[-1]["step"]), _spent(trains[-1], spec.axis)
+    before = _spent(trains[-2], spec.axis) if len(trains) > 1 else 0
     per_token = sum(float(r.get("rollout_s", 0.0)) + float(r.get("learn_s", 0.0)) for r in trains) / max(1, tokens)
     eval_s = float(evals[-1].get("eval_s", 0.0)) if evals else 0.0
     evaluating = step not in {int(r["step"]) for r in evals} and any(before < b <= tokens for b in spec.budgets)
@@ -295,7 +317,8 @@ def _describe(active: _Active, now: float) -> str:
     step, tokens, left = _progress(spec)
     budget = spec.budgets[-1]
     what = ("evaluating the model before RL" if spec.pre_rl else "starting" if step == 0 else
-            f"step {step}, {tokens:,}/{budget:,} generated tokens ({100 * min(1.0, tokens / budget):.0f}%)")
+            f"step {step}, {_amount(tokens, spec.axis)}/{_amount(budget, spec.axis)} {AXES[spec.axis][1]} "
+            f"({100 * min(1.0, tokens / budget):.0f}%)")
     return (f"{spec.label} seed {spec.seed}: {what}, {format_duration(now - active.started)} elapsed, "
             f"eta {format_duration(left) if math.isfinite(left) else '?'}")
 
@@ -347,7 +370,7 @@ def run_all(specs: Sequence[RunSpec], *, jobs: int = 1, log: Callable[[str], Non
                         log(f"[{total - len(queue)}/{total}] {spec.label} seed {spec.seed}: "
                             + (f"continuing from step {state.checkpoint_step} "
                                f"({state.checkpoint_tokens:,} tokens)" if state.checkpoint_step else "starting")
-                            + f" -> {spec.budgets[-1]:,} generated tokens, in {spec.run_dir}")
+                            + f" -> {_amount(spec.budgets[-1], spec.axis)} {AXES[spec.axis][1]}, in {spec.run_dir}")
                         future = pool.submit(_train_run, spec)
                         active.append(_Active(spec, future, time.perf_counter()))
                     finished, _ = cf.wait([a.future for a in active], timeout=poll_s,
@@ -412,8 +435,8 @@ def _holding(out_dir: Path):
         os.close(fd)
 
 
-def run_comparison(presets: Mapping[str, str], *, seeds: Sequence[int], budget: int, out_dir: str | Path,
-                   overrides: Sequence[str] = (), evaluations: int = 3, jobs: int | None = None,
+def run_comparison(presets: Mapping[str, str], *, seeds: Sequence[int], budget: float, out_dir: str | Path,
+                   overrides: Sequence[str] = (), evaluations: int = 3, jobs: int | None = None, axis: str = "tokens",
                    log: Callable[[str], None] = lambda line: None, poll_s: float = 15.0,
                    reference: Mapping[str, float | None] | None = None, title: str = "Equal-compute comparison",
                    notes: Sequence[str] = (), run_first: Sequence[str] = ()) -> dict:
@@ -423,7 +446,7 @@ def run_comparison(presets: Mapping[str, str], *, seeds: Sequence[int], budget: 
     run_first: labels whose runs start first (the slowest first balances parallel jobs); the report
     keeps the order of `presets`."""
     specs = plan_runs(presets, seeds=seeds, budget=budget, out_dir=out_dir, overrides=overrides,
-                      evaluations=evaluations)
+                      evaluations=evaluations, axis=axis)
     jobs = jobs or max(1, min(2, os.cpu_count() or 1))
     with _holding(Path(out_dir)):  # one comparison at a time in a folder
         rank = {label: i for i, label in enumerate(run_first)}
@@ -448,7 +471,9 @@ def run_comparison(presets: Mapping[str, str], *, seeds: Sequence[int], budget: 
         results = {label: [read_run(d) for d in dirs] for label, dirs in runs.items()}
         rows = summarize(results, reference)
         differences = paired_differences(results, rows)
-        return {"report": str(path), "out_dir": str(out_dir), "budget_generated_tokens": budget,
+        return {"report": str(path), "out_dir": str(out_dir),
+                "budget_generated_tokens": budget if axis == "tokens" else None,
+                "budget_flops": budget if axis == "flops" else None,
                 "evaluation_points": list(specs[0].budgets), "seeds": list(seeds), "jobs": jobs,
                 "rows": [r.to_dict() for r in rows], "differences": differences, "ran": outcome["ran"],
                 "reused": outcome["reused"], "failed": [{"run_dir": d, "error": m} for d, m in outcome["failed"]],

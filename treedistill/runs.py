@@ -54,7 +54,7 @@ __all__ = ["RESUMABLE_CHANGES", "RUN_FILES", "RUN_MARKER", "advance_bar", "budge
 # Settings that may differ between a run and its resumption: they change when the run stops or how it
 # is logged, not what any step computes (`steps` does move a linear decay that ends at `steps`).
 RESUMABLE_CHANGES = ("steps", "budget_generated_tokens", "budget_flops", "keep_checkpoints", "log_backends",
-                     "wandb_project", "eval_every", "checkpoint_every", "eval_at_tokens", "final_eval_problems",
+                     "wandb_project", "eval_every", "checkpoint_every", "eval_at_tokens", "eval_at_flops", "final_eval_problems",
                      "eval_before_rl")
 # The file that marks a folder as a run's and is locked while a process runs in it; the files a run writes.
 RUN_MARKER = ".treedistill-run"
@@ -140,11 +140,13 @@ def budget_progress(cfg: TrainConfig, before: tuple[int, float], after: tuple[in
     return None
 
 
-def passed_eval_point(cfg: TrainConfig, before: int, after: int) -> bool:
-    """Whether the step that took the run's generated tokens from `before` to `after` passed one of
-    cfg.eval_at_tokens: the run is evaluated after that step, which is never cut for it (only the
-    final budget cuts a step, `problems_for_step`), so evaluating changes no step of training."""
-    return any(before < point <= after for point in cfg.eval_at_tokens)
+def passed_eval_point(cfg: TrainConfig, before: tuple[int, float], after: tuple[int, float]) -> bool:
+    """Whether the step that took the run's (generated tokens, FLOPs) from `before` to `after` (`spent`)
+    passed one of cfg.eval_at_tokens or cfg.eval_at_flops: the run is evaluated after that step, which
+    is never cut for it (only the final budget cuts a step, `problems_for_step`), so evaluating changes
+    no step of training."""
+    return (any(before[0] < point <= after[0] for point in cfg.eval_at_tokens)
+            or any(before[1] < point <= after[1] for point in cfg.eval_at_flops))
 
 
 def why_stop(step: int, counters: ComputeCounters, cfg: TrainConfig) -> str | None:

@@ -171,7 +171,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
             # 6. evaluation (mean@k, sparse reward, no search): every eval_every steps, after the step
             #    that passes an evaluation point, and always at the end
             if (cfg.eval_every and step % cfg.eval_every == 0) or stop_reason or passed_eval_point(
-                    cfg, spent_before[0], counters.rollout_generated_tokens):
+                    cfg, spent_before, spent(counters)):
                 last_eval = evaluation(step, trajectories, final=stop_reason is not None)
 
             # 7. checkpoint (atomic; the newest keep_checkpoints kept), and always at the end

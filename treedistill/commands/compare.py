@@ -1,10 +1,11 @@
-"""`treedistill compare`: presets x seeds trained to the same generated-token budget, with 95% CIs."""
+"""`treedistill compare`: presets x seeds trained to the same budget (generated tokens or FLOPs), with 95% CIs."""
 
 from __future__ import annotations
 
 import sys
 
-HELP = "train presets x seeds to the same generated-token budget and report them with 95% confidence intervals"
+HELP = ("train presets x seeds to the same budget (generated tokens or FLOPs) and report them with 95% confidence "
+        "intervals")
 
 
 def add_arguments(parser) -> None:
@@ -12,8 +13,11 @@ def add_arguments(parser) -> None:
                         help="comma-separated presets, e.g. countdown-tiny-mcts,countdown-tiny-grpo "
                              "(ablations: ablation-select-uct, ablation-parallel-1, ablation-sims-64, ...)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per preset: 0 .. N-1 (default 3, at most 1,000)")
-    parser.add_argument("--budget-generated-tokens", type=int, required=True,
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-generated-tokens", type=int,
                         help="every run stops at the first step that reaches this many generated rollout tokens")
+    budget.add_argument("--budget-flops", type=float,
+                        help="every run stops at the first step that reaches this many rollout + learning FLOPs")
     parser.add_argument("--out", default="runs/compare", help="output folder (default runs/compare); "
                         "runs go to OUT/<preset>/seed-<s>, finished ones are reused")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -38,12 +42,18 @@ def run(args) -> dict:
         raise UsageError("--presets needs at least one preset name")
     if not 1 <= args.seeds <= MAX_SEEDS:
         raise UsageError(f"--seeds must be in 1..{MAX_SEEDS:,} (got {shown(args.seeds)})")
-    summary = run_comparison({p: p for p in presets}, seeds=range(args.seeds), budget=args.budget_generated_tokens,
+    axis = "tokens" if args.budget_generated_tokens is not None else "flops"
+    budget = args.budget_generated_tokens if axis == "tokens" else args.budget_flops
+    if not (budget is not None and budget >= 1 and budget < float("inf")):
+        raise UsageError(f"--budget-{'generated-tokens' if axis == 'tokens' else 'flops'} must be a number >= 1 "
+                         f"(got {shown(budget)})")
+    summary = run_comparison({p: p for p in presets}, seeds=range(args.seeds), budget=budget, axis=axis,
                              out_dir=args.out, overrides=args.overrides, evaluations=args.evaluations,
                              jobs=args.jobs, log=_log,
                              title=f"Equal-compute comparison: {', '.join(presets)}",
                              notes=[f"Command: `treedistill compare --presets {','.join(presets)} --seeds {args.seeds} "
-                                    f"--budget-generated-tokens {args.budget_generated_tokens}"
+                                    + (f"--budget-generated-tokens {budget}" if axis == "tokens" else
+                                       f"--budget-flops {budget:g}")
                                     + "".join(f" --set {o}" for o in args.overrides) + "`."])
     print(summary["table"])
     print()

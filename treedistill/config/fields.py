@@ -170,6 +170,7 @@ class TrainConfig:
     # evaluation (mean@k, sparse reward, no search)
     eval_every: int = 50                       # evaluate every this many steps (and at the end); 0 = end only
     eval_at_tokens: tuple[int, ...] = ()       # also evaluate after the step that passes each of these generated-token counts
+    eval_at_flops: tuple[float, ...] = ()      # also evaluate after the step that passes each of these rollout + learning FLOPs
     eval_before_rl: bool = True                # evaluate the initial model at step 0 (compare evaluates it once for all runs)
     eval_problems: int = 0                     # test problems evaluated; 0 = all of the test split
     final_eval_problems: int | None = None     # test problems of the run's last evaluation; None = eval_problems
@@ -323,7 +324,9 @@ class TrainConfig:
         problems += _check(0 <= self.warmup_fraction < 1,
                            f"warmup_fraction must be in [0, 1) (got {self.warmup_fraction})")
         problems += _check(all(point >= 1 for point in self.eval_at_tokens),
-                           f"eval_at_tokens must hold generated-token counts >= 1 (got {list(self.eval_at_tokens)})")
+                           f"eval_at_tokens must hold generated-token counts >= 1 (got {shown(list(self.eval_at_tokens))})")
+        problems += _check(all(point > 0 for point in self.eval_at_flops),
+                           f"eval_at_flops must hold FLOP counts > 0 (got {shown(list(self.eval_at_flops))})")
         problems += _check(self.final_eval_problems is None or self.final_eval_problems >= 0,
                            f"final_eval_problems must be null or >= 0 (got {self.final_eval_problems})")
         for name in ("budget_generated_tokens", "budget_flops", "lr_decay_steps"):

@@ -157,15 +157,21 @@ def _curve_table(results: Mapping[str, Sequence[RunResult]], k: int) -> list[str
 def _compute_notes(rows: Sequence[Row], results: Mapping[str, Sequence[RunResult]]) -> list[str]:
     trained = [r for r in rows if r.label != PRE_RL]
     notes = []
-    budgets = {r.config.get("budget_generated_tokens") for rs in results.values() for r in rs}
-    if len(budgets) == 1 and None not in budgets:
-        budget = budgets.pop()
-        notes.append(f"Every run had the same budget of {int(budget):,} generated rollout tokens; the step that "
-                     "reaches it takes only the problems it has room for (one-process loop; the Ray loop's "
-                     "steps are whole), so a run ends within about one problem's tokens past it.")
+    budgets = {(r.config.get("budget_generated_tokens"), r.config.get("budget_flops"))
+               for rs in results.values() for r in rs}
+    if len(budgets) == 1 and budgets != {(None, None)}:
+        tokens, flops = budgets.pop()
+        if tokens is not None:
+            notes.append(f"Every run had the same budget of {int(tokens):,} generated rollout tokens; the step that "
+                         "reaches it takes only the problems it has room for, so a run ends within about one "
+                         "problem's tokens past it.")
+        else:
+            notes.append(f"Every run had the same budget of {float(flops):.3g} rollout + learning FLOPs: each ended "
+                         "at the first step that reached it (a step is not cut for a FLOP budget).")
     elif budgets:
-        notes.append("The runs had different generated-token budgets ("
-                     + ", ".join("none" if b is None else f"{int(b):,}" for b in sorted(budgets, key=str))
+        notes.append("The runs had different budgets ("
+                     + ", ".join("none" if t is None and f is None else f"{int(t):,} tokens" if t is not None
+                                 else f"{float(f):.3g} FLOPs" for t, f in sorted(budgets, key=str))
                      + "): this is not an equal-compute comparison.")
     if trained:
         tokens = [r.generated_tokens for r in trained]

@@ -46,7 +46,7 @@ class RunResult:
     train_s: float                # seconds in rollouts + updates (evaluations excluded)
     wall_s: float                 # wall time of the run so far, evaluations included
     finished: bool                # the last evaluation is at the last logged training step
-    under_budget: bool            # stopped (finished) short of its generated-token budget
+    under_budget: bool            # stopped (finished) short of its budget (generated tokens or FLOPs)
     final_per_problem: tuple[float, ...] = ()  # [P] the final evaluation's per-problem mean@k; () if not logged
     final_value: dict = field(default_factory=dict)  # the final evaluation's value_spearman / value_mse / value_mse_const
 
@@ -98,7 +98,7 @@ def read_run(run_dir: str | Path) -> RunResult:
                              per_problem=tuple(float(x) for x in r.get("eval_per_problem") or ())) for r in evals)
     steps = int(last["step"])
     finished = curve[-1].step == steps and steps > 0
-    budget = config.get("budget_generated_tokens")
+    tokens_budget, flops_budget = config.get("budget_generated_tokens"), config.get("budget_flops")
     generated = int(last.get("rollout_generated_tokens", 0))
     return RunResult(
         run_dir=str(run_dir), method=str(config.get("method", "?")), seed=int(config.get("seed", 0)),
@@ -106,6 +106,8 @@ def read_run(run_dir: str | Path) -> RunResult:
         rollout_flops=float(last.get("rollout_flops", 0.0)), learn_flops=float(last.get("learn_flops", 0.0)),
         train_s=sum(float(r.get("rollout_s", 0.0)) + float(r.get("learn_s", 0.0)) for r in trains),
         wall_s=max(float(r.get("wall_s") or 0.0) for r in records), finished=finished,
-        under_budget=finished and budget is not None and generated < int(budget),
+        under_budget=finished and ((tokens_budget is not None and generated < int(tokens_budget))
+                                   or (flops_budget is not None and float(last.get("total_flops", 0.0))
+                                       < float(flops_budget))),
         final_per_problem=tuple(float(x) for x in evals[-1].get("eval_per_problem") or ()),
         final_value={key: evals[-1][key] for key in VALUE_KEYS if key in evals[-1]})

@@ -110,8 +110,10 @@ def _row(label: str, results: Sequence[RunResult], reference: float | None) -> R
         if not r.finished:
             notes.append(f"seed {r.seed}: unfinished (last evaluation at step {r.final.step} of {r.steps})")
         if r.under_budget:
+            tokens = r.config.get("budget_generated_tokens")
             notes.append(f"seed {r.seed}: stopped at {r.steps} steps, under its budget of "
-                         f"{int(r.config['budget_generated_tokens']):,} generated tokens")
+                         + (f"{int(tokens):,} generated tokens" if tokens is not None
+                            else f"{float(r.config['budget_flops']):.3g} FLOPs"))
     methods = sorted({r.method for r in results})
     return Row(label=label, method="/".join(methods), seeds=tuple(r.seed for r in results), finals=finals,
                eval_stderrs=stderrs, mean=mean, se=se, ci95=ci,
