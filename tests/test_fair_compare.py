@@ -2,6 +2,7 @@
 evaluation points that change no step of training, FLOPs charged as they are spent, GRPO and CISPO
 as distinct runs (several minibatch updates per rollout batch), and paired statistics."""
 
+import dataclasses
 import json
 import math
 
@@ -174,7 +175,7 @@ class _ScriptedEngine:
 
         eos = policy.eos_token_ids[0]
         self.lines = [tuple(policy.tokenizer.encode(t, add_special_tokens=False)) + (eos,) for t in self.SCRIPT]
-        self.counters, self.calls = Counters(), []
+        self.counters, self.calls, self.prefixes = Counters(), [], []
 
     def clear_cache(self):
         pass
@@ -184,6 +185,7 @@ class _ScriptedEngine:
 
         assert all(len(line) <= max_new_tokens for line in self.lines)
         self.calls.append((n, temperature, [len(p) for p in prefixes]))
+        self.prefixes.append([tuple(p) for p in prefixes])
         self.counters.prompt_tokens += sum(len(p) for p in prefixes)
         out = [[Sample(self.lines[j % 2], (-0.5,) * len(self.lines[j % 2]), (-0.5,) * len(self.lines[j % 2]),
                        FINISH_EOS) for j in range(n)] for _ in prefixes]
@@ -199,7 +201,8 @@ def test_flops_are_charged_for_the_tokens_a_scripted_engine_fixed(tmp_path, monk
     engines = []
     monkeypatch.setattr(collect_module, "make_engine", lambda policy, name: engines.append(_ScriptedEngine(policy))
                         or engines[-1])
-    cfg = load_config("countdown-tiny-grpo", overrides=[*SMALL, "steps=1", "eval_problems=2", "max_new_tokens=40"])
+    cfg = load_config("countdown-tiny-grpo", overrides=[*SMALL, "steps=1", "eval_problems=2", "max_new_tokens=40",
+                                                         "pack_rows=false"])
     train(cfg, tmp_path / "run", progress=False)
     (r,) = _records(tmp_path / "run", "train")
     (engine,) = engines
@@ -221,6 +224,17 @@ def test_flops_are_charged_for_the_tokens_a_scripted_engine_fixed(tmp_path, monk
     assert r["rollout_flops"] == 2 * lm * (2 * (la + lb) + p1 + p2)
     assert r["learn_flops"] == 6 * lm * rows
     assert r["total_flops"] == r["rollout_flops"] + r["learn_flops"]
+
+    # packed rows (the tiny presets' setting): the learner computes each distinct prefix of a
+    # micro-batch's rows once (here a micro-batch is one problem's group of 2: its prompt, and a shared
+    # first completion token), and is charged for exactly those positions; the rollout's is unchanged
+    assert cfg.micro_batch_rows == cfg.group_size == 2
+    train(dataclasses.replace(cfg, pack_rows=True), tmp_path / "packed", progress=False)
+    (packed,) = _records(tmp_path / "packed", "train")
+    groups = [[prompt + line for line in engines[1].lines] for prompt in engines[1].prefixes[2]]
+    distinct = sum(len({row[:i] for row in group for i in range(1, len(row) + 1)}) for group in groups)
+    assert distinct < rows and packed["learn_train_tokens"] == distinct
+    assert packed["learn_flops"] == 6 * lm * distinct and packed["rollout_flops"] == r["rollout_flops"]
 
 
 # ---- 4. GRPO and CISPO as their users run them
