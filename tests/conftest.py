@@ -63,3 +63,31 @@ def disks(tmp_path):
     yield made
     for folder in reversed(made.mounted):
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def make_read_only(monkeypatch):
+    """`make_read_only(folder)`: the folder made read-only for the rest of the test (writable again after).
+    Root writes into read-only folders, so there the file system is made to say no instead: the
+    writability probe's temporary file in that folder raises EROFS."""
+    import errno
+    import tempfile
+    from pathlib import Path
+
+    folders = []
+    real = tempfile.TemporaryFile
+
+    def make(folder):
+        folders.append(Path(folder))
+        if os.geteuid() == 0 and len(folders) == 1:
+            def read_only_fs(*args, dir=None, **kwargs):
+                if dir is not None and Path(dir) in folders:
+                    raise OSError(errno.EROFS, "Read-only file system", str(dir))
+                return real(*args, dir=dir, **kwargs)
+
+            monkeypatch.setattr(tempfile, "TemporaryFile", read_only_fs)
+        Path(folder).chmod(0o500)
+
+    yield make
+    for folder in folders:
+        folder.chmod(0o700)

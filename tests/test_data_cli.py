@@ -4,9 +4,7 @@ Two tests start the real console command in a subprocess; the others call `treed
 in-process (same parsing, same code, without paying interpreter and torch start-up per call).
 """
 
-import errno
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,25 +149,11 @@ def test_data_countdown_refuses_an_output_it_cannot_write_before_generating(tmp_
     assert a_file.read_text() == "x"
 
 
-def test_data_countdown_refuses_a_read_only_output(tmp_path, cli, monkeypatch):
+def test_data_countdown_refuses_a_read_only_output(tmp_path, cli, make_read_only):
     out = tmp_path / "ro"
     out.mkdir()
-    if os.geteuid() == 0:  # root writes into read-only folders: the file system says no instead
-        import tempfile
-
-        real = tempfile.TemporaryFile
-
-        def read_only_fs(*args, dir=None, **kwargs):
-            if Path(dir) == out:
-                raise OSError(errno.EROFS, "Read-only file system", str(dir))
-            return real(*args, dir=dir, **kwargs)
-
-        monkeypatch.setattr(tempfile, "TemporaryFile", read_only_fs)
-    out.chmod(0o500)
-    try:
-        _one_line_error(cli("data", "countdown", "--train", 5, "--test", 5, "--out", out), "cannot write to")
-    finally:
-        out.chmod(0o700)
+    make_read_only(out)
+    _one_line_error(cli("data", "countdown", "--train", 5, "--test", 5, "--out", out), "cannot write to")
     assert list(out.iterdir()) == []  # refused before generating: nothing written
 
 

@@ -7,7 +7,6 @@ import fcntl
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -92,28 +91,14 @@ def test_a_run_dir_that_is_or_lies_under_a_file_is_refused(tmp_path, capsys, no_
 
 
 @pytest.mark.parametrize("read_only", ["", "checkpoints"])
-def test_a_read_only_run_or_checkpoints_folder_is_refused_before_compute(tmp_path, capsys, monkeypatch, no_model,
-                                                                         read_only):
+def test_a_read_only_run_or_checkpoints_folder_is_refused_before_compute(tmp_path, capsys, no_model, read_only,
+                                                                         make_read_only):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / RUN_MARKER).touch()
     folder = run / read_only
-    if os.geteuid() == 0:  # root writes into read-only folders: the file system says no instead
-        import tempfile
-
-        real = tempfile.TemporaryFile
-
-        def read_only_fs(*args, dir=None, **kwargs):
-            if Path(dir) == folder:
-                raise OSError(errno.EROFS, "Read-only file system", str(dir))
-            return real(*args, dir=dir, **kwargs)
-
-        monkeypatch.setattr(tempfile, "TemporaryFile", read_only_fs)
-    folder.chmod(0o500)
-    try:
-        one_line_error(capsys, train(run), "cannot", str(folder))
-    finally:
-        folder.chmod(0o700)
+    make_read_only(folder)
+    one_line_error(capsys, train(run), "cannot", str(folder))
     assert sorted(p.name for p in run.iterdir()) == [RUN_MARKER, "checkpoints"]
 
 

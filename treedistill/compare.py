@@ -34,11 +34,9 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import dataclasses
-import fcntl
 import math
 import multiprocessing
 import os
-import re
 import resource
 import signal
 import sys
@@ -52,6 +50,7 @@ import yaml
 
 from treedistill.config import TrainConfig, load_config, to_yaml
 from treedistill.errors import UsageError, os_reason, shown
+from treedistill.locks import hold
 from treedistill.metrics import format_duration
 from treedistill.report import (
     headline,
@@ -421,15 +420,8 @@ def _holding(out_dir: Path):
     except OSError as err:
         raise UsageError(f"--out {out_dir} cannot be created or written: {os_reason(err)}") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = re.search(rb"pid (\d+)", os.pread(fd, 200, 0))
-            raise UsageError(f"--out {out_dir} is in use by another comparison (pid "
-                             f"{holder[1].decode() if holder else '?'}); wait for it to end or choose another "
-                             "--out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"treedistill comparison, held while running by pid {os.getpid()}\n".encode(), 0)
+        hold(fd, busy=f"--out {out_dir} is in use by another comparison (pid {{pid}}); wait for it to end or "
+                      "choose another --out", holder="treedistill comparison")
         yield
     finally:
         os.close(fd)

@@ -21,13 +21,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import functools
 import json
 import math
 import os
 import random
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from treedistill.envs import ENVS
 from treedistill.errors import UsageError, os_reason
 from treedistill.export import write_final
 from treedistill.jsonl import truncate_jsonl, writable_folder
+from treedistill.locks import hold
 from treedistill.methods import RolloutContext
 from treedistill.metrics import ComputeCounters, MetricsLogger, Progress, read_metrics
 from treedistill.models.load import FINAL_FOLDER
@@ -309,15 +308,9 @@ def claim_run_folder(run_dir: Path):
     except OSError as err:
         raise UsageError(f"--run-dir {run_dir} cannot be created or written ({err.strerror})") from None
     try:
+        hold(fd, busy=f"--run-dir {run_dir} is in use by another run (pid {{pid}}); wait for it to end or choose "
+                      "another folder", holder="treedistill run folder")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = re.search(r"pid (\d+)", os.pread(fd, 200, 0).decode("utf-8", "replace"))
-            raise UsageError(f"--run-dir {run_dir} is in use by another run (pid {holder[1] if holder else '?'}); "
-                             "wait for it to end or choose another folder") from None
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"treedistill run folder, held while running by pid {os.getpid()}\n".encode(), 0)
             for folder in (run_dir, run_dir / "checkpoints"):
                 writable_folder(folder)
             for name in RUN_FILES:
