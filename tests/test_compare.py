@@ -278,6 +278,7 @@ def test_compare_at_equal_flops_stops_each_run_at_the_first_step_past_the_budget
         assert [r["step"] for r in records if r["kind"] == "eval"] == [halfway, trains[-1]["step"]]
     report = (out / "report.md").read_text()
     assert f"Every run had the same budget of {budget:.3g} rollout + learning FLOPs" in report
+    assert "at equal FLOPs" in report.split("## Result")[1].split("##")[0] and "at equal FLOPs" in summary["headline"]
     # the same command again: both runs reached the budget, nothing is trained twice
     assert main(["compare", "--presets", "countdown-tiny-grpo,countdown-tiny-mcts-tree", "--seeds", "1",
                  "--budget-flops", str(budget), "--evaluations", "2", "--out", str(out), *flags, "--json"]) == 0

@@ -469,5 +469,5 @@ def run_comparison(presets: Mapping[str, str], *, seeds: Sequence[int], budget: 
                 "evaluation_points": list(specs[0].budgets), "seeds": list(seeds), "jobs": jobs,
                 "rows": [r.to_dict() for r in rows], "differences": differences, "ran": outcome["ran"],
                 "reused": outcome["reused"], "failed": [{"run_dir": d, "error": m} for d, m in outcome["failed"]],
-                "wall_s": outcome["wall_s"], "cpu_s": outcome["cpu_s"], "headline": headline(rows, differences),
+                "wall_s": outcome["wall_s"], "cpu_s": outcome["cpu_s"], "headline": headline(rows, differences, equal="generated tokens" if axis == "tokens" else "FLOPs"),
                 "table": table_text(rows, k=int(next(iter(results.values()))[0].config.get("eval_k", 16)))}

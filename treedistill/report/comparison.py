@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from treedistill.errors import UsageError
-from treedistill.report.markdown import compact_table, headline, markdown, paired_table
+from treedistill.report.markdown import budget_axis, compact_table, headline, markdown, paired_table
 from treedistill.report.plots import plot_curves, plot_final
 from treedistill.report.runs import read_run
 from treedistill.report.table import paired_differences, summarize
@@ -42,8 +42,9 @@ def write_report(runs: Mapping[str, Sequence[str | Path]], out_dir: str | Path, 
     differences = paired_differences(results, rows)
     (out / "table.md").write_text("\n\n".join([*notes, "\n".join(compact_table(rows, k=k)),
                                                 *(["\n".join(paired_table(differences))] if differences else []),
-                                                headline(rows, differences)]) + "\n")
+                                                headline(rows, differences, equal=budget_axis(results))]) + "\n")
     (out / "summary.json").write_text(json.dumps({"title": title, "rows": [r.to_dict() for r in rows],
                                                   "differences": differences,
-                                                  "headline": headline(rows, differences)}, indent=1) + "\n")
+                                                  "headline": headline(rows, differences, equal=budget_axis(results))},
+                                                 indent=1) + "\n")
     return path

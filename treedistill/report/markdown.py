@@ -11,7 +11,7 @@ from treedistill.report.runs import RunResult
 from treedistill.report.stats import verdict, z_score
 from treedistill.report.table import PRE_RL, REFERENCE_MODEL, Row, comparability_problems, paired_differences
 
-__all__ = ["compact_table", "headline", "markdown", "paired_table", "table_text"]
+__all__ = ["budget_axis", "compact_table", "headline", "markdown", "paired_table", "table_text"]
 
 
 def _pct(x: float) -> str:
@@ -47,10 +47,10 @@ def table_text(rows: Sequence[Row], *, k: int = 16) -> str:
     return "\n".join(out)
 
 
-def headline(rows: Sequence[Row], differences: Sequence[dict] = ()) -> str:
+def headline(rows: Sequence[Row], differences: Sequence[dict] = (), *, equal: str = "generated tokens") -> str:
     """Which trained row scored highest, by how much over the runner-up: with the paired 95% interval
     of the difference where `differences` (paired_differences) has it, else in combined standard
-    errors."""
+    errors. equal: what the runs were matched on (`budget_axis`)."""
     trained = sorted((r for r in rows if r.label != PRE_RL), key=lambda r: r.mean, reverse=True)
     if not trained:
         return "No trained runs to compare."
@@ -60,20 +60,27 @@ def headline(rows: Sequence[Row], differences: Sequence[dict] = ()) -> str:
     second = trained[1]
     if best.mean == second.mean:
         return (f"No method scored highest: {best.label} and {second.label} tie at {_pct(best.mean)}% "
-                "at equal generated tokens.")
+                f"at equal {equal}.")
     paired = next((d for d in differences if d["label"] == second.label and d["versus"] == best.label), None)
     if paired is not None:
         lo, hi = -100 * paired["ci_high"], -100 * paired["ci_low"]
-        return (f"**{best.label}** scored highest at equal generated tokens: {_pct(best.mean)}% against "
+        return (f"**{best.label}** scored highest at equal {equal}: {_pct(best.mean)}% against "
                 f"{_pct(second.mean)}% for the runner-up {second.label}, a difference of "
                 f"{100 * (best.mean - second.mean):.2f} points, paired 95% CI [{lo:.2f}, {hi:.2f}] over seeds and "
                 f"problems: " + ("significant (the interval excludes 0)." if paired["significant"] else
                                  "not significant (the interval includes 0): neither can be called better."))
     z = z_score(best.mean, best.se, second.mean, second.se)
     unit = "seed-level standard errors" if best.ci95 is not None else "combined standard errors (evaluation only)"
-    return (f"**{best.label}** scored highest at equal generated tokens: {_pct(best.mean)}% against "
+    return (f"**{best.label}** scored highest at equal {equal}: {_pct(best.mean)}% against "
             f"{_pct(second.mean)}% for the runner-up {second.label}, a difference of "
             f"{100 * (best.mean - second.mean):.2f} points = {z:.2f} {unit}: {verdict(z)}.")
+
+
+def budget_axis(results: Mapping[str, Sequence[RunResult]]) -> str:
+    """What a comparison's runs were matched on: "FLOPs" when every run had a FLOP budget, else
+    "generated tokens"."""
+    configs = [r.config for runs in results.values() for r in runs if r.config.get("method")]
+    return "FLOPs" if configs and all(c.get("budget_flops") is not None for c in configs) else "generated tokens"
 
 
 def paired_table(differences: Sequence[dict]) -> list[str]:
@@ -208,7 +215,7 @@ def markdown(rows: Sequence[Row], results: Mapping[str, Sequence[RunResult]], *,
              f"Seeds: {', '.join(map(str, seeds))}.", ""]
     lines += [*notes, ""] if notes else []
     differences = paired_differences(results, rows)
-    lines += ["## Result", "", headline(rows, differences), ""]
+    lines += ["## Result", "", headline(rows, differences, equal=budget_axis(results)), ""]
     lines += ["## Final table", "", *_markdown_table(rows, k, reference), ""]
     lines += [("Uncertainty: 95% bootstrap interval over seeds and test problems (two levels: seeds, then "
                "problems, resampled; the final evaluations' per-problem results)."
