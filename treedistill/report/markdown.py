@@ -79,7 +79,7 @@ def headline(rows: Sequence[Row], differences: Sequence[dict] = (), *, equal: st
 def budget_axis(results: Mapping[str, Sequence[RunResult]]) -> str:
     """What a comparison's runs were matched on: "FLOPs" when every run had a FLOP budget, else
     "generated tokens"."""
-    configs = [r.config for runs in results.values() for r in runs if r.config.get("method")]
+    configs = [r.config for label, runs in results.items() if label != PRE_RL for r in runs]
     return "FLOPs" if configs and all(c.get("budget_flops") is not None for c in configs) else "generated tokens"
 
 
