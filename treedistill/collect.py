@@ -87,7 +87,9 @@ class LocalCollector:
     def learned(self, step: int, learner) -> None:
         """After an update: nothing to send, the engine generates with the learner's own weights."""
 
-    def evaluate(self, step: int, learner, problems: Sequence[dict], trajectories: Sequence) -> tuple[dict, list]:
+    def evaluate(self, step: int, learner, problems: Sequence[dict], trajectories: Sequence,
+                 counters: ComputeCounters) -> tuple[dict, list]:
+        """`evaluation` in this process (its compute is not the run's: evaluations are not charged)."""
         return evaluation(self.ctx, problems, self.cfg.eval_samples_logged, step, trajectories)
 
     def log_fields(self) -> dict:
@@ -99,6 +101,3 @@ class LocalCollector:
 
     def summary(self) -> dict:
         return {}
-
-    def close(self) -> None:
-        """Nothing to release."""

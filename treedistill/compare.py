@@ -50,7 +50,7 @@ import yaml
 
 from treedistill.config import TrainConfig, load_config, to_yaml
 from treedistill.errors import UsageError, os_reason, shown
-from treedistill.locks import hold
+from treedistill.locks import hold, open_lock
 from treedistill.metrics import format_duration
 from treedistill.report import (
     headline,
@@ -415,8 +415,7 @@ def _holding(out_dir: Path):
     (fcntl.flock, released when the process ends, however it ends) on OUT/COMPARE_LOCK. Two at once
     would train the same runs twice, each taking the other's runs, held, for failed ones."""
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out_dir / COMPARE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock(out_dir, COMPARE_LOCK)
     except OSError as err:
         raise UsageError(f"--out {out_dir} cannot be created or written: {os_reason(err)}") from None
     try:

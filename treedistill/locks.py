@@ -6,10 +6,17 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+from pathlib import Path
 
 from treedistill.errors import UsageError
 
-__all__ = ["hold"]
+__all__ = ["hold", "open_lock"]
+
+
+def open_lock(folder: Path, name: str) -> int:
+    """The lock file `folder/name` opened for `hold` (the folder made if needed); OSError as raised."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return os.open(folder / name, os.O_RDWR | os.O_CREAT, 0o644)
 
 
 def hold(fd: int, *, busy: str, holder: str) -> None:

@@ -38,7 +38,7 @@ from treedistill.envs import ENVS
 from treedistill.errors import UsageError, os_reason
 from treedistill.export import write_final
 from treedistill.jsonl import truncate_jsonl, writable_folder
-from treedistill.locks import hold
+from treedistill.locks import hold, open_lock
 from treedistill.methods import RolloutContext
 from treedistill.metrics import ComputeCounters, MetricsLogger, Progress, read_metrics
 from treedistill.models.load import FINAL_FOLDER
@@ -303,8 +303,7 @@ def claim_run_folder(run_dir: Path):
                          "choose an empty or new folder")
     created = not run_dir.exists()
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / RUN_MARKER, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock(run_dir, RUN_MARKER)
     except OSError as err:
         raise UsageError(f"--run-dir {run_dir} cannot be created or written ({err.strerror})") from None
     try:

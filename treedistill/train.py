@@ -117,7 +117,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
         def evaluation(at_step: int, trajectories=(), final: bool = False) -> dict:
             t0 = time.perf_counter()
             stats, records = collector.evaluate(at_step, learner, final_eval_problems if final else eval_problems,
-                                                list(trajectories))
+                                                list(trajectories), counters)
             append_jsonl(run_dir / "samples.jsonl", records)
             return logger.log(at_step, {"kind": "eval", **stats, **counters.as_dict(), **collector.log_fields(),
                                         "eval_s": time.perf_counter() - t0, "wall_s": wall()})

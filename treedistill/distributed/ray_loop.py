@@ -59,7 +59,7 @@ from treedistill.envs import get_env
 from treedistill.errors import UsageError
 from treedistill.learner import Learner, derive_seed, load_train_policy
 from treedistill.methods import METHODS, RolloutContext
-from treedistill.metrics import counter_delta
+from treedistill.metrics import ComputeCounters, counter_delta
 from treedistill.runs import check_context, take_problems
 
 __all__ = ["ClusterError", "DistributedSettings", "Generator", "GeneratorPool", "RayCollector", "load_weights",
@@ -395,7 +395,6 @@ class RayCollector:
                  saved: dict | None):
         self.cfg, self.settings, self.pool, self.train_problems = cfg, settings, pool, train_problems
         self.ledger, self.restarts_before = _ledger_from(saved, cfg, settings)
-        self.counters = None
         step = int(saved["loop"]["step"]) if saved is not None else 0
         self.version, self.weights = step, self._put(learner)  # version = the learner's step count
 
@@ -413,7 +412,8 @@ class RayCollector:
 
     def check_context(self, problems: list) -> None:
         longest = sorted(problems, key=lambda p: len(repr(p)), reverse=True)[:8]
-        self.pool.call(self.ledger, self.counters, "check_context", longest)
+        # before any dispatch: no rollout is in flight whose compute the call could have to book
+        self.pool.call(self.ledger, ComputeCounters(), "check_context", longest)
 
     def _dispatch(self, next_update: int) -> None:
         """Give idle generators work; next_update = the version the next batch taken will update."""
@@ -423,7 +423,7 @@ class RayCollector:
     def collect(self, step: int, n: int, counters) -> Collected:
         """Keep every generator busy (as the staleness bound allows) until n problems with fresh enough
         trajectories are back; the learner updates version step - 1."""
-        ledger, self.counters = self.ledger, counters
+        ledger = self.ledger
         while True:
             ledger.drop_stale(step - 1)
             if len(ledger.buffered) >= n:
@@ -445,11 +445,11 @@ class RayCollector:
             self.version, self.weights = step, self._put(learner)
             self._dispatch(step)
 
-    def evaluate(self, step: int, learner, problems: list, trajectories: list) -> tuple[dict, list]:
+    def evaluate(self, step: int, learner, problems: list, trajectories: list, counters) -> tuple[dict, list]:
         """On a generator, with the learner's weights of this very step."""
         if self.version != step:
             self.version, self.weights = step, self._put(learner)
-        return self.pool.call(self.ledger, self.counters, "evaluate", self.version, [self.weights], problems, step,
+        return self.pool.call(self.ledger, counters, "evaluate", self.version, [self.weights], problems, step,
                               trajectories[:self.cfg.eval_samples_logged])
 
     def log_fields(self) -> dict:
@@ -472,6 +472,3 @@ class RayCollector:
         fields = self.log_fields()
         del fields["problems_seen"]
         return {**fields, "distributed": dataclasses.asdict(self.settings)}
-
-    def close(self) -> None:
-        """The pool and the cluster are released by `start_cluster`'s stack."""
