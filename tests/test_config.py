@@ -121,6 +121,17 @@ def test_invalid_settings_fail_before_compute_naming_the_field(overrides, messag
         load_config(preset="countdown-tiny-grpo", overrides=overrides)
 
 
+def test_a_tree_method_without_a_value_head_values_every_leaf_by_a_rollout():
+    mc = load_config(preset="countdown-tiny-mcts-mc")
+    assert (mc.method, mc.value_coef, mc.search.rollout_lambda, mc.uses_value_head) == ("mcts-tree", 0.0, 1.0, False)
+    assert load_config(preset="countdown-tiny-mcts-tree").uses_value_head
+    with pytest.raises(UsageError, match="search.rollout_lambda must be 1 \\(got 0.5\\)"):
+        load_config(preset="countdown-tiny-mcts-mc", overrides=["search.rollout_lambda=0.5"])
+    # mcts's advantage reads the head: it cannot go without one
+    with pytest.raises(UsageError, match="value_coef must be > 0 with advantage=reward_minus_value"):
+        load_config(preset="countdown-tiny-mcts", overrides=["value_coef=0", "search.rollout_lambda=1"])
+
+
 def test_unknown_preset_and_inherit_from_a_user_file(tmp_path):
     with pytest.raises(UsageError, match="unknown preset 'nope'; presets: .*countdown-qwen1.5b-bon"):
         load_config(preset="nope")

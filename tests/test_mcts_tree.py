@@ -14,7 +14,8 @@ from treedistill.errors import UsageError
 from treedistill.methods import METHODS, tree_advantages
 from treedistill.rollout.to_batch import to_batch
 from treedistill.rollout.trajectory import Trajectory
-from treedistill.rollout.tree_lines import tree_rows, with_completion
+from treedistill.rollout.tree_lines import tree_rows, with_lines
+from treedistill.search.contracts import LeafRollout
 from treedistill.search.credit import step_credits, subtree_values
 from treedistill.search.tree import ROOT, Tree
 from treedistill.value_probe import mse, probe_value, spearman
@@ -58,6 +59,22 @@ def test_subtree_values_and_credits_by_hand():
     assert [c.advantage for c in both] == pytest.approx([1 / 3, -2 / 3, 7 / 6, -5 / 6])
     with pytest.raises(AssertionError, match="no reward for terminal nodes"):
         subtree_values(tree, {3: 0.0})
+
+
+def test_leave_one_out_baseline_and_shared_step_weight_by_hand():
+    tree = _toy_tree()
+    # local+loo: the second term is V^(n) minus the mean of the lines NOT below n (three lines: 0, 1, 0)
+    # a: 1/2 - 0 (only c's line is outside), c: 0 - 1/2, a1: 1 - 0, a2: 0 - 1/2; plus each local term
+    loo = step_credits(tree, REWARDS, "local+loo")
+    assert [c.advantage for c in loo] == pytest.approx([1 / 6 + 1 / 2, -1 / 3 - 1 / 2, 1 / 2 + 1, -1 / 2 - 1 / 2])
+    # inv_sqrt: a step shared by |L| lines is divided by sqrt(|L|): a has two lines below it
+    weighted = step_credits(tree, REWARDS, "local", leaf_weight="inv_sqrt")
+    assert [c.advantage for c in weighted] == pytest.approx([1 / 6 / 2 ** 0.5, -1 / 3, 0.5, -0.5])
+    # a tree whose lines all pass through one node: no line is left out, the loo term is 0
+    single = Tree(prompt=(1,))
+    only = single.add_node(ROOT, (2,), 0.0, 1.0, terminal=False, finish="stop")
+    end = single.add_node(only, (3,), 0.0, 1.0, terminal=True, finish="eos")
+    assert [c.advantage for c in step_credits(single, {end: 1.0}, "local+loo")] == [0.0, 0.0]
 
 
 class _Env:
@@ -108,7 +125,7 @@ def test_the_policy_completion_of_an_unfinished_path_is_one_more_line():
     path = Trajectory((ord("P"),), b + b1 + (ord("w"), ord("!")), (-0.1,) * 6, 1.0, 1.0, 0, search_tokens=4)
     outcome = SimpleNamespace(tree=tree, trajectory=path, completed_by_policy=True,
                               extraction=SimpleNamespace(nodes=(0, 2, 6)), completion_finish="eos")
-    assert with_completion(outcome) is tree and len(tree) == 8
+    assert with_lines(outcome) is tree and len(tree) == 8
     assert (tree.parent[7], tree.tokens[7], tree.terminal[7], tree.token_logprobs[7]) == (6, (119, 33), True,
                                                                                           (-0.1, -0.1))
     rows = tree_rows(tree, {}, _Env(), _POLICY, group=0).rows
@@ -117,7 +134,34 @@ def test_the_policy_completion_of_an_unfinished_path_is_one_more_line():
         "P+a|", "P+b|", "P+y!", "Pa|+w!", "Pa|+x!", "Pb|+c|", "Pb|c|+w!"]
     # a finished path adds nothing
     done = SimpleNamespace(tree=_toy_tree(), trajectory=path, completed_by_policy=False)
-    assert len(with_completion(done)) == 7
+    assert len(with_lines(done)) == 7
+
+
+def test_every_rollout_is_a_learned_line_below_the_leaf_it_valued():
+    tree = _toy_tree()
+    # rollout leaves: the root's rollout "y!" (wrong) and b1's "w!" (right), which also finished the
+    # extracted path root -> b -> b1: hung once, not a second time as the path's completion
+    tree.rollout[ROOT] = LeafRollout(tuple(map(ord, "y!")), -1.0, (-0.2, -0.3), "eos")
+    tree.rollout[6] = LeafRollout(tuple(map(ord, "w!")), 1.0, (-0.4, -0.5), "eos")
+    path = Trajectory((ord("P"),), tuple(map(ord, "b|c|w!")), (-0.1,) * 4 + (-0.4, -0.5), 1.0, 1.0, 0,
+                      search_tokens=4, stats={"finished_by_rollout": True})
+    outcome = SimpleNamespace(tree=tree, trajectory=path, completed_by_policy=True,
+                              extraction=SimpleNamespace(nodes=(0, 2, 6)), completion_finish="eos")
+    assert with_lines(outcome) is tree and len(tree) == 9
+    assert [(tree.parent[n], tree.tokens[n], tree.terminal[n], tree.token_logprobs[n], tree.prior[n])
+            for n in (7, 8)] == [(ROOT, (121, 33), True, (-0.2, -0.3), 0.0), (6, (119, 33), True, (-0.4, -0.5), 0.0)]
+    part = tree_rows(tree, {}, _Env(), _POLICY, group=0, mode="local")
+    assert [_POLICY.decode(r.prompt_ids) + "+" + _POLICY.decode(r.completion_ids) for r in part.rows] == [
+        "P+a|", "P+b|", "P+y!", "Pa|+w!", "Pa|+x!", "Pb|+c|", "P+y!", "Pb|c|+w!"]
+    # five lines (dense reward 1 / -1), two right: V^(root) = -1/5, V^(b) = 1, so b's step gains 1 + 1/5;
+    # the root's rollout (a line of its own, wrong) gets -1 + 1/5 with the log-probs it was sampled with
+    rows = {(r.stats["node"]): r for r in part.rows}
+    assert rows[2].advantage == pytest.approx(1.2) and rows[7].advantage == pytest.approx(-0.8)
+    assert rows[7].behaviour_logprobs == (-0.2, -0.3) and len(part.line_rewards) == 5
+    # a step sampled twice at its node (merged into one node by the search) is learned twice
+    tree.count[4] = 2
+    again = tree_rows(tree, {}, _Env(), _POLICY, group=0, mode="local").rows
+    assert len(again) == len(part.rows) + 1 and again[3] is again[4] and again[3].stats["node"] == 4
 
 
 def _batch(groups: list[int]) -> Batch:

@@ -45,7 +45,7 @@ from treedistill.algorithms.losses import LOSSES
 from treedistill.envs.base import Score, canonical_step, reward_from_prompt
 from treedistill.rollout.sample import best_of_n, sample_problems
 from treedistill.rollout.trajectory import Trajectory
-from treedistill.rollout.tree_lines import tree_rows, with_completion
+from treedistill.rollout.tree_lines import tree_rows, with_lines
 from treedistill.rollout.tree_search import SearchOutcome, search_problems
 from treedistill.search.credit import scaled_advantages
 
@@ -196,7 +196,8 @@ def tree_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Ro
     env = TrainingReward(ctx.env, cfg.reward)
     rows, lines, line_rewards, learned = [], [], [], []
     for i, (problem, outcome) in enumerate(zip(problems, found)):
-        tree_part = tree_rows(with_completion(outcome), problem, env, ctx.policy, group=i, mode=cfg.tree_advantage)
+        tree_part = tree_rows(with_lines(outcome), problem, env, ctx.policy, group=i, mode=cfg.tree_advantage,
+                              leaf_weight=cfg.tree_leaf_weight)
         rows += tree_part.rows
         lines.append(len(tree_part.line_rewards))
         line_rewards += tree_part.line_rewards
@@ -210,6 +211,8 @@ def tree_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Ro
     stats = {**_search_stats(paths),
              "tree_rows": len(rows) / len(problems), "tree_lines": _mean(lines),
              "tree_line_reward_mean": _mean(line_rewards),
+             # finished lines per 1,000 tokens generated for the trees (GRPO: 1,000 / its mean completion length)
+             "tree_lines_per_1k_tokens": 1000 * sum(lines) / max(1, sum(o.generated_tokens for o in found)),
              "tree_learned_tokens": _mean(learned),
              "tree_advantage_abs_mean": _mean([abs(a) for a in raw]),
              "tree_path_reward": _mean([env.score(p, o.text).reward for p, o in zip(problems, found)])}
@@ -252,6 +255,10 @@ class Method:
     min_group: the smallest cfg.group_size it accepts (0: group_size is not read).
     task_limit: most problems one rollout call batches well (the trees one search call grows
         together), or None: all of a task's problems in one engine call (the distributed loop's tasks).
+    searches: its rollout runs the search (`cfg.search`), which reads the value head unless every
+        leaf is valued by a rollout (search.rollout_lambda = 1).
+    credits_rows: its rollout gives every row its advantage (the tree's credit), so cfg.advantage
+        names no baseline and the value head is optional: with value_coef 0 there is none.
     """
 
     rollout: Callable[[RolloutContext, Sequence[dict], int], Rollout]
@@ -262,6 +269,8 @@ class Method:
     policy_losses: tuple[str, ...] = POLICY_LOSSES
     min_group: int = 0
     task_limit: Callable | None = None
+    searches: bool = False
+    credits_rows: bool = False
 
 
 def _group(cfg) -> int:
@@ -273,11 +282,11 @@ def _trees_per_call(cfg) -> int:
 
 
 METHODS: dict[str, Method] = {
-    "mcts": Method(search_rollout, value_baseline_advantages, task_limit=_trees_per_call),
-    # mcts-tree's advantage is its tree's (tree_advantage); reward_minus_value only keeps the value head
-    # that guides the search (and is trained on the tree's value targets)
+    "mcts": Method(search_rollout, value_baseline_advantages, task_limit=_trees_per_call, searches=True),
+    # mcts-tree's advantage is its tree's (tree_advantage); the value head, when value_coef > 0, guides
+    # the search and is trained on the tree's value targets
     "mcts-tree": Method(tree_rollout, tree_advantages, rows_vary=True, advantages_allowed=("reward_minus_value",),
-                        task_limit=_trees_per_call),
+                        task_limit=_trees_per_call, searches=True, credits_rows=True),
     "bon": Method(best_of_n_rollout, value_baseline_advantages),
     "grpo": Method(group_rollout, group_baseline_advantages, samples=_group, advantages_allowed=("group",),
                    policy_losses=("ppo",), min_group=2),

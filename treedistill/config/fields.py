@@ -20,7 +20,7 @@ from treedistill.datasets import resolve_path
 from treedistill.envs import ENVS
 from treedistill.errors import UsageError, shown
 from treedistill.search.contracts import TRAINING_SEARCH, SearchSettings
-from treedistill.search.credit import TREE_ADVANTAGE_NORMS, TREE_ADVANTAGES
+from treedistill.search.credit import LEAF_WEIGHTS, TREE_ADVANTAGE_NORMS, TREE_ADVANTAGES
 
 __all__ = ["LIMITS", "MAX_COUNT", "MAX_NUMBER", "MAX_SEED", "MAX_TEMPERATURE", "MAX_TOKENS", "LoraSettings",
            "SearchSettings", "TrainConfig"]
@@ -141,7 +141,8 @@ class TrainConfig:
     temperature: float = 1.0                   # sampling temperature of grpo | cispo | ppo | bon rollouts
     reward: str = "dense"                      # reward trained on (and searched with): dense (the reference) | sparse (0/1)
     search_reward: str | None = None           # mcts, mcts-tree: reward the search scores terminal nodes with (dense | sparse); None = reward
-    tree_advantage: str = "local"              # mcts-tree: a step's credit, local V^(s')-V^(s) | local+global (+ V^(s')-V^(root)); search/credit.py
+    tree_advantage: str = "local"              # mcts-tree: a step's credit, local V^(s')-V^(s) | local+global (+ V^(s')-V^(root)) | local+loo; search/credit.py
+    tree_leaf_weight: str = "one"              # mcts-tree: one | inv_sqrt (a step's advantage / sqrt(lines below it))
     tree_advantage_norm: str = "none"          # mcts-tree: none | std (a rollout batch's step advantages divided by their std)
     max_new_tokens: int = 512                  # completion length limit (rollouts and evaluation)
     # optimiser
@@ -254,7 +255,9 @@ class TrainConfig:
 
     @property
     def uses_value_head(self) -> bool:
-        return self.advantage != "group"
+        """A value head is built, trained and read only where its loss has a weight (value_coef > 0):
+        the methods whose advantage reads it require that; a tree method may do without."""
+        return self.value_coef > 0
 
     @property
     def has_budget(self) -> bool:
@@ -342,6 +345,7 @@ class TrainConfig:
             *_allowed("search_reward", self.search_reward, (None, *rewards)),
             *_allowed("tree_advantage", self.tree_advantage, TREE_ADVANTAGES),
             *_allowed("tree_advantage_norm", self.tree_advantage_norm, TREE_ADVANTAGE_NORMS),
+            *_allowed("tree_leaf_weight", self.tree_leaf_weight, LEAF_WEIGHTS),
             *_check(self.value_probe_temperature > 0,
                     f"value_probe_temperature must be > 0 (got {self.value_probe_temperature})"),
             *_check(self.temperature > 0, f"temperature must be > 0 (got {self.temperature})"),
@@ -373,10 +377,15 @@ class TrainConfig:
         if self.advantage == "group":
             problems += _check(self.value_coef == 0,
                                f"value_coef must be 0 with advantage=group: no value head (got {self.value_coef})")
-        elif self.advantage in advantages:
+        elif self.advantage in advantages and not spec.credits_rows:
             problems += _check(self.value_coef > 0,
                                f"value_coef must be > 0 with advantage={self.advantage}: its baseline is "
                                f"the value head, which must learn (got {self.value_coef})")
+        if spec.searches and self.value_coef == 0:
+            problems += _check(self.search.rollout_lambda == 1,
+                               f"method {self.method} with value_coef 0 has no value head, so its search must "
+                               f"value every leaf by a rollout: search.rollout_lambda must be 1 "
+                               f"(got {self.search.rollout_lambda})")
         if problems:
             return problems
         # batch arithmetic, once the sizes themselves are valid

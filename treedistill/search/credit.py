@@ -18,6 +18,11 @@ reward, whatever the search scored terminals with):
     local:         A(n) = V^(n) - V^(parent(n))                       (TreeRL's local term; SPO's segment
                                                                         advantage with tree-sibling MC values)
     local+global:  A(n) = [V^(n) - V^(parent(n))] + [V^(n) - V^(root)]  (TreeRL: local + global)
+    local+loo:     A(n) = [V^(n) - V^(parent(n))] + [V^(n) - B(n)], B(n) the mean of r over the tree's
+                   lines NOT below n (a leave-one-out baseline over the lines, as RLOO's over a group;
+                   0 where every line is below n), so a node's own lines never lower its baseline
+- Weight of a shared step (`leaf_weight`): "one", every learned step's advantage as above; "inv_sqrt",
+  A(n) / sqrt(|L(n)|), TreeRL's tempering of a step that many lines share.
 - Value target of every token of n's step: V^(n), the mean outcome of the lines that take this step
   (as the reference's R on every token of its one line). A node's state s thus gets one target per
   child row, and their mean approaches V^(s): one tree yields a value target per learned step (tens)
@@ -54,10 +59,11 @@ from dataclasses import dataclass
 
 from treedistill.search.tree import ROOT, Tree
 
-__all__ = ["TREE_ADVANTAGES", "TREE_ADVANTAGE_NORMS", "StepCredit", "scaled_advantages", "step_credits",
-           "subtree_values"]
+__all__ = ["LEAF_WEIGHTS", "TREE_ADVANTAGES", "TREE_ADVANTAGE_NORMS", "StepCredit", "scaled_advantages",
+           "step_credits", "subtree_values"]
 
-TREE_ADVANTAGES = ("local", "local+global")
+TREE_ADVANTAGES = ("local", "local+global", "local+loo")
+LEAF_WEIGHTS = ("one", "inv_sqrt")
 TREE_ADVANTAGE_NORMS = ("none", "std")
 
 
@@ -92,12 +98,15 @@ def subtree_values(tree: Tree, rewards: Mapping[int, float]) -> tuple[list[float
     return [t / c if c else None for t, c in zip(total, count)], count
 
 
-def step_credits(tree: Tree, rewards: Mapping[int, float], mode: str = "local") -> list[StepCredit]:
+def step_credits(tree: Tree, rewards: Mapping[int, float], mode: str = "local",
+                 leaf_weight: str = "one") -> list[StepCredit]:
     """The learned steps of `tree` in node-id order (parents before children), each once; see the
-    module docstring for V^ and the advantage `mode` ("local" | "local+global")."""
+    module docstring for V^, the advantage `mode` ("local" | "local+global" | "local+loo") and
+    `leaf_weight` ("one" | "inv_sqrt")."""
     assert mode in TREE_ADVANTAGES, f"tree advantage must be one of {TREE_ADVANTAGES}, got {mode!r}"
+    assert leaf_weight in LEAF_WEIGHTS, f"leaf weight must be one of {LEAF_WEIGHTS}, got {leaf_weight!r}"
     values, leaves = subtree_values(tree, rewards)
-    root = values[ROOT]
+    root, lines = values[ROOT], leaves[ROOT]
     out = []
     for node in range(1, len(tree)):
         value = values[node]
@@ -107,6 +116,11 @@ def step_credits(tree: Tree, rewards: Mapping[int, float], mode: str = "local") 
         advantage = value - values[parent]  # local: V^(n) - V^(parent)
         if mode == "local+global":
             advantage += value - root       # global: V^(n) - V^(root)
+        elif mode == "local+loo" and lines > leaves[node]:
+            others = (root * lines - value * leaves[node]) / (lines - leaves[node])
+            advantage += value - others     # V^(n) - the mean of the lines not below n
+        if leaf_weight == "inv_sqrt":
+            advantage /= leaves[node] ** 0.5
         out.append(StepCredit(node=node, parent=parent, value=value, advantage=advantage, leaves=leaves[node]))
     return out
 
