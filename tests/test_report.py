@@ -64,9 +64,9 @@ def test_z_score_and_verdict_by_hand():
 # ---- synthetic run folders in the real format
 
 def make_run(path, preset, *, seed=0, evals, tokens_per_step=1000, step_s=2.0, overrides=(),
-             budget=3000, finished=True, eval_extra=None):
+             budget=3000, finished=True, eval_extra=None, train_extra=None):
     """A run folder as `train` writes it. evals: {step: (accuracy, stderr)}; a train line per step
-    1..max(evals) with counters growing by tokens_per_step generated tokens."""
+    1..max(evals) with counters growing by tokens_per_step generated tokens; train_extra(step): more fields."""
     cfg = load_config(preset=preset, overrides=[f"seed={seed}", f"budget_generated_tokens={budget}",
                                                 "eval_problems=200", *overrides])
     path.mkdir(parents=True)
@@ -79,6 +79,7 @@ def make_run(path, preset, *, seed=0, evals, tokens_per_step=1000, step_s=2.0, o
                 counters.add_rollout(generated_tokens=tokens_per_step, prompt_tokens=tokens_per_step // 2)
                 counters.add_learning(train_tokens=tokens_per_step, inference_tokens=2 * tokens_per_step)
                 logger.log(step, {"kind": "train", "loss": 0.1, "reward_mean": -0.3, **counters.as_dict(),
+                                  **(train_extra(step) if train_extra else {}),
                                   "rollout_s": step_s * 0.75, "learn_s": step_s * 0.25, "wall_s": step * step_s})
             if step in evals:
                 accuracy, stderr = evals[step]
@@ -129,6 +130,23 @@ def test_report_from_one_seed_per_method(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [r["label"] for r in summary["rows"]] == ["pre-RL", "GRPO", "MCTS distillation"]
     assert summary["rows"][2]["mean"] == pytest.approx(0.30)
+
+
+def test_report_says_what_the_rollouts_learn(tmp_path):
+    tree = {1: {"learned_token_share": 0.5, "tree_lines_per_1k_tokens": 10.0},
+            2: {"learned_token_share": 1.0, "tree_lines_per_1k_tokens": 20.0}}
+    runs = {
+        "GRPO": [make_run(tmp_path / "grpo", "countdown-tiny-grpo", evals={0: (0.05, 0.01), 2: (0.10, 0.015)},
+                          train_extra=lambda step: {"learned_token_share": 1.0})],
+        "mcts-tree": [make_run(tmp_path / f"tree{seed}", "countdown-tiny-mcts-tree", seed=seed,
+                               evals={0: (0.05, 0.01), 2: (0.10, 0.015)},
+                               train_extra=lambda step: {k: v * (1 if step == 1 else 0.9) for k, v in tree[step].items()})
+                      for seed in (0, 1)],
+    }
+    assert read_run(runs["mcts-tree"][0]).learned_token_share == pytest.approx((0.5 + 0.9) / 2)
+    text = write_report(runs, tmp_path / "out", reference=None, title="t").read_text()
+    # equal tokens per step: the run's share is the mean of its steps' (0.5 and 0.9), lines (10 and 18)
+    assert "| GRPO | 1.000 | - |" in text and "| mcts-tree | 0.700 | 14.0 |" in text
 
 
 def test_report_over_three_seeds_gives_t_intervals(tmp_path):

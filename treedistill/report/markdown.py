@@ -239,6 +239,7 @@ def markdown(rows: Sequence[Row], results: Mapping[str, Sequence[RunResult]], *,
         lines += ["## Differences", "", "In combined standard errors, z = (a - b) / sqrt(se_a^2 + se_b^2) "
                   "(unpaired; |z| >= 2 is roughly a 95% difference).", "", *_differences(rows), ""]
     lines += ["## Compute", "", *[f"- {n}" for n in _compute_notes(rows, results)], ""]
+    lines += _learned_table(results)
     lines += _value_table(results)
     for plot in plots:
         lines += [f"![{Path(plot).stem}]({Path(plot).name})", ""]
@@ -251,6 +252,24 @@ def markdown(rows: Sequence[Row], results: Mapping[str, Sequence[RunResult]], *,
         for r in runs:
             lines.append(f"- {label}, seed {r.seed}: `{r.run_dir}` ({r.steps} steps)")
     return "\n".join(lines) + "\n"
+
+
+def _learned_table(results: Mapping[str, Sequence[RunResult]]) -> list[str]:
+    """What each method's rollouts learn (means over seeds); [] when no run logged it."""
+    out = []
+    for label, runs in results.items():
+        shares = [r.learned_token_share for r in runs if r.learned_token_share is not None]
+        lines = [r.lines_per_1k_tokens for r in runs if r.lines_per_1k_tokens is not None]
+        if shares:
+            out.append(f"| {label} | {statistics.fmean(shares):.3f} | "
+                       f"{f'{statistics.fmean(lines):.1f}' if lines else '-'} |")
+    if not out:
+        return []
+    return ["## What the rollouts learn", "", "Learned-token share: generated rollout tokens that end in a learned "
+            "row, per generated token (GRPO's is 1; best-of-N's 1/N). Finished lines per 1,000 generated tokens: "
+            "a tree method's lines (its search's terminal nodes and rollouts, and the completion of its path). "
+            "Means over seeds, each step weighted by its generated tokens.", "",
+            "| method | learned-token share | finished lines per 1,000 tokens |", "|---|---:|---:|", *out, ""]
 
 
 def _value_table(results: Mapping[str, Sequence[RunResult]]) -> list[str]:

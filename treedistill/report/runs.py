@@ -49,6 +49,9 @@ class RunResult:
     under_budget: bool            # stopped (finished) short of its budget (generated tokens or FLOPs)
     final_per_problem: tuple[float, ...] = ()  # [P] the final evaluation's per-problem mean@k; () if not logged
     final_value: dict = field(default_factory=dict)  # the final evaluation's value_spearman / value_mse / value_mse_const
+    # Over the whole run, each step weighted by the tokens it generated (None where no train line logged it):
+    learned_token_share: float | None = None  # generated tokens that ended in a learned row, per generated token
+    lines_per_1k_tokens: float | None = None  # a tree method's finished lines per 1,000 generated tokens
 
     @property
     def final(self) -> CurvePoint:
@@ -110,4 +113,20 @@ def read_run(run_dir: str | Path) -> RunResult:
                                    or (flops_budget is not None and float(last.get("total_flops", 0.0))
                                        < float(flops_budget))),
         final_per_problem=tuple(float(x) for x in evals[-1].get("eval_per_problem") or ()),
-        final_value={key: evals[-1][key] for key in VALUE_KEYS if key in evals[-1]})
+        final_value={key: evals[-1][key] for key in VALUE_KEYS if key in evals[-1]},
+        learned_token_share=_token_weighted(trains, "learned_token_share"),
+        lines_per_1k_tokens=_token_weighted(trains, "tree_lines_per_1k_tokens"))
+
+
+def _token_weighted(trains: list[dict], key: str) -> float | None:
+    """The mean of a per-step rate over a run's train lines, each step weighted by the tokens it generated
+    (the difference of the cumulative rollout_generated_tokens); None where no line has the key."""
+    total = weight = 0.0
+    before = 0
+    for r in trains:
+        now = int(r.get("rollout_generated_tokens", 0))
+        if r.get(key) is not None:
+            total += float(r[key]) * (now - before)
+            weight += now - before
+        before = now
+    return total / weight if weight > 0 else None
