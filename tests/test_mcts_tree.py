@@ -106,7 +106,7 @@ def test_tree_rows_learn_each_step_once_with_its_prefix_and_recorded_logprobs():
 
     # to the batch: the step's advantage on its tokens only; value target V^ on the same tokens
     batch = to_batch(rows, pad_id=0)
-    cfg = TrainConfig(method="mcts-tree", micro_batch_size=4)
+    cfg = TrainConfig(method="mcts-tree", advantage="tree", micro_batch_size=4)
     advantages, returns = METHODS["mcts-tree"].advantages(batch, None, cfg)
     assert METHODS["mcts-tree"].advantages is tree_advantages
     mask = batch.loss_mask
@@ -189,17 +189,17 @@ def test_group_minibatches_keep_trees_whole_and_equal_the_row_minibatches_for_eq
 
 
 def test_mcts_tree_config_counts_trees_per_minibatch_and_rows_per_micro_batch():
-    cfg = TrainConfig(method="mcts-tree", problems_per_step=16, minibatch_size=4, micro_batch_size=64)
+    cfg = TrainConfig(method="mcts-tree", advantage="tree", problems_per_step=16, minibatch_size=4, micro_batch_size=64)
     assert (cfg.rows_per_problem, cfg.minibatch_problems, cfg.micro_batch_rows, cfg.updates_per_step) == (
         None, 4, 64, 4)
     assert TrainConfig(method="mcts").rows_per_problem == 1
     with pytest.raises(UsageError, match="mcts-tree needs micro_batch_size >= 1"):
-        TrainConfig(method="mcts-tree")
+        TrainConfig(method="mcts-tree", advantage="tree")
     with pytest.raises(UsageError, match="tree_advantage must be one of local, local\\+global"):
-        TrainConfig(method="mcts-tree", micro_batch_size=8, tree_advantage="global")
+        TrainConfig(method="mcts-tree", advantage="tree", micro_batch_size=8, tree_advantage="global")
     with pytest.raises(UsageError, match="search_reward must be one of"):
         TrainConfig(search_reward="shaped")
-    with pytest.raises(UsageError, match="mcts-tree needs advantage in reward_minus_value"):
+    with pytest.raises(UsageError, match="mcts-tree needs advantage in tree"):
         TrainConfig(method="mcts-tree", micro_batch_size=8, advantage="gae")
 
 
@@ -334,4 +334,4 @@ def test_scaled_advantages_by_hand():
     assert scaled_advantages([0.0, 0.0], "std") == [0.0, 0.0]      # nothing to scale: left as is
     assert scaled_advantages([0.3, 0.3], "std") == [0.3, 0.3]      # std 0: left as is
     with pytest.raises(UsageError, match="tree_advantage_norm must be one of none, std"):
-        TrainConfig(method="mcts-tree", micro_batch_size=8, tree_advantage_norm="max")
+        TrainConfig(method="mcts-tree", advantage="tree", micro_batch_size=8, tree_advantage_norm="max")

@@ -74,7 +74,7 @@ def test_method_table_is_what_the_config_checks_and_derives_from():
         TrainConfig(method="nope")
     # rows per problem, allowed advantages / losses and the group minimum come from the table
     assert [TrainConfig(**GRPO).samples_per_problem, TrainConfig(method="bon").samples_per_problem] == [3, 1]
-    assert TrainConfig(method="mcts-tree", micro_batch_size=4).rows_per_problem is None
+    assert TrainConfig(method="mcts-tree", advantage="tree", micro_batch_size=4).rows_per_problem is None
     with pytest.raises(UsageError, match="method grpo needs policy_loss in ppo"):
         TrainConfig(**{**GRPO, "policy_loss": "cispo"})
     with pytest.raises(UsageError, match="group_size must be >= 2 for method grpo"):

@@ -101,7 +101,7 @@ def _tree_batch(seed: int = 0) -> Batch:
 
 def _cfg(**kw) -> TrainConfig:
     kw = {"micro_batch_size": 64, **kw}
-    return TrainConfig(model="tiny", method="mcts-tree", value_coef=0.1, kl_coef=0.05, policy_loss="cispo", **kw)
+    return TrainConfig(model="tiny", method="mcts-tree", advantage="tree", value_coef=0.1, kl_coef=0.05, policy_loss="cispo", **kw)
 
 
 @pytest.mark.parametrize("tight", [False, True])

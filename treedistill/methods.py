@@ -49,7 +49,7 @@ from treedistill.rollout.tree_lines import tree_rows, with_lines
 from treedistill.rollout.tree_search import SearchOutcome, search_problems
 from treedistill.search.credit import scaled_advantages
 
-__all__ = ["METHODS", "REWARDS", "Method", "Rollout", "RolloutContext", "TrainingReward", "best_of_n_rollout",
+__all__ = ["METHODS", "TREE_CREDIT", "REWARDS", "Method", "Rollout", "RolloutContext", "TrainingReward", "best_of_n_rollout",
            "group_baseline_advantages", "group_rollout", "search_rollout", "tree_advantages", "tree_rollout",
            "value_baseline_advantages"]
 
@@ -239,6 +239,9 @@ def tree_advantages(batch, values, cfg):
 
 POLICY_LOSSES = tuple(LOSSES)
 VALUE_BASELINES = ("reward_minus_value", "gae")  # advantages whose baseline is the value head
+# The advantage of a tree method: each row's credit from its tree's Monte-Carlo values (`search.credit`,
+# cfg.tree_advantage), computed by the rollout; it reads no value head.
+TREE_CREDIT = "tree"
 
 
 @dataclass(frozen=True)
@@ -257,8 +260,6 @@ class Method:
         together), or None: all of a task's problems in one engine call (the distributed loop's tasks).
     searches: its rollout runs the search (`cfg.search`), which reads the value head unless every
         leaf is valued by a rollout (search.rollout_lambda = 1).
-    credits_rows: its rollout gives every row its advantage (the tree's credit), so cfg.advantage
-        names no baseline and the value head is optional: with value_coef 0 there is none.
     """
 
     rollout: Callable[[RolloutContext, Sequence[dict], int], Rollout]
@@ -270,7 +271,6 @@ class Method:
     min_group: int = 0
     task_limit: Callable | None = None
     searches: bool = False
-    credits_rows: bool = False
 
 
 def _group(cfg) -> int:
@@ -283,10 +283,10 @@ def _trees_per_call(cfg) -> int:
 
 METHODS: dict[str, Method] = {
     "mcts": Method(search_rollout, value_baseline_advantages, task_limit=_trees_per_call, searches=True),
-    # mcts-tree's advantage is its tree's (tree_advantage); the value head, when value_coef > 0, guides
-    # the search and is trained on the tree's value targets
-    "mcts-tree": Method(tree_rollout, tree_advantages, rows_vary=True, advantages_allowed=("reward_minus_value",),
-                        task_limit=_trees_per_call, searches=True, credits_rows=True),
+    # mcts-tree's advantage is its tree's (TREE_CREDIT: cfg.tree_advantage); the value head, when
+    # value_coef > 0, guides the search and is trained on the tree's value targets
+    "mcts-tree": Method(tree_rollout, tree_advantages, rows_vary=True, advantages_allowed=(TREE_CREDIT,),
+                        task_limit=_trees_per_call, searches=True),
     "bon": Method(best_of_n_rollout, value_baseline_advantages),
     "grpo": Method(group_rollout, group_baseline_advantages, samples=_group, advantages_allowed=("group",),
                    policy_losses=("ppo",), min_group=2),

@@ -35,9 +35,9 @@ def _registries():
     when a config is checked, not when this module is: they import torch, which `treedistill train
     --help` does without."""
     from treedistill.algorithms.advantages import ADVANTAGES
-    from treedistill.methods import METHODS, POLICY_LOSSES, REWARDS
+    from treedistill.methods import METHODS, POLICY_LOSSES, REWARDS, TREE_CREDIT
 
-    return METHODS, tuple(REWARDS), tuple(ADVANTAGES), POLICY_LOSSES
+    return METHODS, tuple(REWARDS), (*ADVANTAGES, TREE_CREDIT), POLICY_LOSSES
 
 
 def _allowed(name: str, value, allowed) -> list[str]:
@@ -165,7 +165,7 @@ class TrainConfig:
     value_coef: float = 1.0                    # c_v, weight of the value MSE; 0 = no value head
     fresh_value_head: bool = False             # start from a new (seeded) value head, not the model's saved one
     kl_coef: float = 0.05                      # beta, weight of the k3 KL to the frozen initial policy
-    advantage: str = "reward_minus_value"      # group | reward_minus_value | gae
+    advantage: str = "reward_minus_value"      # group | reward_minus_value | gae | tree (a tree method's own credit)
     gamma: float = 1.0                         # GAE discount
     lam: float = 1.0                           # GAE lambda
     # evaluation (mean@k, sparse reward, no search)
@@ -304,6 +304,7 @@ class TrainConfig:
         if limits:
             return limits  # the checks below assume finite numbers of sane sizes
         methods, rewards, advantages, policy_losses = _registries()
+        from treedistill.methods import VALUE_BASELINES as value_baselines  # imported with the registries
         problems = [
             *_allowed("method", self.method, tuple(methods)),
             *_allowed("env", self.env, tuple(ENVS)),
@@ -377,7 +378,7 @@ class TrainConfig:
         if self.advantage == "group":
             problems += _check(self.value_coef == 0,
                                f"value_coef must be 0 with advantage=group: no value head (got {self.value_coef})")
-        elif self.advantage in advantages and not spec.credits_rows:
+        elif self.advantage in value_baselines:
             problems += _check(self.value_coef > 0,
                                f"value_coef must be > 0 with advantage={self.advantage}: its baseline is "
                                f"the value head, which must learn (got {self.value_coef})")
