@@ -40,8 +40,8 @@ def _without_wall_clock(record):
 
 
 def test_every_method_has_a_tiny_preset():
-    assert sorted(TINY_PRESETS) == sorted(f"countdown-tiny-{m}" for m in ("mcts", "mcts-tree", "grpo", "cispo", "bon",
-                                                                        "ppo"))
+    assert sorted(TINY_PRESETS) == sorted(f"countdown-tiny-{m}" for m in ("mcts", "mcts-tree", "tree-fork", "grpo",
+                                                                        "cispo", "bon", "ppo"))
 
 
 @pytest.mark.slow
@@ -66,11 +66,15 @@ def test_tiny_preset_two_steps_then_resume_auto_continues(preset, tmp_path, caps
                     "learn_train_tokens", "learn_forward_calls", "rollout_flops", "learn_flops", "wall_s"):
             assert key in r, (preset, key)
         # the KL to the frozen initial policy is computed (and paid for) where the loss has the term
-        assert ("kl" in r) == (method in ("mcts", "mcts-tree", "bon", "ppo")), preset
+        assert ("kl" in r) == (method in ("mcts", "mcts-tree", "tree-fork", "bon", "ppo")), preset
         # the share of the step's generated tokens that ends in a learned row: every sample of the
-        # sampling methods, one of bon_n = 3 for best-of-N, a part of each tree for the tree methods
+        # sampling methods, one of bon_n = 3 for best-of-N, a part of each searched tree for the search
+        # methods, all of a forking tree's but its repeated steps (learned once) for tree-fork
         share = r["learned_token_share"]
-        assert share == 1.0 if method in ("grpo", "cispo", "ppo") else 0 < share < 1, (preset, share)
+        if method in ("grpo", "cispo", "ppo"):
+            assert share == 1.0, (preset, share)
+        else:
+            assert 0 < share <= 1 if method == "tree-fork" else 0 < share < 1, (preset, share)
     # compute only grows, and the learner trained on what the rollouts generated
     assert 0 < train[0]["rollout_generated_tokens"] < train[1]["rollout_generated_tokens"]
     assert 0 < train[0]["learn_flops"] < train[1]["learn_flops"]
