@@ -210,8 +210,9 @@ def test_tree_fork_preset_trains_a_step_with_no_value_head(tmp_path, capsys):
 @pytest.mark.parametrize("overrides, message", [
     (["fork.chains=0"], "fork.chains must be >= 1"),
     (["fork.forks=-1"], "fork.forks must be >= 0"),
-    (["fork.forks=4", "fork.per_round=5"], "fork.per_round must be in 1..fork.forks=4"),
-    (["fork.per_round=0"], "fork.per_round must be in 1..fork.forks=8"),
+    (["fork.forks=4", "fork.per_round=5"], "fork.per_round must be in 1..4 \\(fork.forks=4; got 5\\)"),
+    (["fork.per_round=0"], "fork.per_round must be in 1..8"),
+    (["fork.forks=0"], "fork.per_round must be in 1..1 \\(fork.forks=0; got 4\\)"),
     (["fork.chains=20000000"], "fork.chains must be at most 10000000"),
     (["fork.width=2"], "unknown key fork.width"),
     (["micro_batch_size=0"], "tree-fork needs micro_batch_size >= 1"),

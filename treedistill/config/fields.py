@@ -135,7 +135,7 @@ class ForkSettings:
             *_check(self.chains >= 1, f"fork.chains must be >= 1 (got {self.chains})"),
             *_check(self.forks >= 0, f"fork.forks must be >= 0 (got {self.forks})"),
             *_check(1 <= self.per_round <= max(1, self.forks),
-                    f"fork.per_round must be in 1..fork.forks={max(1, self.forks)} (got {self.per_round})"),
+                    f"fork.per_round must be in 1..{max(1, self.forks)} (fork.forks={self.forks}; got {self.per_round})"),
         ]
 
 
