@@ -97,7 +97,7 @@ def test_overrides_coerce_to_field_types():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["method=alphazero"], "method must be one of mcts, mcts-tree, bon, grpo, cispo, ppo"),
+    (["method=alphazero"], "method must be one of mcts, mcts-tree, tree-fork, bon, grpo, cispo, ppo"),
     (["learning_rate=1e-4"], "unknown key learning_rate"),
     (["search.simulation=8"], "did you mean search.simulations"),
     (["minibatch_size=12"], "minibatch_size=12 is not divisible by group_size=16"),

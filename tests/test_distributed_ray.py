@@ -315,6 +315,26 @@ def test_distributed_fsdp_learner_on_two_cpu_ranks_matches_the_one_process_updat
 
 
 @pytest.mark.slow
+def test_ray_collector_trains_tree_fork(tmp_path, model, cluster):
+    """tree-fork (a forking tree per problem, a varying number of rows) through the Ray collector: every
+    step's generated tokens are its trees' (chains and forks), and every logged line accounts for its
+    dispatches."""
+    cfg = _config("countdown-tiny-tree-fork", model, "steps=2", "eval_every=0", "problems_per_step=2",
+                  "minibatch_size=1", "fork.chains=3", "fork.forks=2", "fork.per_round=1", "eval_before_rl=false")
+    summary = train(cfg, tmp_path / "run", distributed=DistributedSettings(generators=1, max_staleness=0),
+                    progress=False)
+    assert summary["stop_reason"] == "all 2 steps done"
+    lines = _lines(tmp_path / "run", "train")
+    assert [r["problems_trained"] for r in lines] == [2, 4]
+    spent = 0
+    for r in lines:
+        assert r["tree_rows"] >= 1 and 0 < r["learned_token_share"] <= 1
+        assert r["rollout_generated_tokens"] - spent == 2 * r["tree_generated_tokens"]
+        spent = r["rollout_generated_tokens"]
+        _check_counts(r)
+
+
+@pytest.mark.slow
 def test_ray_collector_trains_mcts_tree_and_cuts_the_last_step_to_the_budget(tmp_path, model, cluster):
     """mcts-tree (a varying number of rows per problem) through the Ray collector, to a generated-token
     budget: the step that would pass it takes only the problems it has room for, as in one process."""

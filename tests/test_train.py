@@ -11,6 +11,7 @@ from treedistill.checkpoint import list_checkpoints, load_checkpoint
 from treedistill.cli import main
 from treedistill.config import TrainConfig, list_presets, load_config
 from treedistill.learner import apply_update
+from treedistill.methods import METHODS
 from treedistill.metrics import read_metrics
 from treedistill.runs import run_problems, take_problems
 
@@ -40,15 +41,17 @@ def _without_wall_clock(record):
 
 
 def test_every_method_has_a_tiny_preset():
-    assert sorted(TINY_PRESETS) == sorted(f"countdown-tiny-{m}" for m in ("mcts", "mcts-tree", "grpo", "cispo", "bon",
-                                                                        "ppo"))
+    assert sorted(TINY_PRESETS) == sorted(f"countdown-tiny-{m}" for m in ("mcts", "mcts-tree", "mcts-mc", "tree-fork",
+                                                                        "grpo", "cispo", "bon", "ppo"))
+    assert {load_config(preset=name).method for name in TINY_PRESETS} == set(METHODS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_tiny_preset_two_steps_then_resume_auto_continues(preset, tmp_path, capsys):
     run = tmp_path / "run"
-    method = preset.removeprefix("countdown-tiny-")
+    cfg = load_config(preset=preset)
+    method = cfg.method
     every_step = ("--set", "checkpoint_every=1")  # a checkpoint after each step: [1, 2] kept
     code, out = _train("--preset", preset, "--steps", "2", *every_step, "--run-dir", str(run), capsys=capsys)
     assert code == 0, out.err
@@ -66,11 +69,15 @@ def test_tiny_preset_two_steps_then_resume_auto_continues(preset, tmp_path, caps
                     "learn_train_tokens", "learn_forward_calls", "rollout_flops", "learn_flops", "wall_s"):
             assert key in r, (preset, key)
         # the KL to the frozen initial policy is computed (and paid for) where the loss has the term
-        assert ("kl" in r) == (method in ("mcts", "mcts-tree", "bon", "ppo")), preset
+        assert ("kl" in r) == (method in ("mcts", "mcts-tree", "tree-fork", "bon", "ppo")), preset
         # the share of the step's generated tokens that ends in a learned row: every sample of the
-        # sampling methods, one of bon_n = 3 for best-of-N, a part of each tree for the tree methods
+        # sampling methods, one of bon_n = 3 for best-of-N, a part of each searched tree for the search
+        # methods, and for a tree method every line's steps, once per sample (all of a forking tree's)
         share = r["learned_token_share"]
-        assert share == 1.0 if method in ("grpo", "cispo", "ppo") else 0 < share < 1, (preset, share)
+        if method in ("grpo", "cispo", "ppo"):
+            assert share == 1.0, (preset, share)
+        else:
+            assert 0 < share <= 1 if method in ("tree-fork", "mcts-tree") else 0 < share < 1, (preset, share)
     # compute only grows, and the learner trained on what the rollouts generated
     assert 0 < train[0]["rollout_generated_tokens"] < train[1]["rollout_generated_tokens"]
     assert 0 < train[0]["learn_flops"] < train[1]["learn_flops"]
@@ -79,7 +86,7 @@ def test_tiny_preset_two_steps_then_resume_auto_continues(preset, tmp_path, caps
             assert key in train[0], key
     # the value head is measured at every evaluation where there is one (value_probe.py)
     for r in _lines(run, "eval"):
-        has_head = method in ("mcts", "mcts-tree", "bon", "ppo")
+        has_head = cfg.uses_value_head
         assert ("value_mse" in r and "value_mse_const" in r and "value_spearman" in r) == has_head, (preset, r)
     assert ("## Value head" in (run / "report.md").read_text()) == has_head
     assert "mean@2" in (run / "report.md").read_text()

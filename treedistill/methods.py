@@ -6,7 +6,7 @@ are batched. All of them share one signature per slot:
 - rollout(ctx, problems, seed) -> Rollout: trajectories to learn from (scored by the environment),
   groups contiguous and numbered 0.. in problem order, plus scalar statistics for the log;
 - advantages(batch, values [B, T] | None, cfg) -> (advantages, returns) [B, T]: from the batch's
-  rewards [B] and loss mask (`algorithms.advantages`), or the rollout's own (mcts-tree);
+  rewards [B] and loss mask (`algorithms.advantages`), or the rollout's own (mcts-tree, tree-fork);
 and every method learns through one loss, `algorithms.losses.total_loss` (the policy loss named by
 cfg.policy_loss, + c_v value MSE, + beta k3 KL to the frozen initial policy).
 
@@ -14,6 +14,7 @@ cfg.policy_loss, + c_v value MSE, + beta k3 KL to the frozen initial policy).
 |---|---|---|---|---|
 | mcts  | tree search, most-visited path (completed by the policy if it stops short) | 1 | R - V(s_t) (or GAE) | CISPO or PPO-clip |
 | mcts-tree | the same search; every step on the tree's finished lines, once | 1 tree, a row per step | V^(s') - V^(s) from the tree (`search/credit.py`) | as mcts |
+| tree-fork | M chains, then N forks from the steps of highest entropy (`rollout/tree_fork.py`); rows as mcts-tree | 1 tree, a row per step | as mcts-tree | as mcts |
 | bon   | N samples, the best by dense reward kept | 1 | R - V(s_t) (or GAE) | as mcts |
 | ppo   | G samples | G | R - V(s_t) (or GAE) | as mcts |
 | grpo  | G samples | G | group-normalised | PPO-clip |
@@ -45,12 +46,13 @@ from treedistill.algorithms.losses import LOSSES
 from treedistill.envs.base import Score, canonical_step, reward_from_prompt
 from treedistill.rollout.sample import best_of_n, sample_problems
 from treedistill.rollout.trajectory import Trajectory
+from treedistill.rollout.tree_fork import fork_problems
 from treedistill.rollout.tree_lines import tree_rows, with_lines
 from treedistill.rollout.tree_search import SearchOutcome, search_problems
 from treedistill.search.credit import scaled_advantages
 
-__all__ = ["METHODS", "TREE_CREDIT", "REWARDS", "Method", "Rollout", "RolloutContext", "TrainingReward", "best_of_n_rollout",
-           "group_baseline_advantages", "group_rollout", "search_rollout", "tree_advantages", "tree_rollout",
+__all__ = ["METHODS", "REWARDS", "TREE_CREDIT", "Method", "Rollout", "RolloutContext", "TrainingReward",
+           "best_of_n_rollout", "fork_rollout", "group_baseline_advantages", "group_rollout", "search_rollout", "tree_advantages", "tree_rollout",
            "value_baseline_advantages"]
 
 
@@ -91,6 +93,12 @@ class TrainingReward:
 
     def canonical_step(self, step_text: str) -> str:
         return canonical_step(self.env, step_text)
+
+    @property
+    def reachable(self):
+        """The wrapped environment's solver verdict on a prefix (`CountdownEnv.reachable`), None
+        where it has no solver."""
+        return getattr(self.env, "reachable", None)
 
     def key(self, problem: dict) -> tuple:
         return self.env.key(problem)
@@ -158,7 +166,7 @@ def _search(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> list[Se
         # max_depth None: bounded by the completion's token budget only; the Gumbel noise follows the step's seed.
         settings = dataclasses.replace(s, max_depth=s.max_depth or cfg.max_new_tokens, seed=chunk_seed)
         outcomes += search_problems(ctx.engine, ctx.policy, env, part, search=settings,
-                                    max_new_tokens=cfg.max_new_tokens, seed=chunk_seed)
+                                    max_new_tokens=cfg.max_new_tokens, seed=chunk_seed, leaf_value=cfg.leaf_value)
     return outcomes
 
 
@@ -187,35 +195,62 @@ def search_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> 
 
 
 def tree_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Rollout:
-    """mcts-tree: mcts's search; every step on a finished line of each tree becomes one row, learned
-    once, with the tree's advantage and value target (`rollout.tree_lines`, `search.credit`); the
-    policy's completion of a path the search left unfinished is one more line. The trees' terminal
-    nodes are re-scored with the learner's reward."""
+    """mcts-tree: mcts's search; every step on a finished line of each tree becomes one row per sample,
+    with the tree's advantage and value target (`rollout.tree_lines`, `search.credit`); the rollouts of
+    the search's leaves and the policy's completion of a path the search left unfinished are lines too
+    (`with_lines`). The trees' terminal nodes are re-scored with the learner's reward."""
     cfg = ctx.cfg
     found = _search(ctx, problems, seed)
     env = TrainingReward(ctx.env, cfg.reward)
-    rows, lines, line_rewards, learned = [], [], [], []
-    for i, (problem, outcome) in enumerate(zip(problems, found)):
-        tree_part = tree_rows(with_lines(outcome), problem, env, ctx.policy, group=i, mode=cfg.tree_advantage,
-                              leaf_weight=cfg.tree_leaf_weight)
-        rows += tree_part.rows
-        lines.append(len(tree_part.line_rewards))
-        line_rewards += tree_part.line_rewards
-        learned.append(sum(len(t.completion_ids) for t in tree_part.rows))
-    assert {t.group for t in rows} == set(range(len(problems))), (
-        "mcts-tree: a searched tree has no step to learn from (its extracted path is finished or completed)")
-    raw = [t.advantage for t in rows]
-    rows = [dataclasses.replace(t, advantage=a)
-            for t, a in zip(rows, scaled_advantages(raw, cfg.tree_advantage_norm))]
+    rows, stats = _tree_learning(cfg, env, ctx.policy, problems, [with_lines(o) for o in found])
     paths = [o.trajectory for o in found]
-    stats = {**_search_stats(paths),
-             "tree_rows": len(rows) / len(problems), "tree_lines": _mean(lines),
-             "tree_line_reward_mean": _mean(line_rewards),
-             # finished lines per 1,000 tokens generated for the trees (GRPO: 1,000 / its mean completion length)
-             "tree_lines_per_1k_tokens": 1000 * sum(lines) / max(1, sum(o.generated_tokens for o in found)),
-             "tree_learned_tokens": _mean(learned),
-             "tree_advantage_abs_mean": _mean([abs(a) for a in raw]),
-             "tree_path_reward": _mean([env.score(p, o.text).reward for p, o in zip(problems, found)])}
+    stats.update(_search_stats(paths))
+    # finished lines per 1,000 tokens generated for the trees (GRPO: 1,000 / its mean completion length)
+    stats["tree_lines_per_1k_tokens"] = (1000 * stats["tree_lines"] * len(problems)
+                                         / max(1, sum(o.generated_tokens for o in found)))
+    stats["tree_path_reward"] = _mean([env.score(p, o.text).reward for p, o in zip(problems, found)])
+    return Rollout(rows, stats)
+
+
+def _tree_learning(cfg, env, policy, problems: Sequence[dict], trees: Sequence) -> tuple[list[Trajectory], dict]:
+    """The rows of one tree per problem (`rollout.tree_lines.tree_rows`, group i = problems[i]), their
+    advantages scaled over the batch (cfg.tree_advantage_norm), and the trees' statistics; `env`
+    scores with the learner's reward."""
+    rows, lines, line_rewards, learned = [], [], [], []
+    for i, (problem, tree) in enumerate(zip(problems, trees)):
+        part = tree_rows(tree, problem, env, policy, group=i, mode=cfg.tree_advantage,
+                         leaf_weight=cfg.tree_leaf_weight)
+        rows += part.rows
+        lines.append(len(part.line_rewards))
+        line_rewards += part.line_rewards
+        learned.append(sum(len(t.completion_ids) for t in part.rows))
+    assert {t.group for t in rows} == set(range(len(problems))), f"{cfg.method}: a tree has no step to learn from"
+    raw = [t.advantage for t in rows]
+    rows = [dataclasses.replace(t, advantage=a) for t, a in zip(rows, scaled_advantages(raw, cfg.tree_advantage_norm))]
+    return rows, {"tree_rows": len(rows) / len(problems), "tree_lines": _mean(lines),
+                  "tree_line_reward_mean": _mean(line_rewards), "tree_learned_tokens": _mean(learned),
+                  "tree_advantage_abs_mean": _mean([abs(a) for a in raw])}
+
+
+def fork_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Rollout:
+    """tree-fork: per problem cfg.fork.chains whole chains at cfg.temperature, then cfg.fork.forks
+    lines forked from the parents of the steps of highest estimated entropy (`rollout.tree_fork`), all
+    hung in one tree; every step on its lines is one row, with mcts-tree's credit (`_tree_learning`).
+    Logged beside mcts-tree's tree_* fields: the trees' generated tokens, their distinct finished lines
+    per 1,000 of them, and the forked steps' mean estimated entropy."""
+    cfg = ctx.cfg
+    env = TrainingReward(ctx.env, cfg.reward)
+    forked = fork_problems(ctx.engine, ctx.policy, env, problems, chains=cfg.fork.chains, forks=cfg.fork.forks,
+                           per_round=cfg.fork.per_round, temperature=cfg.temperature,
+                           max_new_tokens=cfg.max_new_tokens, seed=seed)
+    rows, stats = _tree_learning(cfg, env, ctx.policy, problems, [f.tree for f in forked])
+    generated = sum(f.generated_tokens for f in forked)
+    entropies = [e for f in forked for e in f.forked_entropy]
+    stats.update({"tree_generated_tokens": generated / len(problems),
+                  "tree_lines_per_1k_tokens": 1000 * stats["tree_lines"] * len(problems) / max(1, generated),
+                  "fork_chain_tokens": _mean([f.chain_tokens for f in forked]),
+                  "fork_tokens": _mean([f.fork_tokens for f in forked]),
+                  "fork_entropy_mean": _mean(entropies)})
     return Rollout(rows, stats)
 
 
@@ -258,8 +293,8 @@ class Method:
     min_group: the smallest cfg.group_size it accepts (0: group_size is not read).
     task_limit: most problems one rollout call batches well (the trees one search call grows
         together), or None: all of a task's problems in one engine call (the distributed loop's tasks).
-    searches: its rollout runs the search (`cfg.search`), which reads the value head unless every
-        leaf is valued by a rollout (search.rollout_lambda = 1).
+    searches: its rollout is the tree search (`cfg.search`; the search's options, e.g. cfg.leaf_value,
+        apply), which reads the value head unless every leaf is valued by a rollout (rollout_lambda = 1).
     """
 
     rollout: Callable[[RolloutContext, Sequence[dict], int], Rollout]
@@ -287,6 +322,9 @@ METHODS: dict[str, Method] = {
     # value_coef > 0, guides the search and is trained on the tree's value targets
     "mcts-tree": Method(tree_rollout, tree_advantages, rows_vary=True, advantages_allowed=(TREE_CREDIT,),
                         task_limit=_trees_per_call, searches=True),
+    # tree-fork's advantage is its tree's, as mcts-tree's; it searches nothing, so a value head (value_coef
+    # > 0, trained on the trees' V^ targets, e.g. for the value probe) is read by nothing
+    "tree-fork": Method(fork_rollout, tree_advantages, rows_vary=True, advantages_allowed=(TREE_CREDIT,)),
     "bon": Method(best_of_n_rollout, value_baseline_advantages),
     "grpo": Method(group_rollout, group_baseline_advantages, samples=_group, advantages_allowed=("group",),
                    policy_losses=("ppo",), min_group=2),

@@ -2,8 +2,8 @@
 
 Each step, in file order: collect (the method's rollout on the next problems: search or sampling,
 scored by the environment) -> learn (rewards, advantages, loss and optimizer update(s):
-`learner.learn`) -> log -> periodic evaluation -> checkpoint. The method (mcts | mcts-tree | bon |
-grpo | cispo | ppo) is looked up ONCE in `methods.METHODS`; the loop only passes its advantages on.
+`learner.learn`) -> log -> periodic evaluation -> checkpoint. The method (mcts | mcts-tree | tree-fork |
+bon | grpo | cispo | ppo) is looked up ONCE in `methods.METHODS`; the loop only passes its advantages on.
 
 One loop, two collectors (`collect.py`): in one process (`LocalCollector`), or generator actors on a
 Ray cluster (`distributed.RayCollector`, `distributed=DistributedSettings(...)`), where the learner is

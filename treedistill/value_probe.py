@@ -13,11 +13,19 @@ evaluation also measures them against Monte Carlo ground truth from the current 
    reward (`env.score(...).reward`, cfg.reward: under reward sparse, the success rate) of the k lines.
 3. Value. V(s): the value head at the last token of s (`engine.value`, what the search reads).
 
+4. Label (environments with a solver, Countdown: `env.reachable`): c(s) = 1 if the target can still be
+   reached from the numbers the prefix's steps left, else 0: exact, no sampling noise.
+
 Reported: the Spearman rank correlation of V against y over the P prefixes (average ranks for ties;
 None when either side is constant, e.g. every y = 0), the MSE of V against y, and the MSE of the best
 constant (the mean of y, in hindsight: the variance of y): a head worth its compute has
 value_mse < value_mse_const and value_spearman > 0. y is itself an estimate (k samples), so both MSEs
 include its variance, y(1 - y) / k on average for a 0/1 reward; the comparison between them does not.
+On the tiny model nearly every y is 0 before RL, so the Spearman says little either way; the AUC of V
+against c (`value_auc_reachable`: the probability that a reachable prefix gets a higher V than an
+unreachable one, ties counting 1/2; 0.5 = no better than chance, None when one class is empty) is a
+noise-free test of the same head, with both classes in plenty (every root is reachable, many prefixes
+after a step are not). `value_probe_reachable_frac` is the share of reachable prefixes.
 
 Cost: P lines (~P x 70 tokens on the tiny model) plus P x k completions of the rest of a line, and one
 value call; the default P = 48 keeps it to about a fifth of a tiny preset's evaluation time (measured:
@@ -38,19 +46,25 @@ from dataclasses import dataclass
 from treedistill.rollout.sample import completion_text
 from treedistill.rollout.tree_search import completion_budget
 
-__all__ = ["ValueProbe", "mse", "probe_value", "spearman"]
+__all__ = ["ValueProbe", "auc", "mse", "probe_value", "spearman"]
 
 _SEED_STRIDE = 1_000_003
 
 
 @dataclass(frozen=True)
 class ValueProbe:
-    """values / targets: V(s) and y(s) for each prefix [P]; depths: steps in each prefix [P]."""
+    """values / targets: V(s) and y(s) for each prefix [P]; depths: steps in each prefix [P]; reachable:
+    the solver's label c(s) of each prefix [P], or None (no solver)."""
 
     values: tuple[float, ...]
     targets: tuple[float, ...]
     depths: tuple[int, ...]
     seconds: float
+    reachable: tuple[bool, ...] | None = None
+
+    @property
+    def auc(self) -> float | None:
+        return None if self.reachable is None else auc(self.values, self.reachable)
 
     @property
     def spearman(self) -> float | None:
@@ -71,7 +85,10 @@ class ValueProbe:
                 "value_probe_prefixes": len(self.values),
                 "value_probe_target_mean": sum(self.targets) / len(self.targets),
                 "value_probe_value_mean": sum(self.values) / len(self.values),
-                "value_probe_s": self.seconds}
+                "value_probe_s": self.seconds,
+                **({} if self.reachable is None else {
+                    "value_auc_reachable": self.auc,
+                    "value_probe_reachable_frac": sum(self.reachable) / len(self.reachable)})}
 
 
 def _ranks(xs: Sequence[float]) -> list[float]:
@@ -103,6 +120,18 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     if va == 0 or vb == 0:
         return None
     return cov / (va * vb) ** 0.5
+
+
+def auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve of `scores` for the 0/1 `labels`: P(score of a positive > score of a
+    negative), ties 1/2 (Mann-Whitney U / (n+ n-), from tie-averaged ranks); None when a class is empty."""
+    assert len(scores) == len(labels), f"auc: {len(scores)} scores and {len(labels)} labels"
+    positives = sum(1 for y in labels if y)
+    negatives = len(labels) - positives
+    if not positives or not negatives:
+        return None
+    rank_sum = sum(r for r, y in zip(_ranks(scores), labels) if y)
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
 
 
 def mse(a: Sequence[float], b: Sequence[float]) -> float:
@@ -160,7 +189,11 @@ def probe_value(engine, policy, env, problems: Sequence[dict], *, k: int, temper
     # 3. the value head at each prefix
     values = [float(v) for v in engine.value(prefixes)]
     depths = [b.index(cut) for b, cut in zip(boundaries, cuts)]
-    return ValueProbe(tuple(values), tuple(targets), tuple(depths), time.perf_counter() - start)
+    # 4. the solver's label of each prefix, where the environment has one
+    solver = getattr(env, "reachable", None)
+    reachable = None if solver is None else tuple(
+        bool(solver(problems[i], completion_text(policy, lines[i][:cut]))) for i, cut in enumerate(cuts))
+    return ValueProbe(tuple(values), tuple(targets), tuple(depths), time.perf_counter() - start, reachable)
 
 
 def value_quality(engine, policy, env, problems: Sequence[dict], cfg) -> dict:

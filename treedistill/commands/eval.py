@@ -1,7 +1,8 @@
 """`treedistill eval`: mean@k accuracy of a model without search, with its standard error; with
 `--search mcts`, also the accuracy of the answers MCTS extracts on the same problems, and best-of-N at
 the search's generated tokens per problem, each with its tokens per problem; with `--value-probe P`, how
-well the model's saved value head predicts success (value_probe.py) on the first P problems."""
+well the model's saved value head predicts success (value_probe.py) on the first P problems, and on
+Countdown how well it separates prefixes from which the target is still reachable (AUC)."""
 
 from __future__ import annotations
 
@@ -178,6 +179,10 @@ def _run_value_probe(args, engine, policy, env, problems) -> dict:
           f"({args.value_reward} reward; success rate {found['value_probe_target_mean']:.3f}, mean V "
           f"{found['value_probe_value_mean']:+.3f})")
     print(f"  Spearman(V, success) {'undefined (a constant side)' if rho is None else f'{rho:+.3f}'}")
+    if "value_auc_reachable" in found:
+        area = found["value_auc_reachable"]
+        print(f"  AUC(V, target still reachable) {'undefined (one class)' if area is None else f'{area:.3f}'} "
+              f"({found['value_probe_reachable_frac']:.0%} of the prefixes reachable, by the solver)")
     print(f"  MSE {found['value_mse']:.4f}  (best constant {found['value_mse_const']:.4f}), wall "
           f"{found['value_probe_s']:.1f} s")
     return found

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HELP = "train a policy by online RL: mcts | mcts-tree | bon | grpo | cispo | ppo, with compute budgets and exact resume"
+HELP = "train a policy by online RL: mcts | mcts-tree | tree-fork | bon | grpo | cispo | ppo, with compute budgets and exact resume"
 
 
 def add_arguments(parser) -> None:

@@ -8,6 +8,7 @@ from treedistill.config.fields import (
     MAX_SEED,
     MAX_TEMPERATURE,
     MAX_TOKENS,
+    ForkSettings,
     LoraSettings,
     SearchSettings,
     TrainConfig,
@@ -15,4 +16,4 @@ from treedistill.config.fields import (
 from treedistill.config.files import PRESET_DIR, list_presets, load_config, to_yaml
 
 __all__ = ["LIMITS", "MAX_COUNT", "MAX_NUMBER", "MAX_SEED", "MAX_TEMPERATURE", "MAX_TOKENS", "PRESET_DIR",
-           "LoraSettings", "SearchSettings", "TrainConfig", "list_presets", "load_config", "to_yaml"]
+           "ForkSettings", "LoraSettings", "SearchSettings", "TrainConfig", "list_presets", "load_config", "to_yaml"]

@@ -22,12 +22,13 @@ from treedistill.errors import UsageError, shown
 from treedistill.search.contracts import TRAINING_SEARCH, SearchSettings
 from treedistill.search.credit import LEAF_WEIGHTS, TREE_ADVANTAGE_NORMS, TREE_ADVANTAGES
 
-__all__ = ["LIMITS", "MAX_COUNT", "MAX_NUMBER", "MAX_SEED", "MAX_TEMPERATURE", "MAX_TOKENS", "LoraSettings",
-           "SearchSettings", "TrainConfig"]
+__all__ = ["LEAF_VALUES", "LIMITS", "MAX_COUNT", "MAX_NUMBER", "MAX_SEED", "MAX_TEMPERATURE", "MAX_TOKENS",
+           "ForkSettings", "LoraSettings", "SearchSettings", "TrainConfig"]
 
 LR_SCHEDULES = ("constant", "linear-decay")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_BACKENDS = ("jsonl", "tensorboard", "wandb")
+LEAF_VALUES = ("head", "solver")  # rollout/tree_search.py LEAF_VALUES (torch-free names here)
 
 
 def _registries():
@@ -64,7 +65,8 @@ LIMITS = {
                      "eval_every", "eval_problems", "final_eval_problems", "eval_k", "eval_samples_logged",
                      "checkpoint_every", "keep_checkpoints", "value_probe_prefixes", "value_probe_k",
                      "search.simulations", "search.parallel",
-                     "search.problems_at_once", "search.k_children", "search.max_depth", "lora.r"), MAX_COUNT),
+                     "search.problems_at_once", "search.k_children", "search.max_depth", "lora.r",
+                     "fork.chains", "fork.forks", "fork.per_round"), MAX_COUNT),
     **dict.fromkeys(("max_new_tokens", "search.step_max_tokens"), MAX_TOKENS),
     **dict.fromkeys(("seed", "data_seed"), MAX_SEED),
     **dict.fromkeys(("temperature", "eval_temperature", "value_probe_temperature", "search.temperature"),
@@ -119,11 +121,30 @@ class LoraSettings:
 
 
 @dataclass(frozen=True)
+class ForkSettings:
+    """Method tree-fork (`rollout/tree_fork.py`): per problem, `chains` whole chains, then `forks` more
+    lines, each sampled from the parent of a step where the policy was least certain (highest mean
+    token entropy), `per_round` of them chosen per round (a later round may fork a fork's steps)."""
+
+    chains: int = 8                                  # M: whole chains sampled per problem
+    forks: int = 8                                   # N: forks per problem, each finished to the end
+    per_round: int = 4                               # forks chosen (and sampled together) per round
+
+    def errors(self) -> list[str]:
+        return [
+            *_check(self.chains >= 1, f"fork.chains must be >= 1 (got {self.chains})"),
+            *_check(self.forks >= 0, f"fork.forks must be >= 0 (got {self.forks})"),
+            *_check(1 <= self.per_round <= max(1, self.forks),
+                    f"fork.per_round must be in 1..{max(1, self.forks)} (fork.forks={self.forks}; got {self.per_round})"),
+        ]
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything `treedistill train` needs; every field has a default (the reference run's)."""
 
     # what to train
-    method: str = "mcts"                       # mcts | mcts-tree | bon | grpo | cispo | ppo
+    method: str = "mcts"                       # mcts | mcts-tree | tree-fork | bon | grpo | cispo | ppo
     model: str = "qwen2.5-1.5b-instruct"       # model preset name or local path (see models/load.py)
     env: str = "countdown"                     # countdown | gsm8k
     # data
@@ -141,9 +162,11 @@ class TrainConfig:
     temperature: float = 1.0                   # sampling temperature of grpo | cispo | ppo | bon rollouts
     reward: str = "dense"                      # reward trained on (and searched with): dense (the reference) | sparse (0/1)
     search_reward: str | None = None           # mcts, mcts-tree: reward the search scores terminal nodes with (dense | sparse); None = reward
-    tree_advantage: str = "local"              # mcts-tree: a step's credit, local V^(s')-V^(s) | local+global (+ V^(s')-V^(root)) | local+loo; search/credit.py
-    tree_leaf_weight: str = "one"              # mcts-tree: one | inv_sqrt (a step's advantage / sqrt(lines below it))
-    tree_advantage_norm: str = "none"          # mcts-tree: none | std (a rollout batch's step advantages divided by their std)
+    leaf_value: str = "head"                   # mcts, mcts-tree: a search leaf's value, head | solver (diagnostic: Countdown's exact reachability, 1 / 0; sparse search reward)
+    fork: ForkSettings = field(default_factory=ForkSettings)  # tree-fork: chains, forks, forks per round
+    tree_advantage: str = "local"              # mcts-tree, tree-fork: a step's credit, local V^(s')-V^(s) | local+global (+ V^(s')-V^(root)) | local+loo; search/credit.py
+    tree_leaf_weight: str = "one"              # mcts-tree, tree-fork: one | inv_sqrt (a step's advantage / sqrt(lines below it))
+    tree_advantage_norm: str = "none"          # mcts-tree, tree-fork: none | std (a rollout batch's step advantages divided by their std)
     max_new_tokens: int = 512                  # completion length limit (rollouts and evaluation)
     # optimiser
     lr: float = 5e-6                           # AdamW peak learning rate
@@ -300,7 +323,8 @@ class TrainConfig:
 
     # ---- validation ----
     def errors(self) -> list[str]:
-        limits = [*_limit_errors(self), *_limit_errors(self.search, "search."), *_limit_errors(self.lora, "lora.")]
+        limits = [*_limit_errors(self), *_limit_errors(self.search, "search."), *_limit_errors(self.lora, "lora."),
+                  *_limit_errors(self.fork, "fork.")]
         if limits:
             return limits  # the checks below assume finite numbers of sane sizes
         methods, rewards, advantages, policy_losses = _registries()
@@ -366,12 +390,22 @@ class TrainConfig:
               _allowed("log_backends entry", backend, LOG_BACKENDS)],
             *_search_errors(self.search),
             *self.lora.errors(),
+            *self.fork.errors(),
+            *_allowed("leaf_value", self.leaf_value, LEAF_VALUES),
         ]
         spec = methods[self.method]
         for name, allowed in (("advantage", spec.advantages_allowed), ("policy_loss", spec.policy_losses)):
             if getattr(self, name) not in allowed:
                 problems.append(f"method {self.method} needs {name} in {', '.join(allowed)} "
                                 f"(got {shown(getattr(self, name))})")
+        if self.leaf_value == "solver":
+            problems += _check(spec.searches, f"leaf_value=solver values search leaves: method {self.method} "
+                                              "does not search")
+            problems += _check(hasattr(ENVS[self.env], "reachable"),
+                               f"leaf_value=solver needs an environment with a solver (countdown); {self.env} has none")
+            problems += _check((self.search_reward or self.reward) == "sparse",
+                               "leaf_value=solver is on the sparse reward's scale (1 reachable, 0 not): it needs "
+                               f"the search to score with the sparse reward (got {self.search_reward or self.reward})")
         if spec.min_group:
             problems += _check(self.group_size >= spec.min_group,
                                f"group_size must be >= {spec.min_group} for method {self.method} (got {self.group_size})")
@@ -382,10 +416,10 @@ class TrainConfig:
             problems += _check(self.value_coef > 0,
                                f"value_coef must be > 0 with advantage={self.advantage}: its baseline is "
                                f"the value head, which must learn (got {self.value_coef})")
-        if spec.searches and self.value_coef == 0:
+        if spec.searches and self.value_coef == 0 and self.leaf_value == "head":
             problems += _check(self.search.rollout_lambda == 1,
                                f"method {self.method} with value_coef 0 has no value head, so its search must "
-                               f"value every leaf by a rollout: search.rollout_lambda must be 1 "
+                               f"value every leaf by a rollout (or leaf_value=solver): search.rollout_lambda must be 1 "
                                f"(got {self.search.rollout_lambda})")
         if problems:
             return problems

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path
 
 from treedistill.envs.base import ANSWER_CLOSE, ANSWER_OPEN, STEP_CLOSE, Score
@@ -73,6 +74,8 @@ __all__ = [
     "load_problems",
     "overlap",
     "random_play",
+    "reachable",
+    "remaining_numbers",
     "reduction_distribution",
     "solve",
     "step_expressions",
@@ -133,6 +136,54 @@ def canonical_step(text: str) -> str:
     return f"{opened or ''}{int(a)}{op}{int(b)}={int(result)}{rest}{closed or ''}"
 
 
+_CLOSED_STEP = re.compile(r"<step>(.*?)</step>", re.DOTALL)
+_COMBINATION = re.compile(r"\s*(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(\d+)\s*(?:\([\d\s,]*\))?\s*")
+
+
+def _exact(a: int, op: str, b: int) -> int | None:
+    """a op b when it is a positive integer (the prompt's rule for every intermediate result), else None."""
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b if a > b else None
+    if op == "*":
+        return a * b if a > 0 and b > 0 else None
+    return a // b if b > 0 and a % b == 0 else None
+
+
+def remaining_numbers(numbers, completion: str) -> tuple[int, ...] | None:
+    """The numbers still available after the completion's CLOSED steps (`<step>a op b = r ...</step>`,
+    in order), sorted: each step takes a and b from the available numbers and puts r back. None when a
+    step breaks the rules: not one `a op b = r` combination, a or b not available, or r not the exact
+    positive-integer result. The numbers a step restates in brackets are not read (the state is what the
+    arithmetic made); text outside the step tags (an unclosed step, the answer scaffold) is ignored."""
+    available = Counter(int(x) for x in numbers)
+    for content in _CLOSED_STEP.findall(completion):
+        m = _COMBINATION.fullmatch(content)
+        if m is None:
+            return None
+        a, op, b, result = int(m[1]), m[2], int(m[3]), int(m[4])
+        available[a] -= 1
+        available[b] -= 1
+        if available[a] < 0 or available[b] < 0 or _exact(a, op, b) != result:
+            return None
+        available[result] += 1
+    return tuple(sorted(available.elements()))
+
+
+@lru_cache(maxsize=65_536)
+def _reachable_from(numbers: tuple[int, ...], target: int) -> bool:
+    return target in numbers or solve(numbers, target) is not None
+
+
+def reachable(problem: dict, completion: str) -> bool:
+    """Whether the target can still be reached from the numbers left after the completion's closed steps
+    (`remaining_numbers`): it is one of them, or the exact solver (`solve`, subsets of the numbers,
+    positive-integer intermediates as the prompt asks) finds a way. False where a step broke the rules."""
+    numbers = remaining_numbers(problem["numbers"], completion)
+    return numbers is not None and bool(numbers) and _reachable_from(numbers, int(problem["target"]))
+
+
 class CountdownEnv:
     """Countdown with the reference's rewards.
 
@@ -170,6 +221,12 @@ class CountdownEnv:
     def canonical_step(self, step_text: str) -> str:
         """Steps with the same canonical form are one step to the search (`merge="canonical"`)."""
         return canonical_step(step_text)
+
+    def reachable(self, problem: dict, completion: str) -> bool:
+        """The solver's exact verdict on a prefix: can the target still be reached from the numbers its
+        steps left (`reachable`)? Reads the target: for diagnostics (the oracle leaf value, the value
+        probe's AUC), never for a method that claims no verifier."""
+        return reachable(problem, completion)
 
     @staticmethod
     def load_split(split: str, path: Path | None = None) -> list[dict]:

@@ -7,7 +7,9 @@ callables, so the search core still never sees a model:
   temperature, stopped at the environment's step delimiter (`</step>`) or after `step_max_tokens`;
   each sample becomes a Candidate with its raw-policy per-token log-probs (the prior's logit is
   their sum, and they are the behaviour log-probs of the extracted path);
-- value: ONE `engine.value` call (the value head at the last token of each prefix);
+- value: ONE `engine.value` call (the value head at the last token of each prefix); or, with
+  `leaf_value="solver"` (a diagnostic, off by default, never in a preset), the environment's solver
+  instead of the head (`LEAF_VALUES`);
 - reward: the value of a new TERMINAL node, chosen from `TERMINAL_VALUES`: "reward" (default,
   training and the reference) is the environment's DENSE reward of the decoded completion (end token
   dropped); "value" is the value head at the completion's last token, so the search never consults
@@ -77,7 +79,7 @@ from treedistill.search import (
 )
 from treedistill.search import search as run_search
 
-__all__ = ["TERMINAL_VALUES", "BatchCompute", "SearchBridge", "SearchOutcome", "completion_budget",
+__all__ = ["LEAF_VALUES", "TERMINAL_VALUES", "BatchCompute", "SearchBridge", "SearchOutcome", "completion_budget",
            "search_problems"]
 
 # Seeds of successive engine calls: base seed times a large prime plus the call's index, so two runs
@@ -170,9 +172,15 @@ class SearchBridge:
 
     def __init__(self, engine, policy, env: Env, problems: Sequence[dict], prompts: Sequence[Sequence[int]],
                  *, k: int = 4, temperature: float = 0.8, step_max_tokens: int = 64,
-                 max_new_tokens: int = 512, seed: int = 0, terminal_value: str = "reward"):
+                 max_new_tokens: int = 512, seed: int = 0, terminal_value: str = "reward",
+                 leaf_value: str = "head"):
         if terminal_value not in TERMINAL_VALUES:
             raise UsageError(f"terminal value must be one of {', '.join(TERMINAL_VALUES)}, got {terminal_value!r}")
+        if leaf_value not in LEAF_VALUES:
+            raise UsageError(f"leaf value must be one of {', '.join(LEAF_VALUES)}, got {leaf_value!r}")
+        if leaf_value == "solver" and getattr(env, "reachable", None) is None:
+            raise UsageError(f"leaf value 'solver' needs an environment with a solver (Countdown); "
+                             f"{getattr(env, 'name', type(env).__name__)} has none")
         if k < 1 or step_max_tokens < 1 or max_new_tokens < 1:
             raise UsageError(f"need k, step_max_tokens and max_new_tokens >= 1, got {k}, {step_max_tokens}, "
                              f"{max_new_tokens}")
@@ -185,6 +193,7 @@ class SearchBridge:
         self.budgets = [completion_budget(policy, len(p), max_new_tokens) for p in self.prompts]
         self.seed = seed
         self.terminal_value = terminal_value
+        self.leaf_value = leaf_value
         self.calls = 0
         self.eos = frozenset(policy.eos_token_ids)
         self.generated = [0] * len(self.prompts)
@@ -230,7 +239,7 @@ class SearchBridge:
                          token_logprobs=logprobs)
 
     def value(self, requests: list[NodeRequest]) -> list[float]:
-        return self.engine.value([r.prefix for r in requests])
+        return LEAF_VALUES[self.leaf_value](self, requests)
 
     def rollout(self, requests: list[NodeRequest]) -> list[LeafRollout]:
         """One policy sample from each leaf to the end of its line (one call per distinct remaining
@@ -316,6 +325,23 @@ def _legal_value(bridge: SearchBridge, requests: list[NodeRequest]) -> list[floa
 # value head's tanh range, and the environment's no-answer reward.
 NO_LEGAL_ANSWER = -1.0
 
+def _solver_value(bridge: SearchBridge, requests: list[NodeRequest]) -> list[float]:
+    reachable = bridge.env.reachable
+    return [SOLVER_VALUES[reachable(bridge.problems[r.tree], bridge.text(r.completion))] for r in requests]
+
+
+# The solver's leaf values: a perfect value on the sparse reward's scale. Under the sparse reward a line
+# scores 1 (right) or 0 (wrong, or no answer), so 1 where the target can still be reached from the
+# prefix's numbers (a perfect continuation scores 1) and 0 where it cannot (every continuation scores
+# 0, the reward's bottom): the same scale as the terminal rewards the search backs up beside them. The
+# config allows it with the sparse search reward only (under the dense one an unreachable target can
+# still earn up to 1 - 2|t - p| / t, so 0/1 would not be its scale).
+SOLVER_VALUES = {True: 1.0, False: 0.0}
+
+# How a non-terminal leaf is valued: the value head (default), or the environment's exact solver
+# (`env.reachable`, Countdown; reads the target: a diagnostic ceiling of a perfect value, never a preset).
+LEAF_VALUES = {"head": _value_head, "solver": _solver_value}
+
 # How a new terminal node is valued: the environment's reward (`Score.reward`; uses the target), the value
 # head (no verifier), or the value head with illegal answers at -1 (no verifier: inputs only).
 TERMINAL_VALUES = {"reward": _env_reward, "value": _value_head, "legal": _legal_value}
@@ -323,7 +349,7 @@ TERMINAL_VALUES = {"reward": _env_reward, "value": _value_head, "legal": _legal_
 
 def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, search: SearchSettings | None = None,
                     max_new_tokens: int = 512, seed: int = 0, terminal_value: str = "reward",
-                    on_round=None) -> list[SearchOutcome]:
+                    leaf_value: str = "head", on_round=None) -> list[SearchOutcome]:
     """Search every problem's tree in lock-step (one `search` call), extract each tree's path,
     complete the incomplete ones with the policy, and score them; one SearchOutcome per problem.
 
@@ -331,7 +357,8 @@ def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, searc
     `step_max_tokens` each); `problems_at_once` is the caller's business (all `problems` form one batch).
     The search's own seed (Gumbel noise) is `search.seed`; `seed` seeds the engine's samples.
     terminal_value: "reward" (environment), "value" (value head) or "legal" (value head, -1 without a
-    legal answer) for terminal nodes, see TERMINAL_VALUES; the returned
+    legal answer) for terminal nodes, see TERMINAL_VALUES; leaf_value: "head" (the value head) or
+    "solver" (the environment's exact solver, a diagnostic) for non-terminal leaves, see LEAF_VALUES; the returned
     trajectory is scored by the environment either way. on_round: the search's progress callback
     (`search.mcts.search`).
     """
@@ -343,7 +370,7 @@ def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, searc
     prompts = [policy.prompt_ids(env.messages(p, compact=policy.compact_prompt)) for p in problems]
     bridge = SearchBridge(engine, policy, env, problems, prompts, k=cfg.k_children, temperature=cfg.temperature,
                           step_max_tokens=cfg.step_max_tokens, max_new_tokens=max_new_tokens, seed=seed,
-                          terminal_value=terminal_value)
+                          terminal_value=terminal_value, leaf_value=leaf_value)
     result = run_search(prompts, bridge.expand, bridge.value, bridge.reward, cfg, rollout=bridge.rollout,
                         step_key=bridge.step_key, on_round=on_round)
     extractions = [extract(tree, cfg) for tree in result.trees]
