@@ -61,22 +61,6 @@ def test_subtree_values_and_credits_by_hand():
         subtree_values(tree, {3: 0.0})
 
 
-def test_leave_one_out_baseline_and_shared_step_weight_by_hand():
-    tree = _toy_tree()
-    # local+loo: the second term is V^(n) minus the mean of the lines NOT below n (three lines: 0, 1, 0)
-    # a: 1/2 - 0 (only c's line is outside), c: 0 - 1/2, a1: 1 - 0, a2: 0 - 1/2; plus each local term
-    loo = step_credits(tree, REWARDS, "local+loo")
-    assert [c.advantage for c in loo] == pytest.approx([1 / 6 + 1 / 2, -1 / 3 - 1 / 2, 1 / 2 + 1, -1 / 2 - 1 / 2])
-    # inv_sqrt: a step shared by |L| lines is divided by sqrt(|L|): a has two lines below it
-    weighted = step_credits(tree, REWARDS, "local", leaf_weight="inv_sqrt")
-    assert [c.advantage for c in weighted] == pytest.approx([1 / 6 / 2 ** 0.5, -1 / 3, 0.5, -0.5])
-    # a tree whose lines all pass through one node: no line is left out, the loo term is 0
-    single = Tree(prompt=(1,))
-    only = single.add_node(ROOT, (2,), 0.0, 1.0, terminal=False, finish="stop")
-    end = single.add_node(only, (3,), 0.0, 1.0, terminal=True, finish="eos")
-    assert [c.advantage for c in step_credits(single, {end: 1.0}, "local+loo")] == [0.0, 0.0]
-
-
 class _Env:
     """Scores a completion: right iff it holds "w"; the dense reward is 1 / -1, the sparse 1 / 0."""
 

@@ -211,6 +211,9 @@ def test_a_setting_added_after_a_run_was_saved_reads_as_its_default():
     assert changed_settings(saved, cfg) == []
     assert changed_settings(saved, load_config(preset="countdown-tiny-mcts", overrides=["search.merge=canonical"])) == ["search"]
     assert changed_settings(saved, load_config(preset="countdown-tiny-mcts", overrides=["lr=0.1"])) == ["lr"]
+    # a setting removed since: the run resumes where it saved the behaviour that was kept, not otherwise
+    assert changed_settings({**saved, "tree_leaf_weight": "one"}, cfg) == []
+    assert changed_settings({**saved, "tree_leaf_weight": "inv_sqrt"}, cfg) == ["tree_leaf_weight"]
 
 
 def test_a_nonfinite_update_is_skipped_and_a_finite_one_is_taken():

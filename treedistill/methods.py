@@ -218,8 +218,7 @@ def _tree_learning(cfg, env, policy, problems: Sequence[dict], trees: Sequence) 
     scores with the learner's reward."""
     rows, lines, line_rewards, learned = [], [], [], []
     for i, (problem, tree) in enumerate(zip(problems, trees)):
-        part = tree_rows(tree, problem, env, policy, group=i, mode=cfg.tree_advantage,
-                         leaf_weight=cfg.tree_leaf_weight)
+        part = tree_rows(tree, problem, env, policy, group=i, mode=cfg.tree_advantage)
         rows += part.rows
         lines.append(len(part.line_rewards))
         line_rewards += part.line_rewards

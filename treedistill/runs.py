@@ -55,6 +55,10 @@ __all__ = ["RESUMABLE_CHANGES", "RUN_FILES", "RUN_MARKER", "advance_bar", "budge
 RESUMABLE_CHANGES = ("steps", "budget_generated_tokens", "budget_flops", "keep_checkpoints", "log_backends",
                      "wandb_project", "eval_every", "checkpoint_every", "eval_at_tokens", "eval_at_flops", "final_eval_problems",
                      "eval_before_rl")
+# Settings removed from TrainConfig (measured and left off: docs/log.md), each with the value that is the
+# behaviour kept: a run saved with that value resumes (and is reused) as before; one saved with another
+# value is refused, since its behaviour is gone.
+RETIRED_SETTINGS = {"tree_leaf_weight": "one"}
 # The file that marks a folder as a run's and is locked while a process runs in it; the files a run writes.
 RUN_MARKER = ".treedistill-run"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "report.md")
@@ -221,9 +225,11 @@ def changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
     """The settings, in order, where a run's saved config (its YAML, loaded) and `cfg` differ in a way
     a resumption may not (RESUMABLE_CHANGES may differ). A setting the saved config lacks (it was added
     to TrainConfig after the run was written; new settings default to the earlier behaviour) reads as
-    its default, in nested sections (search) too."""
+    its default, in nested sections (search) too; a setting removed since (RETIRED_SETTINGS) differs only
+    where the run saved another value than the one kept."""
     now = yaml.safe_load(to_yaml(cfg))
     defaults = yaml.safe_load(to_yaml(TrainConfig()))
+    saved = {k: v for k, v in saved.items() if not (k in RETIRED_SETTINGS and v == RETIRED_SETTINGS[k])}
 
     def as_saved(key: str):
         value = saved.get(key, defaults.get(key))

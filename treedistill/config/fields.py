@@ -20,7 +20,7 @@ from treedistill.datasets import resolve_path
 from treedistill.envs import ENVS
 from treedistill.errors import UsageError, shown
 from treedistill.search.contracts import TRAINING_SEARCH, SearchSettings
-from treedistill.search.credit import LEAF_WEIGHTS, TREE_ADVANTAGE_NORMS, TREE_ADVANTAGES
+from treedistill.search.credit import TREE_ADVANTAGE_NORMS, TREE_ADVANTAGES
 
 __all__ = ["LEAF_VALUES", "LIMITS", "MAX_COUNT", "MAX_NUMBER", "MAX_SEED", "MAX_TEMPERATURE", "MAX_TOKENS",
            "ForkSettings", "LoraSettings", "SearchSettings", "TrainConfig"]
@@ -164,8 +164,7 @@ class TrainConfig:
     search_reward: str | None = None           # mcts, mcts-tree: reward the search scores terminal nodes with (dense | sparse); None = reward
     leaf_value: str = "head"                   # mcts, mcts-tree: a search leaf's value, head | solver (diagnostic: Countdown's exact reachability, 1 / 0; sparse search reward)
     fork: ForkSettings = field(default_factory=ForkSettings)  # tree-fork: chains, forks, forks per round
-    tree_advantage: str = "local"              # mcts-tree, tree-fork: a step's credit, local V^(s')-V^(s) | local+global (+ V^(s')-V^(root)) | local+loo; search/credit.py
-    tree_leaf_weight: str = "one"              # mcts-tree, tree-fork: one | inv_sqrt (a step's advantage / sqrt(lines below it))
+    tree_advantage: str = "local"              # mcts-tree, tree-fork: a step's credit, local V^(s')-V^(s) | local+global (+ V^(s')-V^(root)); search/credit.py
     tree_advantage_norm: str = "none"          # mcts-tree, tree-fork: none | std (a rollout batch's step advantages divided by their std)
     max_new_tokens: int = 512                  # completion length limit (rollouts and evaluation)
     # optimiser
@@ -370,7 +369,6 @@ class TrainConfig:
             *_allowed("search_reward", self.search_reward, (None, *rewards)),
             *_allowed("tree_advantage", self.tree_advantage, TREE_ADVANTAGES),
             *_allowed("tree_advantage_norm", self.tree_advantage_norm, TREE_ADVANTAGE_NORMS),
-            *_allowed("tree_leaf_weight", self.tree_leaf_weight, LEAF_WEIGHTS),
             *_check(self.value_probe_temperature > 0,
                     f"value_probe_temperature must be > 0 (got {self.value_probe_temperature})"),
             *_check(self.temperature > 0, f"temperature must be > 0 (got {self.temperature})"),

@@ -64,14 +64,12 @@ def with_lines(outcome: SearchOutcome) -> Tree:
     return tree
 
 
-def tree_rows(tree: Tree, problem: dict, env, policy, *, group: int, mode: str = "local",
-              leaf_weight: str = "one") -> TreeRows:
-    """The rows of `tree` (see the module docstring); env.score(...).reward is the learner's reward;
-    `mode` and `leaf_weight` are `search.credit.step_credits`'."""
+def tree_rows(tree: Tree, problem: dict, env, policy, *, group: int, mode: str = "local") -> TreeRows:
+    """The rows of `tree` (see the module docstring); env.score(...).reward is the learner's reward."""
     scores = {node: env.score(problem, completion_text(policy, tree.completion(node)))
               for node in range(len(tree)) if tree.terminal[node]}
-    credits = step_credits(tree, {n: s.reward for n, s in scores.items()}, mode, leaf_weight)
-    sparse = step_credits(tree, {n: s.sparse for n, s in scores.items()}, mode, leaf_weight)
+    credits = step_credits(tree, {n: s.reward for n, s in scores.items()}, mode)
+    sparse = step_credits(tree, {n: s.sparse for n, s in scores.items()}, mode)
     rows = []
     for credit, credit_sparse in zip(credits, sparse):
         node = credit.node

@@ -18,11 +18,6 @@ reward, whatever the search scored terminals with):
     local:         A(n) = V^(n) - V^(parent(n))                       (TreeRL's local term; SPO's segment
                                                                         advantage with tree-sibling MC values)
     local+global:  A(n) = [V^(n) - V^(parent(n))] + [V^(n) - V^(root)]  (TreeRL: local + global)
-    local+loo:     A(n) = [V^(n) - V^(parent(n))] + [V^(n) - B(n)], B(n) the mean of r over the tree's
-                   lines NOT below n (a leave-one-out baseline over the lines, as RLOO's over a group;
-                   0 where every line is below n), so a node's own lines never lower its baseline
-- Weight of a shared step (`leaf_weight`): "one", every learned step's advantage as above; "inv_sqrt",
-  A(n) / sqrt(|L(n)|), TreeRL's tempering of a step that many lines share.
 - Value target of every token of n's step: V^(n), the mean outcome of the lines that take this step
   (as the reference's R on every token of its one line). A node's state s thus gets one target per
   child row, and their mean approaches V^(s): one tree yields a value target per learned step (tens)
@@ -31,9 +26,9 @@ reward, whatever the search scored terminals with):
 Sources and where we depart:
 - TreeRL (Hou et al., ACL 2025): process reward of a node = global (V(s_n) - V(root)) + local
   (V(s_n) - V(parent)), divided by sqrt(|L(s_n)|), each token trained once per leaf sequence that
-  holds it; leaf rewards leave-one-out normalised. We learn every node ONCE (one row per node, not one
-  per line), so the 1/sqrt(|L|) that tempers a shared prefix trained |L| times is left out; no
-  leave-one-out normalisation (the reward is 0/1 or the dense one as the learner gets it).
+  holds it; leaf rewards leave-one-out normalised. We learn every node once per sample (one row per
+  node and sample, not one per line); neither the 1/sqrt(|L|) weighting nor a leave-one-out baseline
+  over the tree's lines measured better on training problems (docs/log.md, 2026-12-06), so neither is kept.
 - TreePO (2025): segment-level advantages from sub-groups of the tree; our local term is the
   one-level sub-group (siblings under one parent, through the parent's leaf mean).
 - Tree-GRPO (ICLR 2026): intra-tree advantages (a node against its siblings, = step-level
@@ -59,11 +54,10 @@ from dataclasses import dataclass
 
 from treedistill.search.tree import ROOT, Tree
 
-__all__ = ["LEAF_WEIGHTS", "TREE_ADVANTAGES", "TREE_ADVANTAGE_NORMS", "StepCredit", "scaled_advantages",
-           "step_credits", "subtree_values"]
+__all__ = ["TREE_ADVANTAGES", "TREE_ADVANTAGE_NORMS", "StepCredit", "scaled_advantages", "step_credits",
+           "subtree_values"]
 
-TREE_ADVANTAGES = ("local", "local+global", "local+loo")
-LEAF_WEIGHTS = ("one", "inv_sqrt")
+TREE_ADVANTAGES = ("local", "local+global")
 TREE_ADVANTAGE_NORMS = ("none", "std")
 
 
@@ -98,15 +92,12 @@ def subtree_values(tree: Tree, rewards: Mapping[int, float]) -> tuple[list[float
     return [t / c if c else None for t, c in zip(total, count)], count
 
 
-def step_credits(tree: Tree, rewards: Mapping[int, float], mode: str = "local",
-                 leaf_weight: str = "one") -> list[StepCredit]:
+def step_credits(tree: Tree, rewards: Mapping[int, float], mode: str = "local") -> list[StepCredit]:
     """The learned steps of `tree` in node-id order (parents before children), each once; see the
-    module docstring for V^, the advantage `mode` ("local" | "local+global" | "local+loo") and
-    `leaf_weight` ("one" | "inv_sqrt")."""
+    module docstring for V^ and the advantage `mode` ("local" | "local+global")."""
     assert mode in TREE_ADVANTAGES, f"tree advantage must be one of {TREE_ADVANTAGES}, got {mode!r}"
-    assert leaf_weight in LEAF_WEIGHTS, f"leaf weight must be one of {LEAF_WEIGHTS}, got {leaf_weight!r}"
     values, leaves = subtree_values(tree, rewards)
-    root, lines = values[ROOT], leaves[ROOT]
+    root = values[ROOT]
     out = []
     for node in range(1, len(tree)):
         value = values[node]
@@ -116,11 +107,6 @@ def step_credits(tree: Tree, rewards: Mapping[int, float], mode: str = "local",
         advantage = value - values[parent]  # local: V^(n) - V^(parent)
         if mode == "local+global":
             advantage += value - root       # global: V^(n) - V^(root)
-        elif mode == "local+loo" and lines > leaves[node]:
-            others = (root * lines - value * leaves[node]) / (lines - leaves[node])
-            advantage += value - others     # V^(n) - the mean of the lines not below n
-        if leaf_weight == "inv_sqrt":
-            advantage /= leaves[node] ** 0.5
         out.append(StepCredit(node=node, parent=parent, value=value, advantage=advantage, leaves=leaves[node]))
     return out
 
