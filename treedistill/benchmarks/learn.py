@@ -39,7 +39,7 @@ def learn_workload(*, preset: str, trees: int, repeats: int, seed: int, device: 
     # the whole step is one optimizer update at most `trees` problems (the preset's sizes otherwise)
     cfg = load_config(preset=preset, overrides=[f"seed={seed}", f"problems_per_step={trees}",
                                                  *([f"device={device}"] if device else []), *overrides])
-    env = get_env(cfg.env)
+    env = get_env(cfg.env, **cfg.env_options)
     torch.manual_seed(cfg.seed)
     policy = load_train_policy(cfg)
     method = METHODS[cfg.method]
