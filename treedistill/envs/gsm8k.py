@@ -159,9 +159,9 @@ class GSM8KEnv:
             {"role": "user", "content": problem["question"]},
         ]
 
-    def solution(self, problem: dict) -> str:
+    def solution(self, problem: dict, rng=None) -> str:
         """The record's worked solution as a completion in this format (one line per step, the final
-        number as the answer): what `treedistill sft` trains on."""
+        number as the answer): what `treedistill sft` trains on. `rng` is unused: a record has one solution."""
         return formats.render(solution_steps(problem["answer"]), final_answer(problem["answer"]), self.format)
 
     def is_terminal(self, completion: str) -> bool:
