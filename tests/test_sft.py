@@ -124,3 +124,20 @@ def test_every_method_trains_a_step_on_warmed_up_smollm2(warmed_smollm2, env, me
     if method in ("mcts", "mcts-tree", "bon", "ppo"):  # a value head on the Llama trunk's final hidden state
         assert "value_loss" in train, train
     assert load_policy(str(tmp_path / "run"), device="cpu", value_head=False).model.config.model_type == "llama"
+
+
+def test_the_completion_loss_is_the_language_model_loss_on_completion_tokens():
+    """completion_loss applies the output layer from the first completion position only: the same number
+    as pretrain.lm_loss, which computes every position's logits."""
+    import torch
+
+    from treedistill.envs import get_env
+    from treedistill.pretrain import lm_loss, pad_examples
+    from treedistill.sft import SFTConfig, completion_loss, solution_examples
+
+    policy = load_policy("tiny", device="cpu", value_head=False)
+    env = get_env("countdown")
+    examples, _ = solution_examples(policy, env, env.load_split("train")[:16], SFTConfig(examples=5))
+    batch = pad_examples(examples, policy.pad_token_id)
+    with torch.no_grad():
+        assert completion_loss(policy.model, batch).item() == pytest.approx(lm_loss(policy.model, batch).item(), rel=1e-5)

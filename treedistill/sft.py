@@ -7,9 +7,9 @@ cross-entropy on the completion tokens only (the prompt is the environment's cha
 and evaluation pose it), the completion followed by the model's end-of-turn token, so the model also
 learns to stop. Full fine-tuning, or a LoRA adapter (peft) merged into the weights when saved.
 
-Why not TRL's SFTTrainer: TRL is not in the dependency set, and the loss here is the few lines
-`pretrain.lm_loss` already holds (with its batch layout, `pretrain.pad_examples`); a Trainer would add a
-dependency, a dataset conversion and its own checkpointing for one pass over a few hundred examples.
+Why not TRL's SFTTrainer: TRL is not in the dependency set, and the loss here is a few lines over the
+batch layout `pretrain.pad_examples` already builds; a Trainer would add a dependency, a dataset
+conversion and its own checkpointing for one pass over a few hundred examples.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from treedistill.pretrain import Example, lm_loss, pad_examples
+from treedistill.pretrain import Example, pad_examples
 
-__all__ = ["SFTConfig", "encode_solution", "sft", "solution_examples"]
+__all__ = ["SFTConfig", "completion_loss", "encode_solution", "sft", "solution_examples"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,19 @@ def solution_examples(policy, env, problems: Sequence[dict], cfg: SFTConfig) -> 
     return out, counts
 
 
+def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the completion tokens of a `pad_examples` batch, as
+    `pretrain.lm_loss`, with the output layer applied only from the first position that predicts a
+    completion token (`logits_to_keep`): a chat prompt is most of an example's tokens, and a real
+    model's vocabulary makes the output layer the largest single matrix (SmolLM2: 49,152 x 576).
+    Rows are right-padded, so no attention mask is needed under the causal mask."""
+    ids, target = batch["input_ids"], batch["target_mask"]                          # [B, T]
+    start = int(target.float().argmax(dim=1).min()) - 1  # the first position predicting a completion token
+    logits = model(input_ids=ids, logits_to_keep=ids.shape[1] - start).logits       # [B, T - start, V]
+    mask = target[:, start + 1:]                                                    # [B, T - start - 1]
+    return torch.nn.functional.cross_entropy(logits[:, :-1][mask], ids[:, start + 1:][mask])
+
+
 def _lr_factor(step: int, steps: int) -> float:
     """Linear warm-up over the first 10% of the steps, then linear decay to 0 at `steps`."""
     warmup = max(1, steps // 10)
@@ -123,7 +136,7 @@ def sft(policy, examples: Sequence[Example], cfg: SFTConfig,
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, steps)
         batch = {k: v.to(policy.device) for k, v in pad_examples(rows, policy.pad_token_id).items()}
-        loss = lm_loss(model, batch)
+        loss = completion_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
