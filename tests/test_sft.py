@@ -117,7 +117,7 @@ def test_every_method_trains_a_step_on_warmed_up_smollm2(warmed_smollm2, env, me
     out = capsys.readouterr()
     assert code == 0, out.err
     summary = _last_json(out.out)
-    assert summary["steps"] == 1 and summary["generated_tokens"] > 0, summary
+    assert summary["steps"] == 1 and summary["rollout_generated_tokens"] > 0, summary
     [train] = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
                if json.loads(line)["kind"] == "train"]
     assert train["learn_train_tokens"] > 0 and train["grad_norm"] > 0, train
