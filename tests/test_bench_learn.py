@@ -21,6 +21,8 @@ def test_bench_learn_reports_ratios_and_equal_updates(capsys):
     assert packed["train_positions"] < row["train_positions"] == result["row_tokens"]
     assert result["flops_ratio"] == pytest.approx(row["flops_per_tree"] / packed["flops_per_tree"])
     assert result["flops_ratio"] > 1 and result["seconds_ratio"] > 0
+    for way in (row, packed):  # throughput: the rows' tokens over the median step time (one repeat: its time)
+        assert way["row_tokens_per_s"] == pytest.approx(result["row_tokens"] / way["seconds_all"][0], rel=1e-2)
     assert any(line.startswith("per-row / packed:") for line in out)
 
 

@@ -25,6 +25,7 @@ COMMANDS = {
     "data": "treedistill.commands.data",
     "score": "treedistill.commands.score",
     "pretrain": "treedistill.commands.pretrain",
+    "sft": "treedistill.commands.sft",
     "eval": "treedistill.commands.eval",
     "search": "treedistill.commands.search",
     "train": "treedistill.commands.train",

@@ -224,7 +224,7 @@ def evaluate_initial(cfg: TrainConfig, run_dir: str | Path, *, engine: str = "na
     from treedistill.runs import eval_stats, run_problems
 
     t0 = time.perf_counter()
-    env = get_env(cfg.env)
+    env = get_env(cfg.env, **cfg.env_options)
     _, test = run_problems(cfg, env)
     problems = test[:cfg.final_eval_count] if cfg.final_eval_count else test
     policy = load_train_policy(cfg)

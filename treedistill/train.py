@@ -91,7 +91,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", engine
     start_from, saved = resume_point(run_dir, resume)
     if saved is not None:
         check_same_run(saved["config"], cfg)
-    env = get_env(cfg.env)
+    env = get_env(cfg.env, **cfg.env_options)
     train_problems, test_problems = run_problems(cfg, env)
     eval_problems = test_problems[:cfg.eval_problems] if cfg.eval_problems else test_problems
     final_eval_problems = test_problems[:cfg.final_eval_count] if cfg.final_eval_count else test_problems

@@ -6,7 +6,8 @@ advantages with the value head's no-grad pass, the reference's pass for the KL t
 optimizer updates) runs on them with cfg.pack_rows off and on, each from the same starting weights:
 one warm-up each, then `repeats` times each, alternating. Reported per tree (problem): learner FLOPs
 (the positions actually computed, `metrics.ComputeCounters.learn_flops`) and seconds (the median of the
-repeats), and the ratios per-row / packed. The two runs' update metrics (loss, grad_norm, ...) are reported side by side: the
+repeats), the learner's throughput in row tokens (prompt + completion of every row) per second, and
+the ratios per-row / packed. The two runs' update metrics (loss, grad_norm, ...) are reported side by side: the
 packed step computes the same numbers.
 """
 
@@ -39,7 +40,7 @@ def learn_workload(*, preset: str, trees: int, repeats: int, seed: int, device: 
     # the whole step is one optimizer update at most `trees` problems (the preset's sizes otherwise)
     cfg = load_config(preset=preset, overrides=[f"seed={seed}", f"problems_per_step={trees}",
                                                  *([f"device={device}"] if device else []), *overrides])
-    env = get_env(cfg.env)
+    env = get_env(cfg.env, **cfg.env_options)
     torch.manual_seed(cfg.seed)
     policy = load_train_policy(cfg)
     method = METHODS[cfg.method]
@@ -74,9 +75,12 @@ def learn_workload(*, preset: str, trees: int, repeats: int, seed: int, device: 
         timed["per_row"].append(one(False))
         timed["packed"].append(one(True))
     runs = {}
+    row_tokens = sum(len(t.prompt_ids) + len(t.completion_ids) for t in trajectories)
     for name, results in timed.items():
         seconds, counters, updates = results[-1]
-        runs[name] = {"seconds_per_tree": statistics.median(t[0] for t in results) / len(problems),
+        median = statistics.median(t[0] for t in results)
+        runs[name] = {"seconds_per_tree": median / len(problems),
+                      "row_tokens_per_s": row_tokens / median,  # learner throughput: the rows' tokens per second
                       "seconds_all": [round(t[0], 4) for t in results],
                       "flops_per_tree": counters.learn_flops / len(problems),
                       "train_positions": counters.learn_train_tokens,
@@ -91,7 +95,7 @@ def learn_workload(*, preset: str, trees: int, repeats: int, seed: int, device: 
     return {"workload": f"{preset}: its rollout on {len(problems)} training problems, then learner.learn "
                         "per-row and packed (cfg.pack_rows) from the same weights",
             "preset": preset, "method": cfg.method, "trees": len(problems), "rows": len(trajectories),
-            "row_tokens": sum(len(t.prompt_ids) + len(t.completion_ids) for t in trajectories),
+            "row_tokens": row_tokens,
             "rollout_s": round(rollout_s, 3), "repeats": repeats, "per_row": row, "packed": packed,
             "flops_ratio": row["flops_per_tree"] / packed["flops_per_tree"],
             "seconds_ratio": row["seconds_per_tree"] / packed["seconds_per_tree"],
@@ -106,11 +110,11 @@ def run_learn(args) -> dict:
     r = learn_workload(preset=args.preset, trees=args.trees, repeats=args.repeats, seed=args.seed,
                        device=args.device, overrides=tuple(args.set))
     print(f"bench learn: {r['workload']}; {r['rows']} rows, {r['row_tokens']} row tokens")
-    print(f"{'way':<9}{'s/tree':>10}{'GFLOP/tree':>12}{'positions':>11}  update metrics")
+    print(f"{'way':<9}{'s/tree':>10}{'row tok/s':>11}{'GFLOP/tree':>12}{'positions':>11}  update metrics")
     for name in ("per_row", "packed"):
         w = r[name]
         metrics = " ".join(f"{k}={v:.6g}" for u in w["updates"][:1] for k, v in u.items())
-        print(f"{name:<9}{w['seconds_per_tree']:>10.4f}{w['flops_per_tree'] / 1e9:>12.3f}"
+        print(f"{name:<9}{w['seconds_per_tree']:>10.4f}{w['row_tokens_per_s']:>11.1f}{w['flops_per_tree'] / 1e9:>12.3f}"
               f"{w['train_positions']:>11}  {metrics}")
     print(f"per-row / packed: flops x{r['flops_ratio']:.2f}, seconds x{r['seconds_ratio']:.2f} "
           f"(largest metric difference {r['max_metric_difference']:.2e})")

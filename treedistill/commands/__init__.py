@@ -118,3 +118,16 @@ def search_settings(args, base, *, flags: dict | None = None, **fields):
     except UsageError as err:
         message = str(err).removeprefix("invalid search settings: ")
         raise UsageError(re.sub(r"search\.(\w+)", lambda m: flag_of.get(m.group(1), m.group(0)), message)) from None
+
+
+def add_format_arguments(parser) -> None:
+    """`--step` and `--answer`: the text format of completions (envs/formats.py), the environment's options."""
+    from treedistill.envs.formats import ANSWER_FORMATS, STEP_ENDS
+
+    parser.add_argument("--step", default="tags", choices=list(STEP_ENDS),
+                        help="step delimiter: tags (<step>...</step>), line (one step per line) or blank (a blank "
+                             "line between steps); default tags")
+    parser.add_argument("--answer", default="tag", choices=list(ANSWER_FORMATS),
+                        help="answer format (gsm8k): tag (<answer>N</answer>), hash (#### N), boxed (\\boxed{N}) or "
+                             "last_number (the completion's last number, lm-eval-harness's flexible extract); "
+                             "countdown: tag only; default tag")

@@ -11,6 +11,7 @@ import sys
 
 from treedistill.commands import (
     add_expansion_arguments,
+    add_format_arguments,
     add_leaf_arguments,
     add_pick_argument,
     add_tree_arguments,
@@ -37,6 +38,7 @@ def add_arguments(parser) -> None:
     source.add_argument("--split", help="named split of the environment, e.g. test")
     source.add_argument("--data", help="JSONL file of problems")
     parser.add_argument("--env", default="countdown", help="environment (default countdown)")
+    add_format_arguments(parser)
     parser.add_argument("--k", type=int, default=16, help="samples per problem (default 16)")
     parser.add_argument("--temperature", type=float, default=0.2, help="sampling temperature (default 0.2)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens per sample at most (default 512)")
@@ -121,7 +123,7 @@ def run(args) -> dict:
     from treedistill.evaluate import evaluate
     from treedistill.models.load import load_policy
 
-    env = get_env(args.env)
+    env = get_env(args.env, step=args.step, answer=args.answer)
     problems = load_split(args.env, args.split or "test", path=args.data)
     if args.limit is not None:
         problems = problems[:args.limit]
@@ -144,10 +146,10 @@ def run(args) -> dict:
                           progress=update)
     finally:
         close()
-    out = {"model": args.model, "env": args.env, "split": args.split, "data": args.data,
-           **result.to_dict()}
-    print(f"model {args.model}  {args.env} {args.data or args.split}: {result.problems} problems x "
-          f"{result.k} samples at T={result.temperature}")
+    out = {"model": args.model, "env": args.env, "step": args.step, "answer": args.answer, "split": args.split,
+           "data": args.data, **result.to_dict()}
+    print(f"model {args.model}  {args.env} {args.data or args.split} (steps: {args.step}, answer: {args.answer}): "
+          f"{result.problems} problems x {result.k} samples at T={result.temperature}")
     print(f"  mean@{result.k} accuracy  {100 * result.accuracy:6.2f}% +- {100 * result.stderr:.2f}")
     print(f"  pass@{result.k}           {100 * result.pass_at_k:6.2f}%")
     print(f"  format rate        {100 * result.format_rate:6.2f}%")

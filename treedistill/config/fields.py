@@ -18,12 +18,13 @@ from pathlib import Path
 
 from treedistill.datasets import resolve_path
 from treedistill.envs import ENVS
+from treedistill.envs.formats import DEFAULT_FORMAT, TextFormat
 from treedistill.errors import UsageError, shown
 from treedistill.search.contracts import TRAINING_SEARCH, SearchSettings
 from treedistill.search.credit import TREE_ADVANTAGE_NORMS, TREE_ADVANTAGES
 
 __all__ = ["LEAF_VALUES", "LIMITS", "MAX_COUNT", "MAX_NUMBER", "MAX_SEED", "MAX_TEMPERATURE", "MAX_TOKENS",
-           "ForkSettings", "LoraSettings", "SearchSettings", "TrainConfig"]
+           "ForkSettings", "LoraSettings", "SearchSettings", "TextFormat", "TrainConfig"]
 
 LR_SCHEDULES = ("constant", "linear-decay")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -147,6 +148,7 @@ class TrainConfig:
     method: str = "mcts"                       # mcts | mcts-tree | tree-fork | bon | grpo | cispo | ppo
     model: str = "qwen2.5-1.5b-instruct"       # model preset name or local path (see models/load.py)
     env: str = "countdown"                     # countdown | gsm8k
+    env_format: TextFormat = DEFAULT_FORMAT    # completions' step delimiter and answer format (envs/formats.py): step tags | line | blank, answer tag | hash | boxed | last_number (gsm8k)
     # data
     train_path: str | None = None              # JSONL of training problems; None = generate train_size
     test_path: str | None = None               # JSONL of test problems; None = generate test_size
@@ -244,6 +246,11 @@ class TrainConfig:
         return None if self.method_spec.rows_vary else self.samples_per_problem
 
     @property
+    def env_options(self) -> dict:
+        """Keyword options of the environment: `get_env(cfg.env, **cfg.env_options)`."""
+        return {"step": self.env_format.step, "answer": self.env_format.answer}
+
+    @property
     def trajectories_per_step(self) -> int:
         return self.problems_per_step * self.samples_per_problem
 
@@ -337,6 +344,7 @@ class TrainConfig:
         ]
         if problems:
             return problems  # the checks below read the method's row of the table
+        problems += self.env_format.errors(ENVS[self.env].answer_formats)
         for name in ("train_path", "test_path"):
             path = getattr(self, name)
             problems += _check(path is None or resolve_path(path).is_file(),

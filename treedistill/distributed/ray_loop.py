@@ -138,7 +138,7 @@ class Generator:
         self.cfg = cfg
         self.policy = load_train_policy(cfg)
         self.engine = make_engine(self.policy, engine)
-        self.env = get_env(cfg.env)
+        self.env = get_env(cfg.env, **cfg.env_options)
         self.method = METHODS[cfg.method]
         self.ctx = RolloutContext(engine=self.engine, policy=self.policy, env=self.env, cfg=cfg)
         self.version: int | None = None  # None: the weights loaded from cfg.model, not a learner's

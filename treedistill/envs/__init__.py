@@ -26,3 +26,5 @@ def get_env(name: str, **options) -> Env:
         return cls(**options)
     except TypeError as err:
         raise UsageError(f"environment {name!r} does not take options {sorted(options)}: {err}") from None
+    except ValueError as err:  # an option's value (envs/formats.py: the step delimiter, the answer format)
+        raise UsageError(f"environment {name!r}: {err}") from None

@@ -78,8 +78,10 @@ def inputs_only(problem: dict) -> dict:
 
 @runtime_checkable
 class Env(Protocol):
-    """What the search, the rollouts and evaluation need from a task. Optional hook, not part of
-    the protocol: `canonical_step(step_text) -> str` (see `canonical_step` above)."""
+    """What the search, the rollouts and evaluation need from a task. Optional hooks, not part of
+    the protocol: `canonical_step(step_text) -> str` (see `canonical_step` above), and
+    `solution(problem, rng) -> str | None`, a correct completion in the environment's text format
+    (what `treedistill sft` learns; None: the problem has none)."""
 
     name: str
     step_end: str  # text that closes a reasoning step: "</step>"

@@ -23,7 +23,8 @@ from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
-from treedistill.envs.base import ANSWER_CLOSE, ANSWER_OPEN, STEP_CLOSE, Score
+from treedistill.envs import formats
+from treedistill.envs.base import Score
 from treedistill.envs.countdown_generate import (
     MAX_TEST,
     NUMBER_RANGE,
@@ -84,16 +85,23 @@ __all__ = [
     "write_problems",
 ]
 
-SYSTEM_PROMPT = (
-    "You will get a list of numbers and a target number. Combine some or all of the numbers with "
-    "addition, subtraction, multiplication and division to reach the target.\n"
-    "Work it out in one or more steps, putting each step inside <step>...</step>. Then write exactly "
-    "one final answer inside <answer>...</answer>: a single arithmetic expression that uses only the "
-    "given numbers, each one at most once, the operators + - * / and parentheses. Every intermediate "
-    "result must be a positive integer.\n"
-    "For example, with numbers [3, 5, 7] and target 22 you could write:\n"
-    "<step>5*3=15 (7 15)</step><step>15+7=22 (22)</step><answer>5*3+7</answer>"
-)
+EXAMPLE_STEPS = ("5*3=15 (7 15)", "15+7=22 (22)")
+EXAMPLE_ANSWER = "5*3+7"
+
+
+def system_prompt(fmt: formats.TextFormat = formats.DEFAULT_FORMAT) -> str:
+    """The instructions for format `fmt` (steps as tags, lines or paragraphs; the answer in its tag)."""
+    return ("You will get a list of numbers and a target number. Combine some or all of the numbers with "
+            "addition, subtraction, multiplication and division to reach the target.\n"
+            f"Work it out in one or more steps, {formats.STEP_ASK[fmt.step]}. Then write exactly "
+            "one final answer inside <answer>...</answer>: a single arithmetic expression that uses only the "
+            "given numbers, each one at most once, the operators + - * / and parentheses. Every intermediate "
+            "result must be a positive integer.\n"
+            "For example, with numbers [3, 5, 7] and target 22 you could write:\n"
+            + formats.render(EXAMPLE_STEPS, EXAMPLE_ANSWER, fmt))
+
+
+SYSTEM_PROMPT = system_prompt()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,13 +110,7 @@ SYSTEM_PROMPT = (
 
 def extract_answer(completion: str) -> str | None:
     """Content of the LAST closed <answer>...</answer> of the completion, or None."""
-    end = completion.rfind(ANSWER_CLOSE)
-    if end < 0:
-        return None
-    start = completion.rfind(ANSWER_OPEN, 0, end)
-    if start < 0:
-        return None
-    return completion[start + len(ANSWER_OPEN):end]
+    return formats.extract(completion, "tag")
 
 
 def _is_sub_multiset(used: tuple[int, ...], available) -> bool:
@@ -191,16 +193,25 @@ class CountdownEnv:
     strict-mode rule) -0.9; else 1 - 2*min(|t - p| / t, 1), so 1.0 exactly at the target and -1.0 at
     or beyond twice its distance. sparse: 1.0 iff valid and exactly equal to the target.
     Options (off by default, as in the reference): `require_all_numbers` (every input used exactly
-    once) and `integer_intermediates` (every intermediate result a positive integer).
+    once) and `integer_intermediates` (every intermediate result a positive integer); `step`, the step
+    delimiter (tags | line | blank, envs/formats.py). The answer is always the expression in the
+    `<answer>` tag (`answer="tag"`, the one format an expression has here).
     """
 
     name = "countdown"
-    step_end = STEP_CLOSE
     reward_from_prompt = True  # the score reads the numbers and the target, both in the prompt
+    answer_formats = ("tag",)
 
-    def __init__(self, *, require_all_numbers: bool = False, integer_intermediates: bool = False):
+    def __init__(self, *, require_all_numbers: bool = False, integer_intermediates: bool = False,
+                 step: str = "tags", answer: str = "tag"):
         self.require_all_numbers = require_all_numbers
         self.integer_intermediates = integer_intermediates
+        self.format = formats.TextFormat(step=step, answer=answer)
+        problems = self.format.errors(self.answer_formats)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.step_end = self.format.step_end
+        self.system_prompt = system_prompt(self.format)
 
     def messages(self, problem: dict, *, compact: bool = False) -> list[dict]:
         numbers = list(problem["numbers"])
@@ -208,12 +219,21 @@ class CountdownEnv:
             # For small byte-level models: every prompt byte costs context and compute.
             return [{"role": "user", "content": f"{numbers} -> {problem['target']}"}]
         return [
-            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "system", "content": self.system_prompt},
             {"role": "user", "content": f"Input Sequence: {numbers}\nTarget: {problem['target']}"},
         ]
 
     def is_terminal(self, completion: str) -> bool:
         return extract_answer(completion) is not None
+
+    def solution(self, problem: dict, rng=None) -> str | None:
+        """A solver trace of the problem (countdown_solver.solve) as a completion in this format, each
+        step restating the numbers left; None when the problem has no solution. What `treedistill sft`
+        trains on."""
+        steps = solve(problem["numbers"], problem["target"], rng, use_all=self.require_all_numbers)
+        if steps is None:
+            return None
+        return formats.render([s.text() for s in steps], answer_expression(steps), self.format)
 
     def key(self, problem: dict) -> tuple:
         return key(problem)

@@ -1,10 +1,12 @@
 """GSM8K: grade-school word problems with a numeric final answer.
 
 A problem is a GSM8K record `{"question": ..., "answer": ...}`; the final answer is the text after
-the last `####` of "answer" (a record whose "answer" is just the number works too). The completion
-reasons in `<step>...</step>` chunks and ends with `<answer>NUMBER</answer>`.
+the last `####` of "answer" (a record whose "answer" is just the number works too). By default the
+completion reasons in `<step>...</step>` chunks and ends with `<answer>NUMBER</answer>`; the options
+`step` and `answer` choose another text format (envs/formats.py: steps as lines or paragraphs; the
+answer as `#### N`, `\boxed{N}` or the completion's last number) and the prompt asks for it.
 
-Rewards (one parse of the completion's LAST closed answer tag):
+Rewards (one parse of the completion's answer, found as the format says: the LAST closed answer tag):
 - sparse: 1.0 when the answer is a number exactly equal to the final answer (exact rationals;
   commas, `$`, spaces and a trailing `.0` or `.` are ignored), else 0.0.
 - dense: +1.0 correct, -0.9 answer tag present but wrong or not a number, -1.0 no answer tag.
@@ -26,25 +28,35 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
-from treedistill.envs.base import STEP_CLOSE, Score
-from treedistill.envs.countdown import extract_answer
+from treedistill.envs import formats
+from treedistill.envs.base import Score
+from treedistill.envs.formats import ANSWER_FORMATS, TextFormat
 from treedistill.errors import UsageError
 from treedistill.jsonl import read_records
 
-__all__ = ["GSM8KEnv", "final_answer", "load_gsm8k", "parse_number", "validate_problem"]
+__all__ = ["GSM8KEnv", "final_answer", "load_gsm8k", "parse_number", "solution_steps", "system_prompt",
+           "validate_problem"]
 
 MAX_ANSWER_CHARS = 64  # longer answer contents are not numbers we grade
 _NUMBER = re.compile(r"[+-]?[0-9]+(?:\.[0-9]*)?")  # ASCII digits only (\d would match "٣")
 _IGNORED = str.maketrans("", "", "$, ")
 HUB_NAME = ("openai/gsm8k", "main")
 
-SYSTEM_PROMPT = (
-    "Solve the math word problem. Reason in one or more steps, putting each step inside "
-    "<step>...</step>. Then write exactly one final answer inside <answer>...</answer> holding only "
-    "the final number, without units.\n"
-    "For example: <step>16-3-4=9 eggs are left each day.</step><step>9*2=18 dollars.</step>"
-    "<answer>18</answer>"
-)
+EXAMPLE_STEPS = ("16-3-4=9 eggs are left each day.", "9*2=18 dollars.")
+EXAMPLE_ANSWER = "18"
+
+
+def system_prompt(fmt: TextFormat = formats.DEFAULT_FORMAT) -> str:
+    """The instructions for format `fmt`; the default format's:
+    'Solve the math word problem. Reason in one or more steps, putting each step inside <step>...</step>.
+    Then write exactly one final answer inside <answer>...</answer> holding only the final number, without
+    units.\nFor example: <step>16-3-4=9 eggs are left each day.</step><step>9*2=18 dollars.</step><answer>18</answer>'"""
+    return (f"Solve the math word problem. {formats.step_instruction(fmt)} "
+            f"{formats.answer_instruction(fmt, 'the final number, without units')}\n"
+            f"{formats.example(EXAMPLE_STEPS, EXAMPLE_ANSWER, fmt)}")
+
+
+SYSTEM_PROMPT = system_prompt()
 
 
 def parse_number(text: str) -> Fraction | None:
@@ -60,6 +72,17 @@ def parse_number(text: str) -> Fraction | None:
 def final_answer(answer: str) -> str:
     """The text after the last '####' of a GSM8K solution (the whole text when there is none)."""
     return answer.rsplit("####", 1)[-1].strip()
+
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations: "48/2 = <<48/2=24>>24"
+
+
+def solution_steps(answer: str) -> list[str]:
+    """A GSM8K worked solution as steps: its lines before '####', calculator annotations removed,
+    blank lines dropped ("48/2 = <<48/2=24>>24 clips" -> "48/2 = 24 clips")."""
+    body = answer.rsplit("####", 1)[0]
+    lines = (" ".join(_CALCULATOR.sub("", line).split()) for line in body.split("\n"))
+    return [line for line in lines if line]
 
 
 def validate_problem(record) -> dict:
@@ -111,22 +134,38 @@ def _load_hub(split: str) -> list[dict]:
 
 
 class GSM8KEnv:
-    """GSM8K with the step/answer protocol; rewards as in the module docstring."""
+    """GSM8K with the step/answer protocol; rewards as in the module docstring.
+
+    Options: `step` (tags | line | blank) and `answer` (tag | hash | boxed | last_number), the text
+    format of envs/formats.py; the defaults are `<step>` and `<answer>` tags."""
 
     name = "gsm8k"
-    step_end = STEP_CLOSE
     reward_from_prompt = False  # the score needs the reference answer, which the prompt does not hold
+    answer_formats = ANSWER_FORMATS
+
+    def __init__(self, *, step: str = "tags", answer: str = "tag"):
+        self.format = TextFormat(step=step, answer=answer)
+        problems = self.format.errors(self.answer_formats)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.step_end = self.format.step_end
+        self.system_prompt = system_prompt(self.format)
 
     def messages(self, problem: dict, *, compact: bool = False) -> list[dict]:
         if compact:
             return [{"role": "user", "content": problem["question"]}]
         return [
-            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "system", "content": self.system_prompt},
             {"role": "user", "content": problem["question"]},
         ]
 
+    def solution(self, problem: dict, rng=None) -> str:
+        """The record's worked solution as a completion in this format (one line per step, the final
+        number as the answer): what `treedistill sft` trains on. `rng` is unused: a record has one solution."""
+        return formats.render(solution_steps(problem["answer"]), final_answer(problem["answer"]), self.format)
+
     def is_terminal(self, completion: str) -> bool:
-        return extract_answer(completion) is not None
+        return isinstance(completion, str) and formats.is_answered(completion, self.format)
 
     def key(self, problem: dict) -> tuple:
         return (" ".join(problem["question"].split()),)
@@ -143,14 +182,14 @@ class GSM8KEnv:
     def answer_value(self, problem: dict, completion: str) -> Fraction | None:
         """The exact number of the last answer (None when there is none or it is not a number); reads
         nothing of the problem."""
-        answer = extract_answer(completion) if isinstance(completion, str) else None
+        answer = formats.extract(completion, self.format.answer)
         return None if answer is None else parse_number(answer)
 
     def score(self, problem: dict, completion: str) -> Score:
         gold = parse_number(final_answer(problem["answer"]))
         if gold is None:
             raise ValueError(f"problem has no numeric final answer: {problem['answer']!r}")
-        answer = extract_answer(completion) if isinstance(completion, str) else None
+        answer = formats.extract(completion, self.format.answer)
         if answer is None:
             return Score(dense=-1.0, sparse=0.0, reason="no_answer")
         value = parse_number(answer)

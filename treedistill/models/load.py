@@ -207,9 +207,13 @@ def write_model_files(folder: Path, model, tokenizer, value_head: ValueHead | No
 
 
 def trained_model_folder(path: Path) -> Path:
-    """A training run folder (config.yaml + checkpoints/) -> its trained model RUN/final/; any other
-    path unchanged."""
-    if (path / "config.json").is_file() or not ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()):
+    """A run folder -> its trained model RUN/final/ (a training run's: config.yaml + checkpoints/; a
+    warm-up's, `treedistill sft`: final/ alone); any other path unchanged."""
+    if (path / "config.json").is_file():
+        return path
+    if (path / FINAL_FOLDER / "config.json").is_file():
+        return path / FINAL_FOLDER
+    if not ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()):
         return path
     if not (path / FINAL_FOLDER / "config.json").is_file():
         raise UsageError(f"{path} is a run folder without a trained model ({FINAL_FOLDER}/: the run has not "
