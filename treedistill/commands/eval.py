@@ -51,7 +51,7 @@ def add_arguments(parser) -> None:
     search.add_argument("--search", default="none", choices=["none", "mcts"],
                         help="mcts: also evaluate the answer of a step-level MCTS per problem (default none)")
     # The search's defaults are the test-time search's (search/contracts.py TEST_TIME_SEARCH: rollout leaves,
-    # c 2, widening 1), chosen on training problems; the training presets keep theirs.
+    # c 2, widening 1, 4 subtrees, repeat penalty 1), chosen on training problems; the training presets keep theirs.
     add_tree_arguments(search, TEST_TIME_SEARCH)
     add_expansion_arguments(search, TEST_TIME_SEARCH, temperature="--search-temperature")
     search.add_argument("--terminal", default=None, choices=["reward", "legal", "value"],
