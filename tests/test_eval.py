@@ -110,6 +110,9 @@ def test_evaluate_refuses_bad_settings():
     (["--search", "mcts", "--search-temperature", "0"], "--search-temperature must be > 0"),
     (["--search", "mcts", "--widen-c", "-1"], "--widen-c must be >= 0"),
     (["--search", "mcts", "--select", "best"], "--select must be one of puct, uct, gumbel"),
+    (["--search", "mcts", "--subtrees", "0"], "--subtrees must be >= 1"),
+    (["--search", "mcts", "--repeat-penalty", "-1"], "--repeat-penalty must be >= 0"),
+    (["--search", "mcts", "--repeat-penalty", "nan"], "--repeat-penalty must be a finite number"),
     (["--value-probe", "-1"], "--value-probe must be >= 0"),
     (["--value-probe", "4", "--value-probe-k", "0"], "--value-probe-k must be >= 1"),
 ])
@@ -264,3 +267,18 @@ def test_cli_eval_value_probe_refuses_a_model_without_a_saved_head(tmp_path, cap
     write_model_files(tmp_path, policy.model, policy.tokenizer, None, name="tiny", compact_prompt=True)
     assert main(["eval", "--model", str(tmp_path), "--split", "test", "--limit", "2", "--value-probe", "2"]) == 2
     assert "has no saved value head" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_eval_with_subtrees_and_repeat_penalty(capsys):
+    assert main(["eval", "--model", "tiny", "--split", "test", "--limit", "3", "--k", "1", "--search", "mcts",
+                 "--simulations", "6", "--subtrees", "2", "--repeat-penalty", "1", "--parallel", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    s = out["search"]
+    assert (s["subtrees"], s["repeat_penalty"], s["simulations"], s["samples"]) == (2, 1.0, 6, 3)
+    assert s["distinct_answers"] <= s["finished_answers"]
+    # MCTS minus best-of-N, paired over the same 3 problems: the estimate is the difference of the rates
+    b = s["best_of_n"][0]
+    d = b["mcts_minus"]
+    assert d["difference"] == pytest.approx(s["accuracy"] - b["accuracy"])
+    assert d["low"] <= d["difference"] <= d["high"]

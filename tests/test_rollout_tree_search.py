@@ -257,3 +257,32 @@ def test_widening_through_the_bridge_keeps_the_token_account(policy, env):
     for o in outs:  # the root's first expansion only: K samples of at most 8 tokens
         assert 0 < o.trajectory.stats["root_tokens"] <= 3 * 8
         assert o.tree.sampled[ROOT] == 3 * o.tree.expansions[ROOT]
+
+
+def test_subtrees_and_repeat_penalty_through_the_bridge(policy, env):
+    """Two independent trees per problem with rollout leaves and the repeat penalty: one answer per
+    problem from the picked tree, every tree's tokens, nodes and finished answers in its problem's
+    account, and the repeats marked by the legal answer values of the lines."""
+    engine = Spy(make_engine(policy, "native"))
+    cfg = SearchSettings(simulations=9, subtrees=2, parallel=2, max_depth=4, k_children=2, step_max_tokens=8,
+                         rollout_lambda=1.0, repeat_penalty=1.0, pick="best")
+    before = engine.counters.generated_tokens
+    outs = search_problems(engine, policy, env, PROBLEMS, search=cfg, max_new_tokens=40)
+    assert len(outs) == len(PROBLEMS)
+    assert sum(o.generated_tokens for o in outs) == engine.counters.generated_tokens - before
+    expands = [c for c in engine.calls if c[0] == "sample" and c[3] == ("</step>",)]
+    assert expands[0][1] == 2 * len(PROBLEMS)  # every root of every subtree in the first call
+    bridge = SearchBridge(engine, policy, env, PROBLEMS, [o.trajectory.prompt_ids for o in outs])
+    for i, o in enumerate(outs):
+        assert len(o.trees) == 2 and o.tree in o.trees and all(t.index == i for t in o.trees)
+        assert [t.stats.simulations for t in o.trees] == [5, 4]
+        s = o.trajectory.stats
+        assert (s["subtrees"], s["simulations"], s["tree_nodes"]) == (2, 9, sum(len(t) for t in o.trees))
+        assert s["repeats"] == sum(t.stats.repeats for t in o.trees)
+        pooled = [a for t in o.trees for a in bridge.finished_answers(t, None)]
+        assert s["finished_answers"] >= len(pooled) and s["distinct_answers"] >= len(set(pooled))
+        for t in o.trees:  # a repeat holds a legal answer that an earlier line of its tree holds
+            lines = [n for n in range(len(t)) if t.repeat[n]]
+            for n in lines:
+                line = t.completion(n) + (() if t.terminal[n] else t.rollout[n].tokens)
+                assert env.answer_value(PROBLEMS[i], bridge.text(line)) in t.answers

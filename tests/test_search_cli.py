@@ -101,3 +101,22 @@ def test_testtime_cli_smoke(model, tmp_path, capsys):
     assert [c["tokens"] for c in bon] == [64, 256]
     assert (tmp_path / "testtime.png").stat().st_size > 1000
     assert f"Command: `treedistill {' '.join(argv)}`" in (tmp_path / "testtime.md").read_text()  # as typed
+
+
+@pytest.mark.slow
+def test_testtime_cli_subtrees_and_paired_differences(model, tmp_path, capsys):
+    argv = ["--threads", "1", "testtime", "--model", model, "--budgets", "400", "--limit", "3", "--once-samples", "1",
+            "--max-new-tokens", "96", "--rows", "verifier", "--subtrees", "2", "--repeat-penalty", "1",
+            "--out", str(tmp_path), "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["config"]["search"]["subtrees"], out["config"]["search"]["repeat_penalty"]) == (2, 1.0)
+    cells = {(c["method"], c["budget"]): c for c in out["cells"]}
+    mcts, bon = cells[("mcts+verifier", 400)], cells[("bon+verifier", 400)]
+    assert len(mcts["detail"]["per_problem"]) == len(bon["detail"]["per_problem"]) == 3
+    (d,) = out["differences"]
+    assert (d["method"], d["against"], d["budget"]) == ("mcts+verifier", "bon+verifier", 400)
+    assert d["difference"] == pytest.approx(mcts["accuracy"] - bon["accuracy"])
+    assert d["low"] <= d["difference"] <= d["high"]
+    assert "MCTS minus best-of-N" in (tmp_path / "testtime.md").read_text()
+    assert "2 independent trees per problem" in (tmp_path / "testtime.md").read_text()

@@ -160,10 +160,11 @@ def test_simulation_guess_by_hand():
 def test_saturated_search_is_reported_not_stretched(policy):
     # Without widening, 16-token completions cut into steps of at most 8 tokens, K = 2: a tree holds at
     # most 2 + 4 steps (~48 tokens), so a 600-token budget cannot be spent by the search; best-of-N still spends it all.
-    # (No rollout leaves: each would add a completion of up to 16 tokens to the tree's cost.)
+    # (No rollout leaves: each would add a completion of up to 16 tokens to the tree's cost; one tree per problem.)
     problems = [PROBLEM, {"numbers": [1, 5, 6, 13], "target": 59}]
     cfg = SweepConfig(budgets=(300, 600), max_new_tokens=16, once_samples=1, pilot_problems=2, pilot_simulations=4,
-                      search=sweep_search(step_max_tokens=8, k_children=2, parallel=2, widen_c=0.0, rollout_lambda=0.0),
+                      search=sweep_search(step_max_tokens=8, k_children=2, parallel=2, widen_c=0.0, rollout_lambda=0.0,
+                                          subtrees=1),
                       once_temperatures=(0.8,))
     report = run_sweep(make_engine(policy, "native"), policy, ENV, problems, cfg)
     cells = {(c.method, c.budget): c for c in report.cells}
@@ -179,7 +180,8 @@ def test_widening_lets_the_search_spend_a_budget_a_finite_tree_cannot(policy):
     # (No rollout leaves, as above: the tree alone has to spend the budget.)
     problems = [PROBLEM, {"numbers": [1, 5, 6, 13], "target": 59}]
     cfg = SweepConfig(budgets=(300,), max_new_tokens=16, once_samples=1, pilot_problems=2, pilot_simulations=4,
-                      search=sweep_search(step_max_tokens=8, k_children=2, parallel=2, widen_c=2.0, rollout_lambda=0.0),
+                      search=sweep_search(step_max_tokens=8, k_children=2, parallel=2, widen_c=2.0, rollout_lambda=0.0,
+                                          subtrees=1),
                       once_temperatures=(0.8,))
     report = run_sweep(make_engine(policy, "native"), policy, ENV, problems, cfg)
     mcts = {(c.method, c.budget): c for c in report.cells}[("mcts", 300)]

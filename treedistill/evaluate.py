@@ -170,13 +170,15 @@ class SearchEvalResult:
     terminal_value: str
     tokens_per_problem: float
     completed_by_policy: float  # share of extracted paths that stopped before a terminal node
-    tree_nodes: float           # mean nodes per tree
+    tree_nodes: float           # mean nodes per problem (all its subtrees)
     bookkeeping_share: float    # share of the searches' wall time spent outside the model
     rollout_lambda: float = 0.0           # search.rollout_lambda (0: no rollouts)
     merge: str = "tokens"                 # search.merge
-    finished_answers: float = 0.0         # mean finished lines with an answer per tree (terminal nodes, rollouts)
-    distinct_answers: float = 0.0         # mean distinct answers among them per tree
+    finished_answers: float = 0.0         # mean finished lines with an answer per problem (terminal nodes, rollouts)
+    distinct_answers: float = 0.0         # mean distinct answers among them per problem
     tokens_per_answer: float | None = None  # generated tokens / finished answers, all trees (None: no answer)
+    subtrees: int = 1                     # search.subtrees
+    repeat_penalty: float = 0.0           # search.repeat_penalty
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -215,8 +217,9 @@ def evaluate_search(engine, policy, env, problems: Sequence[dict], *, search, ma
         result=result, simulations=search.simulations, parallel=search.parallel, select=search.select,
         pick=search.pick, terminal_value=terminal_value, tokens_per_problem=generated / n,
         completed_by_policy=sum(o.completed_by_policy for o in outcomes) / n,
-        tree_nodes=sum(len(o.tree) for o in outcomes) / n,
+        tree_nodes=sum(o.trajectory.stats["tree_nodes"] for o in outcomes) / n,
         bookkeeping_share=bookkeeping_s / search_s if search_s > 0 else 0.0,
-        rollout_lambda=search.rollout_lambda, merge=search.merge, finished_answers=answers / n,
+        rollout_lambda=search.rollout_lambda, merge=search.merge, subtrees=search.subtrees,
+        repeat_penalty=search.repeat_penalty, finished_answers=answers / n,
         distinct_answers=sum(o.trajectory.stats["distinct_answers"] for o in outcomes) / n,
         tokens_per_answer=generated / answers if answers else None)

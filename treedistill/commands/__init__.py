@@ -95,6 +95,17 @@ def add_leaf_arguments(parser, base) -> None:
                              f"default {base.merge}")
 
 
+def add_diversity_arguments(parser, base) -> None:
+    """`--subtrees` and `--repeat-penalty` (SearchSettings.subtrees / repeat_penalty): test-time options
+    that spread a problem's search over more distinct answers."""
+    parser.add_argument("--subtrees", type=int, default=None,
+                        help="independent trees per problem, searched in lock-step, the simulations split among "
+                             f"them, the answer picked across them (DVTS; default {base.subtrees})")
+    parser.add_argument("--repeat-penalty", type=float, default=None,
+                        help="value subtracted from what a finished line backs up when its answer is one its tree "
+                             f"already found (0: off; default {base.repeat_penalty:g})")
+
+
 def search_settings(args, base, *, flags: dict | None = None, **fields):
     """`base` (a named search setting) with the search flags `args` holds that were given (`--c-puct` ->
     c_puct, ...) and `fields` (which win over a flag of the same name; None: base's value). The settings' own checks refuse a bad value, named as its flag (`flags`:

@@ -10,6 +10,7 @@ import dataclasses
 import sys
 
 from treedistill.commands import (
+    add_diversity_arguments,
     add_expansion_arguments,
     add_format_arguments,
     add_leaf_arguments,
@@ -53,7 +54,7 @@ def add_arguments(parser) -> None:
     search.add_argument("--search", default="none", choices=["none", "mcts"],
                         help="mcts: also evaluate the answer of a step-level MCTS per problem (default none)")
     # The search's defaults are the test-time search's (search/contracts.py TEST_TIME_SEARCH: rollout leaves,
-    # c 2, widening 1), chosen on training problems; the training presets keep theirs.
+    # c 2, widening 1, 4 subtrees, repeat penalty 1), chosen on training problems; the training presets keep theirs.
     add_tree_arguments(search, TEST_TIME_SEARCH)
     add_expansion_arguments(search, TEST_TIME_SEARCH, temperature="--search-temperature")
     search.add_argument("--terminal", default=None, choices=["reward", "legal", "value"],
@@ -63,6 +64,7 @@ def add_arguments(parser) -> None:
     add_pick_argument(search, TEST_TIME_SEARCH)
     add_leaf_arguments(search, TEST_TIME_SEARCH)
     add_widening_arguments(search, TEST_TIME_SEARCH)
+    add_diversity_arguments(search, TEST_TIME_SEARCH)
     search.add_argument("--problems-at-once", type=int, default=None,
                         help=f"problems searched in lock-step per batch (default {TEST_TIME_SEARCH.problems_at_once})")
     probe = parser.add_argument_group("value head (--value-probe P)")
@@ -89,7 +91,7 @@ def check_arguments(args) -> None:
         check_available(args.engine)
     if args.search == "mcts":
         check_counts(args, ("simulations", "parallel", "max_depth", "k_children", "step_max_tokens",
-                            "problems_at_once"))
+                            "problems_at_once", "subtrees"))
         _search_settings(args)
 
 
@@ -197,9 +199,12 @@ def _per_answer(tokens: float | None) -> str:
 def _run_search(args, engine, policy, env, problems, plain) -> dict:
     """MCTS on the same problems, then best-of-N at the search's mean generated tokens per problem
     (picking by the same information the search's terminal values use); prints and returns both."""
+    import numpy as np
+
     from treedistill.commands.search import TERMINAL_TEXT
     from treedistill.envs.base import reward_from_prompt
     from treedistill.evaluate import evaluate_search
+    from treedistill.report.stats import bootstrap_interval
     from treedistill.testtime import best_of_n_at
 
     terminal = args.terminal or ("reward" if reward_from_prompt(env) else "legal")
@@ -215,7 +220,10 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
     rows = "verifier" if terminal == "reward" else "free"
     bon = best_of_n_at(engine, policy, env, problems, budget, rows=rows, temperature=cfg.temperature,
                        max_new_tokens=args.max_new_tokens, seed=args.seed)
-    print(f"with search: MCTS {cfg.select}, {cfg.simulations} simulations, W={cfg.parallel}, K={cfg.k_children}, "
+    print(f"with search: MCTS {cfg.select}, {cfg.simulations} simulations"
+          + (f" over {cfg.subtrees} independent trees" if cfg.subtrees > 1 else "")
+          + (f", repeat penalty {cfg.repeat_penalty:g}" if cfg.repeat_penalty > 0 else "")
+          + f", W={cfg.parallel}, K={cfg.k_children}, "
           f"T={cfg.temperature:g}, answer: {cfg.pick}, terminal nodes valued by the {TERMINAL_TEXT[terminal]}"
           + ({True: " (the environment's reward reads only the prompt)",
               False: " (the environment's reward reads the reference answer: an oracle, not a test-time method)"}
@@ -227,16 +235,23 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
           f"{plain.generated_tokens / plain.samples:.1f} per sample)")
     print(f"  paths completed by the policy {100 * found.completed_by_policy:.0f}%, {found.tree_nodes:.0f} nodes "
           f"per tree, bookkeeping {100 * found.bookkeeping_share:.1f}% of the search, wall {r.seconds:.1f} s")
-    print(f"  finished answers   {found.finished_answers:8.1f} per tree ({found.distinct_answers:.1f} distinct), "
+    print(f"  finished answers   {found.finished_answers:8.1f} per problem ({found.distinct_answers:.1f} distinct), "
           + (f"{found.tokens_per_answer:.0f} generated tokens per finished answer" if found.tokens_per_answer
              else "none"))
+    differences = []
     for cell in bon:
+        mcts = np.array([r.per_problem], dtype=float)
+        diff, low, high = bootstrap_interval(mcts, np.array([cell.detail["per_problem"]], dtype=float))
+        differences.append((diff, low, high))
         print(f"  {cell.method:<18} {100 * cell.accuracy:6.2f}% +- {100 * cell.stderr:.2f}   at {cell.tokens:.0f} "
               f"tokens per problem (N = {cell.detail['n_mean']:.1f} samples on average, T={cfg.temperature:g}; "
               f"{_per_answer(cell.detail['tokens_per_answer'])}, {cell.detail['distinct_answers']:.1f} distinct answers)")
+        print(f"  {'':<18} MCTS minus {cell.method}: {100 * diff:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}] "
+              "(paired over problems, 95% bootstrap interval)")
     return {**found.to_dict(), "best_of_n": [{"method": c.method, "accuracy": c.accuracy, "stderr": c.stderr,
                                               "tokens_per_problem": c.tokens, "n_mean": c.detail["n_mean"],
                                               "finished_answers": c.detail["finished_answers"],
                                               "distinct_answers": c.detail["distinct_answers"],
-                                              "tokens_per_answer": c.detail["tokens_per_answer"]}
-                                             for c in bon]}
+                                              "tokens_per_answer": c.detail["tokens_per_answer"],
+                                              "mcts_minus": {"difference": d, "low": lo, "high": hi}}
+                                             for c, (d, lo, hi) in zip(bon, differences)]}

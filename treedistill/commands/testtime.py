@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from treedistill.commands import (
+    add_diversity_arguments,
     add_leaf_arguments,
     add_pick_argument,
     add_widening_arguments,
@@ -43,6 +44,7 @@ def add_arguments(parser) -> None:
                              "without a legal answer; default) or value (value head only)")
     add_pick_argument(parser, TEST_TIME_SEARCH)
     add_leaf_arguments(parser, TEST_TIME_SEARCH)
+    add_diversity_arguments(parser, TEST_TIME_SEARCH)
     parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens per completion (default 512)")
     parser.add_argument("--rows", default=None, choices=["free", "verifier", "both"],
                         help="free: no row uses the environment's reward; verifier: only mcts+verifier and "
@@ -63,7 +65,7 @@ def check_arguments(args):
     from treedistill.testtime import parse_budgets
 
     budgets = parse_budgets(args.budgets)
-    check_counts(args, ("k_children", "parallel", "max_new_tokens", "once_samples", "limit"))
+    check_counts(args, ("k_children", "parallel", "max_new_tokens", "once_samples", "limit", "subtrees"))
     search_settings(args, TEST_TIME_SEARCH)
     check_choice(args, "engine", BACKENDS)
     if args.engine:
@@ -91,6 +93,7 @@ def run(args) -> dict:
     from treedistill.models.load import load_policy
     from treedistill.testtime import (
         SweepConfig,
+        format_differences,
         format_table,
         plot_report,
         run_sweep,
@@ -132,6 +135,9 @@ def run(args) -> dict:
     print(format_table(report))
     print("generated tokens per finished answer (distinct answers per problem):")
     print(format_table(report, "answers"))
+    if report.differences:
+        print("MCTS minus best-of-N, paired over problems (95% bootstrap interval):")
+        print(format_differences(report))
     print(f"wall {report.wall_s:.0f} s; wrote {md_path} and {png_path}")
     return {"model": args.model, "env": args.env, "data": args.data, "machine": machine,
             "markdown": str(md_path), "plot": str(png_path), **report.to_dict()}

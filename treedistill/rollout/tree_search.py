@@ -26,6 +26,9 @@ callables, so the search core still never sees a model:
   are generated tokens: they go into the engine's counters and this tree's `generated` account.
 - step_key (only with `search.merge="canonical"`): the environment's `canonical_step` of a decoded
   step (identity when the environment has none), so equivalent sibling steps merge.
+- answer (only with `search.repeat_penalty` > 0): the legal answer value of a finished line
+  (`env.answer_value`, the problem's inputs only, never the target; None without one), so the search
+  knows which lines repeat an answer its tree already found.
 
 When is a step terminal. At end-of-sequence; or when the completion so far plus the step holds a
 closed answer (`env.is_terminal`), so a line ends at `</answer>` even before the model emits its end
@@ -52,7 +55,11 @@ Compute accounting. Per tree: tokens generated for it (steps before any cut, plu
 sample) and tokens returned to it. Per batch: the engine's counter deltas (generated tokens,
 prefill, cache hits, forward calls) and the wall time split into search bookkeeping and model calls.
 Sum over trees of the per-tree generated tokens equals the engine's generated-token delta.
-Finished answers: the lines of the tree (terminal nodes, rollouts, and the completion sample) that
+Independent subtrees (`search.subtrees` = S > 1): the S trees of a problem are searched in the same
+call; the answer comes from the tree `search.extract.pick_tree` picks, and a problem's accounting
+(tokens, nodes, simulations, finished answers) is over all its trees.
+
+Finished answers: the lines of the problem's trees (terminal nodes, rollouts, and the completion sample) that
 hold a legal answer (`env.answer_value`, inputs only), `finished_answers`, and how many distinct
 answer values they hold, `distinct_answers`, so a caller can report generated tokens per finished answer.
 """
@@ -76,6 +83,7 @@ from treedistill.search import (
     SearchSettings,
     Tree,
     extract,
+    pick_tree,
 )
 from treedistill.search import search as run_search
 
@@ -135,6 +143,8 @@ class SearchOutcome:
     completion_finish: the completion sample's (or the finishing rollout's) finish reason ("" when
         the path was complete).
     batch: the compute of the whole batch this tree was searched in (shared by its outcomes).
+    trees: every tree searched for this problem (`search.subtrees` of them; `tree` is the one the
+        answer came from).
     """
 
     trajectory: Trajectory
@@ -146,6 +156,7 @@ class SearchOutcome:
     returned_tokens: int
     completion_finish: str
     batch: BatchCompute = field(compare=False)
+    trees: tuple[Tree, ...] = field(default=(), compare=False)
 
     @property
     def completed_by_policy(self) -> bool:
@@ -268,6 +279,10 @@ class SearchBridge:
         """The canonical form of a step (the environment's `canonical_step`; identity without one)."""
         return canonical_step(self.env, self.policy.decode(list(tokens)))
 
+    def answer(self, requests: list[NodeRequest]) -> list:
+        """The legal answer value of each request's line (`env.answer_value`, inputs only), None without one."""
+        return [self.env.answer_value(inputs_only(self.problems[r.tree]), self.text(r.completion)) for r in requests]
+
     def finished_answers(self, tree: Tree, tail: Sequence[int] | None) -> list:
         """The legal answer values (`env.answer_value`, the problem's inputs only: never the target)
         of the tree's finished lines: terminal nodes, rollouts, and the extracted path's completion
@@ -372,8 +387,10 @@ def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, searc
                           step_max_tokens=cfg.step_max_tokens, max_new_tokens=max_new_tokens, seed=seed,
                           terminal_value=terminal_value, leaf_value=leaf_value)
     result = run_search(prompts, bridge.expand, bridge.value, bridge.reward, cfg, rollout=bridge.rollout,
-                        step_key=bridge.step_key, on_round=on_round)
-    extractions = [extract(tree, cfg) for tree in result.trees]
+                        step_key=bridge.step_key, answer=bridge.answer, on_round=on_round)
+    groups = [result.of_prompt(i) for i in range(len(problems))]
+    chosen = [pick_tree(trees, cfg) for trees in groups]
+    extractions = [extract(tree, cfg) for tree in chosen]
     t0 = time.perf_counter()
     completions, completion_calls = bridge.complete(extractions)
     completion_s = time.perf_counter() - t0
@@ -386,7 +403,7 @@ def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, searc
         completion_calls=completion_calls, rollout_calls=stats.rollout_calls,
     )
     outcomes = []
-    for i, (problem, tree, ex, sample) in enumerate(zip(problems, result.trees, extractions, completions)):
+    for i, (problem, tree, ex, sample) in enumerate(zip(problems, chosen, extractions, completions)):
         # The path's tail: a completion sample, or the rollout that finished it (counted when drawn).
         if sample is not None:
             tail, tail_logprobs, tail_finish = tuple(sample.tokens), tuple(sample.policy_logprobs), sample.finish
@@ -398,17 +415,22 @@ def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, searc
         logprobs = tuple(lp for node in ex.nodes[1:] for lp in tree.token_logprobs[node]) + tail_logprobs
         text = bridge.text(tokens)
         score = env.score(problem, text)
-        answers = bridge.finished_answers(tree, tokens if sample is not None else None)
-        ts = tree.stats
+        trees = groups[i]
+        answers = [a for t in trees for a in bridge.finished_answers(t, tokens if sample is not None and t is tree
+                                                                        else None)]
+        ts = [t.stats for t in trees]
         traj_stats = {
-            "tree_nodes": len(tree), "tree_depth": ts.max_depth, "path_steps": len(ex.steps),
-            "simulations": ts.simulations, "root_value": tree.q(ROOT), "root_value_head": tree.value[ROOT],
-            "collisions": ts.collisions, "search_complete": ex.complete,
+            "tree_nodes": sum(len(t) for t in trees), "tree_depth": max(s.max_depth for s in ts),
+            "path_steps": len(ex.steps), "subtrees": len(trees),
+            "simulations": sum(s.simulations for s in ts), "root_value": tree.q(ROOT),
+            "root_value_head": tree.value[ROOT], "collisions": sum(s.collisions for s in ts),
+            "search_complete": ex.complete,
             "completion_finish": tail_finish,
             "generated_tokens": bridge.generated[i], "returned_tokens": bridge.returned[i],
             "root_tokens": bridge.root_generated[i],
             "completion_tokens": len(sample.tokens) if sample is not None else 0,
-            "rollouts": ts.rollout_requests, "rollout_tokens": ts.rollout_tokens,
+            "rollouts": sum(s.rollout_requests for s in ts), "rollout_tokens": sum(s.rollout_tokens for s in ts),
+            "repeats": sum(s.repeats for s in ts),
             "finished_by_rollout": sample is None and ex.rollout is not None,
             "finished_answers": len(answers),
             "distinct_answers": len(set(answers)),
@@ -419,6 +441,6 @@ def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, searc
         outcomes.append(SearchOutcome(
             trajectory=trajectory, text=text, score=score, extraction=ex, tree=tree,
             generated_tokens=bridge.generated[i], returned_tokens=bridge.returned[i],
-            completion_finish=traj_stats["completion_finish"], batch=batch,
+            completion_finish=traj_stats["completion_finish"], batch=batch, trees=tuple(trees),
         ))
     return outcomes

@@ -16,6 +16,7 @@ from treedistill.search.extract import (
     child_stats,
     extract,
     most_visited,
+    pick_tree,
     principal_variation,
 )
 from treedistill.search.html import tree_to_html
@@ -42,6 +43,7 @@ __all__ = [
     "extract",
     "gumbel_action",
     "most_visited",
+    "pick_tree",
     "principal_variation",
     "puct_score",
     "search",

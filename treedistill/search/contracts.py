@@ -6,7 +6,8 @@
 Each caller may start from its own defaults (training: `TRAINING_SEARCH`); the names are one set.
 The core (`search.mcts`) reads the tree options; `k_children`, `temperature` and `step_max_tokens`
 belong to the caller's `expand` (rollout/tree_search.py), `problems_at_once` to the caller's batching;
-`rollout_lambda` and `merge` are the core's, and need the caller's `rollout` / `step_key` callables.
+`rollout_lambda`, `merge` and `repeat_penalty` are the core's, and need the caller's `rollout` /
+`step_key` / `answer` callables.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ class SearchSettings:
     """Options of one search. Invalid values raise UsageError naming the field (`search.<name>`)."""
 
     # budget and batching
-    simulations: int = 64        # simulations per tree (the reference ran ~1,600: 16 workers x 100)
+    simulations: int = 64        # simulations per problem (the reference ran ~1,600: 16 workers x 100)
+    # Independent subtrees per problem (DVTS, Beeching et al. 2024, Hugging Face search-and-learn): S
+    # trees of the same prompt searched in lock-step, `simulations` split among them (S - r trees get
+    # simulations // S, the first r one more), the answer picked across them (search.extract.pick_tree).
+    # 1: one tree per problem.
+    subtrees: int = 1
     parallel: int = 16           # W: descents per tree per round (16 workers in the reference); 1 = sequential
     problems_at_once: int = 12   # trees searched in lock-step per search call (the caller's batching)
     # selection
@@ -75,6 +81,11 @@ class SearchSettings:
     # same canonical form under the caller's `step_key` (the environment's `canonical_step`, e.g.
     # Countdown's `4*5=20` == `5*4=20` == `4 * 5 = 20`).
     merge: str = "tokens"
+    # Answer-level novelty: a finished line (a new terminal node, or a leaf's rollout) whose answer the
+    # tree already holds (the caller's `answer`; None, no legal answer, never repeats) backs up its value
+    # minus this penalty, on every visit, so the search spends its descents where new answers come from.
+    # The line keeps its own value for `pick`. 0 (default): a repeated answer is valued as any other.
+    repeat_penalty: float = 0.0
 
     def __post_init__(self):
         problems = self.errors()
@@ -85,12 +96,13 @@ class SearchSettings:
         """What is wrong with these settings, one message per field (empty when they are valid)."""
         out = []
         for name in ("c_puct", "fpu", "virtual_loss", "gumbel_scale", "value_scale", "maxvisit_init",
-                     "temperature", "widen_c", "widen_alpha", "rollout_lambda"):
+                     "temperature", "widen_c", "widen_alpha", "rollout_lambda", "repeat_penalty"):
             if not math.isfinite(getattr(self, name)):
                 out.append(f"search.{name} must be a finite number (got {getattr(self, name)})")
         if out:
             return out
-        for name in ("simulations", "parallel", "problems_at_once", "gumbel_k", "k_children", "step_max_tokens"):
+        for name in ("simulations", "subtrees", "parallel", "problems_at_once", "gumbel_k", "k_children",
+                     "step_max_tokens"):
             if getattr(self, name) < 1:
                 out.append(f"search.{name} must be >= 1 (got {getattr(self, name)})")
         if self.max_depth is not None and self.max_depth < 1:
@@ -100,7 +112,7 @@ class SearchSettings:
             if value not in allowed:
                 out.append(f"search.{name} must be one of {', '.join(allowed)} (got {shown(value)})")
         for name in ("c_puct", "virtual_loss", "gumbel_scale", "value_scale", "maxvisit_init", "widen_c",
-                     "widen_alpha"):
+                     "widen_alpha", "repeat_penalty"):
             if getattr(self, name) < 0:
                 out.append(f"search.{name} must be >= 0 (got {getattr(self, name)})")
         if not self.temperature > 0:
@@ -117,9 +129,10 @@ class SearchSettings:
 # token budget only.
 TRAINING_SEARCH = SearchSettings(simulations=1600, parallel=16, problems_at_once=12, max_depth=None)
 # Test time (`eval --search mcts`, `testtime`, whose simulations are fitted to each budget): rollout
-# leaves, c 2, widening 1, the best valued answer, chosen on training problems (docs/log.md).
+# leaves, c 2, widening 1, the best valued answer, 4 independent subtrees per problem, repeated answers
+# backed up 1 lower; chosen on training problems (docs/log.md).
 TEST_TIME_SEARCH = SearchSettings(simulations=64, parallel=8, problems_at_once=32, c_puct=2.0, widen_c=1.0,
-                                  pick="best", rollout_lambda=1.0)
+                                  pick="best", rollout_lambda=1.0, subtrees=4, repeat_penalty=1.0)
 # One tree shown (`treedistill search`): training's selection and value-head leaves, the best answer.
 INSPECT_SEARCH = SearchSettings(simulations=200, parallel=8, pick="best")
 
@@ -166,8 +179,9 @@ class LeafRollout:
 class NodeRequest:
     """One node handed to `expand`, `value` or `reward`.
 
-    tree: index of the tree (the problem) in the searched batch.
-    node: node id inside that tree.
+    tree: index of the tree's prompt (the problem) in the searched batch; with `subtrees` > 1 the S
+        trees of one prompt share it.
+    node: node id inside that tree (one subtree's).
     prefix: prompt + every step on the root-to-node path, token ids [L + C].
     prompt_len: L, the prompt's tokens, so `prefix[prompt_len:]` is the completion so far [C].
     depth: number of steps from the root (root = 0).
@@ -200,6 +214,7 @@ class TreeStats:
     step_tokens: int = 0      # tokens of the candidate steps `expand` returned (duplicates included)
     collisions: int = 0       # descents that ended on a leaf already reached in their round
     widenings: int = 0        # re-expansions of an expanded node (progressive widening)
+    repeats: int = 0          # finished lines whose answer the tree already held (with repeat_penalty > 0)
     selections: int = 0       # edges walked by all descents (selection-rule calls)
     rounds: int = 0           # rounds in which this tree ran descents
     nodes: int = 1            # nodes in the tree (root included)

@@ -26,6 +26,7 @@ reference scored such paths as if final, about -0.9).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -129,6 +130,27 @@ def best_terminal(tree: Tree) -> int | None:
             if best_key is None or key > best_key:
                 best, best_key = node, key
     return best
+
+
+def pick_tree(trees: list[Tree], cfg: SearchSettings | None = None) -> Tree:
+    """The tree a prompt's independent subtrees (`subtrees`) answer from: with `pick="best"`, the one
+    holding the best finished line (its value, then its node's visits; ties: the first tree), the
+    best-of-N rule over all the subtrees' lines; with "visits", or when no tree holds a finished
+    line, the one whose root has the highest mean backed-up value Q (ties: the first tree)."""
+    if not trees:
+        raise ValueError("pick_tree: no trees")
+    cfg = cfg or SearchSettings()
+    if cfg.pick == "best":
+        best, best_key = None, None
+        for tree in trees:
+            node = best_terminal(tree)
+            if node is not None:
+                key = (finished_value(tree, node), tree.visits[node])
+                if best_key is None or key > best_key:
+                    best, best_key = tree, key
+        if best is not None:
+            return best
+    return max(trees, key=lambda t: -math.inf if t.q(ROOT) is None else t.q(ROOT))
 
 
 def principal_variation(tree: Tree, cfg: SearchSettings | None = None) -> list[int]:

@@ -13,6 +13,9 @@ a model (the shape of mctx's `search`):
   The rollout is kept on the leaf (`tree.rollout`), so its finished line is an answer candidate.
 - `step_key(tokens) -> hashable` (only with `merge="canonical"`): the canonical form of a step;
   sibling steps with the same (terminal, key) are merged as identical steps are.
+- `answer(requests) -> [hashable | None, ...]` (only with `repeat_penalty` > 0): the answer a finished
+  line holds (None: no answer); each request's prefix is the whole line (a new terminal node's
+  path, or a leaf's path plus its rollout).
 Terminal nodes go to `reward`, never to `value`, never to `expand`: keeping the environment and
 the value head apart means no request carries a flag that changes its meaning. A terminal node's
 reward is asked for once, when the node is created, and cached: every later visit backs it up.
@@ -61,6 +64,22 @@ candidates number fewer than widen_c * N^widen_alpha stops there and the node is
 more samples; new distinct steps become children, repeats merge into theirs; priors are the mean of
 the batches' softmaxes). That descent is not a simulation: nothing is backed up, the new children
 are valued when later descents select them (pUCT gives an unvisited child the first-play value).
+
+Independent subtrees (`subtrees` = S > 1; DVTS, Beeching et al. 2024, "Scaling test-time compute
+with open models", Hugging Face search-and-learn). Each prompt gets S trees that share nothing but
+the prompt: each has its own root expansion (K steps, so S * K first steps), its own simulations
+(`simulations` split among them), its own Gumbel stream, and they run in the same lock-step rounds
+(one `expand` call per round over all trees). The caller picks one answer across a prompt's trees
+(`extract.pick_tree`). Requests of a prompt's subtrees carry the same `tree` (the prompt's index).
+With subtrees, the searched compute stays the simulations'; only the root's cost is paid S times.
+
+Answer-level novelty (`repeat_penalty` > 0). A finished line holds an answer; a line whose answer
+its tree already found adds no candidate for the checker to pick among. Each tree keeps the answers
+of its finished lines; a new one whose answer is already there is marked `repeat`, and every
+simulation that ends on it (its rollout at once, a terminal node on every visit) backs up its value
+minus `repeat_penalty`: descents are steered away from the steps that lead back to known answers.
+Lines are checked in a round's order (the new leaves' rollouts, then the new terminal nodes). The
+line's own value (`tree.value`, a rollout's z) is kept: `pick` compares what the lines are worth.
 """
 
 from __future__ import annotations
@@ -69,7 +88,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from treedistill.search.contracts import (
     PRIORS,
@@ -88,6 +107,7 @@ ExpandFn = Callable[[list[NodeRequest]], list[list[Candidate]]]
 ValueFn = Callable[[list[NodeRequest]], list[float]]
 RolloutFn = Callable[[list[NodeRequest]], list[LeafRollout]]
 StepKeyFn = Callable[[tuple[int, ...]], Hashable]
+AnswerFn = Callable[[list[NodeRequest]], list[Hashable | None]]
 
 # A candidate step's prior logit: the summed log-prob (reference) or the mean per token, which does
 # not favour short steps just for being short.
@@ -100,21 +120,28 @@ assert set(PRIOR_LOGITS) == set(PRIORS) and set(SELECT_RULES) == set(SELECT_NAME
 
 @dataclass(frozen=True)
 class _Callables:
-    """The caller's callables of one search (rollout / step_key None when their option is off)."""
+    """The caller's callables of one search (rollout / step_key / answer None when their option is off)."""
 
     expand: ExpandFn
     value: ValueFn
     reward: ValueFn
     rollout: RolloutFn | None
     step_key: StepKeyFn | None
+    answer: AnswerFn | None = None
 
 
 @dataclass
 class SearchResult:
-    """The searched trees (tree i for prompt i, with `tree.stats`) and the call accounting."""
+    """The searched trees, with `tree.stats`, prompt-major: the S = `subtrees` trees of prompt i are
+    `trees[i * S:(i + 1) * S]` (tree i for prompt i when S = 1); and the call accounting."""
 
     trees: list[Tree]
     stats: SearchStats = field(default_factory=SearchStats)
+    subtrees: int = 1
+
+    def of_prompt(self, i: int) -> list[Tree]:
+        """The S trees searched for prompt i."""
+        return self.trees[i * self.subtrees:(i + 1) * self.subtrees]
 
 
 def search(
@@ -126,12 +153,14 @@ def search(
     *,
     rollout: RolloutFn | None = None,
     step_key: StepKeyFn | None = None,
+    answer: AnswerFn | None = None,
     on_round: Callable[[int], None] | None = None,
 ) -> SearchResult:
-    """Search one tree per prompt (token ids), all trees in lock-step; see the module docstring.
-    `rollout` is required when `config.rollout_lambda` > 0, `step_key` when `config.merge` is
-    "canonical"; both are ignored otherwise. `on_round(simulations)`, when given, is called after
-    every round with the simulations finished so far, all trees together (a caller's progress line)."""
+    """Search `config.subtrees` trees per prompt (token ids), all trees in lock-step; see the module
+    docstring. `rollout` is required when `config.rollout_lambda` > 0, `step_key` when `config.merge` is
+    "canonical", `answer` when `config.repeat_penalty` > 0; each is ignored otherwise.
+    `on_round(simulations)`, when given, is called after every round with the simulations finished so
+    far, all trees together (a caller's progress line)."""
     cfg = config or SearchSettings()
     if any(isinstance(p, (int, str, bytes)) for p in prompts):
         raise ValueError("search: prompts must be a list of token-id sequences, one per tree")
@@ -139,12 +168,22 @@ def search(
         raise ValueError(f"search: rollout_lambda={cfg.rollout_lambda} needs a `rollout` callable")
     if cfg.merge == "canonical" and step_key is None:
         raise ValueError("search: merge='canonical' needs a `step_key` callable")
+    if cfg.repeat_penalty > 0 and answer is None:
+        raise ValueError(f"search: repeat_penalty={cfg.repeat_penalty} needs an `answer` callable")
     callables = _Callables(expand, value, reward, rollout if cfg.rollout_lambda > 0 else None,
-                           step_key if cfg.merge == "canonical" else None)
+                           step_key if cfg.merge == "canonical" else None,
+                           answer if cfg.repeat_penalty > 0 else None)
     stats = SearchStats()
     start = time.perf_counter()
-    trees = [Tree(p, index=i) for i, p in enumerate(prompts)]
-    rngs = [random.Random(f"{cfg.seed}/{i}") for i in range(len(trees))]
+    subtrees = cfg.subtrees
+    trees = [Tree(p, index=i, subtree=s) for i, p in enumerate(prompts) for s in range(subtrees)]
+    # Subtree s > 0 draws from its own stream; subtree 0 from the one-tree search's.
+    rngs = {(t.index, t.subtree): random.Random(f"{cfg.seed}/{t.index}" + (f"/{t.subtree}" if t.subtree else ""))
+            for t in trees}
+    # Each tree's own settings: its share of the simulations (the stop rule's and Gumbel's schedule's).
+    share, extra = divmod(cfg.simulations, subtrees)
+    own = {n: replace(cfg, simulations=n) for n in {share, share + 1} if n > 0}
+    tree_cfg = {id(t): own.get(share + (t.subtree < extra)) for t in trees}
     for tree in trees:
         tree.stats = TreeStats()
     select = SELECT_RULES[cfg.select]
@@ -155,7 +194,10 @@ def search(
         roots.append((tree, [ROOT]))
     _expand_evaluate_backup(roots, callables, cfg, rngs, stats)
 
-    active = [t for t in trees if t.stats.simulations < cfg.simulations]
+    def unfinished(t: Tree) -> bool:
+        return tree_cfg[id(t)] is not None and t.stats.simulations < tree_cfg[id(t)].simulations
+
+    active = [t for t in trees if unfinished(t)]
     while active:
         stats.rounds += 1
         pending: list[tuple[Tree, list[int]]] = []   # new leaves: expand + evaluate
@@ -163,21 +205,28 @@ def search(
         known: list[tuple[Tree, list[int]]] = []     # leaves with a cached value: back it up
         collided: list[tuple[Tree, list[int]]] = []
         for tree in active:
-            _descents(tree, select, cfg, pending, widened, known, collided)
+            _descents(tree, select, tree_cfg[id(tree)], pending, widened, known, collided)
         _expand_evaluate_backup(pending, callables, cfg, rngs, stats, widened)
         for tree, path in known:
-            tree.backup(path, tree.value[path[-1]])
+            tree.backup(path, _backed_value(tree, path[-1], cfg))
             tree.stats.simulations += 1
         for tree, path in collided:
             tree.add_virtual(path, -1)
-        active = [t for t in active if t.stats.simulations < cfg.simulations]
+        active = [t for t in active if unfinished(t)]
         if on_round is not None:
             on_round(sum(t.stats.simulations for t in trees))
 
     for tree in trees:
         tree.stats.nodes = len(tree)
     stats.wall_s = time.perf_counter() - start
-    return SearchResult(trees, stats)
+    return SearchResult(trees, stats, subtrees)
+
+
+def _backed_value(tree: Tree, node: int, cfg: SearchSettings) -> float:
+    """The value a simulation ending at `node` backs up: its value, less `repeat_penalty` when its
+    finished line repeats an answer the tree already held."""
+    value = tree.value[node]
+    return value - cfg.repeat_penalty if tree.repeat[node] else value
 
 
 def _descents(tree: Tree, select: SelectFn, cfg: SearchSettings, pending: list, widened: list, known: list,
@@ -305,7 +354,7 @@ def _expand_evaluate_backup(pending, fns: _Callables, cfg: SearchSettings, rngs,
         tree.stats.expand_requests += 1
         tree.stats.request_tokens += len(request.prefix)
         tree.stats.step_tokens += sum(len(c.tokens) for c in cands)
-        for child in _add_children(tree, path[-1], cands, cfg, rngs[tree.index], fns.step_key):
+        for child in _add_children(tree, path[-1], cands, cfg, rngs[tree.index, tree.subtree], fns.step_key):
             if tree.terminal[child]:
                 new_terminal.append((tree, child))
     for tree, path in widened:
@@ -330,9 +379,32 @@ def _expand_evaluate_backup(pending, fns: _Callables, cfg: SearchSettings, rngs,
             tree.stats.rollout_requests += 1
             tree.stats.rollout_tokens += len(roll.tokens)
             tree.stats.request_tokens += len(request.prefix)
-        tree.backup(path, v)
+    if fns.answer is not None:
+        lines = [(tree, path[-1], NodeRequest(r.tree, r.node, r.prefix + roll.tokens, r.prompt_len, r.depth))
+                 for (tree, path), r, roll in zip(pending, requests, rollouts) if roll is not None]
+        lines += [(tree, node, tree.request(node)) for tree, node in new_terminal]
+        _mark_repeats(lines, fns.answer, stats)
+    for tree, path in pending:
+        leaf = path[-1]
+        tree.backup(path, _backed_value(tree, leaf, cfg))
         if leaf != ROOT:
             tree.stats.simulations += 1
+
+
+def _mark_repeats(lines: list[tuple[Tree, int, NodeRequest]], answer: AnswerFn, stats: SearchStats) -> None:
+    """Ask `answer` for the answers of a round's new finished lines (one call), in order; a line whose
+    answer its tree already holds is marked `repeat`, a new one is added to the tree's answers."""
+    if not lines:
+        return
+    keys = _timed(answer, [r for _, _, r in lines], stats, "answer")
+    for (tree, node, _), key in zip(lines, keys):
+        if key is None:
+            continue
+        if key in tree.answers:
+            tree.repeat[node] = True
+            tree.stats.repeats += 1
+        else:
+            tree.answers.add(key)
 
 
 def _add_children(tree: Tree, node: int, cands: list[Candidate], cfg: SearchSettings,

@@ -12,7 +12,7 @@ caller and gets `Candidate` steps and floats back (see `treedistill/search/mcts.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 from treedistill.search.contracts import Candidate, LeafRollout, NodeRequest
 
@@ -35,15 +35,21 @@ class Tree:
     head for a non-terminal node once evaluated, the environment reward for a terminal node, set at creation;
     None before; with rollout_lambda > 0 a non-terminal node's is the mixed value), `rollout` (the
     policy rollout that finished the line from this non-terminal node when it was evaluated, None
-    without one), `visits` N, `value_sum` W, `virtual` (in-flight visits of the current round) and
-    `gumbel` (the root children's Gumbel noise; 0 elsewhere).
+    without one), `repeat` (the node's finished line, a terminal node or its rollout, holds an answer
+    the tree already held when it was valued: with `repeat_penalty` its backed-up value is lowered),
+    `visits` N, `value_sum` W, `virtual` (in-flight visits of the current round) and `gumbel` (the root
+    children's Gumbel noise; 0 elsewhere).
+
+    `index` is the prompt's position in the searched batch (what `NodeRequest.tree` carries) and
+    `subtree` the tree's position among that prompt's independent subtrees (0 with one tree per
+    prompt). `answers` holds the answer keys of the tree's finished lines (with `repeat_penalty`).
 
     `q_min` / `q_max` are the extreme node values Q = W / N seen so far (MuZero's min-max
     normalisation). `stats` holds the per-tree compute accounting (set by the search).
     """
 
-    def __init__(self, prompt: Sequence[int], index: int = 0):
-        self.index = index
+    def __init__(self, prompt: Sequence[int], index: int = 0, subtree: int = 0):
+        self.index, self.subtree = index, subtree
         self.prompt: tuple[int, ...] = tuple(int(t) for t in prompt)
         self.parent: list[int] = []
         self.children: list[list[int]] = []
@@ -60,6 +66,8 @@ class Tree:
         self.sampled: list[int] = []
         self.value: list[float | None] = []
         self.rollout: list[LeafRollout | None] = []
+        self.repeat: list[bool] = []
+        self.answers: set[Hashable] = set()
         self.visits: list[int] = []
         self.value_sum: list[float] = []
         self.virtual: list[int] = []
@@ -100,6 +108,7 @@ class Tree:
         self.sampled.append(0)
         self.value.append(None)
         self.rollout.append(None)
+        self.repeat.append(False)
         self.visits.append(0)
         self.value_sum.append(0.0)
         self.virtual.append(0)

@@ -11,16 +11,18 @@ from treedistill.testtime.config import (
     SweepReport,
     parse_budgets,
 )
-from treedistill.testtime.output import format_table, plot_report, write_markdown
+from treedistill.testtime.output import format_differences, format_table, plot_report, write_markdown
 from treedistill.testtime.sweep import (
     MCTS_VARIANTS,
     SELECTORS,
     best_of_n_at,
     majority_vote,
+    paired_differences,
     run_sweep,
     value_pick,
 )
 
 __all__ = ["MCTS_VARIANTS", "SELECTORS", "MethodResult", "SweepConfig", "SweepReport", "best_of_n_at",
-           "format_table", "majority_vote", "parse_budgets", "plot_report", "run_sweep", "value_pick", "write_markdown"]
+           "format_differences", "format_table", "majority_vote", "paired_differences", "parse_budgets",
+           "plot_report", "run_sweep", "value_pick", "write_markdown"]
 

@@ -54,17 +54,20 @@ class MethodResult:
 
 @dataclass
 class SweepReport:
-    """All cells of a sweep, the MCTS cost calibration, and the whole wall time."""
+    """All cells of a sweep, the MCTS cost calibration, MCTS minus best-of-N per budget paired over
+    problems (`sweep.paired_differences`), and the whole wall time."""
 
     config: SweepConfig
     problems: int
     cells: list[MethodResult] = field(default_factory=list)
     calibration: list[dict] = field(default_factory=list)
+    differences: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
 
     def to_dict(self) -> dict:
         return {"config": asdict(self.config), "problems": self.problems, "wall_s": self.wall_s,
-                "calibration": self.calibration, "cells": [asdict(c) for c in self.cells]}
+                "calibration": self.calibration, "differences": self.differences,
+                "cells": [asdict(c) for c in self.cells]}
 
     def methods(self) -> list[str]:
         seen: list[str] = []

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from treedistill.testtime.config import MethodResult, SweepReport
 from treedistill.testtime.sweep import MCTS_VARIANTS
 
-__all__ = ["format_table", "plot_report", "write_markdown"]
+__all__ = ["format_differences", "format_table", "plot_report", "write_markdown"]
 
 
 def _accuracy_text(c: MethodResult) -> str:
@@ -50,6 +50,17 @@ def format_table(report: SweepReport, metric: str = "accuracy") -> str:
     return "\n".join(lines)
 
 
+def format_differences(report: SweepReport) -> str:
+    """Markdown table: MCTS minus best-of-N at each budget, accuracy points, paired over problems with
+    the 95% bootstrap interval."""
+    lines = ["| budget | MCTS row | best-of-N row | difference, points [95% interval] | tokens (MCTS / best-of-N) |",
+             "|---|---|---|---|---|"]
+    for d in report.differences:
+        lines.append(f"| {d['budget']} | {d['method']} | {d['against']} | {100 * d['difference']:+.1f} "
+                     f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] | {d['tokens']:.0f} / {d['against_tokens']:.0f} |")
+    return "\n".join(lines)
+
+
 def _notes(report: SweepReport) -> list[str]:
     out = []
     for c in report.cells:
@@ -83,7 +94,10 @@ def write_markdown(report: SweepReport, path, *, header: Sequence[str] = ()) -> 
              "Generated tokens per finished answer (a line that holds a legal answer: best-of-N's samples; MCTS's "
              "terminal nodes, rollouts and completion), and in brackets the distinct answer values per problem:",
              "",
-             format_table(report, "answers"), "", "Notes:", *_notes(report), "",
+             format_table(report, "answers"), "",
+             "MCTS minus best-of-N at each budget, paired over the same problems (95% bootstrap interval, "
+             "problems resampled jointly):", "", format_differences(report), "",
+             "Notes:", *_notes(report), "",
              f"Settings: K={s.k_children} steps per node, T={s.temperature}, steps <= {s.step_max_tokens} tokens, "
              f"completions <= {cfg.max_new_tokens} tokens, {s.select} (c={s.c_puct}), W={s.parallel}, "
              f"virtual loss {s.virtual_loss}, "
@@ -95,6 +109,8 @@ def write_markdown(report: SweepReport, path, *, header: Sequence[str] = ()) -> 
              + f"MCTS answer: {s.pick}, "
              + (f"rollout leaf values lambda={s.rollout_lambda:g}, " if s.rollout_lambda > 0 else "")
              + ("sibling steps merged by canonical form, " if s.merge == "canonical" else "")
+             + (f"{s.subtrees} independent trees per problem, " if s.subtrees > 1 else "")
+             + (f"repeated answers backed up {s.repeat_penalty:g} lower, " if s.repeat_penalty > 0 else "")
              + f"max depth {s.max_depth}, seed {cfg.seed}; sampling once: {cfg.once_samples} samples per "
              f"problem at each temperature. Total wall time {report.wall_s:.0f} s.", "",
              "Method: MCTS answers with its best valued terminal node (or its most-visited path with "

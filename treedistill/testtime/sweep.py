@@ -69,7 +69,8 @@ from treedistill.metrics import standard_error
 from treedistill.search.contracts import TEST_TIME_SEARCH
 from treedistill.testtime.config import MethodResult, SweepConfig, SweepReport
 
-__all__ = ["MCTS_VARIANTS", "SELECTORS", "answer_cost", "best_of_n_at", "majority_vote", "run_sweep", "value_pick"]
+__all__ = ["MCTS_VARIANTS", "PAIRS", "SELECTORS", "answer_cost", "best_of_n_at", "majority_vote", "paired_differences",
+           "run_sweep", "value_pick"]
 
 
 # --- best-of-N selectors: one signature, (answer values [N], value-head values [N]) -> index | None ---
@@ -259,7 +260,7 @@ def run_best_of_n(ctx: _SweepInputs, streams: list[list[tuple[int, ...]]], budge
     wall = time.perf_counter() - start
     return [MethodResult(method=name, budget=budget, accuracy=_mean(acc), stderr=standard_error(acc), tokens=_mean(used),
                  wall_s=None, detail={"n_mean": _mean(ns), "n_min": min(ns), "n_max": max(ns),
-                                      "dense": _mean(dense[name]), "selection_s": wall,
+                                      "dense": _mean(dense[name]), "selection_s": wall, "per_problem": acc,
                                       **answer_cost(sum(used), finished, distinct)})
             for name, acc in chosen.items()]
 
@@ -289,6 +290,31 @@ VERIFIER_FREE = ("legal", "value")
 # Which MCTS rows each `rows` setting runs (best-of-N follows: its two selectors with the free rows,
 # bon+verifier with the verifier rows).
 ROWS = {"free": ["mcts"], "verifier": ["mcts+verifier"], "both": ["mcts", "mcts+verifier"]}
+
+
+# The best-of-N rows each MCTS row is compared with, paired over problems: the same information picks.
+PAIRS = {"mcts": ("bon-majority", "bon-value"), "mcts+verifier": ("bon+verifier",)}
+
+
+def paired_differences(cells: Sequence[MethodResult]) -> list[dict]:
+    """MCTS minus best-of-N at each budget where both ran (`PAIRS`), in accuracy points, with the 95%
+    bootstrap percentile interval over the problems resampled jointly (`report.stats.bootstrap_interval`)."""
+    import numpy as np
+
+    from treedistill.report.stats import bootstrap_interval
+
+    by = {(c.method, c.budget): c for c in cells}
+    out = []
+    for (method, budget), a in by.items():
+        for other in PAIRS.get(method, ()):
+            b = by.get((other, budget))
+            if a.accuracy is None or b is None or b.accuracy is None:
+                continue
+            est, low, high = bootstrap_interval(np.array([a.detail["per_problem"]], dtype=float),
+                                                np.array([b.detail["per_problem"]], dtype=float))
+            out.append({"budget": budget, "method": method, "against": other, "difference": est,
+                        "low": low, "high": high, "tokens": a.tokens, "against_tokens": b.tokens})
+    return out
 
 
 def _terminal_value(cfg: SweepConfig, method: str) -> str:
@@ -406,10 +432,10 @@ def run_mcts(ctx: _SweepInputs, budget: int, cost: _MctsCost, method: str = "mct
     acc = [o.score.sparse for o in outcomes]
     used = [o.generated_tokens for o in outcomes]
     batch = outcomes[0].batch
-    detail = {"simulations": kept, "tokens_max": max(used), "tokens_min": min(used),
+    detail = {"simulations": kept, "tokens_max": max(used), "tokens_min": min(used), "per_problem": acc,
               "dense": _mean([o.score.dense for o in outcomes]),
               "completed_by_policy": sum(o.completed_by_policy for o in outcomes) / len(outcomes),
-              "tree_nodes_mean": _mean([len(o.tree) for o in outcomes]),
+              "tree_nodes_mean": _mean([o.trajectory.stats["tree_nodes"] for o in outcomes]),
               "bookkeeping_share": batch.bookkeeping_share, "rounds": batch.rounds,
               "forward_calls": batch.engine.get("forward_calls", 0),
               "runs": [(s, _mean([o.generated_tokens for o in tried[s][0]])) for s in tried],
@@ -473,5 +499,6 @@ def run_sweep(engine, policy, env: Env, problems: Sequence[dict], cfg: SweepConf
         for cell in run_best_of_n(ctx, streams, b, values_cache):
             cell.detail["stream"] = stream_stats
             report.cells.append(cell)
+    report.differences = paired_differences(report.cells)
     report.wall_s = time.perf_counter() - start
     return report
