@@ -74,12 +74,13 @@ def test_step_key_is_the_environments_canonical_step(policy):
 def test_sweep_reports_cost_per_answer_with_rollouts_merge_and_gumbel(policy):
     search = replace(TEST_TIME_SEARCH, step_max_tokens=8, k_children=2, parallel=2, select="gumbel", widen_c=0.0,
                      rollout_lambda=1.0, merge="canonical")
-    cfg = SweepConfig(budgets=(200, 400), max_new_tokens=32, search=search, pilot_problems=2, pilot_simulations=2,
+    # budgets above the cost of the default 4 subtrees' roots (~220 tokens here)
+    cfg = SweepConfig(budgets=(300, 600), max_new_tokens=32, search=search, pilot_problems=2, pilot_simulations=2,
                       rows="verifier", budget_tries=1, once_temperatures=(0.8,), once_samples=1)
     report = run_sweep(make_engine(policy, "native"), policy, ENV, PROBLEMS, cfg)
     cells = {(c.method, c.budget): c for c in report.cells}
     assert set(cells) == {("once T=0.8", None), *((m, b) for m in ("mcts+verifier", "bon+verifier")
-                                                    for b in (200, 400))}
+                                                    for b in (300, 600))}
     # the random model writes no legal answer in 32 tokens: every cell runs, scores 0 and has no answer to
     # charge its tokens to
     for (method, budget), c in cells.items():
@@ -87,12 +88,12 @@ def test_sweep_reports_cost_per_answer_with_rollouts_merge_and_gumbel(policy):
         if budget is not None:
             assert (c.detail["finished_answers"], c.detail["distinct_answers"]) == (0.0, 0.0)
             assert c.detail["tokens_per_answer"] is None
-    for b in (200, 400):
+    for b in (300, 600):
         assert cells[("bon+verifier", b)].tokens == b  # best-of-N spends its budget to the token
         mcts = cells[("mcts+verifier", b)].detail
         assert mcts["rollout_tokens"] > 0  # the leaves were rolled out
     # Gumbel at the larger budget: more simulations, a larger tree
-    small, large = cells[("mcts+verifier", 200)].detail, cells[("mcts+verifier", 400)].detail
+    small, large = cells[("mcts+verifier", 300)].detail, cells[("mcts+verifier", 600)].detail
     assert large["simulations"] > small["simulations"] and large["tree_nodes_mean"] > small["tree_nodes_mean"]
     assert "| bon+verifier | - (0.0 distinct) | - (0.0 distinct) |" in format_table(report, "answers")
 

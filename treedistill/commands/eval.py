@@ -234,7 +234,7 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
     print(f"  tokens per problem {found.tokens_per_problem:8.1f}   (without search: "
           f"{plain.generated_tokens / plain.samples:.1f} per sample)")
     print(f"  paths completed by the policy {100 * found.completed_by_policy:.0f}%, {found.tree_nodes:.0f} nodes "
-          f"per tree, bookkeeping {100 * found.bookkeeping_share:.1f}% of the search, wall {r.seconds:.1f} s")
+          f"per problem, bookkeeping {100 * found.bookkeeping_share:.1f}% of the search, wall {r.seconds:.1f} s")
     print(f"  finished answers   {found.finished_answers:8.1f} per problem ({found.distinct_answers:.1f} distinct), "
           + (f"{found.tokens_per_answer:.0f} generated tokens per finished answer" if found.tokens_per_answer
              else "none"))
