@@ -52,7 +52,8 @@ from treedistill.rollout.tree_search import SearchOutcome, search_problems
 from treedistill.search.credit import scaled_advantages
 
 __all__ = ["METHODS", "REWARDS", "TREE_CREDIT", "Method", "Rollout", "RolloutContext", "TrainingReward",
-           "best_of_n_rollout", "fork_rollout", "group_baseline_advantages", "group_rollout", "search_rollout", "tree_advantages", "tree_rollout",
+           "best_of_n_rollout", "fork_rollout", "group_baseline_advantages", "group_rollout", "search_rollout",
+           "tree_advantages", "tree_rollout",
            "value_baseline_advantages"]
 
 
@@ -202,20 +203,19 @@ def tree_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Ro
     cfg = ctx.cfg
     found = _search(ctx, problems, seed)
     env = TrainingReward(ctx.env, cfg.reward)
-    rows, stats = _tree_learning(cfg, env, ctx.policy, problems, [with_lines(o) for o in found])
-    paths = [o.trajectory for o in found]
-    stats.update(_search_stats(paths))
-    # finished lines per 1,000 tokens generated for the trees (GRPO: 1,000 / its mean completion length)
-    stats["tree_lines_per_1k_tokens"] = (1000 * stats["tree_lines"] * len(problems)
-                                         / max(1, sum(o.generated_tokens for o in found)))
+    rows, stats = _tree_learning(cfg, env, ctx.policy, problems, [with_lines(o) for o in found],
+                                 sum(o.generated_tokens for o in found))
+    stats.update(_search_stats([o.trajectory for o in found]))
     stats["tree_path_reward"] = _mean([env.score(p, o.text).reward for p, o in zip(problems, found)])
     return Rollout(rows, stats)
 
 
-def _tree_learning(cfg, env, policy, problems: Sequence[dict], trees: Sequence) -> tuple[list[Trajectory], dict]:
+def _tree_learning(cfg, env, policy, problems: Sequence[dict], trees: Sequence,
+                   generated: int) -> tuple[list[Trajectory], dict]:
     """The rows of one tree per problem (`rollout.tree_lines.tree_rows`, group i = problems[i]), their
-    advantages scaled over the batch (cfg.tree_advantage_norm), and the trees' statistics; `env`
-    scores with the learner's reward."""
+    advantages scaled over the batch (cfg.tree_advantage_norm), and the trees' statistics, with their
+    finished lines per 1,000 of the `generated` tokens (GRPO's: 1,000 / its mean completion length);
+    `env` scores with the learner's reward."""
     rows, lines, line_rewards, learned = [], [], [], []
     for i, (problem, tree) in enumerate(zip(problems, trees)):
         part = tree_rows(tree, problem, env, policy, group=i, mode=cfg.tree_advantage)
@@ -227,6 +227,7 @@ def _tree_learning(cfg, env, policy, problems: Sequence[dict], trees: Sequence) 
     raw = [t.advantage for t in rows]
     rows = [dataclasses.replace(t, advantage=a) for t, a in zip(rows, scaled_advantages(raw, cfg.tree_advantage_norm))]
     return rows, {"tree_rows": len(rows) / len(problems), "tree_lines": _mean(lines),
+                  "tree_lines_per_1k_tokens": 1000 * sum(lines) / max(1, generated),
                   "tree_line_reward_mean": _mean(line_rewards), "tree_learned_tokens": _mean(learned),
                   "tree_advantage_abs_mean": _mean([abs(a) for a in raw])}
 
@@ -242,11 +243,10 @@ def fork_rollout(ctx: RolloutContext, problems: Sequence[dict], seed: int) -> Ro
     forked = fork_problems(ctx.engine, ctx.policy, env, problems, chains=cfg.fork.chains, forks=cfg.fork.forks,
                            per_round=cfg.fork.per_round, temperature=cfg.temperature,
                            max_new_tokens=cfg.max_new_tokens, seed=seed)
-    rows, stats = _tree_learning(cfg, env, ctx.policy, problems, [f.tree for f in forked])
     generated = sum(f.generated_tokens for f in forked)
+    rows, stats = _tree_learning(cfg, env, ctx.policy, problems, [f.tree for f in forked], generated)
     entropies = [e for f in forked for e in f.forked_entropy]
     stats.update({"tree_generated_tokens": generated / len(problems),
-                  "tree_lines_per_1k_tokens": 1000 * stats["tree_lines"] * len(problems) / max(1, generated),
                   "fork_chain_tokens": _mean([f.chain_tokens for f in forked]),
                   "fork_tokens": _mean([f.fork_tokens for f in forked]),
                   "fork_entropy_mean": _mean(entropies)})
