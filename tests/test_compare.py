@@ -284,3 +284,5 @@ def test_compare_at_equal_flops_stops_each_run_at_the_first_step_past_the_budget
                  "--budget-flops", str(budget), "--evaluations", "2", "--out", str(out), *flags, "--json"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["ran"] == [] and len(again["reused"]) == 3
+    # a report made only from earlier runs does not claim this invocation's seconds as theirs
+    assert "Every run (3) was made by an earlier invocation" in (out / "report.md").read_text()

@@ -97,12 +97,12 @@ def test_report_from_one_seed_per_method(tmp_path):
         "MCTS distillation": [make_run(tmp_path / "mcts", "countdown-tiny-mcts", tokens_per_step=1500,
                                        evals={0: (0.05, 0.01), 1: (0.12, 0.02), 2: (0.30, 0.04)},
                                        eval_extra={"value_spearman": 0.25, "value_mse": 0.02,
-                                                   "value_mse_const": 0.03})],
+                                                   "value_mse_const": 0.03, "value_auc_reachable": 0.75})],
     }
     path = write_report(runs, tmp_path / "out", reference=REFERENCE, title="Test comparison")
     text = path.read_text()
     # the value heads at the final evaluation: mcts has one, GRPO none
-    assert "## Value head" in text and "| MCTS distillation | 1 | +0.250 | 0.0200 | 0.0300 |" in text
+    assert "## Value head" in text and "| MCTS distillation | 1 | +0.250 | 0.0200 | 0.0300 | 0.750 |" in text
     assert "| GRPO | 1 |" not in text
     for name in ("curves.png", "final.png"):
         data = (tmp_path / "out" / name).read_bytes()

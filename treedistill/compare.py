@@ -451,10 +451,14 @@ def run_comparison(presets: Mapping[str, str], *, seeds: Sequence[int], budget: 
                 runs.setdefault(spec.label, []).append(spec.run_dir)
         if not runs:
             raise UsageError("no run produced an evaluation: " + "; ".join(m for _, m in outcome["failed"]))
-        run_notes = [*notes, f"Made with up to {jobs} runs at once; this invocation took "
-                             f"{format_duration(outcome['wall_s'])} wall-clock and {format_duration(outcome['cpu_s'])} "
-                             "of CPU time (processes summed)."
-                     + (f" Reused finished runs: {len(outcome['reused'])}." if outcome["reused"] else "")]
+        if outcome["ran"] or outcome["failed"]:
+            made = (f"Made with up to {jobs} runs at once; this invocation took {format_duration(outcome['wall_s'])} "
+                    f"wall-clock and {format_duration(outcome['cpu_s'])} of CPU time (processes summed)."
+                    + (f" Reused finished runs: {len(outcome['reused'])}." if outcome["reused"] else ""))
+        else:  # only re-reported: this invocation's time says nothing about the runs
+            made = (f"Every run ({len(outcome['reused'])}) was made by an earlier invocation; each run's train and "
+                    "wall time are in the final table.")
+        run_notes = [*notes, made]
         if outcome["failed"]:
             run_notes.append("Failed runs (reported up to their last evaluation, if any): "
                              + "; ".join(f"`{d}`: {m}" for d, m in outcome["failed"]))

@@ -281,11 +281,15 @@ def _value_table(results: Mapping[str, Sequence[RunResult]]) -> list[str]:
             continue
         rhos = [v["value_spearman"] for v in probed if v.get("value_spearman") is not None]
         rho = f"{statistics.fmean(rhos):+.3f}" if rhos else "n/a"
+        aucs = [v["value_auc_reachable"] for v in probed if v.get("value_auc_reachable") is not None]
+        auc = f"{statistics.fmean(aucs):.3f}" if aucs else "n/a"
         out.append(f"| {label} | {len(probed)} | {rho} | {statistics.fmean(v['value_mse'] for v in probed):.4f} | "
-                   f"{statistics.fmean(v['value_mse_const'] for v in probed):.4f} |")
+                   f"{statistics.fmean(v['value_mse_const'] for v in probed):.4f} | {auc} |")
     if not out:
         return []
     return ["## Value head", "", "At the final evaluation: V(prefix) against the mean reward of policy completions "
             "from step prefixes of test problems (value_probe.py); a useful head has Spearman > 0 and an MSE under "
-            "the best constant's. Means over seeds.", "",
-            "| method | seeds | Spearman | MSE | best constant's MSE |", "|---|---:|---:|---:|---:|", *out, ""]
+            "the best constant's. AUC: V against the environment's exact \"the answer is still reachable\" label "
+            "(Countdown's solver; 0.5 = chance; n/a where the environment has none). Means over seeds.", "",
+            "| method | seeds | Spearman | MSE | best constant's MSE | AUC (reachable) |", "|---|---:|---:|---:|---:|---:|",
+            *out, ""]

@@ -41,12 +41,13 @@ def write_run_report(run_dir: Path, cfg: TrainConfig, stop_reason: str, wall_s: 
                       f"V(prefix) against the mean {cfg.reward} reward of {cfg.value_probe_k} policy completions "
                       f"(T={cfg.value_probe_temperature}) from step prefixes of test problems: a useful head has "
                       "Spearman > 0 and an MSE under the best constant's.", "",
-                      "| step | prefixes | Spearman | MSE | best constant's MSE | mean target |",
-                      "|---:|---:|---:|---:|---:|---:|"]
+                      "| step | prefixes | Spearman | MSE | best constant's MSE | mean target | AUC (reachable) |",
+                      "|---:|---:|---:|---:|---:|---:|---:|"]
             for r in probed:
-                rho = r.get("value_spearman")
+                rho, auc = r.get("value_spearman"), r.get("value_auc_reachable")
                 lines.append(f"| {r['step']} | {r['value_probe_prefixes']} | {'n/a' if rho is None else f'{rho:+.3f}'} | "
-                             f"{r['value_mse']:.4f} | {r['value_mse_const']:.4f} | {r['value_probe_target_mean']:.3f} |")
+                             f"{r['value_mse']:.4f} | {r['value_mse_const']:.4f} | {r['value_probe_target_mean']:.3f} | "
+                             f"{'n/a' if auc is None else f'{auc:.3f}'} |")
             lines.append("")
     if trains:
         c = trains[max(trains)]

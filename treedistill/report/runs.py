@@ -48,7 +48,7 @@ class RunResult:
     finished: bool                # the last evaluation is at the last logged training step
     under_budget: bool            # stopped (finished) short of its budget (generated tokens or FLOPs)
     final_per_problem: tuple[float, ...] = ()  # [P] the final evaluation's per-problem mean@k; () if not logged
-    final_value: dict = field(default_factory=dict)  # the final evaluation's value_spearman / value_mse / value_mse_const
+    final_value: dict = field(default_factory=dict)  # the final evaluation's VALUE_KEYS
     # Over the whole run, each step weighted by the tokens it generated (None where no train line logged it):
     learned_token_share: float | None = None  # generated tokens that ended in a learned row, per generated token
     lines_per_1k_tokens: float | None = None  # a tree method's finished lines per 1,000 generated tokens
@@ -62,7 +62,7 @@ class RunResult:
         return self.curve[0] if self.curve and self.curve[0].step == 0 else None
 
 
-VALUE_KEYS = ("value_spearman", "value_mse", "value_mse_const")  # value_probe.py's, on eval lines
+VALUE_KEYS = ("value_spearman", "value_mse", "value_mse_const", "value_auc_reachable")  # value_probe.py's, on eval lines
 
 
 def read_records(run_dir: str | Path, *, missing_ok: bool = False) -> list[dict]:
