@@ -29,12 +29,12 @@ __all__ = ["SFTConfig", "completion_loss", "encode_solution", "sft", "solution_e
 
 @dataclass(frozen=True)
 class SFTConfig:
-    """The warm-up's settings; defaults: a budget a laptop CPU affords on SmolLM2-135M."""
+    """The warm-up's settings; defaults: a budget a laptop CPU affords on SmolLM2-135M (docs/results.md)."""
 
-    examples: int = 192        # training problems whose solutions are learned (each once per epoch)
+    examples: int = 320        # training problems whose solutions are learned (each once per epoch)
     epochs: int = 1            # passes over the examples
     batch: int = 8             # examples per optimizer step
-    lr: float = 1e-4           # AdamW peak learning rate (linear warm-up over 10% of the steps, then linear decay to 0)
+    lr: float = 5e-4           # AdamW peak learning rate (linear warm-up over 10% of the steps, then linear decay to 0)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     grad_clip: float = 1.0     # max global grad norm
     max_tokens: int = 512      # prompt + completion tokens at most; longer examples are skipped
