@@ -207,6 +207,27 @@ def test_pick_tree_by_hand():
         pick_tree([], best)
 
 
+def test_a_prompts_subtrees_share_their_answers():
+    # Every subtree's first rollout under `a` answers "A"; with one answer set per prompt only the
+    # first "A" of all three trees is new, and only one root rollout ("R") is.
+    game = Arms()
+    trees = game.run(subtrees=3, simulations=24, repeat_penalty=1.0).trees
+    assert trees[0].answers is trees[1].answers is trees[2].answers
+    lines = [(t, n) for t in trees for n in range(len(t)) if t.rollout[n] is not None]
+    by_answer: dict = {}
+    for t, n in lines:
+        by_answer.setdefault(t.rollout[n].tokens[0], []).append(t.repeat[n])
+    assert by_answer[1000].count(False) == 1 and len(by_answer[1000]) == 3   # the three roots' "R"
+    assert by_answer[1001].count(False) == 1 and len(by_answer[1001]) >= 2   # "A", found by several trees
+    assert sum(t.stats.repeats for t in trees) == sum(len(v) - 1 for v in by_answer.values())
+    assert trees[0].answers == set(by_answer)
+    # two prompts keep two answer sets
+    two = search([PROMPT, PROMPT + (7,)], game.expand, game.value, game.reward,
+                 SearchSettings(simulations=4, subtrees=2, parallel=1, rollout_lambda=1.0, repeat_penalty=1.0),
+                 rollout=game.rollout, answer=game.answer)
+    assert two.trees[0].answers is two.trees[1].answers is not two.trees[2].answers
+
+
 def test_same_seed_same_subtrees():
     a = Arms().run(subtrees=2, select="gumbel", seed=5, repeat_penalty=0.5).trees
     b = Arms().run(subtrees=2, select="gumbel", seed=5, repeat_penalty=0.5).trees

@@ -102,8 +102,8 @@ def add_diversity_arguments(parser, base) -> None:
                         help="independent trees per problem, searched in lock-step, the simulations split among "
                              f"them, the answer picked across them (DVTS; default {base.subtrees})")
     parser.add_argument("--repeat-penalty", type=float, default=None,
-                        help="value subtracted from what a finished line backs up when its answer is one its tree "
-                             f"already found (0: off; default {base.repeat_penalty:g})")
+                        help="value subtracted from what a finished line backs up when its answer is one the "
+                             f"problem's trees already found (0: off; default {base.repeat_penalty:g})")
 
 
 def search_settings(args, base, *, flags: dict | None = None, **fields):

@@ -74,8 +74,9 @@ the prompt: each has its own root expansion (K steps, so S * K first steps), its
 With subtrees, the searched compute stays the simulations'; only the root's cost is paid S times.
 
 Answer-level novelty (`repeat_penalty` > 0). A finished line holds an answer; a line whose answer
-its tree already found adds no candidate for the checker to pick among. Each tree keeps the answers
-of its finished lines; a new one whose answer is already there is marked `repeat`, and every
+its prompt's trees already found adds no candidate for the checker to pick among. A prompt's
+subtrees keep one set of the answers of their finished lines; a new line whose answer is already
+there is marked `repeat`, and every
 simulation that ends on it (its rollout at once, a terminal node on every visit) backs up its value
 minus `repeat_penalty`: descents are steered away from the steps that lead back to known answers.
 Lines are checked in a round's order (the new leaves' rollouts, then the new terminal nodes). The
@@ -177,6 +178,10 @@ def search(
     start = time.perf_counter()
     subtrees = cfg.subtrees
     trees = [Tree(p, index=i, subtree=s) for i, p in enumerate(prompts) for s in range(subtrees)]
+    for i in range(len(prompts)):  # a prompt's subtrees hold one answer set (repeat_penalty)
+        shared: set[Hashable] = set()
+        for tree in trees[i * subtrees:(i + 1) * subtrees]:
+            tree.answers = shared
     # Subtree s > 0 draws from its own stream; subtree 0 from the one-tree search's.
     rngs = {(t.index, t.subtree): random.Random(f"{cfg.seed}/{t.index}" + (f"/{t.subtree}" if t.subtree else ""))
             for t in trees}
@@ -393,7 +398,7 @@ def _expand_evaluate_backup(pending, fns: _Callables, cfg: SearchSettings, rngs,
 
 def _mark_repeats(lines: list[tuple[Tree, int, NodeRequest]], answer: AnswerFn, stats: SearchStats) -> None:
     """Ask `answer` for the answers of a round's new finished lines (one call), in order; a line whose
-    answer its tree already holds is marked `repeat`, a new one is added to the tree's answers."""
+    answer its prompt's trees already hold is marked `repeat`, a new one is added to their answers."""
     if not lines:
         return
     keys = _timed(answer, [r for _, _, r in lines], stats, "answer")

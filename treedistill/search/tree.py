@@ -42,7 +42,8 @@ class Tree:
 
     `index` is the prompt's position in the searched batch (what `NodeRequest.tree` carries) and
     `subtree` the tree's position among that prompt's independent subtrees (0 with one tree per
-    prompt). `answers` holds the answer keys of the tree's finished lines (with `repeat_penalty`).
+    prompt). `answers` holds the answer keys of the finished lines of the prompt's trees, one set shared
+    by its subtrees (with `repeat_penalty`).
 
     `q_min` / `q_max` are the extreme node values Q = W / N seen so far (MuZero's min-max
     normalisation). `stats` holds the per-tree compute accounting (set by the search).
