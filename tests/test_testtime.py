@@ -181,7 +181,7 @@ def test_widening_lets_the_search_spend_a_budget_a_finite_tree_cannot(policy):
     problems = [PROBLEM, {"numbers": [1, 5, 6, 13], "target": 59}]
     cfg = SweepConfig(budgets=(300,), max_new_tokens=16, once_samples=1, pilot_problems=2, pilot_simulations=4,
                       search=sweep_search(step_max_tokens=8, k_children=2, parallel=2, widen_c=2.0, rollout_lambda=0.0,
-                                          subtrees=1),
+                                          subtrees=1, max_depth=16),
                       once_temperatures=(0.8,))
     report = run_sweep(make_engine(policy, "native"), policy, ENV, problems, cfg)
     mcts = {(c.method, c.budget): c for c in report.cells}[("mcts", 300)]

@@ -224,7 +224,8 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
           + (f" over {cfg.subtrees} independent trees" if cfg.subtrees > 1 else "")
           + (f", repeat penalty {cfg.repeat_penalty:g}" if cfg.repeat_penalty > 0 else "")
           + f", W={cfg.parallel}, K={cfg.k_children}, "
-          f"T={cfg.temperature:g}, answer: {cfg.pick}, terminal nodes valued by the {TERMINAL_TEXT[terminal]}"
+          + (f"depth <= {cfg.max_depth}, " if cfg.max_depth is not None else "")
+          + f"T={cfg.temperature:g}, answer: {cfg.pick}, terminal nodes valued by the {TERMINAL_TEXT[terminal]}"
           + ({True: " (the environment's reward reads only the prompt)",
               False: " (the environment's reward reads the reference answer: an oracle, not a test-time method)"}
              [reward_from_prompt(env)] if terminal == "reward" else ""))

@@ -129,11 +129,12 @@ class SearchSettings:
 # token budget only.
 TRAINING_SEARCH = SearchSettings(simulations=1600, parallel=16, problems_at_once=12, max_depth=None)
 # Test time (`eval --search mcts`, `testtime`, whose simulations are fitted to each budget): rollout
-# leaves, c 2, widening 1, the best valued answer, one sampled step per expansion, 4 independent subtrees
-# per problem, answers the problem's trees already found backed up 2 lower; chosen on training problems
-# (docs/log.md).
+# leaves, c 2, widening 1, the best valued answer, one sampled step per expansion, trees two steps deep
+# (the rest of a line is its rollout), 4 independent subtrees per problem, answers the problem's trees
+# already found backed up 2 lower; chosen on training problems (docs/log.md).
 TEST_TIME_SEARCH = SearchSettings(simulations=64, parallel=8, problems_at_once=32, c_puct=2.0, widen_c=1.0,
-                                  pick="best", rollout_lambda=1.0, subtrees=4, repeat_penalty=2.0, k_children=1)
+                                  pick="best", rollout_lambda=1.0, subtrees=4, repeat_penalty=2.0, k_children=1,
+                                  max_depth=2)
 # One tree shown (`treedistill search`): training's selection and value-head leaves, the best answer.
 INSPECT_SEARCH = SearchSettings(simulations=200, parallel=8, pick="best")
 
