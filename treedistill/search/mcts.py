@@ -76,9 +76,9 @@ With subtrees, the searched compute stays the simulations'; only the root's cost
 Answer-level novelty (`repeat_penalty` > 0). A finished line holds an answer; a line whose answer
 its prompt's trees already found adds no candidate for the checker to pick among. A prompt's
 subtrees keep one set of the answers of their finished lines; a new line whose answer is already
-there is marked `repeat`, and every
-simulation that ends on it (its rollout at once, a terminal node on every visit) backs up its value
-minus `repeat_penalty`: descents are steered away from the steps that lead back to known answers.
+there is marked `repeat`, and every simulation that ends on it (its rollout at once, a terminal node
+on every visit) backs up its value minus `repeat_penalty`: descents are steered away from the steps
+that lead back to known answers.
 Lines are checked in a round's order (the new leaves' rollouts, then the new terminal nodes). The
 line's own value (`tree.value`, a rollout's z) is kept: `pick` compares what the lines are worth.
 """
