@@ -32,7 +32,7 @@ class SFTConfig:
     """The warm-up's settings; defaults: a budget a laptop CPU affords on SmolLM2-135M (docs/results.md)."""
 
     examples: int = 320        # training problems whose solutions are learned (each once per epoch)
-    epochs: int = 1            # passes over the examples
+    epochs: int = 2            # passes over the examples
     batch: int = 8             # examples per optimizer step
     lr: float = 5e-4           # AdamW peak learning rate (linear warm-up over 10% of the steps, then linear decay to 0)
     weight_decay: float = 0.0  # AdamW decoupled weight decay

@@ -104,7 +104,7 @@ def run(args) -> dict:
         raise UsageError(f"no training example: of {counts['drawn']} problems drawn, {counts['no_solution']} have no "
                          f"solution and {counts['too_long']} are longer than --max-tokens {cfg.max_tokens}")
     print(f"sft {args.model} on {len(examples)} {args.env} solutions (steps: {args.step}, answer: {args.answer}), "
-          f"{cfg.epochs} epoch(s) of {cfg.steps} steps at most, batch {cfg.batch}, lr {cfg.lr:g}"
+          f"{cfg.epochs} epoch(s), {cfg.steps} steps at most, batch {cfg.batch}, lr {cfg.lr:g}"
           + (f", LoRA r={args.lora_r}" if args.lora_r else ", all weights"), flush=True)
     summary = sft(policy, examples, cfg, progress=_progress())
     final = Path(args.out) / FINAL_FOLDER
