@@ -67,9 +67,9 @@ are valued when later descents select them (pUCT gives an unvisited child the fi
 
 Independent subtrees (`subtrees` = S > 1; DVTS, Beeching et al. 2024, "Scaling test-time compute
 with open models", Hugging Face search-and-learn). Each prompt gets S trees that share only the
-prompt and, with `repeat_penalty`, the answers found (below): each has its own root expansion (K steps, so S * K first steps), its own simulations
-(`simulations` split among them), its own Gumbel stream, and they run in the same lock-step rounds
-(one `expand` call per round over all trees). The caller picks one answer across a prompt's trees
+prompt and, with `repeat_penalty`, the answers found (below): each has its own root expansion (K
+steps, so S * K first steps), its own simulations (`simulations` split among them), its own Gumbel
+stream, and they run in the same lock-step rounds (one `expand` call per round over all trees). The caller picks one answer across a prompt's trees
 (`extract.pick_tree`). Requests of a prompt's subtrees carry the same `tree` (the prompt's index).
 With subtrees, the searched compute stays the simulations'; only the root's cost is paid S times.
 
