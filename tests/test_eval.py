@@ -10,6 +10,7 @@ from treedistill.cli import main
 from treedistill.engine.base import FINISH_EOS, FINISH_LENGTH, Sample
 from treedistill.errors import UsageError
 from treedistill.evaluate import evaluate, summarize
+from treedistill.search.contracts import TEST_TIME_SEARCH
 
 
 def test_summary_statistics_by_hand():
@@ -272,10 +273,12 @@ def test_cli_eval_value_probe_refuses_a_model_without_a_saved_head(tmp_path, cap
 @pytest.mark.slow
 def test_cli_eval_with_subtrees_and_repeat_penalty(capsys):
     assert main(["eval", "--model", "tiny", "--split", "test", "--limit", "3", "--k", "1", "--search", "mcts",
-                 "--simulations", "6", "--subtrees", "2", "--repeat-penalty", "1", "--parallel", "2", "--json"]) == 0
+                 "--simulations", "6", "--subtrees", "2", "--repeat-penalty", "1", "--parallel", "2",
+                 "--no-defer-expansion", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     s = out["search"]
     assert (s["subtrees"], s["repeat_penalty"], s["simulations"], s["samples"]) == (2, 1.0, 6, 3)
+    assert s["defer_expansion"] is False and TEST_TIME_SEARCH.defer_expansion  # the flag turns the default off
     assert s["distinct_answers"] <= s["finished_answers"]
     # MCTS minus best-of-N, paired over the same 3 problems: the estimate is the difference of the rates
     b = s["best_of_n"][0]

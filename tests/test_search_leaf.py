@@ -2,6 +2,7 @@
 trees whose values are worked out by hand (no model)."""
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -120,6 +121,52 @@ def test_most_visited_path_ends_with_its_leafs_rollout():
     ex = extract(tree, SearchSettings(pick="visits"))
     assert len(ex.nodes) == 2 and not ex.complete
     assert ex.rollout is tree.rollout[ex.nodes[-1]]
+
+
+def test_deferred_expansion_samples_a_leafs_steps_when_a_descent_returns_by_hand():
+    # lambda 1, c 0.5, fpu 0. Round 0: the root is expanded (d0 prior .9, d1 .1) and rolled out (z +1).
+    # 1: pUCT picks d0 (0.45 against 0.05); its rollout says z -1; it is NOT expanded.
+    # 2: d0 scores -1 + 0.5 * .9 * sqrt(2) / 2 = -0.68, d1 0.07: d1 is rolled out, z +1.
+    # 3: d1 again (1.04 against -0.61): valued and not expanded, so this descent expands it and backs
+    #    nothing up. 4: through d1 to its first terminal child (reward -0.5): the third simulation.
+    game = TwoDigits()
+    expanded = []
+
+    def expand(reqs):
+        expanded.extend(r.node for r in reqs)
+        return game.expand(reqs)
+
+    cfg = SearchSettings(simulations=3, parallel=1, rollout_lambda=1.0, defer_expansion=True)
+    tree = search([PROMPT], expand, game.evaluate, game.reward, cfg, rollout=game.rollout).trees[0]
+    d0, d1 = tree.children[ROOT]
+    assert game.rolled == [ROOT, d0, d1] and expanded == [ROOT, d1]
+    assert not tree.expanded[d0] and tree.value[d0] == -1.0
+    assert tree.visits[ROOT] == 4 and tree.visits[d1] == 2 and tree.value_sum[d1] == pytest.approx(0.5)
+    assert tree.stats.simulations == 3 and tree.stats.expand_requests == 2 and tree.stats.widenings == 0
+    # without deferring, each new leaf is expanded as it is rolled out: d0's steps are sampled and
+    # never followed
+    expanded.clear()
+    game.rolled.clear()
+    tree = search([PROMPT], expand, game.evaluate, game.reward, replace(cfg, defer_expansion=False),
+                  rollout=game.rollout).trees[0]
+    assert expanded[:3] == [ROOT, 1, 2] and not any(tree.visits[c] for c in tree.children[1])
+
+
+@pytest.mark.parametrize("parallel", [1, 8])
+def test_deferred_expansion_keeps_the_counts(parallel):
+    # Every expanded node other than the root was valued in an earlier round; N and W still add up.
+    game = TwoDigits()
+    cfg = SearchSettings(simulations=12, parallel=parallel, rollout_lambda=1.0, defer_expansion=True, widen_c=1.0,
+                         c_puct=2.0)
+    tree = search([PROMPT], game.expand, game.evaluate, game.reward, cfg, rollout=game.rollout).trees[0]
+    assert tree.visits[ROOT] == tree.stats.simulations + 1 == 13
+    for v in range(len(tree)):
+        assert tree.virtual[v] == 0
+        if tree.expanded[v]:
+            assert v == ROOT or tree.rollout[v] is not None
+            assert tree.visits[v] == 1 + sum(tree.visits[c] for c in tree.children[v])
+            assert tree.value_sum[v] == pytest.approx(tree.value[v] + sum(tree.value_sum[c] for c in tree.children[v]))
+    assert tree.stats.expand_requests == sum(tree.expansions)
 
 
 def test_options_that_need_a_callable_refuse_to_run_without_it():

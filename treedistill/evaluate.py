@@ -179,6 +179,7 @@ class SearchEvalResult:
     tokens_per_answer: float | None = None  # generated tokens / finished answers, all trees (None: no answer)
     subtrees: int = 1                     # search.subtrees
     repeat_penalty: float = 0.0           # search.repeat_penalty
+    defer_expansion: bool = False         # search.defer_expansion
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -220,6 +221,6 @@ def evaluate_search(engine, policy, env, problems: Sequence[dict], *, search, ma
         tree_nodes=sum(o.trajectory.stats["tree_nodes"] for o in outcomes) / n,
         bookkeeping_share=bookkeeping_s / search_s if search_s > 0 else 0.0,
         rollout_lambda=search.rollout_lambda, merge=search.merge, subtrees=search.subtrees,
-        repeat_penalty=search.repeat_penalty, finished_answers=answers / n,
+        repeat_penalty=search.repeat_penalty, defer_expansion=search.defer_expansion, finished_answers=answers / n,
         distinct_answers=sum(o.trajectory.stats["distinct_answers"] for o in outcomes) / n,
         tokens_per_answer=generated / answers if answers else None)

@@ -1,5 +1,6 @@
 """Subcommands of the `treedistill` CLI; see `treedistill/cli.py` for the contract."""
 
+import argparse
 from collections.abc import Iterable
 
 
@@ -68,12 +69,16 @@ def add_expansion_arguments(parser, base, *, temperature: str = "--temperature")
 
 
 def add_widening_arguments(parser, base) -> None:
-    """Progressive widening: --widen-c, --widen-alpha."""
+    """When nodes get steps: progressive widening (--widen-c, --widen-alpha) and --defer-expansion."""
     parser.add_argument("--widen-c", type=float, default=None,
                         help="progressive widening: a node gets K more steps while its samples are fewer than "
                              f"C * N^alpha (default {base.widen_c:g}; 0: each node expanded once, as the reference)")
     parser.add_argument("--widen-alpha", type=float, default=None,
                         help=f"progressive widening exponent (default {base.widen_alpha:g})")
+    parser.add_argument("--defer-expansion", action=argparse.BooleanOptionalAction, default=None,
+                        help="a new leaf is only valued (its rollout); its steps are sampled when a later descent "
+                             "comes back to it, so no step is sampled that no descent follows (default "
+                             f"{'on' if base.defer_expansion else 'off'})")
 
 
 def add_pick_argument(parser, base) -> None:

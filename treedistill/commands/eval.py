@@ -223,6 +223,7 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
     print(f"with search: MCTS {cfg.select}, {cfg.simulations} simulations"
           + (f" over {cfg.subtrees} independent trees" if cfg.subtrees > 1 else "")
           + (f", repeat penalty {cfg.repeat_penalty:g}" if cfg.repeat_penalty > 0 else "")
+          + (", expansion deferred" if cfg.defer_expansion else "")
           + f", W={cfg.parallel}, K={cfg.k_children}, "
           + (f"depth <= {cfg.max_depth}, " if cfg.max_depth is not None else "")
           + f"T={cfg.temperature:g}, answer: {cfg.pick}, terminal nodes valued by the {TERMINAL_TEXT[terminal]}"

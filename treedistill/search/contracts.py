@@ -66,6 +66,11 @@ class SearchSettings:
     # widen_c * N^widen_alpha. Never at a Gumbel root (Sequential Halving needs a fixed action set).
     widen_c: float = 0.0
     widen_alpha: float = 0.5
+    # Deferred expansion: a new non-root leaf is only valued (its rollout, its value head); its steps
+    # are sampled when a later descent comes back to it (that descent expands it and, as a widening,
+    # backs nothing up), so no step is sampled that no descent follows. False: a new leaf is expanded
+    # and valued at once (AlphaZero).
+    defer_expansion: bool = False
     seed: int = 0                # Gumbel noise: tree i draws from Random(f"{seed}/{i}"); training and testtime set it per call
     # The path a tree answers with (search.extract): "visits", the most-visited path (reference,
     # training); "best", the valued terminal node of highest value (ties: more visits, then the
@@ -129,12 +134,13 @@ class SearchSettings:
 # token budget only.
 TRAINING_SEARCH = SearchSettings(simulations=1600, parallel=16, problems_at_once=12, max_depth=None)
 # Test time (`eval --search mcts`, `testtime`, whose simulations are fitted to each budget): rollout
-# leaves, c 2, widening 1, the best valued answer, one sampled step per expansion, trees two steps deep
-# (the rest of a line is its rollout), 4 independent subtrees per problem, answers the problem's trees
-# already found backed up 2 lower; chosen on training problems (docs/log.md).
+# leaves, c 2, widening 1, the best valued answer, one sampled step per expansion, deferred to a leaf's
+# second visit, trees two steps deep (the rest of a line is its rollout), 4 independent subtrees per
+# problem, answers the problem's trees already found backed up 2 lower; chosen on training problems
+# (docs/log.md).
 TEST_TIME_SEARCH = SearchSettings(simulations=64, parallel=8, problems_at_once=32, c_puct=2.0, widen_c=1.0,
                                   pick="best", rollout_lambda=1.0, subtrees=4, repeat_penalty=2.0, k_children=1,
-                                  max_depth=2)
+                                  max_depth=2, defer_expansion=True)
 # One tree shown (`treedistill search`): training's selection and value-head leaves, the best answer.
 INSPECT_SEARCH = SearchSettings(simulations=200, parallel=8, pick="best")
 

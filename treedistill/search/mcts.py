@@ -65,6 +65,12 @@ more samples; new distinct steps become children, repeats merge into theirs; pri
 the batches' softmaxes). That descent is not a simulation: nothing is backed up, the new children
 are valued when later descents select them (pUCT gives an unvisited child the first-play value).
 
+Deferred expansion (`defer_expansion`; off by default, on at test time). Step 2(c) above expands a
+new leaf and values it in the same round, so the steps sampled at a leaf that no later descent comes
+back to are paid for and lie on no finished line. With it, a new non-root leaf is only valued (its
+rollout, its value head); a later descent that ends on it (valued, not terminal, above `max_depth`)
+expands it, and that descent, as a widening, backs nothing up. The root is expanded at once.
+
 Independent subtrees (`subtrees` = S > 1; DVTS, Beeching et al. 2024, "Scaling test-time compute
 with open models", Hugging Face search-and-learn). Each prompt gets S trees that share only the
 prompt and, with `repeat_penalty`, the answers found (below): each has its own root expansion (K
@@ -254,16 +260,23 @@ def _descents(tree: Tree, select: SelectFn, cfg: SearchSettings, pending: list, 
         if leaf in reached:
             collided.append((tree, path))
             tree.stats.collisions += 1
-            if tree.value[leaf] is not None and not tree.expanded[leaf]:
+            if tree.value[leaf] is not None and not tree.expanded[leaf] and not _expandable(tree, leaf, cfg):
                 break  # a known leaf again: the in-flight visits no longer spread the descents
             continue
         reached.add(leaf)
-        if tree.expanded[leaf]:
+        if tree.expanded[leaf] or _expandable(tree, leaf, cfg):
             widened.append((tree, path))
         elif tree.value[leaf] is not None:
             known.append((tree, path))
         else:
             pending.append((tree, path))
+
+
+def _expandable(tree: Tree, node: int, cfg: SearchSettings) -> bool:
+    """With `defer_expansion`: a valued leaf that is neither terminal nor at `max_depth`, whose
+    steps are sampled now that a descent came back to it."""
+    return (cfg.defer_expansion and tree.value[node] is not None and not tree.expanded[node]
+            and not tree.terminal[node] and (cfg.max_depth is None or tree.depth[node] < cfg.max_depth))
 
 
 def widens(tree: Tree, node: int, cfg: SearchSettings) -> bool:
@@ -343,7 +356,8 @@ def _expand_evaluate_backup(pending, fns: _Callables, cfg: SearchSettings, rngs,
         return
     requests = [tree.request(path[-1]) for tree, path in pending]
     to_expand = [(pending[i], requests[i]) for i, (tree, path) in enumerate(pending)
-                 if cfg.max_depth is None or tree.depth[path[-1]] < cfg.max_depth]
+                 if (cfg.max_depth is None or tree.depth[path[-1]] < cfg.max_depth)
+                 and not (cfg.defer_expansion and path[-1] != ROOT)]
     to_expand += [(entry, entry[0].request(entry[1][-1])) for entry in widened]
     candidates: list[list[Candidate]] = []
     if to_expand:
@@ -364,7 +378,7 @@ def _expand_evaluate_backup(pending, fns: _Callables, cfg: SearchSettings, rngs,
                 new_terminal.append((tree, child))
     for tree, path in widened:
         tree.add_virtual(path, -1)
-        tree.stats.widenings += 1
+        tree.stats.widenings += int(tree.expansions[path[-1]] > 1)
     if new_terminal:
         stats.reward_calls += 1
         rewards = _finite(_timed(fns.reward, [t.request(n) for t, n in new_terminal], stats, "reward"),

@@ -106,6 +106,7 @@ def write_markdown(report: SweepReport, path, *, header: Sequence[str] = ()) -> 
              + {"free": f"mcts terminal values: {cfg.mcts_terminal}, ",
                 "verifier": "mcts+verifier terminal values: the environment's dense reward, ",
                 "both": f"mcts terminal values: {cfg.mcts_terminal} (mcts+verifier: the dense reward), "}[cfg.rows]
+             + ("a leaf's steps sampled when a descent comes back to it, " if s.defer_expansion else "")
              + f"MCTS answer: {s.pick}, "
              + (f"rollout leaf values lambda={s.rollout_lambda:g}, " if s.rollout_lambda > 0 else "")
              + ("sibling steps merged by canonical form, " if s.merge == "canonical" else "")
