@@ -77,7 +77,7 @@ def add_widening_arguments(parser, base) -> None:
                         help=f"progressive widening exponent (default {base.widen_alpha:g})")
     parser.add_argument("--defer-expansion", action=argparse.BooleanOptionalAction, default=None,
                         help="a new leaf is only valued (its rollout); its steps are sampled when a later descent "
-                             "comes back to it, so no step is sampled that no descent follows (default "
+                             "comes back to it, so a leaf no descent comes back to costs no steps (default "
                              f"{'on' if base.defer_expansion else 'off'})")
 
 

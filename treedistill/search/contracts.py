@@ -68,8 +68,8 @@ class SearchSettings:
     widen_alpha: float = 0.5
     # Deferred expansion: a new non-root leaf is only valued (its rollout, its value head); its steps
     # are sampled when a later descent comes back to it (that descent expands it and, as a widening,
-    # backs nothing up), so no step is sampled that no descent follows. False: a new leaf is expanded
-    # and valued at once (AlphaZero).
+    # backs nothing up), so a leaf no descent comes back to costs no steps. False: a new leaf is
+    # expanded and valued at once (AlphaZero).
     defer_expansion: bool = False
     seed: int = 0                # Gumbel noise: tree i draws from Random(f"{seed}/{i}"); training and testtime set it per call
     # The path a tree answers with (search.extract): "visits", the most-visited path (reference,
