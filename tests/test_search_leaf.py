@@ -154,7 +154,7 @@ def test_deferred_expansion_samples_a_leafs_steps_when_a_descent_returns_by_hand
 
 @pytest.mark.parametrize("parallel", [1, 8])
 def test_deferred_expansion_keeps_the_counts(parallel):
-    # Every expanded node other than the root was valued in an earlier round; N and W still add up.
+    # Every expanded node other than the root holds its rollout; N and W still add up.
     game = TwoDigits()
     cfg = SearchSettings(simulations=12, parallel=parallel, rollout_lambda=1.0, defer_expansion=True, widen_c=1.0,
                          c_puct=2.0)
