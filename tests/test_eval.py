@@ -285,3 +285,41 @@ def test_cli_eval_with_subtrees_and_repeat_penalty(capsys):
     d = b["mcts_minus"]
     assert d["difference"] == pytest.approx(s["accuracy"] - b["accuracy"])
     assert d["low"] <= d["difference"] <= d["high"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--search", "mcts", "--seeds", "0"], "--seeds must be >= 1"),
+    (["--seeds", "2"], "--seeds 2 repeats the search; it needs --search mcts"),
+])
+def test_cli_refuses_bad_seeds(flags, message, capsys):
+    assert main(["eval", "--model", "tiny", "--split", "test", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_eval_search_over_seeds_pools_the_runs_of_each_seed(capsys):
+    flags = ["eval", "--model", "tiny", "--split", "test", "--limit", "3", "--k", "1", "--search", "mcts",
+             "--simulations", "6", "--parallel", "2", "--json"]
+
+    def run(*more):
+        assert main([*flags, *more]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["search"]
+
+    pooled = run("--seed", "5", "--seeds", "2")
+    alone = [run("--seed", "5"), run("--seed", "6")]
+    assert pooled["seeds"] == [5, 6] and alone[0]["seeds"] == [5] and "per_seed" not in alone[0]
+    # each seed's row is what a run with that --seed alone measures
+    keys = ("accuracy", "generated_tokens", "finished_answers", "distinct_answers")
+    for row, single in zip(pooled["per_seed"], alone):
+        assert {k: row[k] for k in keys} == {k: single[k] for k in keys}
+        assert row["best_of_n"][0]["distinct_answers"] == single["best_of_n"][0]["distinct_answers"]
+    # the pooled row: means over the seeds, sums of the counts, the difference of the means
+    for k in ("accuracy", "tokens_per_problem", "distinct_answers"):
+        assert pooled[k] == pytest.approx((alone[0][k] + alone[1][k]) / 2)
+    assert pooled["generated_tokens"] == alone[0]["generated_tokens"] + alone[1]["generated_tokens"]
+    assert pooled["samples"] == 6
+    b = pooled["best_of_n"][0]
+    assert b["accuracy"] == pytest.approx((alone[0]["best_of_n"][0]["accuracy"]
+                                           + alone[1]["best_of_n"][0]["accuracy"]) / 2)
+    assert b["mcts_minus"]["difference"] == pytest.approx(pooled["accuracy"] - b["accuracy"])
+    assert b["mcts_minus"]["low"] <= b["mcts_minus"]["difference"] <= b["mcts_minus"]["high"]

@@ -22,6 +22,7 @@ from treedistill.commands import (
     check_non_negative,
     search_settings,
 )
+from treedistill.errors import UsageError
 from treedistill.search.contracts import TEST_TIME_SEARCH
 
 # The value probe's settings (sampling temperature, step length) are this preset's, as its training
@@ -53,8 +54,8 @@ def add_arguments(parser) -> None:
     search = parser.add_argument_group("search at test time (--search mcts)")
     search.add_argument("--search", default="none", choices=["none", "mcts"],
                         help="mcts: also evaluate the answer of a step-level MCTS per problem (default none)")
-    # The search's defaults are the test-time search's (search/contracts.py TEST_TIME_SEARCH: rollout leaves,
-    # c 2, widening 1, 4 subtrees, repeat penalty 1), chosen on training problems; the training presets keep theirs.
+    # The search's defaults are the test-time search's (search/contracts.py TEST_TIME_SEARCH), chosen on
+    # training problems; the training presets keep theirs.
     add_tree_arguments(search, TEST_TIME_SEARCH)
     add_expansion_arguments(search, TEST_TIME_SEARCH, temperature="--search-temperature")
     search.add_argument("--terminal", default=None, choices=["reward", "legal", "value"],
@@ -67,6 +68,10 @@ def add_arguments(parser) -> None:
     add_diversity_arguments(search, TEST_TIME_SEARCH)
     search.add_argument("--problems-at-once", type=int, default=None,
                         help=f"problems searched in lock-step per batch (default {TEST_TIME_SEARCH.problems_at_once})")
+    search.add_argument("--seeds", type=int, default=1,
+                        help="the search and its best-of-N run with seeds --seed .. --seed + N - 1: accuracies are "
+                             "means over the seeds, the difference's interval resamples problems and seeds "
+                             "(default 1)")
     probe = parser.add_argument_group("value head (--value-probe P)")
     probe.add_argument("--value-probe", type=int, default=0, metavar="P",
                        help="also measure the saved value head on step prefixes of the first P problems: Spearman "
@@ -89,6 +94,9 @@ def check_arguments(args) -> None:
     check_choice(args, "engine", BACKENDS)
     if args.engine:
         check_available(args.engine)
+    check_counts(args, ("seeds",))
+    if args.seeds > 1 and args.search != "mcts":
+        raise UsageError(f"--seeds {args.seeds} repeats the search; it needs --search mcts")
     if args.search == "mcts":
         check_counts(args, ("simulations", "parallel", "max_depth", "k_children", "step_max_tokens",
                             "problems_at_once", "subtrees"))
@@ -130,14 +138,10 @@ def run(args) -> dict:
     if args.limit is not None:
         problems = problems[:args.limit]
     if not problems:
-        from treedistill.errors import UsageError
-
         raise UsageError(f"no problems to evaluate in {args.data or args.split}")
     searching = args.search == "mcts"
     policy = load_policy(args.model, device=args.device, value_head=searching or args.value_probe > 0)
     if args.value_probe and not policy.value_head_saved:
-        from treedistill.errors import UsageError
-
         raise UsageError(f"--value-probe: model {args.model} has no saved value head (a method without one, "
                          "e.g. grpo or cispo, trained it); nothing to measure")
     engine = make_engine(policy, args.engine or ("native" if searching or args.value_probe else "hf"))
@@ -196,9 +200,17 @@ def _per_answer(tokens: float | None) -> str:
     return "no finished answer" if tokens is None else f"{tokens:.0f} tokens per finished answer"
 
 
+# A search's numbers over several seeds (`_pooled`): these are means over the seeds, these add up; the
+# settings and `problems` are the same in every seed; stderr and tokens_per_answer are recomputed.
+MEAN_KEYS = ("accuracy", "pass_at_k", "format_rate", "mean_dense", "tokens_per_sample", "tokens_per_problem",
+             "completed_by_policy", "tree_nodes", "bookkeeping_share", "finished_answers", "distinct_answers")
+SUM_KEYS = ("samples", "generated_tokens", "truncated", "seconds", "no_answer", "unparsable", "wrong")
+
+
 def _run_search(args, engine, policy, env, problems, plain) -> dict:
     """MCTS on the same problems, then best-of-N at the search's mean generated tokens per problem
-    (picking by the same information the search's terminal values use); prints and returns both."""
+    (picking by the same information the search's terminal values use), once per seed; prints and returns
+    both, pooled over the seeds, with MCTS minus best-of-N paired over the problems."""
     import numpy as np
 
     from treedistill.commands.search import TERMINAL_TEXT
@@ -209,17 +221,20 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
 
     terminal = args.terminal or ("reward" if reward_from_prompt(env) else "legal")
     cfg = _search_settings(args)
-    update, close = _progress_bar(len(problems))
-    try:
-        found = evaluate_search(engine, policy, env, problems, search=cfg, max_new_tokens=args.max_new_tokens,
-                                seed=args.seed, terminal_value=terminal, progress=update)
-    finally:
-        close()
-    r = found.result
-    budget = max(1, round(found.tokens_per_problem))
     rows = "verifier" if terminal == "reward" else "free"
-    bon = best_of_n_at(engine, policy, env, problems, budget, rows=rows, temperature=cfg.temperature,
-                       max_new_tokens=args.max_new_tokens, seed=args.seed)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    runs = []  # (SearchEvalResult, best-of-N cells) per seed
+    for seed in seeds:
+        update, close = _progress_bar(len(problems))
+        try:
+            found = evaluate_search(engine, policy, env, problems, search=cfg, max_new_tokens=args.max_new_tokens,
+                                    seed=seed, terminal_value=terminal, progress=update)
+        finally:
+            close()
+        budget = max(1, round(found.tokens_per_problem))
+        runs.append((found, best_of_n_at(engine, policy, env, problems, budget, rows=rows,
+                                         temperature=cfg.temperature, max_new_tokens=args.max_new_tokens,
+                                         seed=seed)))
     print(f"with search: MCTS {cfg.select}, {cfg.simulations} simulations"
           + (f" over {cfg.subtrees} independent trees" if cfg.subtrees > 1 else "")
           + (f", repeat penalty {cfg.repeat_penalty:g}" if cfg.repeat_penalty > 0 else "")
@@ -229,31 +244,68 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
           + f"T={cfg.temperature:g}, answer: {cfg.pick}, terminal nodes valued by the {TERMINAL_TEXT[terminal]}"
           + ({True: " (the environment's reward reads only the prompt)",
               False: " (the environment's reward reads the reference answer: an oracle, not a test-time method)"}
-             [reward_from_prompt(env)] if terminal == "reward" else ""))
-    print(f"  accuracy           {100 * r.accuracy:6.2f}% +- {100 * r.stderr:.2f}   (without search: "
+             [reward_from_prompt(env)] if terminal == "reward" else "")
+          + (f"; seeds {seeds[0]}..{seeds[-1]}, means over the seeds" if len(seeds) > 1 else ""))
+    per_seed = [_seed_summary(found, bon) for found, bon in runs]
+    if len(seeds) > 1:
+        for seed, d in zip(seeds, per_seed):
+            print(f"  seed {seed}: MCTS {100 * d['accuracy']:.2f}% at {d['tokens_per_problem']:.0f} tokens per "
+                  f"problem ({d['distinct_answers']:.1f} distinct answers)"
+                  + "".join(f"; {b['method']} {100 * b['accuracy']:.2f}% ({b['distinct_answers']:.1f} distinct)"
+                            for b in d["best_of_n"]))
+    mcts = np.array([found.result.per_problem for found, _ in runs], dtype=float)  # [seeds, problems]
+    bons = [np.array([bon[i].detail["per_problem"] for _, bon in runs], dtype=float)
+            for i in range(len(runs[0][1]))]
+    s = _pooled(per_seed, mcts, bons) if len(seeds) > 1 else per_seed[0]
+    print(f"  accuracy           {100 * s['accuracy']:6.2f}% +- {100 * s['stderr']:.2f}   (without search: "
           f"{100 * plain.accuracy:.2f}% +- {100 * plain.stderr:.2f} per sample)")
-    print(f"  format rate        {100 * r.format_rate:6.2f}%")
-    print(f"  tokens per problem {found.tokens_per_problem:8.1f}   (without search: "
+    print(f"  format rate        {100 * s['format_rate']:6.2f}%")
+    print(f"  tokens per problem {s['tokens_per_problem']:8.1f}   (without search: "
           f"{plain.generated_tokens / plain.samples:.1f} per sample)")
-    print(f"  paths completed by the policy {100 * found.completed_by_policy:.0f}%, {found.tree_nodes:.0f} nodes "
-          f"per problem, bookkeeping {100 * found.bookkeeping_share:.1f}% of the search, wall {r.seconds:.1f} s")
-    print(f"  finished answers   {found.finished_answers:8.1f} per problem ({found.distinct_answers:.1f} distinct), "
-          + (f"{found.tokens_per_answer:.0f} generated tokens per finished answer" if found.tokens_per_answer
+    print(f"  paths completed by the policy {100 * s['completed_by_policy']:.0f}%, {s['tree_nodes']:.0f} nodes "
+          f"per problem, bookkeeping {100 * s['bookkeeping_share']:.1f}% of the search, wall {s['seconds']:.1f} s")
+    print(f"  finished answers   {s['finished_answers']:8.1f} per problem ({s['distinct_answers']:.1f} distinct), "
+          + (f"{s['tokens_per_answer']:.0f} generated tokens per finished answer" if s["tokens_per_answer"]
              else "none"))
-    differences = []
-    for cell in bon:
-        mcts = np.array([r.per_problem], dtype=float)
-        diff, low, high = bootstrap_interval(mcts, np.array([cell.detail["per_problem"]], dtype=float))
-        differences.append((diff, low, high))
-        print(f"  {cell.method:<18} {100 * cell.accuracy:6.2f}% +- {100 * cell.stderr:.2f}   at {cell.tokens:.0f} "
-              f"tokens per problem (N = {cell.detail['n_mean']:.1f} samples on average, T={cfg.temperature:g}; "
-              f"{_per_answer(cell.detail['tokens_per_answer'])}, {cell.detail['distinct_answers']:.1f} distinct answers)")
-        print(f"  {'':<18} MCTS minus {cell.method}: {100 * diff:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}] "
-              "(paired over problems, 95% bootstrap interval)")
+    for b, other in zip(s["best_of_n"], bons):
+        diff, low, high = bootstrap_interval(mcts, other)
+        b["mcts_minus"] = {"difference": diff, "low": low, "high": high}
+        print(f"  {b['method']:<18} {100 * b['accuracy']:6.2f}% +- {100 * b['stderr']:.2f}   at "
+              f"{b['tokens_per_problem']:.0f} tokens per problem (N = {b['n_mean']:.1f} samples on average, "
+              f"T={cfg.temperature:g}; {_per_answer(b['tokens_per_answer'])}, {b['distinct_answers']:.1f} distinct "
+              "answers)")
+        print(f"  {'':<18} MCTS minus {b['method']}: {100 * diff:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}] "
+              "(paired over problems" + (", seeds resampled" if len(seeds) > 1 else "") + ", 95% bootstrap interval)")
+    return {**s, "seeds": seeds, **({"per_seed": per_seed} if len(seeds) > 1 else {})}
+
+
+def _seed_summary(found, bon) -> dict:
+    """One seed's search and its best-of-N cells as JSON-ready dicts (per-problem lists left out)."""
     return {**found.to_dict(), "best_of_n": [{"method": c.method, "accuracy": c.accuracy, "stderr": c.stderr,
                                               "tokens_per_problem": c.tokens, "n_mean": c.detail["n_mean"],
                                               "finished_answers": c.detail["finished_answers"],
                                               "distinct_answers": c.detail["distinct_answers"],
-                                              "tokens_per_answer": c.detail["tokens_per_answer"],
-                                              "mcts_minus": {"difference": d, "low": lo, "high": hi}}
-                                             for c, (d, lo, hi) in zip(bon, differences)]}
+                                              "tokens_per_answer": c.detail["tokens_per_answer"]}
+                                             for c in bon]}
+
+
+def _pooled(per_seed: list[dict], mcts, bons) -> dict:
+    """The seeds' summaries (`_seed_summary`) as one: `MEAN_KEYS` averaged, `SUM_KEYS` added up, stderr over
+    the problems of their means over the seeds, tokens per finished answer from the means. mcts: [seeds,
+    problems] of the search's answers; bons[i]: the same for best-of-N method i."""
+    from treedistill.metrics import standard_error
+
+    n = len(per_seed)
+    out = {**per_seed[0], **{k: sum(d[k] for d in per_seed) / n for k in MEAN_KEYS},
+           **{k: sum(d[k] for d in per_seed) for k in SUM_KEYS}, "stderr": standard_error(mcts.mean(0).tolist())}
+    answers = out["finished_answers"]
+    out["tokens_per_answer"] = out["tokens_per_problem"] / answers if answers else None
+    out["best_of_n"] = []
+    for i, rows in enumerate(bons):
+        cells = [d["best_of_n"][i] for d in per_seed]
+        b = {**cells[0], **{k: sum(c[k] for c in cells) / n
+                            for k in ("accuracy", "tokens_per_problem", "n_mean", "finished_answers",
+                                      "distinct_answers")}, "stderr": standard_error(rows.mean(0).tolist())}
+        b["tokens_per_answer"] = b["tokens_per_problem"] / b["finished_answers"] if b["finished_answers"] else None
+        out["best_of_n"].append(b)
+    return out
