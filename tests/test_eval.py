@@ -297,8 +297,14 @@ def test_cli_refuses_bad_seeds(flags, message, capsys):
 
 
 @pytest.mark.slow
-def test_cli_eval_search_over_seeds_pools_the_runs_of_each_seed(capsys):
-    flags = ["eval", "--model", "tiny", "--split", "test", "--limit", "3", "--k", "1", "--search", "mcts",
+def test_cli_eval_search_over_seeds_pools_the_runs_of_each_seed(tmp_path, capsys):
+    # Six test problems the tiny model's best-of-N solves in about a third of its seeds, so the two
+    # seeds' accuracies differ and the means are not 0.
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"numbers": n, "target": t}) + "\n" for n, t in [
+        ([7, 4, 9, 8], 49), ([7, 12, 7, 3], 165), ([5, 11, 4, 11], 29), ([4, 4, 10, 8], 304),
+        ([10, 12, 12, 11], 5), ([4, 5, 5, 8], 76)]))
+    flags = ["eval", "--model", "tiny", "--data", str(data), "--k", "1", "--search", "mcts",
              "--simulations", "6", "--parallel", "2", "--json"]
 
     def run(*more):
@@ -308,6 +314,7 @@ def test_cli_eval_search_over_seeds_pools_the_runs_of_each_seed(capsys):
     pooled = run("--seed", "5", "--seeds", "2")
     alone = [run("--seed", "5"), run("--seed", "6")]
     assert pooled["seeds"] == [5, 6] and alone[0]["seeds"] == [5] and "per_seed" not in alone[0]
+    assert alone[0]["accuracy"] != alone[1]["accuracy"], "the seeds must differ for this test to check the means"
     # each seed's row is what a run with that --seed alone measures
     keys = ("accuracy", "generated_tokens", "finished_answers", "distinct_answers")
     for row, single in zip(pooled["per_seed"], alone):
@@ -317,7 +324,7 @@ def test_cli_eval_search_over_seeds_pools_the_runs_of_each_seed(capsys):
     for k in ("accuracy", "tokens_per_problem", "distinct_answers"):
         assert pooled[k] == pytest.approx((alone[0][k] + alone[1][k]) / 2)
     assert pooled["generated_tokens"] == alone[0]["generated_tokens"] + alone[1]["generated_tokens"]
-    assert pooled["samples"] == 6
+    assert pooled["samples"] == 12
     b = pooled["best_of_n"][0]
     assert b["accuracy"] == pytest.approx((alone[0]["best_of_n"][0]["accuracy"]
                                            + alone[1]["best_of_n"][0]["accuracy"]) / 2)
