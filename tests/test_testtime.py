@@ -164,7 +164,7 @@ def test_saturated_search_is_reported_not_stretched(policy):
     problems = [PROBLEM, {"numbers": [1, 5, 6, 13], "target": 59}]
     cfg = SweepConfig(budgets=(300, 600), max_new_tokens=16, once_samples=1, pilot_problems=2, pilot_simulations=4,
                       search=sweep_search(step_max_tokens=8, k_children=2, parallel=2, widen_c=0.0, rollout_lambda=0.0,
-                                          subtrees=1),
+                                          subtrees=1, screen=0),
                       once_temperatures=(0.8,))
     report = run_sweep(make_engine(policy, "native"), policy, ENV, problems, cfg)
     cells = {(c.method, c.budget): c for c in report.cells}

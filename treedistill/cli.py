@@ -34,6 +34,7 @@ COMMANDS = {
     "export": "treedistill.commands.export",
     "testtime": "treedistill.commands.testtime",
     "bench": "treedistill.commands.bench",
+    "value-model": "treedistill.commands.value_model",
 }
 
 

@@ -180,6 +180,7 @@ class SearchEvalResult:
     subtrees: int = 1                     # search.subtrees
     repeat_penalty: float = 0.0           # search.repeat_penalty
     defer_expansion: bool = False         # search.defer_expansion
+    screen: int = 0                       # search.screen (0 where no value model ranked first steps)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -188,10 +189,11 @@ class SearchEvalResult:
 
 
 def evaluate_search(engine, policy, env, problems: Sequence[dict], *, search, max_new_tokens: int = 512,
-                    seed: int = 0, terminal_value: str = "reward",
+                    seed: int = 0, terminal_value: str = "reward", value_engine=None,
                     progress: Callable[[int], None] | None = None) -> SearchEvalResult:
     """Search every problem (`search`: a SearchSettings; trees in lock-step, `search.problems_at_once`
-    at a time, chunk c seeded with `seed + c`) and score each extracted path's completion with `env`."""
+    at a time, chunk c seeded with `seed + c`) and score each extracted path's completion with `env`.
+    value_engine: a value model's engine, read by the search's `value` (`rollout.search_problems`)."""
     from treedistill.rollout import search_problems
 
     trees_per_call, temperature = search.problems_at_once, search.temperature
@@ -200,7 +202,8 @@ def evaluate_search(engine, policy, env, problems: Sequence[dict], *, search, ma
     search_s = bookkeeping_s = 0.0
     for c, first in enumerate(range(0, len(problems), trees_per_call)):
         part = search_problems(engine, policy, env, problems[first:first + trees_per_call], search=search,
-                               max_new_tokens=max_new_tokens, seed=seed + c, terminal_value=terminal_value)
+                               max_new_tokens=max_new_tokens, seed=seed + c, terminal_value=terminal_value,
+                               value_engine=value_engine)
         outcomes.extend(part)
         search_s += part[0].batch.search_s
         bookkeeping_s += part[0].batch.bookkeeping_s
@@ -221,6 +224,7 @@ def evaluate_search(engine, policy, env, problems: Sequence[dict], *, search, ma
         tree_nodes=sum(o.trajectory.stats["tree_nodes"] for o in outcomes) / n,
         bookkeeping_share=bookkeeping_s / search_s if search_s > 0 else 0.0,
         rollout_lambda=search.rollout_lambda, merge=search.merge, subtrees=search.subtrees,
-        repeat_penalty=search.repeat_penalty, defer_expansion=search.defer_expansion, finished_answers=answers / n,
+        repeat_penalty=search.repeat_penalty, defer_expansion=search.defer_expansion, screen=search.screen,
+        finished_answers=answers / n,
         distinct_answers=sum(o.trajectory.stats["distinct_answers"] for o in outcomes) / n,
         tokens_per_answer=generated / answers if answers else None)

@@ -101,14 +101,44 @@ def add_leaf_arguments(parser, base) -> None:
 
 
 def add_diversity_arguments(parser, base) -> None:
-    """`--subtrees` and `--repeat-penalty` (SearchSettings.subtrees / repeat_penalty): test-time options
-    that spread a problem's search over more distinct answers."""
+    """`--subtrees`, `--repeat-penalty` and `--screen` (SearchSettings.subtrees / repeat_penalty / screen),
+    and the value model the screening reads: test-time options that spread a problem's search over more
+    distinct answers, and over first steps the value ranks high."""
     parser.add_argument("--subtrees", type=int, default=None,
                         help="independent trees per problem, searched in lock-step, the simulations split among "
                              f"them, the answer picked across them (DVTS; default {base.subtrees})")
     parser.add_argument("--repeat-penalty", type=float, default=None,
                         help="value subtracted from what a finished line backs up when its answer is one the "
                              f"problem's trees already found (0: off; default {base.repeat_penalty:g})")
+    parser.add_argument("--screen", type=int, default=None,
+                        help="first steps sampled per problem at once and ranked by the value model, each subtree "
+                             f"starting from the next best (0: off; default {base.screen}, off where the model has "
+                             "no value model)")
+    parser.add_argument("--value-model", default=None,
+                        help="value model folder that ranks the screened first steps (`treedistill value-model`; "
+                             "default: the model folder's value_model/, as the embedded model ships one; none: "
+                             "no value model)")
+
+
+def screened_search(args, cfg, policy, engine_name: str = "native"):
+    """`cfg` with its screening resolved against the value model (--value-model, else the model folder's
+    value_model/): (cfg, the value model's engine or None, a note). Without a value model the default
+    screening is turned off (the note says so); an explicit --screen N > 0 is refused."""
+    import dataclasses
+
+    from treedistill.errors import UsageError
+    from treedistill.value_model import load_value_model, value_model_folder
+
+    choice = getattr(args, "value_model", None)
+    folder = None if choice == "none" else choice or value_model_folder(policy.folder)
+    if cfg.screen == 0:
+        return cfg, None, ""
+    if folder is None:
+        if getattr(args, "screen", None):
+            raise UsageError(f"--screen {args.screen} ranks first steps by a value model, and {policy.name} has "
+                             "none: give --value-model (written by `treedistill value-model`)")
+        return dataclasses.replace(cfg, screen=0), None, f"no value model for {policy.name}: first steps not screened"
+    return cfg, load_value_model(folder, policy, engine_name), f"first steps screened by the value model {folder}"
 
 
 def search_settings(args, base, *, flags: dict | None = None, **fields):

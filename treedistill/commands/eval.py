@@ -20,6 +20,7 @@ from treedistill.commands import (
     check_choice,
     check_counts,
     check_non_negative,
+    screened_search,
     search_settings,
 )
 from treedistill.errors import UsageError
@@ -220,7 +221,9 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
     from treedistill.testtime import best_of_n_at
 
     terminal = args.terminal or ("reward" if reward_from_prompt(env) else "legal")
-    cfg = _search_settings(args)
+    cfg, value_engine, note = screened_search(args, _search_settings(args), policy)
+    if note:
+        print(note)
     rows = "verifier" if terminal == "reward" else "free"
     seeds = list(range(args.seed, args.seed + args.seeds))
     runs = []  # (SearchEvalResult, best-of-N cells) per seed
@@ -228,7 +231,8 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
         update, close = _progress_bar(len(problems))
         try:
             found = evaluate_search(engine, policy, env, problems, search=cfg, max_new_tokens=args.max_new_tokens,
-                                    seed=seed, terminal_value=terminal, progress=update)
+                                    seed=seed, terminal_value=terminal, value_engine=value_engine,
+                                    progress=update)
         finally:
             close()
         budget = max(1, round(found.tokens_per_problem))
@@ -237,6 +241,7 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
                                          seed=seed)))
     print(f"with search: MCTS {cfg.select}, {cfg.simulations} simulations"
           + (f" over {cfg.subtrees} independent trees" if cfg.subtrees > 1 else "")
+          + (f", {cfg.screen} first steps screened by the value model" if cfg.screen else "")
           + (f", repeat penalty {cfg.repeat_penalty:g}" if cfg.repeat_penalty > 0 else "")
           + (", expansion deferred" if cfg.defer_expansion else "")
           + f", W={cfg.parallel}, K={cfg.k_children}, "

@@ -11,6 +11,7 @@ from treedistill.commands import (
     add_widening_arguments,
     check_choice,
     check_counts,
+    screened_search,
     search_settings,
 )
 from treedistill.search.contracts import TEST_TIME_SEARCH
@@ -114,10 +115,13 @@ def run(args) -> dict:
     policy = load_policy(args.model, device=args.device, value_head=True)
     engine = make_engine(policy, args.engine)
     terminal = {} if args.mcts_terminal is None else {"mcts_terminal": args.mcts_terminal}
-    cfg = SweepConfig(budgets=budgets, search=search_settings(args, TEST_TIME_SEARCH),
+    search, value_engine, note = screened_search(args, search_settings(args, TEST_TIME_SEARCH), policy)
+    if note:
+        _say(note)
+    cfg = SweepConfig(budgets=budgets, search=search,
                       max_new_tokens=args.max_new_tokens, once_samples=args.once_samples, seed=args.seed,
                       rows=args.rows or ("both" if reward_from_prompt(env) else "free"), **terminal)
-    report = run_sweep(engine, policy, env, problems, cfg, progress=_say)
+    report = run_sweep(engine, policy, env, problems, cfg, progress=_say, value_engine=value_engine)
 
     import torch
 

@@ -74,6 +74,7 @@ class Policy:
     value_head: reads the final hidden state [B, T, H] -> [B, T]; None when not requested.
     compact_prompt: use the environment's compact prompt (the embedded tiny model).
     value_head_saved: the value head was read from the model folder (False: a fresh, untrained one).
+    folder: the model folder it was read from (None: built in memory), where a value model may ship.
     """
 
     model: torch.nn.Module
@@ -82,6 +83,7 @@ class Policy:
     name: str
     compact_prompt: bool = False
     value_head_saved: bool = False
+    folder: Path | None = None
 
     @property
     def device(self) -> torch.device:
@@ -242,7 +244,7 @@ def wrap_policy(model, tokenizer, *, name: str, device: torch.device, dtype: tor
     if lora is not None:
         model = _attach_lora(model, lora)
     return Policy(model=model, tokenizer=tokenizer, value_head=head, name=name, compact_prompt=compact_prompt,
-                  value_head_saved=saved)
+                  value_head_saved=saved, folder=folder)
 
 
 _LORA_KEYS = {"r", "alpha", "target_modules", "dropout"}

@@ -7,7 +7,9 @@ callables, so the search core still never sees a model:
   temperature, stopped at the environment's step delimiter (`</step>`) or after `step_max_tokens`;
   each sample becomes a Candidate with its raw-policy per-token log-probs (the prior's logit is
   their sum, and they are the behaviour log-probs of the extracted path);
-- value: ONE `engine.value` call (the value head at the last token of each prefix); or, with
+- value: ONE `engine.value` call (the value head at the last token of each prefix; with a
+  `value_engine`, a value model's, `treedistill.value_model`, which the test-time search's screened
+  roots read); or, with
   `leaf_value="solver"` (a diagnostic, off by default, never in a preset), the environment's solver
   instead of the head (`LEAF_VALUES`);
 - reward: the value of a new TERMINAL node, chosen from `TERMINAL_VALUES`: "reward" (default,
@@ -184,7 +186,7 @@ class SearchBridge:
     def __init__(self, engine, policy, env: Env, problems: Sequence[dict], prompts: Sequence[Sequence[int]],
                  *, k: int = 4, temperature: float = 0.8, step_max_tokens: int = 64,
                  max_new_tokens: int = 512, seed: int = 0, terminal_value: str = "reward",
-                 leaf_value: str = "head"):
+                 leaf_value: str = "head", value_engine=None):
         if terminal_value not in TERMINAL_VALUES:
             raise UsageError(f"terminal value must be one of {', '.join(TERMINAL_VALUES)}, got {terminal_value!r}")
         if leaf_value not in LEAF_VALUES:
@@ -205,6 +207,7 @@ class SearchBridge:
         self.seed = seed
         self.terminal_value = terminal_value
         self.leaf_value = leaf_value
+        self.value_engine = value_engine
         self.calls = 0
         self.eos = frozenset(policy.eos_token_ids)
         self.generated = [0] * len(self.prompts)
@@ -326,7 +329,7 @@ def _env_reward(bridge: SearchBridge, requests: list[NodeRequest]) -> list[float
 
 
 def _value_head(bridge: SearchBridge, requests: list[NodeRequest]) -> list[float]:
-    return bridge.engine.value([r.prefix for r in requests])
+    return (bridge.value_engine or bridge.engine).value([r.prefix for r in requests])
 
 
 def _legal_value(bridge: SearchBridge, requests: list[NodeRequest]) -> list[float]:
@@ -364,7 +367,7 @@ TERMINAL_VALUES = {"reward": _env_reward, "value": _value_head, "legal": _legal_
 
 def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, search: SearchSettings | None = None,
                     max_new_tokens: int = 512, seed: int = 0, terminal_value: str = "reward",
-                    leaf_value: str = "head", on_round=None) -> list[SearchOutcome]:
+                    leaf_value: str = "head", value_engine=None, on_round=None) -> list[SearchOutcome]:
     """Search every problem's tree in lock-step (one `search` call), extract each tree's path,
     complete the incomplete ones with the policy, and score them; one SearchOutcome per problem.
 
@@ -373,7 +376,9 @@ def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, searc
     The search's own seed (Gumbel noise) is `search.seed`; `seed` seeds the engine's samples.
     terminal_value: "reward" (environment), "value" (value head) or "legal" (value head, -1 without a
     legal answer) for terminal nodes, see TERMINAL_VALUES; leaf_value: "head" (the value head) or
-    "solver" (the environment's exact solver, a diagnostic) for non-terminal leaves, see LEAF_VALUES; the returned
+    "solver" (the environment's exact solver, a diagnostic) for non-terminal leaves, see LEAF_VALUES;
+    value_engine: an engine over a value model (`value_model.load_value_model`) that "head" reads
+    instead of the policy's own head (terminal values stay the policy's); the returned
     trajectory is scored by the environment either way. on_round: the search's progress callback
     (`search.mcts.search`).
     """
@@ -385,7 +390,7 @@ def search_problems(engine, policy, env: Env, problems: Sequence[dict], *, searc
     prompts = [policy.prompt_ids(env.messages(p, compact=policy.compact_prompt)) for p in problems]
     bridge = SearchBridge(engine, policy, env, problems, prompts, k=cfg.k_children, temperature=cfg.temperature,
                           step_max_tokens=cfg.step_max_tokens, max_new_tokens=max_new_tokens, seed=seed,
-                          terminal_value=terminal_value, leaf_value=leaf_value)
+                          terminal_value=terminal_value, leaf_value=leaf_value, value_engine=value_engine)
     result = run_search(prompts, bridge.expand, bridge.value, bridge.reward, cfg, rollout=bridge.rollout,
                         step_key=bridge.step_key, answer=bridge.answer, on_round=on_round)
     groups = [result.of_prompt(i) for i in range(len(problems))]

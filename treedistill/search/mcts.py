@@ -79,6 +79,17 @@ stream, and they run in the same lock-step rounds (one `expand` call per round o
 (`extract.pick_tree`). Requests of a prompt's subtrees carry the same `tree` (the prompt's index).
 With subtrees, the searched compute stays the simulations'; only the root's cost is paid S times.
 
+Value-screened roots (`screen` = M > 0; off by default, on at test time where the model ships a value
+model). Without it a root's first steps are sampled one expansion at a time and each is valued only
+when a descent reaches it, by its rollout: the first rollouts go wherever sampling put the first steps.
+With it, M first steps per prompt are sampled at once (before the roots are valued), merged, valued by
+`value` (terminal ones by `reward`) and ranked; subtree s gets the (s + 1)-th best as its root's only
+child, so the rollouts go beneath first steps the value ranked high. A screened root counts its share
+of the M samples, ceil(M / S), as sampled: progressive widening adds (unscreened) first steps to it
+only once widen_c * N^widen_alpha exceeds that share, that is at larger budgets, where one first step
+per subtree could not spend them. The M steps and their values are the root's cost, paid once per
+prompt.
+
 Answer-level novelty (`repeat_penalty` > 0). A finished line holds an answer; a line whose answer
 its prompt's trees already found adds no candidate for the checker to pick among. A prompt's
 subtrees keep one set of the answers of their finished lines; a new line whose answer is already
@@ -203,6 +214,8 @@ def search(
     for tree in trees:
         tree.add_virtual([ROOT])
         roots.append((tree, [ROOT]))
+    if cfg.screen:
+        _screen_roots(trees, subtrees, callables, cfg, rngs, stats)
     _expand_evaluate_backup(roots, callables, cfg, rngs, stats)
 
     def unfinished(t: Tree) -> bool:
@@ -356,7 +369,7 @@ def _expand_evaluate_backup(pending, fns: _Callables, cfg: SearchSettings, rngs,
         return
     requests = [tree.request(path[-1]) for tree, path in pending]
     to_expand = [(pending[i], requests[i]) for i, (tree, path) in enumerate(pending)
-                 if (cfg.max_depth is None or tree.depth[path[-1]] < cfg.max_depth)
+                 if (cfg.max_depth is None or tree.depth[path[-1]] < cfg.max_depth) and not tree.expanded[path[-1]]
                  and not (cfg.defer_expansion and path[-1] != ROOT)]
     to_expand += [(entry, entry[0].request(entry[1][-1])) for entry in widened]
     candidates: list[list[Candidate]] = []
@@ -408,6 +421,68 @@ def _expand_evaluate_backup(pending, fns: _Callables, cfg: SearchSettings, rngs,
         tree.backup(path, _backed_value(tree, leaf, cfg))
         if leaf != ROOT:
             tree.stats.simulations += 1
+
+
+def _screen_roots(trees: list[Tree], subtrees: int, fns: _Callables, cfg: SearchSettings, rngs,
+                  stats: SearchStats) -> None:
+    """Value-screened roots (`screen` = M > 0; the module docstring). For each prompt: ceil(M / K) root
+    requests in one `expand` call over all prompts; their steps merged as siblings are (in a scratch tree
+    per prompt, so the merge and the priors are `_add_children`'s); the non-terminal ones valued in one
+    `value` call, the terminal ones scored in one `reward` call; ranked by value (ties: sampled more often,
+    then sampled first). Subtree s of the prompt gets the (s mod n)-th of the n ranked steps as its root's
+    only child (prior 1); the root counts as expanded once, with its share of the samples, ceil(M / S),
+    as sampled (what widening compares with), and the cost (requests, step tokens, values) is booked on
+    the prompt's first subtree."""
+    firsts = trees[::subtrees]
+    per_root = -(-cfg.screen // cfg.k_children)
+    stats.expand_calls += 1
+    sampled = _timed(fns.expand, [t.request(ROOT) for t in firsts for _ in range(per_root)], stats, "expand")
+    scratch = []
+    for i, tree in enumerate(firsts):
+        cands = [c for batch in sampled[i * per_root:(i + 1) * per_root] for c in batch]
+        pool = Tree(tree.prompt, index=tree.index)
+        pool.stats = TreeStats()
+        _add_children(pool, ROOT, cands, cfg, random.Random(0), fns.step_key)
+        scratch.append(pool)
+        tree.stats.expand_requests += per_root
+        tree.stats.request_tokens += per_root * len(tree.prompt)
+        tree.stats.step_tokens += sum(len(c.tokens) for c in cands)
+    open_steps = [(pool, child) for pool in scratch for child in pool.children[ROOT] if not pool.terminal[child]]
+    ended = [(pool, child) for pool in scratch for child in pool.children[ROOT] if pool.terminal[child]]
+    if open_steps:
+        stats.value_calls += 1
+        values = _finite(_timed(fns.value, [p.request(c) for p, c in open_steps], stats, "value"), "value")
+        for (pool, child), v in zip(open_steps, values):
+            pool.value[child] = v
+        for pool, tree in zip(scratch, firsts):
+            valued = [c for p, c in open_steps if p is pool]
+            tree.stats.value_requests += len(valued)
+            tree.stats.request_tokens += sum(len(pool.request(c).prefix) for c in valued)
+    if ended:
+        stats.reward_calls += 1
+        rewards = _finite(_timed(fns.reward, [p.request(c) for p, c in ended], stats, "reward"), "reward")
+        for (pool, child), r in zip(ended, rewards):
+            pool.value[child] = r
+            firsts[scratch.index(pool)].stats.reward_requests += 1
+    kept: list[tuple[Tree, int]] = []
+    share = -(-per_root * cfg.k_children // subtrees)  # each subtree's share of the screen's samples
+    for i, pool in enumerate(scratch):
+        ranked = sorted(pool.children[ROOT], key=lambda c: (-pool.value[c], -pool.count[c], c))
+        for s, tree in enumerate(trees[i * subtrees:(i + 1) * subtrees]):
+            pick = ranked[s % len(ranked)]
+            child = tree.add_node(ROOT, pool.tokens[pick], pool.logprob[pick], 1.0, terminal=pool.terminal[pick],
+                                  finish=pool.finish[pick], token_logprobs=pool.token_logprobs[pick])
+            tree.count[child] = pool.count[pick]
+            tree.gumbel[child] = cfg.gumbel_scale * -math.log(rngs[tree.index, tree.subtree].expovariate(1.0) or 5e-324)
+            if pool.terminal[pick]:
+                tree.value[child] = pool.value[pick]
+                kept.append((tree, child))
+            tree.expanded[ROOT] = True
+            tree.expansions[ROOT] = 1
+            tree.sampled[ROOT] = share
+            tree.stats.max_depth = 1
+    if fns.answer is not None:
+        _mark_repeats([(tree, node, tree.request(node)) for tree, node in kept], fns.answer, stats)
 
 
 def _mark_repeats(lines: list[tuple[Tree, int, NodeRequest]], answer: AnswerFn, stats: SearchStats) -> None:

@@ -123,10 +123,11 @@ class _SweepInputs:
     """What every method needs: engine, policy, env, problems, their prompts and completion budgets."""
 
     def __init__(self, engine, policy, env: Env, problems: Sequence[dict], cfg: SweepConfig,
-                 progress: Callable[[str], None]):
+                 progress: Callable[[str], None], value_engine=None):
         from treedistill.rollout import completion_budget
 
         self.engine, self.policy, self.env, self.cfg = engine, policy, env, cfg
+        self.value_engine = value_engine
         self.problems = list(problems)
         self.prompts = [policy.prompt_ids(env.messages(p, compact=policy.compact_prompt)) for p in problems]
         self.room = [completion_budget(policy, len(p), cfg.max_new_tokens) for p in self.prompts]
@@ -375,7 +376,8 @@ def _search(ctx: _SweepInputs, problems: Sequence[dict], simulations: int, termi
     search = replace(cfg.search, simulations=simulations, parallel=min(cfg.search.parallel, simulations),
                      seed=cfg.seed)
     return search_problems(ctx.engine, ctx.policy, ctx.env, problems, search=search,
-                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, terminal_value=terminal_value)
+                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, terminal_value=terminal_value,
+                           value_engine=ctx.value_engine)
 
 
 def run_mcts(ctx: _SweepInputs, budget: int, cost: _MctsCost, method: str = "mcts") -> MethodResult:
@@ -456,8 +458,10 @@ def run_mcts(ctx: _SweepInputs, budget: int, cost: _MctsCost, method: str = "mct
 
 
 def run_sweep(engine, policy, env: Env, problems: Sequence[dict], cfg: SweepConfig,
-              progress: Callable[[str], None] | None = None) -> SweepReport:
-    """Every method at every budget on `problems`; see the module docstring."""
+              progress: Callable[[str], None] | None = None, value_engine=None) -> SweepReport:
+    """Every method at every budget on `problems`; see the module docstring. value_engine: a value
+    model's engine (`value_model.load_value_model`), which ranks the first steps of the search's
+    screened roots (`cfg.search.screen`); without one they are ranked by the policy's own value head."""
     if not problems:
         raise UsageError("no problems for the test-time sweep")
     if not cfg.budgets or any(b < 1 for b in cfg.budgets):
@@ -469,7 +473,7 @@ def run_sweep(engine, policy, env: Env, problems: Sequence[dict], cfg: SweepConf
                          f"got {cfg.mcts_terminal!r}")
     say = progress or (lambda msg: None)
     start = time.perf_counter()
-    ctx = _SweepInputs(engine, policy, env, problems, cfg, say)
+    ctx = _SweepInputs(engine, policy, env, problems, cfg, say, value_engine)
     report = SweepReport(config=cfg, problems=len(ctx.problems))
     budgets = sorted(cfg.budgets)
 
