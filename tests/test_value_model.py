@@ -89,3 +89,13 @@ def test_a_folder_that_is_not_a_value_model_is_refused(tmp_path, capsys):
     assert main(["eval", "--model", "tiny", "--split", "test", "--limit", "2", "--k", "1", "--search", "mcts",
                  "--simulations", "4", "--screen", "4", "--value-model", str(tmp_path)]) == 2
     assert "no value model at" in capsys.readouterr().err
+
+
+def test_a_held_out_set_too_small_for_an_auc_is_reported_undefined(tmp_path, capsys):
+    assert main(["value-model", "--out", str(tmp_path / "vm"), "--problems", "64", "--held-out", "1",
+                 "--epochs", "1", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "undefined" in out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert all(r["auc"] is None for r in report["held_out"].values())
+    assert (tmp_path / "vm" / "treedistill.json").is_file()

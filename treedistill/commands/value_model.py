@@ -58,6 +58,10 @@ def run(args) -> dict:
     print(f"value model of {args.model} on {args.env}: {report['prefixes']} prefixes of {cfg.problems} training "
           f"problems, {report['steps']} steps, {report['seconds']:.0f} s -> {args.out}")
     for depth, r in report["held_out"].items():
+        if r["auc"] is None:  # no prefix that deep, or one class only
+            print(f"  held-out AUC at depth {depth}: undefined ({r['prefixes']} prefixes of the last "
+                  f"{cfg.held_out} training problems, not both reachable and unreachable ones)")
+            continue
         print(f"  held-out AUC at depth {depth}: {r['auc']:.3f} ({r['prefixes']} prefixes of the last "
               f"{cfg.held_out} training problems, {r['reachable']:.1%} reachable)")
     return {"out": str(args.out), "model": args.model, "env": args.env, **report}
