@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from treedistill.engine.hf import _pad
 from treedistill.errors import UsageError
 from treedistill.models.value_head import ValueHead
 from treedistill.rollout.sample import completion_text
@@ -106,27 +107,22 @@ def sample_prefixes(engine, policy, env, problems: Sequence[dict], cfg: ValueFit
     return out
 
 
-def _values(model, head: ValueHead, policy, prefixes: Sequence[Prefix]) -> torch.Tensor:
-    """V at each prefix's last token [B] (right-padded batch, as the HF engine's `value`)."""
-    width = max(len(p.tokens) for p in prefixes)
-    ids = torch.full((len(prefixes), width), policy.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prefixes), width), dtype=torch.long)
-    for r, p in enumerate(prefixes):
-        ids[r, :len(p.tokens)] = torch.tensor(p.tokens)
-        mask[r, :len(p.tokens)] = 1
-    ids, mask = ids.to(policy.device), mask.to(policy.device)
-    hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[-1]
-    return head(hidden[torch.arange(len(prefixes), device=hidden.device), mask.sum(-1) - 1])
+def _values(value_model, prefixes: Sequence[Prefix]) -> torch.Tensor:
+    """V at each prefix's last token [B]: a right-padded batch through `Policy.forward`, as the HF
+    engine's `value` computes it (with gradients, for the fit)."""
+    ids, mask = _pad([p.tokens for p in prefixes], value_model.pad_token_id, left=False, device=value_model.device)
+    _, hidden = value_model.forward(ids, mask)                                        # [B, T, H]
+    return value_model.value_head(hidden[torch.arange(len(prefixes), device=hidden.device), mask.sum(-1) - 1])
 
 
-def held_out_auc(model, head: ValueHead, policy, prefixes: Sequence[Prefix], depths: int, batch: int = 256) -> dict:
+def held_out_auc(value_model, prefixes: Sequence[Prefix], depths: int, batch: int = 256) -> dict:
     """{depth: {"prefixes", "reachable", "auc"}} of V against the solver's label on `prefixes`."""
-    was_training = model.training
-    model.eval()
+    was_training = value_model.model.training
+    value_model.model.eval()
     with torch.no_grad():
         values = [v for lo in range(0, len(prefixes), batch)
-                  for v in _values(model, head, policy, prefixes[lo:lo + batch]).tolist()]
-    model.train(was_training)
+                  for v in _values(value_model, prefixes[lo:lo + batch]).tolist()]
+    value_model.model.train(was_training)
     out = {}
     for d in range(1, depths + 1):
         idx = [i for i, p in enumerate(prefixes) if p.depth == d]
@@ -160,6 +156,8 @@ def fit_value_model(policy, engine, env, problems: Sequence[dict], cfg: ValueFit
     torch.manual_seed(cfg.seed)
     model = copy.deepcopy(policy.model).float().train()
     head = ValueHead(policy.hidden_size).to(policy.device)
+    value_model = copy.copy(policy)
+    value_model.model, value_model.value_head, value_model.value_head_saved = model, head, True
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     steps = cfg.epochs * (len(train) // cfg.batch)
@@ -173,7 +171,7 @@ def fit_value_model(policy, engine, env, problems: Sequence[dict], cfg: ValueFit
         for lo in range(0, len(order) - cfg.batch + 1, cfg.batch):
             items = [train[k] for k in order[lo:lo + cfg.batch]]
             y = torch.tensor([float(p.reachable) for p in items], device=policy.device)
-            p = ((_values(model, head, policy, items) + 1) / 2).clamp(1e-5, 1 - 1e-5)
+            p = ((_values(value_model, items) + 1) / 2).clamp(1e-5, 1 - 1e-5)
             loss = torch.nn.functional.binary_cross_entropy(p, y)
             opt.zero_grad()
             loss.backward()
@@ -185,13 +183,11 @@ def fit_value_model(policy, engine, env, problems: Sequence[dict], cfg: ValueFit
             if step % 200 == 0 or step == steps:
                 log(f"step {step}/{steps} loss {sum(losses[-200:]) / len(losses[-200:]):.3f} "
                     f"{time.perf_counter() - t0:.0f} s")
-        report = held_out_auc(model, head, policy, held, cfg.depths)
+        report = held_out_auc(value_model, held, cfg.depths)
         log(f"epoch {epoch + 1}: held-out AUC " + ", ".join(
             f"depth {d} {r['auc']:.3f} ({r['prefixes']} prefixes, {r['reachable']:.1%} reachable)"
             for d, r in report.items() if r["auc"] is not None))
     model.eval()
-    value_model = copy.copy(policy)
-    value_model.model, value_model.value_head, value_model.value_head_saved = model, head, True
     return value_model, {
         "fit": asdict(cfg), "prefixes": len(train), "reachable": reach, "held_out_prefixes": len(held),
         "steps": step, "final_loss": sum(losses[-200:]) / max(len(losses[-200:]), 1),
