@@ -72,8 +72,9 @@ def test_step_key_is_the_environments_canonical_step(policy):
 
 
 def test_sweep_reports_cost_per_answer_with_rollouts_merge_and_gumbel(policy):
+    # unscreened (a screened root holds one first step, and Gumbel's Sequential Halving picks among several)
     search = replace(TEST_TIME_SEARCH, step_max_tokens=8, k_children=2, parallel=2, select="gumbel", widen_c=0.0,
-                     rollout_lambda=1.0, merge="canonical")
+                     rollout_lambda=1.0, merge="canonical", screen=0)
     # budgets above the cost of the default 4 subtrees' roots (~220 tokens here)
     cfg = SweepConfig(budgets=(300, 600), max_new_tokens=32, search=search, pilot_problems=2, pilot_simulations=2,
                       rows="verifier", budget_tries=1, once_temperatures=(0.8,), once_samples=1)

@@ -21,7 +21,7 @@ class Screened:
 
     def __init__(self):
         self.drawn = 0
-        self.expanded, self.valued, self.requests = [], [], []
+        self.expanded, self.valued, self.requests, self.rolled = [], [], [], []
 
     def expand(self, reqs):
         self.expanded.append([(r.tree, r.node, r.depth) for r in reqs])
@@ -44,6 +44,7 @@ class Screened:
         raise AssertionError("no terminal node in this game")
 
     def rollout(self, reqs):
+        self.rolled.extend((r.tree, r.node) for r in reqs)
         return [LeafRollout((EOS,), 0.0) for _ in reqs]
 
     def run(self, prompts=(PROMPT,), **cfg):
@@ -70,6 +71,10 @@ def test_the_first_steps_are_sampled_at_once_valued_and_dealt_to_the_subtrees_be
         child = tree.children[ROOT][0]
         assert tree.prior[child] == 1.0 and tree.expanded[ROOT]
         assert tree.value[child] is not None  # rolled out by the first descent, not by the screen
+    # the screen is the root's evaluation: its first visit backs up its step's value, no rollout from the prompt
+    assert [t.value[ROOT] for t in result.trees] == [0.9, 0.4, 0.1]
+    assert (0, ROOT) not in game.rolled and len(game.rolled) == sum(t.stats.rollout_requests for t in result.trees)
+    assert all(t.visits[ROOT] == 1 + t.stats.simulations for t in result.trees)
     # the sampled count is kept: step 1 was drawn twice
     assert result.trees[2].count[result.trees[2].children[ROOT][0]] == 2
     # the screen's cost is booked on the prompt's first subtree
@@ -145,3 +150,24 @@ def test_screen_zero_is_todays_search():
 def test_the_screen_setting_is_checked():
     with pytest.raises(UsageError, match="screen"):
         SearchSettings(screen=-1)
+
+
+def test_screen_top_deals_the_best_steps_round_the_subtrees():
+    game = Screened()
+    result = game.run(subtrees=4, screen_top=2)
+    # best first: 2 (0.9), 3 (0.4); subtrees 0 and 2 start from 2, subtrees 1 and 3 from 3
+    assert [first_steps(t) for t in result.of_prompt(0)] == [[2], [3], [2], [3]]
+    # the two subtrees below one step search it apart: each rolls out from it on its own
+    assert all(t.stats.rollout_requests >= 1 for t in result.trees)
+    # each kept step stands for half of the 8 samples: its roots are widened once N^0.5 > 4, not > 2
+    game = Screened()
+    trees = game.run(subtrees=4, screen_top=2, simulations=60, parallel=1).trees  # 15 each: N(root) = 16
+    assert all(tree.sampled[ROOT] == 4 and len(first_steps(tree)) == 1 for tree in trees)
+    game = Screened()
+    trees = game.run(subtrees=4, screen_top=2, simulations=120, parallel=1).trees
+    assert all(4 < tree.sampled[ROOT] <= tree.visits[ROOT] ** 0.5 + 1 for tree in trees)
+    # more kept than subtrees: one each, as screen_top 0
+    game = Screened()
+    assert [first_steps(t) for t in game.run(subtrees=3, screen_top=8).trees] == [[2], [3], [1]]
+    with pytest.raises(UsageError, match="screen_top"):
+        SearchSettings(screen=8, screen_top=-1)

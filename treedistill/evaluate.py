@@ -181,6 +181,7 @@ class SearchEvalResult:
     repeat_penalty: float = 0.0           # search.repeat_penalty
     defer_expansion: bool = False         # search.defer_expansion
     screen: int = 0                       # search.screen (0 where no value model ranked first steps)
+    screen_top: int = 0                   # search.screen_top
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -225,6 +226,7 @@ def evaluate_search(engine, policy, env, problems: Sequence[dict], *, search, ma
         bookkeeping_share=bookkeeping_s / search_s if search_s > 0 else 0.0,
         rollout_lambda=search.rollout_lambda, merge=search.merge, subtrees=search.subtrees,
         repeat_penalty=search.repeat_penalty, defer_expansion=search.defer_expansion, screen=search.screen,
+        screen_top=search.screen_top,
         finished_answers=answers / n,
         distinct_answers=sum(o.trajectory.stats["distinct_answers"] for o in outcomes) / n,
         tokens_per_answer=generated / answers if answers else None)

@@ -101,7 +101,8 @@ def add_leaf_arguments(parser, base) -> None:
 
 
 def add_diversity_arguments(parser, base) -> None:
-    """`--subtrees`, `--repeat-penalty` and `--screen` (SearchSettings.subtrees / repeat_penalty / screen),
+    """`--subtrees`, `--repeat-penalty`, `--screen` and `--screen-top` (SearchSettings.subtrees /
+    repeat_penalty / screen / screen_top),
     and the value model the screening reads: test-time options that spread a problem's search over more
     distinct answers, and over first steps the value ranks high."""
     parser.add_argument("--subtrees", type=int, default=None,
@@ -111,9 +112,12 @@ def add_diversity_arguments(parser, base) -> None:
                         help="value subtracted from what a finished line backs up when its answer is one the "
                              f"problem's trees already found (0: off; default {base.repeat_penalty:g})")
     parser.add_argument("--screen", type=int, default=None,
-                        help="first steps sampled per problem at once and ranked by the value model, each subtree "
-                             f"starting from the next best (0: off; default {base.screen}, off where the model has "
-                             "no value model)")
+                        help="first steps sampled per problem at once and ranked by the value model; the subtrees "
+                             "start from the best of them, no rollout from the bare prompt (0: off; default "
+                             f"{base.screen}, off where the model has no value model)")
+    parser.add_argument("--screen-top", type=int, default=None,
+                        help="how many of the best screened first steps are dealt round the subtrees, subtree s "
+                             f"starting from the (s mod N + 1)-th best (0: one per subtree; default {base.screen_top})")
     parser.add_argument("--value-model", default=None,
                         help="value model folder that ranks the screened first steps (`treedistill value-model`; "
                              "default: the model folder's value_model/, as the embedded model ships one; none: "

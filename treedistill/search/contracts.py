@@ -93,11 +93,13 @@ class SearchSettings:
     repeat_penalty: float = 0.0
     # Value-screened roots (0: off): the prompt's first steps are sampled once, `screen` of them (ceil(screen
     # / K) root requests in one `expand` call), merged as siblings are, and ranked by the caller's `value`
-    # (a terminal one by `reward`); subtree s starts from the (s + 1)-th best as its root's only child (the
-    # ranking wraps round when there are fewer than S). A screened root counts its share of the samples
-    # (ceil(screen / S)) as sampled, so widening adds first steps to it only once its visits call for
-    # more than that share. What a first step is worth then decides where the first rollouts go.
+    # (a terminal one by `reward`); the best `screen_top` of them (0: S) are dealt round the S subtrees,
+    # subtree s starting from the (s mod screen_top + 1)-th best as its root's only child. A screened root
+    # is valued by its step's screened value (no rollout from the prompt) and counts its step's share of
+    # the samples (ceil(screen / min(screen_top, S))) as sampled, so widening adds first steps to it only once its
+    # visits call for more than that share. What a first step is worth then decides where the rollouts go.
     screen: int = 0
+    screen_top: int = 0
 
     def __post_init__(self):
         problems = self.errors()
@@ -124,7 +126,7 @@ class SearchSettings:
             if value not in allowed:
                 out.append(f"search.{name} must be one of {', '.join(allowed)} (got {shown(value)})")
         for name in ("c_puct", "virtual_loss", "gumbel_scale", "value_scale", "maxvisit_init", "widen_c",
-                     "widen_alpha", "repeat_penalty", "screen"):
+                     "widen_alpha", "repeat_penalty", "screen", "screen_top"):
             if getattr(self, name) < 0:
                 out.append(f"search.{name} must be >= 0 (got {getattr(self, name)})")
         if not self.temperature > 0:
@@ -144,10 +146,11 @@ TRAINING_SEARCH = SearchSettings(simulations=1600, parallel=16, problems_at_once
 # leaves, c 2, widening 1, the best valued answer, one sampled step per expansion, deferred to a leaf's
 # second visit, trees two steps deep (the rest of a line is its rollout), 4 independent subtrees per
 # problem, answers the problem's trees already found backed up 2 lower, 8 first steps screened by the
-# model's value model where it has one; chosen on training problems (docs/log.md).
+# model's value model where it has one, the best 2 dealt round the subtrees; chosen on training problems
+# (docs/log.md).
 TEST_TIME_SEARCH = SearchSettings(simulations=64, parallel=8, problems_at_once=32, c_puct=2.0, widen_c=1.0,
                                   pick="best", rollout_lambda=1.0, subtrees=4, repeat_penalty=2.0, k_children=1,
-                                  max_depth=2, defer_expansion=True, screen=8)
+                                  max_depth=2, defer_expansion=True, screen=8, screen_top=2)
 # One tree shown (`treedistill search`): training's selection and value-head leaves, the best answer.
 INSPECT_SEARCH = SearchSettings(simulations=200, parallel=8, pick="best")
 

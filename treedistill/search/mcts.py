@@ -83,12 +83,14 @@ Value-screened roots (`screen` = M > 0; off by default, on at test time where th
 model). Without it a root's first steps are sampled one expansion at a time and each is valued only
 when a descent reaches it, by its rollout: the first rollouts go wherever sampling put the first steps.
 With it, M first steps per prompt are sampled at once (before the roots are valued), merged, valued by
-`value` (terminal ones by `reward`) and ranked; subtree s gets the (s + 1)-th best as its root's only
-child, so the rollouts go beneath first steps the value ranked high. A screened root counts its share
-of the M samples, ceil(M / S), as sampled: progressive widening adds (unscreened) first steps to it
-only once widen_c * N^widen_alpha exceeds that share, that is at larger budgets, where one first step
-per subtree could not spend them. The M steps and their values are the root's cost, paid once per
-prompt.
+`value` (terminal ones by `reward`) and ranked; the best t = `screen_top` (S when 0) are dealt round the
+prompt's subtrees, subtree s getting the (s mod t + 1)-th best as its root's only child, so every rollout
+goes beneath a first step the value ranked high. The screen is the root's evaluation: a screened root's
+first visit backs up its step's screened value, and no rollout starts from the bare prompt. A screened
+root counts its step's share of the M samples, ceil(M / t), as sampled: progressive widening adds
+(unscreened) first steps to it only once widen_c * N^widen_alpha exceeds that share, that is at larger
+budgets, where one first step per subtree could not spend them. The M steps and their values are the
+root's cost, paid once per prompt.
 
 Answer-level novelty (`repeat_penalty` > 0). A finished line holds an answer; a line whose answer
 its prompt's trees already found adds no candidate for the checker to pick among. A prompt's
@@ -210,12 +212,11 @@ def search(
         tree.stats = TreeStats()
     select = SELECT_RULES[cfg.select]
 
-    roots = []
     for tree in trees:
         tree.add_virtual([ROOT])
-        roots.append((tree, [ROOT]))
     if cfg.screen:
         _screen_roots(trees, subtrees, callables, cfg, rngs, stats)
+    roots = [(tree, [ROOT]) for tree in trees if tree.value[ROOT] is None]
     _expand_evaluate_backup(roots, callables, cfg, rngs, stats)
 
     def unfinished(t: Tree) -> bool:
@@ -429,10 +430,11 @@ def _screen_roots(trees: list[Tree], subtrees: int, fns: _Callables, cfg: Search
     requests in one `expand` call over all prompts; their steps merged as siblings are (in a scratch tree
     per prompt, so the merge and the priors are `_add_children`'s); the non-terminal ones valued in one
     `value` call, the terminal ones scored in one `reward` call; ranked by value (ties: sampled more often,
-    then sampled first). Subtree s of the prompt gets the (s mod n)-th of the n ranked steps as its root's
-    only child (prior 1); the root counts as expanded once, with its share of the samples, ceil(M / S),
-    as sampled (what widening compares with), and the cost (requests, step tokens, values) is booked on
-    the prompt's first subtree."""
+    then sampled first). Subtree s of the prompt gets the (s mod t)-th of the t = min(screen_top or S, n)
+    best of the n ranked steps as its root's only child (prior 1); the root counts as expanded once, with
+    its step's share of the samples, ceil(M / min(screen_top or S, S)), as sampled (what widening compares
+    with), and as evaluated: its first visit backs up the step's screened value. The cost (requests, step
+    tokens, values) is booked on the prompt's first subtree."""
     firsts = trees[::subtrees]
     per_root = -(-cfg.screen // cfg.k_children)
     stats.expand_calls += 1
@@ -465,11 +467,12 @@ def _screen_roots(trees: list[Tree], subtrees: int, fns: _Callables, cfg: Search
             pool.value[child] = r
             firsts[scratch.index(pool)].stats.reward_requests += 1
     kept: list[tuple[Tree, int]] = []
-    share = -(-per_root * cfg.k_children // subtrees)  # each subtree's share of the screen's samples
+    top = cfg.screen_top or subtrees
+    share = -(-per_root * cfg.k_children // min(top, subtrees))  # the samples each screened step stands for
     for i, pool in enumerate(scratch):
         ranked = sorted(pool.children[ROOT], key=lambda c: (-pool.value[c], -pool.count[c], c))
         for s, tree in enumerate(trees[i * subtrees:(i + 1) * subtrees]):
-            pick = ranked[s % len(ranked)]
+            pick = ranked[s % min(top, len(ranked))]
             child = tree.add_node(ROOT, pool.tokens[pick], pool.logprob[pick], 1.0, terminal=pool.terminal[pick],
                                   finish=pool.finish[pick], token_logprobs=pool.token_logprobs[pick])
             tree.count[child] = pool.count[pick]
@@ -481,6 +484,8 @@ def _screen_roots(trees: list[Tree], subtrees: int, fns: _Callables, cfg: Search
             tree.expansions[ROOT] = 1
             tree.sampled[ROOT] = share
             tree.stats.max_depth = 1
+            tree.value[ROOT] = pool.value[pick]  # the root's evaluation: its step's screened value
+            tree.backup([ROOT], pool.value[pick])
     if fns.answer is not None:
         _mark_repeats([(tree, node, tree.request(node)) for tree, node in kept], fns.answer, stats)
 
