@@ -241,7 +241,7 @@ def _run_search(args, engine, policy, env, problems, plain) -> dict:
                                          seed=seed)))
     print(f"with search: MCTS {cfg.select}, {cfg.simulations} simulations"
           + (f" over {cfg.subtrees} independent trees" if cfg.subtrees > 1 else "")
-          + (f", {cfg.screen} first steps screened by the value model, the best {min(cfg.screen_top or cfg.subtrees, cfg.subtrees)} "
+          + (f", {cfg.screen} first steps screened by the value model, the best {cfg.kept_first_steps} "
              "searched" if cfg.screen else "")
           + (f", repeat penalty {cfg.repeat_penalty:g}" if cfg.repeat_penalty > 0 else "")
           + (", expansion deferred" if cfg.defer_expansion else "")

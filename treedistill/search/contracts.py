@@ -93,13 +93,19 @@ class SearchSettings:
     repeat_penalty: float = 0.0
     # Value-screened roots (0: off): the prompt's first steps are sampled once, `screen` of them (ceil(screen
     # / K) root requests in one `expand` call), merged as siblings are, and ranked by the caller's `value`
-    # (a terminal one by `reward`); the best `screen_top` of them (0: S) are dealt round the S subtrees,
-    # subtree s starting from the (s mod screen_top + 1)-th best as its root's only child. A screened root
-    # is valued by its step's screened value (no rollout from the prompt) and counts its step's share of
-    # the samples (ceil(screen / min(screen_top, S))) as sampled, so widening adds first steps to it only once its
-    # visits call for more than that share. What a first step is worth then decides where the rollouts go.
+    # (a terminal one by `reward`); the best `kept_first_steps` of them (screen_top, 0: S, at most S) are
+    # dealt round the S subtrees, subtree s starting from the (s mod kept + 1)-th best as its root's only
+    # child. A screened root is valued by its step's screened value (no rollout from the prompt) and counts
+    # its step's share of the samples (ceil(screen / kept)) as sampled, so widening adds first steps to it
+    # only once its visits call for more than that share. What a first step is worth then decides where
+    # the rollouts go.
     screen: int = 0
     screen_top: int = 0
+
+    @property
+    def kept_first_steps(self) -> int:
+        """How many of the screened first steps the subtrees start from: screen_top (0: S), at most S."""
+        return min(self.screen_top or self.subtrees, self.subtrees)
 
     def __post_init__(self):
         problems = self.errors()

@@ -430,9 +430,9 @@ def _screen_roots(trees: list[Tree], subtrees: int, fns: _Callables, cfg: Search
     requests in one `expand` call over all prompts; their steps merged as siblings are (in a scratch tree
     per prompt, so the merge and the priors are `_add_children`'s); the non-terminal ones valued in one
     `value` call, the terminal ones scored in one `reward` call; ranked by value (ties: sampled more often,
-    then sampled first). Subtree s of the prompt gets the (s mod t)-th of the t = min(screen_top or S, n)
+    then sampled first). Subtree s of the prompt gets the (s mod t)-th of the t = min(kept_first_steps, n)
     best of the n ranked steps as its root's only child (prior 1); the root counts as expanded once, with
-    its step's share of the samples, ceil(M / min(screen_top or S, S)), as sampled (what widening compares
+    its step's share of the samples, ceil(M / kept_first_steps), as sampled (what widening compares
     with), and as evaluated: its first visit backs up the step's screened value. The cost (requests, step
     tokens, values) is booked on the prompt's first subtree."""
     firsts = trees[::subtrees]
@@ -467,8 +467,8 @@ def _screen_roots(trees: list[Tree], subtrees: int, fns: _Callables, cfg: Search
             pool.value[child] = r
             firsts[scratch.index(pool)].stats.reward_requests += 1
     kept: list[tuple[Tree, int]] = []
-    top = cfg.screen_top or subtrees
-    share = -(-per_root * cfg.k_children // min(top, subtrees))  # the samples each screened step stands for
+    top = cfg.kept_first_steps
+    share = -(-per_root * cfg.k_children // top)  # the samples each kept step stands for
     for i, pool in enumerate(scratch):
         ranked = sorted(pool.children[ROOT], key=lambda c: (-pool.value[c], -pool.count[c], c))
         for s, tree in enumerate(trees[i * subtrees:(i + 1) * subtrees]):
